@@ -1,0 +1,25 @@
+"""gradchain: composable gradient transformations for PyTorch, in the style of optax."""
+
+from . import recipes, transforms
+from .base import Bucket, Chain, Leaf, Transform, chain, compute_dtype, transform, zeros_state
+from .hyperparams import Hyperparam
+from .optimizer import ChainOptimizer
+from .transforms import *  # noqa: F403
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Bucket",
+    "Chain",
+    "ChainOptimizer",
+    "Hyperparam",
+    "Leaf",
+    "Transform",
+    "chain",
+    "compute_dtype",
+    "recipes",
+    "transform",
+    "transforms",
+    "zeros_state",
+    *transforms.__all__,
+]

@@ -1,0 +1,479 @@
+"""Transform, chain and the step context (a bucket of tensors) that transforms work on.
+
+A transform turns an *update* into another update. The optimizer owns parameters, groups and
+state and does the final write ``p += u``. Transforms run over *buckets*: the params of one
+param group, device and dtype, as lists, so each call is a handful of ``torch._foreach_*`` ops.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .hyperparams import Hyperparam, validate
+
+Scalar = float | list
+StateDict = dict[str, Tensor]
+InitFn = Callable[[Tensor], StateDict]
+UpdateFn = Callable[[list, dict, Mapping, "Bucket"], list]
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype state and math use for params of ``dtype``: fp32 for fp16/bf16, else itself."""
+    return torch.float32 if dtype in _LOW_PRECISION else dtype
+
+
+def zeros_state(param: Tensor) -> Tensor:
+    """A zero buffer shaped like ``param`` (a DTensor for a DTensor param), fp32 if it is low precision."""
+    return torch.zeros_like(param, dtype=compute_dtype(param.dtype), memory_format=torch.preserve_format)
+
+
+def _is_one(s: Scalar) -> bool:
+    return not isinstance(s, list) and s == 1.0
+
+
+class Bucket:
+    """The step context of one bucket: params of one group, device and dtype.
+
+    Transforms read ``params``, ``grads`` (raw descent-direction gradients: negated under
+    ``maximize``), ``steps`` (0-d tensors, already counting this step), ``names``, ``loss`` and
+    ``shared`` (a dict shared by all buckets and transforms for this step), and map ``updates``.
+
+    ``updates`` may carry a pending affine form ``scale * updates + decay * params`` that is folded
+    into the final write, so that scaling by lr and decoupled decay cost no pass of their own.
+    Generic transforms always see it materialized.
+    """
+
+    def __init__(
+        self,
+        params: list[Tensor],
+        grads: list[Tensor],
+        state: dict[str, list],
+        steps: list[Tensor],
+        names: list[str | None],
+        group: Mapping[str, Any],
+        loss: Tensor | None = None,
+        shared: dict | None = None,
+    ) -> None:
+        self.params = params
+        self.grads = grads
+        self.state = state
+        self.steps = steps
+        self.names = names
+        self.group = group
+        self.loss = loss
+        self.shared = {} if shared is None else shared
+        dtype = params[0].dtype if params else torch.float32
+        self.dtype = compute_dtype(dtype)
+        if dtype in _LOW_PRECISION:
+            self.updates = [g.to(self.dtype) for g in grads]
+        else:
+            self.updates = list(grads)
+        self.step_values: list[float] = torch.stack(steps).tolist() if steps else []
+        self.scale: Scalar = 1.0
+        self.decay: float = 0.0
+        self._borrowed: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self.params)
+
+    # -- the step count -------------------------------------------------------------------
+    @property
+    def step(self) -> float | None:
+        """The step number (1-based, this step included) if it is the same for every tensor."""
+        v = self.step_values
+        if not v:
+            return None
+        lo, hi = min(v), max(v)
+        return lo if lo == hi else None
+
+    @property
+    def group_step(self) -> int:
+        """The largest step count in the bucket: what schedules of the step are evaluated at."""
+        return int(max(self.step_values)) if self.step_values else 0
+
+    def per_step(self, fn: Callable[[float], float]) -> Scalar:
+        """``fn(step)`` as one float when all tensors share a step, else a list (one per tensor)."""
+        s = self.step
+        if s is not None:
+            return fn(s)
+        return [fn(t) for t in self.step_values]
+
+    # -- pending affine form ----------------------------------------------------------------
+    def defer_scale(self, s: Scalar) -> None:
+        """Multiply the updates by ``s`` (a float or one float per tensor) lazily."""
+        if isinstance(s, list):
+            if self.decay != 0.0:
+                self.materialize()
+            self.scale = [a * b for a, b in zip(s, self.scale, strict=False)] if isinstance(self.scale, list) else [
+                x * self.scale for x in s
+            ]
+        else:
+            self.scale = [x * s for x in self.scale] if isinstance(self.scale, list) else self.scale * s
+            self.decay *= s
+
+    def add_param_term(self, coef: float) -> None:
+        """Add ``coef * params`` to the updates lazily."""
+        self.decay += coef
+
+    def materialize(self) -> list[Tensor]:
+        """Fold the pending scale and param term into ``updates``."""
+        if _is_one(self.scale) and self.decay == 0.0:
+            return self.updates
+        if not _is_one(self.scale):
+            if self._all_owned():
+                torch._foreach_mul_(self.updates, self.scale)
+            else:
+                self.updates = torch._foreach_mul(self.updates, self.scale)
+        if self.decay != 0.0:
+            if self._all_owned():
+                torch._foreach_add_(self.updates, self.params, alpha=self.decay)
+            else:
+                self.updates = torch._foreach_add(self.updates, self.params, alpha=self.decay)
+        self.scale, self.decay = 1.0, 0.0
+        return self.updates
+
+    # -- ownership: in-place writes must never reach p.grad or a state buffer -----------------
+    def lend(self, tensors: list[Tensor]) -> list[Tensor]:
+        """Mark ``tensors`` (e.g. a momentum buffer returned as the update) as not writable."""
+        self._borrowed.update(id(t) for t in tensors)
+        return tensors
+
+    def _foreign(self, i: int, u: Tensor) -> bool:
+        return u is self.grads[i] or id(u) in self._borrowed
+
+    def _all_owned(self) -> bool:
+        return not any(self._foreign(i, u) for i, u in enumerate(self.updates))
+
+    def ensure_owned(self) -> list[Tensor]:
+        """Copy any update that aliases a gradient or a state buffer, so it can be written in place."""
+        self.updates = [u.clone() if self._foreign(i, u) else u for i, u in enumerate(self.updates)]
+        return self.updates
+
+    # -- sub-buckets, for combinators ---------------------------------------------------------
+    def subset(self, indices: Sequence[int]) -> Bucket:
+        """A bucket over the tensors at ``indices`` (updates materialized), sharing this step."""
+        self.materialize()
+        sub = Bucket.__new__(Bucket)
+        pick = lambda xs: [xs[i] for i in indices]  # noqa: E731
+        sub.params, sub.grads, sub.steps, sub.names = (
+            pick(self.params), pick(self.grads), pick(self.steps), pick(self.names))
+        sub.state = {k: pick(v) for k, v in self.state.items()}
+        sub.group, sub.loss, sub.shared, sub.dtype = self.group, self.loss, self.shared, self.dtype
+        sub.updates = pick(self.updates)
+        sub.step_values = pick(self.step_values)
+        sub.scale, sub.decay = 1.0, 0.0
+        sub._borrowed = set(self._borrowed)
+        return sub
+
+    def absorb(self, sub: Bucket, indices: Sequence[int]) -> None:
+        """Write a sub-bucket's updates and state back at ``indices``."""
+        sub.materialize()
+        self._borrowed |= sub._borrowed
+        for j, i in enumerate(indices):
+            self.updates[i] = sub.updates[j]
+        for k, v in sub.state.items():
+            mine = self.state.setdefault(k, [None] * len(self.params))
+            for j, i in enumerate(indices):
+                mine[i] = v[j]
+
+    # -- the final write ----------------------------------------------------------------------
+    def write(self) -> None:
+        """``p <- p + u`` with the pending form folded in: ``(1 + decay) * p + scale * u``."""
+        if not self.params:
+            return
+        if self.params[0].dtype != self.dtype:
+            # low precision: form the whole update in fp32, round once into p
+            self.materialize()
+            torch._foreach_add_(self.params, self.updates)
+            return
+        if self.decay != 0.0:
+            torch._foreach_mul_(self.params, 1.0 + self.decay)
+        if isinstance(self.scale, list):
+            scaled = torch._foreach_mul(self.updates, self.scale)
+            torch._foreach_add_(self.params, scaled)
+        elif self.scale != 0.0:
+            torch._foreach_add_(self.params, self.updates, alpha=self.scale)
+
+
+def resolve_hyperparam(key: str, spec: Hyperparam, value: Any, bucket: Bucket) -> Any:
+    """The value of a hyperparameter for this step: a callable is a schedule of the step."""
+    if callable(value) and not isinstance(value, Tensor):
+        value = value(bucket.group_step)
+        validate(key, Hyperparam(None, spec.check), value)
+    if isinstance(value, Tensor) and value.numel() == 1 and not value.requires_grad:
+        value = value.item() if value.device.type == "cpu" else value
+    return value
+
+
+class Transform:
+    """A gradient transformation: per-parameter state from ``init_state``, ``apply`` over buckets.
+
+    Subclasses: :class:`Leaf` (one concept, built with :func:`transform`) and combinators such as
+    :func:`chain`. Every transform has a stable ``name`` (state keys are ``"<name>.<buffer>"``)
+    and declares its hyperparameters (``group key -> Hyperparam``).
+    """
+
+    name: str
+    hyperparams: dict[str, Hyperparam]
+    extra_defaults: dict[str, Any]
+
+    # -- what the optimizer calls -------------------------------------------------------------
+    def init_state(self, param: Tensor, name: str | None = None) -> StateDict:
+        """State for one parameter, keyed ``"<leaf name>.<buffer>"``."""
+        raise NotImplementedError
+
+    def apply(self, buckets: list[Bucket]) -> None:
+        """Map every bucket's updates (in ``bucket.updates``) for this step."""
+        raise NotImplementedError
+
+    def leaves(self) -> Iterator[Transform]:
+        """Every named transform in this tree (names must be unique in a chain)."""
+        yield self
+
+    def renamed(self, mapping: Mapping[str, str]) -> Transform:
+        """A copy whose hyperparameter group keys are renamed by ``mapping`` (old -> new)."""
+        raise NotImplementedError(f"{type(self).__name__} does not support renaming hyperparameters")
+
+    def validate_group(self, group: Mapping[str, Any]) -> None:
+        """Raise ``ValueError`` if a group's hyperparameters are invalid for this transform."""
+        for key, spec in self.hyperparams.items():
+            if key in group:
+                validate(key, spec, group[key])
+
+    def signature(self) -> list[str]:
+        """The names of the transforms in order: a checkpoint of another chain is refused."""
+        return [t.name for t in self.leaves()]
+
+    # -- standalone use, without an optimizer ---------------------------------------------------
+    def init(self, params: Sequence[Tensor], names: Sequence[str | None] | None = None) -> list[StateDict]:
+        """State for a list of tensors: one dict per tensor (``"step"`` included)."""
+        names = list(names) if names is not None else [None] * len(params)
+        out = []
+        for p, n in zip(params, names, strict=False):
+            st = self.init_state(p, n)
+            st["step"] = torch.zeros((), dtype=torch.float32)
+            out.append(st)
+        return out
+
+    def update(
+        self,
+        grads: Sequence[Tensor],
+        state: list[StateDict],
+        params: Sequence[Tensor] | None = None,
+        *,
+        loss: Tensor | float | None = None,
+        names: Sequence[str | None] | None = None,
+        **hyperparams: Any,
+    ) -> list[Tensor]:
+        """One step on plain tensors: returns ``u`` such that the new params are ``p + u``.
+
+        Advances the ``"step"`` entry of each state dict. Hyperparameters default to the declared
+        ones; keyword arguments override them.
+        """
+        grads = list(grads)
+        params = list(params) if params is not None else [torch.zeros_like(g) for g in grads]
+        unknown = set(hyperparams) - set(self.hyperparams)
+        if unknown:
+            raise TypeError(f"unknown hyperparameters {sorted(unknown)}; declared: {sorted(self.hyperparams)}")
+        group = {k: spec.default for k, spec in self.hyperparams.items()}
+        group.update(hyperparams)
+        self.validate_group(group)
+        steps = [st["step"] for st in state]
+        torch._foreach_add_(steps, 1.0)
+        keys = sorted({k for st in state for k in st if k != "step"})
+        lists = {k: [st.get(k) for st in state] for k in keys}
+        names = list(names) if names is not None else [None] * len(grads)
+        loss_t = None if loss is None else torch.as_tensor(loss).detach()
+        bucket = Bucket(params, grads, lists, steps, names, group, loss_t)
+        self.apply([bucket])
+        for k, v in bucket.state.items():
+            for st, t in zip(state, v, strict=False):
+                if t is not None:
+                    st[k] = t
+        out = bucket.materialize()
+        return [u.clone() if u is g else u for u, g in zip(out, grads, strict=False)]
+
+
+class Leaf(Transform):
+    """One transform: ``init`` makes a parameter's state, ``update`` maps a bucket's updates."""
+
+    def __init__(
+        self,
+        name: str,
+        hyperparams: Mapping[str, Hyperparam] | None = None,
+        init: InitFn | None = None,
+        update: UpdateFn | None = None,
+        *,
+        scale: Callable[[Mapping, Bucket], Scalar] | None = None,
+        param_term: Callable[[Mapping, Bucket], float] | None = None,
+        inplace: bool = False,
+        check: Callable[[Mapping], None] | None = None,
+    ) -> None:
+        if not name or "." in name:
+            raise ValueError(f"transform name {name!r} must be non-empty and contain no '.'")
+        if sum(x is not None for x in (update, scale, param_term)) != 1:
+            raise ValueError(f"transform {name!r}: give exactly one of update, scale, param_term")
+        self.name = name
+        self._specs = dict(hyperparams or {})
+        self._keys = {k: k for k in self._specs}
+        self._init = init
+        self._update = update
+        self._scale = scale
+        self._param_term = param_term
+        self._inplace = inplace
+        self._check = check
+        self.extra_defaults = {}
+        self.validate_group({k: s.default for k, s in self.hyperparams.items()})
+
+    @property
+    def hyperparams(self) -> dict[str, Hyperparam]:  # type: ignore[override]
+        return {self._keys[k]: s for k, s in self._specs.items()}
+
+    def renamed(self, mapping: Mapping[str, str]) -> Leaf:
+        new = Leaf.__new__(Leaf)
+        new.__dict__.update(self.__dict__)
+        new._keys = {k: mapping.get(g, g) for k, g in self._keys.items()}
+        return new
+
+    def validate_group(self, group: Mapping[str, Any]) -> None:
+        super().validate_group(group)
+        if self._check is not None:
+            local = {k: group[g] for k, g in self._keys.items() if g in group}
+            scheduled = any(callable(v) and not isinstance(v, Tensor) for v in local.values())
+            if len(local) == len(self._keys) and not scheduled:
+                self._check(local)
+
+    def init_state(self, param: Tensor, name: str | None = None) -> StateDict:
+        if self._init is None:
+            return {}
+        return {f"{self.name}.{k}": v for k, v in self._init(param).items()}
+
+    def hp(self, bucket: Bucket) -> dict[str, Any]:
+        """This transform's hyperparameters for ``bucket``, by local name."""
+        return {k: resolve_hyperparam(g, self._specs[k], bucket.group[g], bucket) for k, g in self._keys.items()}
+
+    def apply(self, buckets: list[Bucket]) -> None:
+        prefix = self.name + "."
+        for b in buckets:
+            if not len(b):
+                continue
+            hp = self.hp(b)
+            if self._scale is not None:
+                b.defer_scale(self._scale(hp, b))
+                continue
+            if self._param_term is not None:
+                b.add_param_term(self._param_term(hp, b))
+                continue
+            b.materialize()
+            if self._inplace:
+                b.ensure_owned()
+            local = {k[len(prefix):]: v for k, v in b.state.items() if k.startswith(prefix)}
+            b.updates = list(self._update(b.updates, local, hp, b))
+            for k, v in local.items():
+                b.state[prefix + k] = v
+
+
+def transform(
+    name: str,
+    hyperparams: Mapping[str, Hyperparam] | None = None,
+    init: InitFn | None = None,
+    update: UpdateFn | None = None,
+    **options: Any,
+) -> Leaf:
+    """Build a transform from an ``init(param) -> dict`` and an ``update(updates, state, hp, ctx)``.
+
+    ``update`` gets the bucket's updates (a list), its state (buffer name -> list of tensors),
+    the hyperparameters by name and the :class:`Bucket` as step context, and returns the new
+    updates. It may write state in place; it writes the update list in place only if built with
+    ``inplace=True``. ``scale=fn(hp, ctx)`` or ``param_term=fn(hp, ctx)`` declare a transform
+    that multiplies the updates or adds ``coef * params``; those are fused into the final write.
+    """
+    return Leaf(name, hyperparams, init, update, **options)
+
+
+def merge_hyperparams(children: Sequence[Transform]) -> dict[str, Hyperparam]:
+    """The union of the children's hyperparameters; one key with two defaults is an error."""
+    merged: dict[str, Hyperparam] = {}
+    owner: dict[str, str] = {}
+    for t in children:
+        for key, spec in t.hyperparams.items():
+            if key in merged and not _same(merged[key].default, spec.default):
+                raise ValueError(
+                    f"hyperparameter {key!r} is declared with default {merged[key].default!r} by "
+                    f"{owner[key]!r} and {spec.default!r} by {t.name!r}; give them the same default "
+                    f"or rename one with .renamed({{{key!r}: 'new_key'}})"
+                )
+            merged.setdefault(key, spec)
+            owner.setdefault(key, t.name)
+    return merged
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, Tensor) or isinstance(b, Tensor):
+        return a is b
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    return a == b
+
+
+class Chain(Transform):
+    """Transforms applied one after the other to every bucket."""
+
+    def __init__(self, children: Sequence[Transform], name: str = "chain") -> None:
+        flat: list[Transform] = []
+        for t in children:
+            if not isinstance(t, Transform):
+                raise TypeError(f"chain() takes transforms, got {type(t).__name__}")
+            flat.extend(t.children if isinstance(t, Chain) else [t])
+        self.name = name
+        self.children = flat
+        names = [leaf.name for leaf in self.leaves()]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"duplicate transform names in a chain: {dup}; pass name= to tell them apart")
+        self.hyperparams = merge_hyperparams(flat)
+        self.extra_defaults = {}
+        for t in flat:
+            self.extra_defaults.update(t.extra_defaults)
+
+    def leaves(self) -> Iterator[Transform]:
+        for t in self.children:
+            yield from t.leaves()
+
+    def renamed(self, mapping: Mapping[str, str]) -> Chain:
+        out = Chain([t.renamed(mapping) for t in self.children], self.name)
+        out.extra_defaults = dict(self.extra_defaults)
+        return out
+
+    def validate_group(self, group: Mapping[str, Any]) -> None:
+        for t in self.children:
+            t.validate_group(group)
+
+    def init_state(self, param: Tensor, name: str | None = None) -> StateDict:
+        state: StateDict = {}
+        for t in self.children:
+            state.update(t.init_state(param, name))
+        return state
+
+    def apply(self, buckets: list[Bucket]) -> None:
+        for t in self.children:
+            t.apply(buckets)
+
+
+def chain(*transforms: Transform, maximize: bool | None = None) -> Chain:
+    """Compose transforms: ``chain(a, b, c)`` applies ``a`` then ``b`` then ``c``.
+
+    Nested chains are flattened; transform names must be unique. ``maximize`` sets the
+    optimizer's default for the ``maximize`` group option (as in torch.optim).
+    """
+    c = Chain(transforms)
+    if maximize is not None:
+        c.extra_defaults["maximize"] = bool(maximize)
+    return c

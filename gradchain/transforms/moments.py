@@ -1,0 +1,66 @@
+"""Adam's first and second moments."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+
+from ..base import Bucket, Leaf, transform, zeros_state
+from ..hyperparams import Hyperparam, nonnegative
+from ..hyperparams import betas as check_betas
+
+__all__ = ["scale_by_adam"]
+
+
+def scale_by_adam(
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    eps_root: float = 0.0,
+    *,
+    amsgrad: bool = False,
+    name: str = "adam",
+) -> Leaf:
+    """Scale by Adam's bias-corrected moments.
+
+    Rule: ``m = b1 m + (1-b1) g``, ``v = b2 v + (1-b2) g^2``, ``m^ = m/(1-b1^t)``,
+    ``v^ = v/(1-b2^t)`` (``max`` of all ``v`` so far with ``amsgrad``), and
+    ``u = m^ / (sqrt(v^ + eps_root) + eps)``: ``eps`` outside the root as torch does, the optional
+    ``eps_root`` inside as optax does. Reference: Kingma & Ba, arXiv:1412.6980; AMSGrad, Reddi et
+    al. 2018. Peer: torch ``Adam``/``AdamW``, optax ``scale_by_adam``.
+    """
+
+    def init(p: torch.Tensor) -> dict:
+        st = {"exp_avg": zeros_state(p), "exp_avg_sq": zeros_state(p)}
+        if amsgrad:
+            st["max_exp_avg_sq"] = zeros_state(p)
+        return st
+
+    def update(updates: list, state: dict, hp: Mapping, ctx: Bucket) -> list:
+        b1, b2 = (float(b) for b in hp["betas"])
+        eps, eps_root = float(hp["eps"]), float(hp["eps_root"])
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        torch._foreach_lerp_(m, updates, 1.0 - b1)
+        torch._foreach_mul_(v, b2)
+        torch._foreach_addcmul_(v, updates, updates, 1.0 - b2)
+        if amsgrad:
+            torch._foreach_maximum_(state["max_exp_avg_sq"], v)
+            v = state["max_exp_avg_sq"]
+        if eps_root:
+            denom = torch._foreach_div(v, ctx.per_step(lambda t: 1.0 - b2**t))
+            torch._foreach_add_(denom, eps_root)
+            torch._foreach_sqrt_(denom)
+        else:
+            denom = torch._foreach_sqrt(v)
+            torch._foreach_div_(denom, ctx.per_step(lambda t: math.sqrt(1.0 - b2**t)))
+        torch._foreach_add_(denom, eps)
+        ctx.defer_scale(ctx.per_step(lambda t: 1.0 / (1.0 - b1**t)))
+        return torch._foreach_div(m, denom)
+
+    spec = {
+        "betas": Hyperparam(tuple(betas), check_betas),
+        "eps": Hyperparam(eps, nonnegative),
+        "eps_root": Hyperparam(eps_root, nonnegative),
+    }
+    return transform(name, spec, init, update)

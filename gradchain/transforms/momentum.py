@@ -1,0 +1,59 @@
+"""Heavy-ball and Nesterov momentum (torch.optim.SGD semantics)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from ..base import Bucket, Leaf, transform, zeros_state
+from ..hyperparams import Hyperparam, nonnegative, number
+
+__all__ = ["nesterov", "trace"]
+
+
+def _check_nesterov(hp: Mapping) -> None:
+    if hp["momentum"] <= 0 or hp["dampening"] != 0:
+        raise ValueError(
+            f"Nesterov momentum requires momentum > 0 and zero dampening, got "
+            f"momentum={hp['momentum']!r}, dampening={hp['dampening']!r}"
+        )
+
+
+def trace(momentum: float = 0.9, dampening: float = 0.0, nesterov: bool = False, *, name: str = "momentum") -> Leaf:
+    """Momentum with dampening, as torch.optim.SGD.
+
+    Rule: ``b_1 = g``; ``b_t = momentum * b_{t-1} + (1 - dampening) * g``; the update is ``b_t``,
+    or ``g + momentum * b_t`` with ``nesterov``. Reference: Sutskever et al. 2013.
+    Peer: torch ``SGD(momentum, dampening, nesterov)``; optax ``trace`` (zero-initialised).
+    """
+
+    def init(p: torch.Tensor) -> dict:
+        return {"buffer": zeros_state(p)}
+
+    def update(updates: list, state: dict, hp: Mapping, ctx: Bucket) -> list:
+        mu, damp = float(hp["momentum"]), float(hp["dampening"])
+        buf = state["buffer"]
+        # torch's b_1 = g: the buffer is still zero at a tensor's first step
+        first = [i for i, t in enumerate(ctx.step_values) if t == 1.0]
+        rest = [i for i, t in enumerate(ctx.step_values) if t != 1.0]
+        if first:
+            torch._foreach_add_([buf[i] for i in first], [updates[i] for i in first])
+        if rest:
+            rb, ru = ([buf[i] for i in rest], [updates[i] for i in rest]) if first else (buf, updates)
+            torch._foreach_mul_(rb, mu)
+            torch._foreach_add_(rb, ru, alpha=1.0 - damp)
+        if nesterov:
+            return torch._foreach_add(updates, buf, alpha=mu)
+        return ctx.lend(list(buf))
+
+    spec = {"momentum": Hyperparam(momentum, nonnegative), "dampening": Hyperparam(dampening, number)}
+    return transform(name, spec, init, update, check=_check_nesterov if nesterov else None)
+
+
+def nesterov(momentum: float = 0.9, dampening: float = 0.0, *, name: str = "nesterov") -> Leaf:
+    """Nesterov momentum, torch form: ``b_t = momentum * b_{t-1} + g``, update ``g + momentum * b_t``.
+
+    Reference: Sutskever et al. 2013. Peer: torch ``SGD(nesterov=True)``, optax ``trace(nesterov=True)``.
+    """
+    return trace(momentum, dampening, nesterov=True, name=name)
