@@ -1,7 +1,8 @@
 """gradchain: composable gradient transformations for PyTorch, in the style of optax."""
 
-from . import recipes, transforms
+from . import combinators, recipes, transforms
 from .base import Bucket, Chain, Leaf, Transform, chain, compute_dtype, transform, zeros_state
+from .combinators import *  # noqa: F403
 from .hyperparams import Hyperparam
 from .optimizer import ChainOptimizer
 from .transforms import *  # noqa: F403
@@ -21,5 +22,6 @@ __all__ = [
     "transform",
     "transforms",
     "zeros_state",
+    *combinators.__all__,
     *transforms.__all__,
 ]

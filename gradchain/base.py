@@ -237,9 +237,17 @@ class Transform:
         """Every named transform in this tree (names must be unique in a chain)."""
         yield self
 
+    def paths(self) -> list[list[str]]:
+        """The sequences of leaf names one param can pass through (their state keys must not clash)."""
+        return [[self.name]]
+
     def renamed(self, mapping: Mapping[str, str]) -> Transform:
         """A copy whose hyperparameter group keys are renamed by ``mapping`` (old -> new)."""
         raise NotImplementedError(f"{type(self).__name__} does not support renaming hyperparameters")
+
+    def prefixed(self, prefix: str) -> Transform:
+        """A copy whose hyperparameter keys all start with ``prefix`` (``lr`` -> ``adamw_lr``)."""
+        return self.renamed({k: prefix + k for k in self.hyperparams})
 
     def validate_group(self, group: Mapping[str, Any]) -> None:
         """Raise ``ValueError`` if a group's hyperparameters are invalid for this transform."""
@@ -398,6 +406,14 @@ def transform(
     return Leaf(name, hyperparams, init, update, **options)
 
 
+def check_unique_names(t: Transform, where: str) -> None:
+    """Raise if two transforms one param passes through share a name (their state keys would clash)."""
+    for path in t.paths():
+        dup = sorted({n for n in path if path.count(n) > 1})
+        if dup:
+            raise ValueError(f"duplicate transform names in {where}: {dup}; pass name= to tell them apart")
+
+
 def merge_hyperparams(children: Sequence[Transform]) -> dict[str, Hyperparam]:
     """The union of the children's hyperparameters; one key with two defaults is an error."""
     merged: dict[str, Hyperparam] = {}
@@ -434,10 +450,7 @@ class Chain(Transform):
             flat.extend(t.children if isinstance(t, Chain) else [t])
         self.name = name
         self.children = flat
-        names = [leaf.name for leaf in self.leaves()]
-        dup = sorted({n for n in names if names.count(n) > 1})
-        if dup:
-            raise ValueError(f"duplicate transform names in a chain: {dup}; pass name= to tell them apart")
+        check_unique_names(self, "a chain")
         self.hyperparams = merge_hyperparams(flat)
         self.extra_defaults = {}
         for t in flat:
@@ -446,6 +459,12 @@ class Chain(Transform):
     def leaves(self) -> Iterator[Transform]:
         for t in self.children:
             yield from t.leaves()
+
+    def paths(self) -> list[list[str]]:
+        out: list[list[str]] = [[]]
+        for t in self.children:
+            out = [a + b for a in out for b in t.paths()]
+        return out
 
     def renamed(self, mapping: Mapping[str, str]) -> Chain:
         out = Chain([t.renamed(mapping) for t in self.children], self.name)

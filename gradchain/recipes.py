@@ -75,3 +75,15 @@ def adamw(
     return chain(
         scale_by_adam(betas, eps, amsgrad=amsgrad), add_decoupled_wd(weight_decay), scale_by_lr(lr), maximize=maximize
     )
+
+
+# ---- issue 3: adaptive denominators, memory-saving second moments, loss-driven steps ----
+# ---- end issue 3 ----
+
+
+# ---- issue 4: clipping, normalization, weight-decay variants, cautious masks ----
+# ---- end issue 4 ----
+
+
+# ---- issue 5: momentum family, Lookahead, Muon ----
+# ---- end issue 5 ----

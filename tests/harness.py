@@ -150,8 +150,8 @@ def check_contract(case: RecipeCase) -> None:
     assert torch.equal(model.unused, unused_before), "a param with grad None was changed"
     assert model.unused not in opt.state or not opt.state[model.unused], "a param with grad None got state"
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters())), "step changed nothing"
-    for p, st in opt.state.items():
-        for k, v in st.items():
+    for st in opt.state.values():
+        for k in st:
             assert k == "step" or "." in k, f"state key {k!r} is not '<transform>.<buffer>'"
         assert st["step"].dim() == 0 and st["step"].dtype == torch.float32
         assert float(st["step"]) == 1.0
@@ -228,7 +228,7 @@ def check_dtypes(case: RecipeCase) -> None:
         before = _params(model)
         opt = make_optimizer(case, model)
         train(model, opt, 0, 3, dtype)
-        for (name, p), b in zip(model.named_parameters(), before):
+        for name, p in model.named_parameters():
             assert p.dtype == dtype
             assert torch.isfinite(p).all(), f"{dtype}: {name} not finite"
         assert any(not torch.equal(p, b) for p, b in zip(model.parameters(), before)), f"{dtype}: nothing moved"
@@ -308,7 +308,7 @@ def _fsdp_case(case: RecipeCase, steps: int) -> float:
     train(ref, ref_opt, 0, steps, dtype)
     train(model, opt, 0, steps, dtype)
     err = 0.0
-    for (name, a), b in zip(ref.named_parameters(), model.parameters()):
+    for a, b in zip(ref.parameters(), model.parameters()):
         full = b.full_tensor() if hasattr(b, "full_tensor") else b
         err = max(err, (a - full).abs().max().item())
     return err

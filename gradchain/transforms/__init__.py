@@ -1,14 +1,17 @@
-"""The small transforms, one file per family."""
+"""The small transforms, one file per family.
 
-from . import moments, momentum, regularization, scaling
-from .moments import *  # noqa: F403
-from .momentum import *  # noqa: F403
-from .regularization import *  # noqa: F403
-from .scaling import *  # noqa: F403
+Every module in this package lists its public transforms in ``__all__``; they are collected here
+(and re-exported by ``gradchain``). Two families exporting the same name is an error.
+"""
 
-__all__ = [
-    *momentum.__all__,
-    *moments.__all__,
-    *regularization.__all__,
-    *scaling.__all__,
-]
+import importlib as _importlib
+import pkgutil as _pkgutil
+
+__all__: list[str] = []
+for _info in sorted(_pkgutil.iter_modules(__path__), key=lambda m: m.name):
+    _module = _importlib.import_module(f"{__name__}.{_info.name}")
+    for _name in getattr(_module, "__all__", []):
+        if _name in globals() and globals()[_name] is not getattr(_module, _name):
+            raise ImportError(f"gradchain.transforms: {_name!r} is exported by two families")
+        globals()[_name] = getattr(_module, _name)
+        __all__.append(_name)

@@ -1,0 +1,97 @@
+"""masked and partition against hand-written references."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import gradchain as gc
+from gradchain import ChainOptimizer, recipes
+
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.LayerNorm(5), torch.nn.Linear(5, 2)).double()
+
+
+def _step(model, opt, i):
+    g = torch.Generator().manual_seed(i)
+    x, y = torch.randn(6, 4, generator=g, dtype=torch.float64), torch.randn(6, 2, generator=g, dtype=torch.float64)
+    opt.zero_grad()
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    opt.step()
+
+
+def test_masked_weight_decay_skips_biases_and_norms() -> None:
+    m1, m2 = _model(), _model()
+    decay = [p for p in m1.parameters() if p.ndim >= 2]
+    no_decay = [p for p in m1.parameters() if p.ndim < 2]
+    ref = torch.optim.AdamW([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}], lr=0.01, weight_decay=0.3)
+    decay_matrices = gc.masked(gc.add_decoupled_wd(0.3), lambda name, p: p.ndim >= 2)
+    tr = gc.chain(gc.scale_by_adam(), decay_matrices, gc.scale_by_lr(0.01))
+    opt = ChainOptimizer(m2.named_parameters(), tr)
+    for i in range(20):
+        _step(m1, ref, i)
+        _step(m2, opt, i)
+    for a, b in zip(m1.parameters(), m2.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-13)
+
+
+def test_masked_by_glob_keeps_state_only_for_selected() -> None:
+    m = _model()
+    opt = ChainOptimizer(m.named_parameters(), gc.chain(gc.masked(gc.trace(0.9), "*.weight"), gc.scale_by_lr(0.1)))
+    _step(m, opt, 0)
+    for name, p in m.named_parameters():
+        assert ("momentum.buffer" in opt.state[p]) == name.endswith("weight")
+
+
+def test_masked_needs_names() -> None:
+    m = _model()
+    opt = ChainOptimizer(m.parameters(), gc.chain(gc.masked(gc.trace(0.9), "*.weight"), gc.scale_by_lr(0.1)))
+    with pytest.raises(ValueError, match="named_parameters"):
+        _step(m, opt, 0)
+
+
+def test_partition_equals_two_torch_optimizers() -> None:
+    m1 = _model()
+    m2 = copy.deepcopy(m1)
+    matrices = [p for p in m1.parameters() if p.ndim == 2]
+    rest = [p for p in m1.parameters() if p.ndim != 2]
+    o_sgd = torch.optim.SGD(matrices, lr=0.05, momentum=0.9)
+    o_adam = torch.optim.AdamW(rest, lr=0.01)
+    tr = gc.partition(
+        {"matrix": recipes.sgd(lr=0.05, momentum=0.9).prefixed("sgd_"), "rest": recipes.adamw(lr=0.01)},
+        lambda name, p: "matrix" if p.ndim == 2 else "rest",
+    )
+    opt = ChainOptimizer(m2.named_parameters(), tr)
+    assert opt.param_groups[0]["sgd_lr"] == 0.05 and opt.param_groups[0]["lr"] == 0.01
+
+    class Both:
+        def zero_grad(self):
+            o_sgd.zero_grad()
+            o_adam.zero_grad()
+
+        def step(self):
+            o_sgd.step()
+            o_adam.step()
+
+    for i in range(20):
+        _step(m1, Both(), i)
+        _step(m2, opt, i)
+    for a, b in zip(m1.parameters(), m2.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-13)
+
+
+def test_partition_unlabelled_param_is_named() -> None:
+    m = _model()
+    tr = gc.partition({"a": recipes.sgd()}, {"0.weight": "a"})
+    opt = ChainOptimizer(m.named_parameters(), tr)
+    with pytest.raises(ValueError, match="0.bias"):
+        _step(m, opt, 0)
+
+
+def test_partition_conflicting_defaults_need_renaming() -> None:
+    with pytest.raises(ValueError, match="renamed"):
+        gc.partition({"a": recipes.sgd(lr=0.1), "b": recipes.adamw(lr=0.01)}, lambda n, p: "a")
