@@ -1,7 +1,7 @@
 """gradchain: composable gradient transformations for PyTorch, in the style of optax."""
 
 from . import combinators, recipes, transforms
-from .base import Bucket, Chain, Leaf, Transform, chain, compute_dtype, transform, zeros_state
+from .base import Bucket, Chain, Leaf, Transform, chain, compute_dtype, scalar_state, transform, zeros_state
 from .combinators import *  # noqa: F403
 from .hyperparams import Hyperparam
 from .optimizer import ChainOptimizer
@@ -19,6 +19,7 @@ __all__ = [
     "chain",
     "compute_dtype",
     "recipes",
+    "scalar_state",
     "transform",
     "transforms",
     "zeros_state",

@@ -34,6 +34,21 @@ def zeros_state(param: Tensor) -> Tensor:
     return torch.zeros_like(param, dtype=compute_dtype(param.dtype), memory_format=torch.preserve_format)
 
 
+def scalar_state(param: Tensor, value: float = 0.0) -> Tensor:
+    """A 0-d fp32 state tensor for ``param``: a replicated DTensor when ``param`` is a DTensor.
+
+    Per-tensor statistics (a norm EMA, a Lagrange multiplier) computed from a DTensor are
+    replicated DTensors; keeping the state in the same kind lets in-place updates mix them.
+    """
+    t = torch.full((), value, dtype=torch.float32, device=param.device)
+    mesh = getattr(param, "device_mesh", None)
+    if mesh is not None:
+        from torch.distributed.tensor import DTensor, Replicate
+
+        t = DTensor.from_local(t, mesh, [Replicate()] * mesh.ndim, run_check=False)
+    return t
+
+
 def _is_one(s: Scalar) -> bool:
     return not isinstance(s, list) and s == 1.0
 
