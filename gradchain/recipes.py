@@ -77,12 +77,20 @@ def adamw(
     )
 
 
-# ---- issue 3: adaptive denominators, memory-saving second moments, loss-driven steps ----
-# ---- end issue 3 ----
+# ---- issue 3a: adaptive denominators, moment variants, loss-driven steps ----
+# ---- end issue 3a ----
 
 
-# ---- issue 4: clipping, normalization, weight-decay variants, cautious masks ----
-# ---- end issue 4 ----
+# ---- issue 3b: memory-saving second moments (Adafactor, SM3, Amos, SMMF) ----
+# ---- end issue 3b ----
+
+
+# ---- issue 4a: clipping, normalization, centralization, trust ratio (and nsgda) ----
+# ---- end issue 4a ----
+
+
+# ---- issue 4b: weight-decay variants and cautious masks ----
+# ---- end issue 4b ----
 
 
 # ---- issue 5: momentum family, Lookahead, Muon ----

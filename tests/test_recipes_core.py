@@ -108,3 +108,20 @@ def test_reduce_lr_on_plateau() -> None:
     for _ in range(3):
         sched.step(1.0)
     assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**2)
+
+
+def test_ema_against_float64_reference() -> None:
+    import gradchain as gc
+
+    g = torch.Generator().manual_seed(3)
+    grads = [torch.randn(4, 3, dtype=torch.float64, generator=g) for _ in range(5)]
+    for debias in (False, True):
+        t = gc.ema(0.8, debias=debias)
+        p = torch.zeros(4, 3, dtype=torch.float64)
+        state = t.init([p])
+        m = torch.zeros_like(p)
+        for step, gr in enumerate(grads, 1):
+            (u,) = t.update([gr], state, [p])
+            m = 0.8 * m + 0.2 * gr
+            want = m / (1 - 0.8**step) if debias else m
+            torch.testing.assert_close(u, want, rtol=0, atol=1e-15)

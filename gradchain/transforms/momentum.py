@@ -7,9 +7,9 @@ from collections.abc import Mapping
 import torch
 
 from ..base import Bucket, Leaf, transform, zeros_state
-from ..hyperparams import Hyperparam, nonnegative, number
+from ..hyperparams import Hyperparam, nonnegative, number, unit_interval
 
-__all__ = ["nesterov", "trace"]
+__all__ = ["ema", "nesterov", "trace"]
 
 
 def _check_nesterov(hp: Mapping) -> None:
@@ -57,3 +57,23 @@ def nesterov(momentum: float = 0.9, dampening: float = 0.0, *, name: str = "nest
     Reference: Sutskever et al. 2013. Peer: torch ``SGD(nesterov=True)``, optax ``trace(nesterov=True)``.
     """
     return trace(momentum, dampening, nesterov=True, name=name)
+
+
+def ema(decay: float = 0.9, debias: bool = False, *, name: str = "ema") -> Leaf:
+    """Exponential moving average of the updates, optionally bias-corrected.
+
+    Rule: ``m_t = decay m_{t-1} + (1 - decay) u_t`` (``m_0 = 0``); the update is ``m_t``, or
+    ``m_t / (1 - decay^t)`` with ``debias``. Peer: optax ``ema``.
+    """
+
+    def init(p: torch.Tensor) -> dict:
+        return {"ema": zeros_state(p)}
+
+    def update(updates: list, state: dict, hp: Mapping, ctx: Bucket) -> list:
+        d = float(hp["decay"])
+        torch._foreach_lerp_(state["ema"], updates, 1.0 - d)
+        if debias:
+            ctx.defer_scale(ctx.per_step(lambda t: 1.0 / (1.0 - d**t)))
+        return ctx.lend(list(state["ema"]))
+
+    return transform(name, {"decay": Hyperparam(decay, unit_interval)}, init, update)
