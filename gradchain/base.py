@@ -75,6 +75,7 @@ class Bucket:
         group: Mapping[str, Any],
         loss: Tensor | None = None,
         shared: dict | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         self.params = params
         self.grads = grads
@@ -84,9 +85,9 @@ class Bucket:
         self.group = group
         self.loss = loss
         self.shared = {} if shared is None else shared
-        dtype = params[0].dtype if params else torch.float32
-        self.dtype = compute_dtype(dtype)
-        if dtype in _LOW_PRECISION:
+        param_dtype = params[0].dtype if params else torch.float32
+        self.dtype = dtype or compute_dtype(param_dtype)
+        if self.dtype != param_dtype:
             self.updates = [g.to(self.dtype) for g in grads]
         else:
             self.updates = list(grads)
@@ -204,7 +205,7 @@ class Bucket:
         if not self.params:
             return
         if self.params[0].dtype != self.dtype:
-            # low precision: form the whole update in fp32, round once into p
+            # compute dtype differs (fp32 math for bf16 params): form the whole update, round once into p
             self.materialize()
             torch._foreach_add_(self.params, self.updates)
             return

@@ -31,8 +31,9 @@ class ChainOptimizer(torch.optim.Optimizer):
     schedulers work. ``maximize`` is a group option as in torch.optim.
 
     State per parameter is keyed ``"<transform name>.<buffer>"`` plus ``"step"`` (a 0-d fp32
-    tensor). For fp16/bf16 params the state and the math are fp32 unless ``state_dtype`` says
-    otherwise. A param whose grad is None gets no state and is not touched.
+    tensor). For fp16/bf16 params the state and the math are fp32; ``state_dtype`` sets another
+    dtype for both (e.g. bf16 state to save memory). A param whose grad is None gets no state and
+    is not touched.
     """
 
     def __init__(
@@ -133,7 +134,9 @@ class ChainOptimizer(torch.optim.Optimizer):
                 lists = {k: [st.get(k) for st in sts] for k in keys}
                 steps = [st["step"] for st in sts]
                 torch._foreach_add_(steps, 1.0)
-                buckets.append(Bucket(params, grads, lists, steps, [x[3] for x in items], group, loss, shared))
+                buckets.append(
+                    Bucket(params, grads, lists, steps, [x[3] for x in items], group, loss, shared, self.state_dtype)
+                )
                 states.append(sts)
         return buckets, states
 
@@ -223,8 +226,11 @@ class ChainOptimizer(torch.optim.Optimizer):
                     f"state dict is from a different chain: param {name_map[k] or k} has state "
                     f"{sorted(v)}, this chain keeps {sorted(expected)}"
                 )
+            # copies: the optimizer must not share buffers with the dict (or with another optimizer)
             state[p] = {
-                key: val.to(device=p.device) if isinstance(val, Tensor) and key != "step" else val
+                key: (val.to(device=p.device, copy=True) if key != "step" else val.clone())
+                if isinstance(val, Tensor)
+                else deepcopy(val)
                 for key, val in v.items()
             }
         new_groups = []

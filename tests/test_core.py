@@ -1,0 +1,271 @@
+"""The core contract: Transform, chain, ChainOptimizer."""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+
+import pytest
+import torch
+
+import gradchain as gc
+from gradchain import ChainOptimizer, Hyperparam, recipes
+
+
+def test_transform_alone_matches_float64_adam_reference() -> None:
+    """A transform is testable on plain tensors: scale_by_adam against the rule written out."""
+    t = gc.scale_by_adam(betas=(0.8, 0.9), eps=1e-6)
+    g = torch.Generator().manual_seed(0)
+    params = [torch.randn(3, 4, dtype=torch.float64, generator=g), torch.randn((), dtype=torch.float64, generator=g)]
+    state = t.init(params)
+    m = [torch.zeros_like(p) for p in params]
+    v = [torch.zeros_like(p) for p in params]
+    for step in range(1, 8):
+        grads = [torch.randn_like(p) for p in params]
+        if step == 3:
+            grads[0] = torch.zeros_like(grads[0])
+        out = t.update(grads, state, params)
+        for i, gr in enumerate(grads):
+            m[i] = 0.8 * m[i] + 0.2 * gr
+            v[i] = 0.9 * v[i] + 0.1 * gr * gr
+            want = (m[i] / (1 - 0.8**step)) / ((v[i] / (1 - 0.9**step)).sqrt() + 1e-6)
+            torch.testing.assert_close(out[i], want, rtol=1e-14, atol=1e-15)
+        assert float(state[0]["step"]) == step
+
+
+def test_eps_root_inside_the_root() -> None:
+    t = gc.scale_by_adam(eps=0.0, eps_root=1e-4)
+    p = torch.zeros(5, dtype=torch.float64)
+    gr = torch.linspace(-1, 1, 5, dtype=torch.float64)
+    (u,) = t.update([gr], t.init([p]), [p])
+    torch.testing.assert_close(u, gr / (gr * gr + 1e-4).sqrt(), rtol=1e-14, atol=0)
+
+
+def test_trace_alone_matches_torch_sgd_rule() -> None:
+    t = gc.trace(0.9, dampening=0.2)
+    p = torch.zeros(6, dtype=torch.float64)
+    state = t.init([p])
+    buf = None
+    for _ in range(5):
+        gr = torch.randn(6, dtype=torch.float64)
+        (u,) = t.update([gr], state, [p])
+        buf = gr.clone() if buf is None else 0.9 * buf + 0.8 * gr
+        torch.testing.assert_close(u, buf, rtol=0, atol=1e-15)
+
+
+def test_update_does_not_write_grads_or_state_through_outputs() -> None:
+    model = torch.nn.Linear(3, 2).double()
+    opt = ChainOptimizer(model.parameters(), gc.chain(gc.trace(0.9), gc.scale(2.0), gc.scale_by_lr(0.1)))
+    model(torch.randn(4, 3, dtype=torch.float64)).sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    opt.step()
+    for p, g in zip(model.parameters(), grads):
+        assert torch.equal(p.grad, g)
+        assert torch.equal(opt.state[p]["momentum.buffer"], g)
+
+
+class _Recorder:
+    """A loss-aware transform that records the loss it sees (test-only)."""
+
+    def __init__(self) -> None:
+        self.seen: list = []
+        rec = self
+
+        def update(updates, state, hp, ctx):
+            rec.seen.append(None if ctx.loss is None else float(ctx.loss))
+            return updates
+
+        self.t = gc.transform("recorder", update=update)
+
+
+def test_loss_reaches_transforms_by_closure_loss_and_gradscaler() -> None:
+    rec = _Recorder()
+    model = torch.nn.Linear(3, 1)
+    opt = ChainOptimizer(model.parameters(), gc.chain(rec.t, gc.scale_by_lr(0.01)))
+    x = torch.randn(8, 3)
+
+    def closure():
+        assert torch.is_grad_enabled()
+        opt.zero_grad()
+        loss = model(x).pow(2).mean()
+        loss.backward()
+        return loss
+
+    with torch.no_grad():
+        ret = opt.step(closure)
+    assert rec.seen[-1] == pytest.approx(float(ret.detach()))
+    loss = closure()
+    assert opt.step(loss=loss) is loss and rec.seen[-1] == pytest.approx(float(loss.detach()))
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+    opt.zero_grad()
+    loss = model(x).pow(2).mean()
+    scaler.scale(loss).backward()
+    scaler.step(opt, loss=loss.detach())
+    scaler.update()
+    assert rec.seen[-1] == pytest.approx(float(loss.detach()))
+    with pytest.raises(ValueError, match="either"):
+        opt.step(closure, loss=loss)
+
+
+@pytest.mark.parametrize(
+    "make, key",
+    [
+        (lambda p: ChainOptimizer(p, recipes.adamw(lr=-1e-3)), "lr"),
+        (lambda p: ChainOptimizer(p, recipes.adamw(), lr=-1.0), "lr"),
+        (lambda p: ChainOptimizer(p, recipes.adamw(betas=(0.9, 1.0))), "betas"),
+        (lambda p: ChainOptimizer(p, recipes.adam(), betas=(-0.1, 0.9)), "betas"),
+        (lambda p: ChainOptimizer(p, recipes.adam(eps=-1e-8)), "eps"),
+        (lambda p: ChainOptimizer(p, recipes.adamw(weight_decay=-0.1)), "weight_decay"),
+        (lambda p: ChainOptimizer(p, recipes.sgd(momentum=-0.5)), "momentum"),
+        (lambda p: ChainOptimizer(p, recipes.sgd(lr=float("nan"))), "lr"),
+        (lambda p: ChainOptimizer(p, recipes.sgd(momentum=0.9, dampening=0.5, nesterov=True)), "Nesterov"),
+        (lambda p: ChainOptimizer(p, recipes.sgd(), maximize="yes"), "maximize"),
+    ],
+)
+def test_invalid_hyperparameters_are_named(make, key) -> None:
+    with pytest.raises(ValueError, match=key):
+        make([torch.nn.Parameter(torch.zeros(2))])
+
+
+def test_unknown_hyperparameters_are_errors() -> None:
+    p = torch.nn.Parameter(torch.zeros(2))
+    with pytest.raises(TypeError, match="lrr"):
+        ChainOptimizer([p], recipes.adamw(), lrr=0.1)
+    opt = ChainOptimizer([p], recipes.sgd())
+    with pytest.raises(ValueError, match="betas"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))], "betas": (0.9, 0.99)})
+    with pytest.raises(ValueError, match="lr"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))], "lr": -3.0})
+    assert len(opt.param_groups) == 1
+
+
+def test_duplicate_names_and_conflicting_defaults() -> None:
+    with pytest.raises(ValueError, match="duplicate"):
+        gc.chain(gc.scale_by_adam(), gc.scale_by_adam())
+    gc.chain(gc.scale_by_adam(), gc.scale_by_adam(name="adam2"))
+    with pytest.raises(ValueError, match="lr"):
+        gc.chain(gc.scale_by_lr(0.1), gc.scale_by_lr(0.2, name="lr2"))
+
+
+def _train(model, opt, steps, start=0, dtype=torch.float64):
+    for i in range(start, start + steps):
+        g = torch.Generator().manual_seed(i)
+        x = torch.randn(5, 4, generator=g).to(dtype)
+        opt.zero_grad()
+        loss = model(x).float().pow(2).mean()
+        loss.backward()
+        opt.step(loss=loss)
+
+
+def test_bf16_state_stays_fp32_through_save_and_load() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3).to(torch.bfloat16)
+    opt = ChainOptimizer(model.parameters(), recipes.adamw(lr=1e-2))
+    _train(model, opt, 3, dtype=torch.bfloat16)
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    opt2 = ChainOptimizer(model.parameters(), recipes.adamw(lr=1e-2))
+    opt2.load_state_dict(torch.load(buf, weights_only=True))
+    for p in model.parameters():
+        for k, v in opt.state[p].items():
+            assert opt2.state[p][k].dtype == v.dtype
+            assert torch.equal(opt2.state[p][k], v)
+        assert opt2.state[p]["adam.exp_avg"].dtype == torch.float32
+
+
+def test_load_rejects_other_chain_and_other_structure() -> None:
+    model = torch.nn.Linear(4, 3).double()
+    opt = ChainOptimizer(model.parameters(), recipes.adamw())
+    _train(model, opt, 1)
+    sd = opt.state_dict()
+    with pytest.raises(ValueError, match="different chain"):
+        ChainOptimizer(model.parameters(), recipes.sgd(momentum=0.9)).load_state_dict(sd)
+    sd_no_meta = {k: v for k, v in sd.items() if k != "gradchain"}
+    with pytest.raises(ValueError, match="different chain"):
+        ChainOptimizer(model.parameters(), recipes.adamw(amsgrad=True)).load_state_dict(sd_no_meta)
+    with pytest.raises(ValueError, match="param groups"):
+        ChainOptimizer([{"params": [model.weight]}, {"params": [model.bias]}], recipes.adamw()).load_state_dict(sd)
+    # a failed load leaves the optimizer as it was
+    target = ChainOptimizer(model.parameters(), recipes.sgd(momentum=0.9))
+    with pytest.raises(ValueError):
+        target.load_state_dict(sd)
+    assert not target.state and target.param_groups[0]["lr"] == 1e-3
+
+
+def test_named_parameters_deepcopy_state_dtype_and_init_state() -> None:
+    model = torch.nn.Linear(4, 3).double()
+    opt = ChainOptimizer(model.named_parameters(), recipes.adamw(), state_dtype=torch.float32)
+    assert opt.state_dict()["param_groups"][0]["param_names"] == ["weight", "bias"]
+    opt.init_state()
+    assert all(float(opt.state[p]["step"]) == 0 for p in model.parameters())
+    assert opt.state[model.weight]["adam.exp_avg"].dtype == torch.float32
+    _train(model, opt, 2)
+    model2 = copy.deepcopy(model)
+    clone = copy.deepcopy(opt)
+    assert clone.transform is not None and len(clone.state) == len(opt.state)
+    clone2 = ChainOptimizer(model2.named_parameters(), recipes.adamw(), state_dtype=torch.float32)
+    clone2.load_state_dict(opt.state_dict())
+    _train(model, opt, 2, start=2)
+    _train(model2, clone2, 2, start=2)
+    for a, b in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_uneven_step_counts_match_torch_adam() -> None:
+    """A param that misses steps (grad None) keeps its own count: per-tensor bias corrections."""
+    torch.manual_seed(0)
+    a = torch.nn.ModuleList([torch.nn.Linear(3, 3), torch.nn.Linear(3, 1)]).double()
+    b = copy.deepcopy(a)
+    ta = torch.optim.Adam(a.parameters(), lr=0.05)
+    tb = ChainOptimizer(b.parameters(), recipes.adam(lr=0.05))
+    for i in range(12):
+        x = torch.randn(4, 3, dtype=torch.float64)
+        for m, o in ((a, ta), (b, tb)):
+            o.zero_grad()
+            h = m[0](x)
+            out = m[1](h) if i % 3 else h.sum(1, keepdim=True)
+            out.pow(2).mean().backward()
+            o.step()
+    assert {float(tb.state[p]["step"]) for p in b.parameters()} == {12.0, 8.0}
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-13)
+
+
+def test_grad_none_param_untouched_and_sparse_error() -> None:
+    used, unused = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2))
+    opt = ChainOptimizer([used, unused], recipes.adamw(lr=0.1))
+    used.grad = torch.ones(2)
+    opt.step()
+    assert torch.equal(unused, torch.ones(2)) and unused not in opt.state
+    emb = torch.nn.Embedding(5, 2, sparse=True)
+    opt = ChainOptimizer(emb.parameters(), recipes.sgd())
+    emb(torch.tensor([0])).sum().backward()
+    with pytest.raises(RuntimeError, match="sparse"):
+        opt.step()
+
+
+def test_callable_hyperparameter_is_a_schedule_of_the_step() -> None:
+    p = torch.nn.Parameter(torch.zeros(1, dtype=torch.float64))
+    opt = ChainOptimizer([p], gc.chain(gc.scale_by_lr(lambda step: 0.1 * step)))
+    for _ in range(3):
+        p.grad = torch.ones(1, dtype=torch.float64)
+        opt.step()
+    assert p.item() == pytest.approx(-(0.1 + 0.2 + 0.3))
+
+
+def test_low_precision_write_rounds_once() -> None:
+    p = torch.nn.Parameter(torch.full((4,), 1.0, dtype=torch.bfloat16))
+    opt = ChainOptimizer([p], recipes.adamw(lr=1e-3, weight_decay=0.0))
+    p.grad = torch.ones(4, dtype=torch.bfloat16)
+    opt.step()
+    want = torch.tensor(1.0 - 1e-3 * 1 / (1 + 1e-8), dtype=torch.float32).to(torch.bfloat16)
+    assert torch.equal(p.detach(), want.expand(4)) and math.isfinite(float(p[0]))
+
+
+def test_hyperparam_spec_validates_defaults() -> None:
+    with pytest.raises(ValueError, match="decay"):
+        gc.ema(decay=1.5)
+    with pytest.raises(ValueError, match="exactly one"):
+        gc.transform("x", {"a": Hyperparam(1.0)})
