@@ -94,6 +94,7 @@ class Bucket:
         self.step_values: list[float] = torch.stack(steps).tolist() if steps else []
         self.scale: Scalar = 1.0
         self.decay: float = 0.0
+        self.divisor: list[Tensor] | None = None
         self._borrowed: set[int] = set()
 
     def __len__(self) -> int:
@@ -134,24 +135,36 @@ class Bucket:
             self.scale = [x * s for x in self.scale] if isinstance(self.scale, list) else self.scale * s
             self.decay *= s
 
+    def defer_divide(self, divisor: list[Tensor]) -> None:
+        """Divide the updates by ``divisor`` lazily: the final write is then one ``addcdiv``.
+
+        Call it at most once per transform, right before returning the numerators.
+        """
+        if self.divisor is not None:
+            self.materialize()
+        self.divisor = divisor
+
     def add_param_term(self, coef: float) -> None:
         """Add ``coef * params`` to the updates lazily."""
         self.decay += coef
 
     def materialize(self) -> list[Tensor]:
-        """Fold the pending scale and param term into ``updates``."""
+        """Fold the pending divisor, scale and param term into ``updates``."""
+        if self.divisor is not None:
+            self.updates = list(torch._foreach_div(self.updates, self.divisor))
+            self.divisor = None
         if _is_one(self.scale) and self.decay == 0.0:
             return self.updates
         if not _is_one(self.scale):
             if self._all_owned():
                 torch._foreach_mul_(self.updates, self.scale)
             else:
-                self.updates = torch._foreach_mul(self.updates, self.scale)
+                self.updates = list(torch._foreach_mul(self.updates, self.scale))
         if self.decay != 0.0:
             if self._all_owned():
                 torch._foreach_add_(self.updates, self.params, alpha=self.decay)
             else:
-                self.updates = torch._foreach_add(self.updates, self.params, alpha=self.decay)
+                self.updates = list(torch._foreach_add(self.updates, self.params, alpha=self.decay))
         self.scale, self.decay = 1.0, 0.0
         return self.updates
 
@@ -184,7 +197,7 @@ class Bucket:
         sub.group, sub.loss, sub.shared, sub.dtype = self.group, self.loss, self.shared, self.dtype
         sub.updates = pick(self.updates)
         sub.step_values = pick(self.step_values)
-        sub.scale, sub.decay = 1.0, 0.0
+        sub.scale, sub.decay, sub.divisor = 1.0, 0.0, None
         sub._borrowed = set(self._borrowed)
         return sub
 
@@ -211,7 +224,9 @@ class Bucket:
             return
         if self.decay != 0.0:
             torch._foreach_mul_(self.params, 1.0 + self.decay)
-        if isinstance(self.scale, list):
+        if self.divisor is not None:
+            torch._foreach_addcdiv_(self.params, self.updates, self.divisor, self.scale)
+        elif isinstance(self.scale, list):
             scaled = torch._foreach_mul(self.updates, self.scale)
             torch._foreach_add_(self.params, scaled)
         elif self.scale != 0.0:

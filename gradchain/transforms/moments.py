@@ -56,7 +56,9 @@ def scale_by_adam(
             torch._foreach_div_(denom, ctx.per_step(lambda t: math.sqrt(1.0 - b2**t)))
         torch._foreach_add_(denom, eps)
         ctx.defer_scale(ctx.per_step(lambda t: 1.0 / (1.0 - b1**t)))
-        return torch._foreach_div(m, denom)
+        # u = m / denom, left for the final write to fuse into one addcdiv (as torch's AdamW)
+        ctx.defer_divide(denom)
+        return ctx.lend(list(m))
 
     spec = {
         "betas": Hyperparam(tuple(betas), check_betas),
