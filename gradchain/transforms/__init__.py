@@ -6,12 +6,15 @@ Every module in this package lists its public transforms in ``__all__``; they ar
 
 import importlib as _importlib
 import pkgutil as _pkgutil
+import types as _types
 
 __all__: list[str] = []
 for _info in sorted(_pkgutil.iter_modules(__path__), key=lambda m: m.name):
     _module = _importlib.import_module(f"{__name__}.{_info.name}")
     for _name in getattr(_module, "__all__", []):
-        if _name in globals() and globals()[_name] is not getattr(_module, _name):
+        _old = globals().get(_name)
+        # importing a submodule binds its name here: a family may export a transform of that name
+        if _old is not None and not isinstance(_old, _types.ModuleType) and _old is not getattr(_module, _name):
             raise ImportError(f"gradchain.transforms: {_name!r} is exported by two families")
         globals()[_name] = getattr(_module, _name)
         __all__.append(_name)

@@ -1,0 +1,113 @@
+"""DDP and torch.distributed.checkpoint with FSDP2: 2 processes, gloo on 127.0.0.1, float64."""
+
+from __future__ import annotations
+
+import copy
+import multiprocessing
+import os
+import traceback
+from datetime import timedelta
+from typing import Any
+
+import pytest
+import torch
+from harness import _free_port, make_model, train
+
+from gradchain import ChainOptimizer, recipes
+
+pytestmark = pytest.mark.distributed
+
+
+def _ddp(rank: int) -> float:
+    from torch.nn.parallel import DistributedDataParallel
+
+    ref = make_model(torch.float64)
+    model = DistributedDataParallel(copy.deepcopy(ref), find_unused_parameters=True)
+    ref_opt = ChainOptimizer(ref.named_parameters(), recipes.adamw(lr=1e-2))
+    opt = ChainOptimizer(model.module.named_parameters(), recipes.adamw(lr=1e-2))
+    train(ref, ref_opt, 0, 3, torch.float64)
+    train(model, opt, 0, 3, torch.float64)
+    return max((a - b).abs().max().item() for a, b in zip(ref.parameters(), model.module.parameters()))
+
+
+def _dcp(rank: int, path: str) -> float:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+    from torch.distributed.fsdp import fully_shard
+
+    def sharded():
+        m = make_model(torch.float64, scalar=False)
+        for mod in (m.conv, m.fc1, m.fc2, m.head):
+            fully_shard(mod)
+        fully_shard(m)
+        # a param that never gets a gradient has no state to checkpoint: leave it out of the optimizer
+        named = [(n, p) for n, p in m.named_parameters() if n != "unused"]
+        return m, ChainOptimizer(named, recipes.adamw(lr=1e-2))
+
+    model, opt = sharded()
+    train(model, opt, 0, 2, torch.float64)
+    dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=path)
+    train(model, opt, 2, 2, torch.float64)
+
+    model2, opt2 = sharded()
+    opt2.init_state()  # DCP loads into existing state; without it torch runs a dummy step
+    sd = {"model": get_model_state_dict(model2), "optim": get_optimizer_state_dict(model2, opt2)}
+    dcp.load(sd, checkpoint_id=path)
+    set_model_state_dict(model2, sd["model"])
+    set_optimizer_state_dict(model2, opt2, sd["optim"])
+    train(model2, opt2, 2, 2, torch.float64)
+    return max((a.full_tensor() - b.full_tensor()).abs().max().item()
+               for a, b in zip(model.parameters(), model2.parameters()))
+
+
+def _worker(rank: int, port: int, path: str, queue: Any) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
+    torch.set_num_threads(1)
+    out: dict[str, Any] = {}
+    try:
+        dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=60))
+        for name, fn in (("ddp", lambda: _ddp(rank)), ("dcp", lambda: _dcp(rank, path))):
+            try:
+                out[name] = fn()
+            except Exception:
+                out[name] = traceback.format_exc()
+        dist.destroy_process_group()
+    except Exception:
+        out["setup"] = traceback.format_exc()
+    queue.put((rank, out))
+
+
+def test_ddp_and_distributed_checkpoint(tmp_path) -> None:
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("gloo is not available")
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(r, port, str(tmp_path / "ckpt"), queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = {}
+    try:
+        for _ in procs:
+            rank, out = queue.get(timeout=240)
+            results[rank] = out
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+    for rank, out in results.items():
+        assert "setup" not in out, out.get("setup")
+        assert isinstance(out["ddp"], float), out["ddp"]
+        assert out["ddp"] <= 1e-12, f"rank {rank}: DDP differs from one process by {out['ddp']}"
+        assert isinstance(out["dcp"], float), out["dcp"]
+        assert out["dcp"] == 0.0, f"rank {rank}: DCP resume differs by {out['dcp']}"
