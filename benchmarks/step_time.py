@@ -1,7 +1,7 @@
 """Optimizer step time: gradchain's adamw recipe against torch.optim.AdamW, side by side.
 
 Cases: (a) GPT-2 small parameter shapes (124M params), (b) 2000 tensors of 256-16384 elements,
-(c) one 32M-element matrix. For each: the median step time of torch AdamW (for-loop, foreach,
+(c) one 32M-element matrix. For each: the median step time (measured round-robin) of torch AdamW (for-loop, foreach,
 fused) and of ``ChainOptimizer(params, recipes.adamw())``; the ratio of gradchain to torch foreach
 and to fused; and the ratio to the roofline: 28 bytes per fp32 param (read p, g, m, v; write p,
 m, v) over the memory bandwidth this script measures (a triad ``a = b + s*c`` on 256 MB).
@@ -65,21 +65,25 @@ def bandwidth(nbytes: int = 256 * 2**20, repeats: int = 7) -> float:
     return 3 * nbytes / statistics.median(times)
 
 
-def time_optimizer(make: Callable, shapes: list[tuple[int, ...]], repeats: int) -> float:
-    g = torch.Generator().manual_seed(1)
-    params = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in shapes]
-    for p in params:
-        p.grad = torch.randn(p.shape, generator=g) * 1e-2
-    opt = make(params)
-    opt.step()  # allocate state
-    times = []
+def time_optimizers(shapes: list[tuple[int, ...]], repeats: int) -> dict[str, float]:
+    """Median step time of every optimizer, measured round-robin so machine noise hits all alike."""
+    opts = {}
+    for name, make in OPTIMIZERS.items():
+        g = torch.Generator().manual_seed(1)
+        params = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in shapes]
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g) * 1e-2
+        opts[name] = make(params)
+        opts[name].step()  # allocate state
+    times: dict[str, list[float]] = {name: [] for name in opts}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        opt.step()
-        times.append(time.perf_counter() - t0)
-    del opt, params
+        for name, opt in opts.items():
+            t0 = time.perf_counter()
+            opt.step()
+            times[name].append(time.perf_counter() - t0)
+    del opts
     pygc.collect()
-    return statistics.median(times)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def main() -> None:
@@ -101,7 +105,7 @@ def main() -> None:
         label, make_shapes = CASES[key]
         shapes = make_shapes()
         n = sum(torch.Size(s).numel() for s in shapes)
-        ms = {name: 1e3 * time_optimizer(make, shapes, args.repeats) for name, make in OPTIMIZERS.items()}
+        ms = {name: 1e3 * t for name, t in time_optimizers(shapes, args.repeats).items()}
         roof = 1e3 * 28 * n / bw
         ours = ms["gradchain adamw"]
         row = " | ".join(f"{ms[k]:.1f} ms" for k in OPTIMIZERS)
