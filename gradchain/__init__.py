@@ -1,6 +1,6 @@
 """gradchain: composable gradient transformations for PyTorch, in the style of optax."""
 
-from . import combinators, recipes, transforms
+from . import combinators, recipes, schedules, transforms  # noqa: F401  (schedules: gradchain.schedules)
 from .base import Bucket, Chain, Leaf, Transform, chain, compute_dtype, scalar_state, transform, zeros_state
 from .combinators import *  # noqa: F403
 from .hyperparams import Hyperparam

@@ -34,13 +34,13 @@ def zeros_state(param: Tensor) -> Tensor:
     return torch.zeros_like(param, dtype=compute_dtype(param.dtype), memory_format=torch.preserve_format)
 
 
-def scalar_state(param: Tensor, value: float = 0.0) -> Tensor:
-    """A 0-d fp32 state tensor for ``param``: a replicated DTensor when ``param`` is a DTensor.
+def scalar_state(param: Tensor, value: float = 0.0, dtype: torch.dtype | None = None) -> Tensor:
+    """A 0-d state tensor for ``param`` (its compute dtype): a replicated DTensor under FSDP2.
 
     Per-tensor statistics (a norm EMA, a Lagrange multiplier) computed from a DTensor are
     replicated DTensors; keeping the state in the same kind lets in-place updates mix them.
     """
-    t = torch.full((), value, dtype=torch.float32, device=param.device)
+    t = torch.full((), value, dtype=dtype or compute_dtype(param.dtype), device=param.device)
     mesh = getattr(param, "device_mesh", None)
     if mesh is not None:
         from torch.distributed.tensor import DTensor, Replicate
@@ -76,6 +76,7 @@ class Bucket:
         loss: Tensor | None = None,
         shared: dict | None = None,
         dtype: torch.dtype | None = None,
+        batch_size: Any = None,
     ) -> None:
         self.params = params
         self.grads = grads
@@ -85,6 +86,8 @@ class Bucket:
         self.group = group
         self.loss = loss
         self.shared = {} if shared is None else shared
+        # this micro-batch's sample or token count (``step(batch_size=)``), read by accumulate()
+        self.batch_size = batch_size
         param_dtype = params[0].dtype if params else torch.float32
         self.dtype = dtype or compute_dtype(param_dtype)
         if self.dtype != param_dtype:
@@ -195,6 +198,7 @@ class Bucket:
             pick(self.params), pick(self.grads), pick(self.steps), pick(self.names))
         sub.state = {k: pick(v) for k, v in self.state.items()}
         sub.group, sub.loss, sub.shared, sub.dtype = self.group, self.loss, self.shared, self.dtype
+        sub.batch_size = self.batch_size
         sub.updates = pick(self.updates)
         sub.step_values = pick(self.step_values)
         sub.scale, sub.decay, sub.divisor = 1.0, 0.0, None
@@ -309,6 +313,7 @@ class Transform:
         *,
         loss: Tensor | float | None = None,
         names: Sequence[str | None] | None = None,
+        batch_size: Any = None,
         **hyperparams: Any,
     ) -> list[Tensor]:
         """One step on plain tensors: returns ``u`` such that the new params are ``p + u``.
@@ -330,7 +335,7 @@ class Transform:
         lists = {k: [st.get(k) for st in state] for k in keys}
         names = list(names) if names is not None else [None] * len(grads)
         loss_t = None if loss is None else torch.as_tensor(loss).detach()
-        bucket = Bucket(params, grads, lists, steps, names, group, loss_t)
+        bucket = Bucket(params, grads, lists, steps, names, group, loss_t, batch_size=batch_size)
         self.apply([bucket])
         for k, v in bucket.state.items():
             for st, t in zip(state, v, strict=False):

@@ -1,20 +1,32 @@
-"""Transforms that take transforms: masked and partition (more in later issues).
+"""Transforms that take transforms: masked, partition, accumulate, apply_if_finite.
 
 They nest freely, keep the inner leaves' state names (``"<leaf>.<buffer>"``), and declare the
-union of their children's hyperparameters.
+union of their children's hyperparameters. Schedules of any hyperparameter are in
+:mod:`gradchain.schedules`.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
+import torch
 from torch import Tensor
 
-from .base import Bucket, StateDict, Transform, check_unique_names, merge_hyperparams
+from .base import (
+    Bucket,
+    StateDict,
+    Transform,
+    check_unique_names,
+    compute_dtype,
+    merge_hyperparams,
+    scalar_state,
+    zeros_state,
+)
 
-__all__ = ["masked", "partition"]
+__all__ = ["accumulate", "apply_if_finite", "masked", "partition"]
 
 Selector = Callable[[str, Tensor], Any]
 
@@ -162,3 +174,295 @@ def partition(transforms: Mapping[Any, Transform], labels: Selector | Mapping[st
     Peer: optax ``partition`` (formerly ``multi_transform``).
     """
     return _Partition(transforms, labels)
+
+
+# -- helpers for the wrappers below ---------------------------------------------------------------
+def _check_name(name: str) -> str:
+    if not isinstance(name, str) or not name or "." in name:
+        raise ValueError(f"transform name {name!r} must be a non-empty string without '.'")
+    return name
+
+
+def _scalar(param: Tensor) -> Tensor:
+    """A 0-d state tensor in the param's compute dtype (a replicated DTensor under FSDP2)."""
+    return scalar_state(param).to(compute_dtype(param.dtype))
+
+
+def _plain(t: Tensor) -> Tensor:
+    """A replicated DTensor's value as a plain tensor (no-op for a plain tensor)."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+class _Like:
+    """A plain 0-d tensor, handed out on each target's device/dtype (a replicated DTensor for DTensors)."""
+
+    def __init__(self, value: Tensor) -> None:
+        self.value = value
+        self._cache: dict[tuple, Tensor] = {}
+
+    def like(self, t: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+        mesh = getattr(t, "device_mesh", None)
+        key = (t.device, id(mesh), dtype)
+        if key not in self._cache:
+            v = self.value.to(device=t.device, dtype=dtype or self.value.dtype)
+            if mesh is not None:
+                from torch.distributed.tensor import DTensor, Replicate
+
+                v = DTensor.from_local(v, mesh, [Replicate()] * mesh.ndim, run_check=False)
+            self._cache[key] = v
+        return self._cache[key]
+
+
+class _Wrapper(Transform):
+    """One inner transform plus state of the wrapper's own (keys ``"<name>.<buffer>"``)."""
+
+    inner: Transform
+
+    def _setup(self, inner: Transform, name: str) -> None:
+        if not isinstance(inner, Transform):
+            raise TypeError(f"{type(self).__name__} wraps a gradchain Transform, got {type(inner).__name__}")
+        self.inner = inner
+        self.name = _check_name(name)
+        self.hyperparams = dict(inner.hyperparams)
+        self.extra_defaults = dict(inner.extra_defaults)
+        check_unique_names(self, f"{name}()")
+
+    def leaves(self) -> Iterator[Transform]:
+        yield self  # it keeps state of its own: a chain without it is a different chain
+        yield from self.inner.leaves()
+
+    def paths(self) -> list[list[str]]:
+        return [[self.name, *p] for p in self.inner.paths()]
+
+    def validate_group(self, group: Mapping[str, Any]) -> None:
+        self.inner.validate_group(group)
+
+    def _own_state(self, param: Tensor) -> StateDict:
+        raise NotImplementedError
+
+    def init_state(self, param: Tensor, name: str | None = None) -> StateDict:
+        st = self.inner.init_state(param, name)
+        st.update({f"{self.name}.{k}": v for k, v in self._own_state(param).items()})
+        return st
+
+    def _mine(self, b: Bucket, buffer: str) -> list[Tensor]:
+        return b.state[f"{self.name}.{buffer}"]
+
+
+# -- accumulate ---------------------------------------------------------------------------------
+def _micro_weight(batch_size: Any) -> float | Tensor:
+    """``step(batch_size=)`` as a float (a number) or a 0-d tensor (used as one: no host read); 1 if None."""
+    if batch_size is None:
+        return 1.0
+    if isinstance(batch_size, Tensor):
+        if batch_size.numel() != 1 or batch_size.is_complex() or batch_size.dtype == torch.bool:
+            raise ValueError(f"invalid batch_size={batch_size!r}: must be one real number")
+        w = batch_size.detach().reshape(())
+        if w.device.type == "cpu" and not (torch.isfinite(w) and w >= 0):  # no host read on a device
+            raise ValueError(f"invalid batch_size={batch_size!r}: must be a finite number >= 0")
+        return w
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, float)) or not (
+        math.isfinite(batch_size) and batch_size >= 0
+    ):
+        raise ValueError(f"invalid batch_size={batch_size!r}: must be a finite number >= 0 (a sample or token count)")
+    return float(batch_size)
+
+
+class _Accumulate(_Wrapper):
+    reads_batch_size = True  # ChainOptimizer.step(batch_size=) is refused by chains without one
+
+    def __init__(self, inner: Transform, steps: int, name: str) -> None:
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"invalid steps={steps!r}: accumulate() needs an int >= 1")
+        self.every = steps
+        self._setup(inner, name)
+
+    def renamed(self, mapping: Mapping[str, str]) -> _Accumulate:
+        return _Accumulate(self.inner.renamed(mapping), self.every, self.name)
+
+    def _own_state(self, param: Tensor) -> StateDict:
+        return {
+            "grad": zeros_state(param),  # sum of w_i * u_i over the cycle's micro-steps
+            "weight": _scalar(param),  # sum of w_i
+            "loss": _scalar(param),  # sum of w_i * L_i over the micro-steps that passed a loss
+            "loss_weight": _scalar(param),  # sum of w_i over those
+            # the inner transforms' step count (real steps); on the host, as the optimizer's "step"
+            "step": torch.zeros((), dtype=compute_dtype(param.dtype)),
+        }
+
+    def _inner_steps(self, b: Bucket) -> list[Tensor]:
+        steps = self._mine(b, "step")
+        for i, t in enumerate(steps):
+            if t.device.type != "cpu":  # moved to the param's device by a checkpoint load: once
+                steps[i] = t.cpu()
+        return steps
+
+    def _add(self, b: Bucket, w: float | Tensor) -> None:
+        """Add this micro-step: ``grad += w u``, ``weight += w``, ``loss += w L``, ``loss_weight += w``."""
+        u = b.materialize()
+        acc, wsum = self._mine(b, "grad"), self._mine(b, "weight")
+        if isinstance(w, Tensor):
+            wt = _Like(w)
+            torch._foreach_add_(acc, torch._foreach_mul(u, [wt.like(a, a.dtype) for a in acc]))
+            torch._foreach_add_(wsum, [wt.like(x, x.dtype) for x in wsum])
+        else:
+            torch._foreach_add_(acc, u, alpha=w)
+            torch._foreach_add_(wsum, w)
+        if b.loss is not None:
+            lsum, lw = self._mine(b, "loss"), self._mine(b, "loss_weight")
+            wl = _Like(b.loss.detach().reshape(()) * w)
+            torch._foreach_add_(lsum, [wl.like(x, x.dtype) for x in lsum])
+            if isinstance(w, Tensor):
+                wt = _Like(w)
+                torch._foreach_add_(lw, [wt.like(x, x.dtype) for x in lw])
+            else:
+                torch._foreach_add_(lw, w)
+
+    def apply(self, buckets: list[Bucket]) -> None:
+        live = [b for b in buckets if len(b)]
+        if not live:
+            return
+        # the phase is global (the most micro-steps any param has seen), so params stay in step
+        calls = round(max(max(b.step_values) for b in live))
+        for b in live:
+            self._add(b, _micro_weight(b.batch_size))
+        if calls % self.every:
+            for b in live:  # a mini-step: the write adds 0 * acc, i.e. nothing; inner not called
+                b.updates = b.lend(list(self._mine(b, "grad")))
+                b.defer_scale(0.0)
+            return
+        saved = []
+        for b in live:
+            acc, wsum = self._mine(b, "grad"), self._mine(b, "weight")
+            g = torch._foreach_div(acc, wsum)
+            loss = None
+            if b.loss is not None:
+                lsum, lw = self._mine(b, "loss"), self._mine(b, "loss_weight")
+                loss = _plain(lsum[0] / lw[0])
+            for k in ("grad", "weight", "loss", "loss_weight"):
+                torch._foreach_zero_(self._mine(b, k))
+            steps = self._inner_steps(b)
+            torch._foreach_add_(steps, 1.0)
+            saved.append((b.grads, b.steps, b.step_values, b.loss))
+            # the inner chain sees the large batch: its mean gradient (as raw grads too), loss, steps
+            b.grads, b.updates, b.steps, b.loss = g, list(g), steps, loss
+            b.step_values = torch.stack(steps).tolist()
+        try:
+            self.inner.apply(live)
+        finally:
+            for b, (grads, steps, values, loss) in zip(live, saved, strict=True):
+                b.grads, b.steps, b.step_values, b.loss = grads, steps, values, loss
+
+
+def accumulate(inner: Transform, steps: int, *, name: str = "accumulate") -> Transform:
+    """Gradient accumulation inside the optimizer: ``inner`` steps once every ``steps`` calls.
+
+    Each ``step()`` adds the micro-batch update ``u_i`` (the gradient, when ``accumulate`` is
+    outermost) with weight ``w_i``: the ``batch_size=`` given to ``ChainOptimizer.step`` (its
+    sample or token count, a number or a 0-d tensor), 1 if not given. Every ``steps``-th call
+    runs ``inner`` on ``sum w_i u_i / sum w_i`` -- for micro-batch losses that are means over
+    their samples this is the gradient of the large batch's mean loss -- with the loss
+    ``sum w_i L_i / sum w_i`` (over the calls that passed one, if this call passes one) and with
+    its own step count (real steps: what its bias corrections and schedules see). The other calls
+    change no parameter and no inner state. State: ``grad`` (1x), ``weight``, ``loss``,
+    ``loss_weight``, ``step``.
+
+    Put the whole chain inside (``accumulate(recipes.adamw(...), 4)``): a transform after it
+    would also act on the mini-steps. Call a torch LR scheduler once per ``steps`` calls. The phase
+    is global (the largest optimizer step count among the params); a param whose grad is None
+    in a micro-step is averaged over the micro-steps it took part in (use
+    ``zero_grad(set_to_none=False)`` to count it as a zero gradient, as the large batch does).
+    Pass ``batch_size=`` on every call or never. Reference: the corrected accumulation of
+    ALGORITHMS.md section 13. Peer: optax ``MultiSteps`` (which takes the plain mean).
+    """
+    return _Accumulate(inner, steps, name)
+
+
+# -- apply_if_finite ------------------------------------------------------------------------------
+class _ApplyIfFinite(_Wrapper):
+    def __init__(self, inner: Transform, max_consecutive_errors: int | None, name: str) -> None:
+        m = max_consecutive_errors
+        if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 0):
+            raise ValueError(f"invalid max_consecutive_errors={m!r}: must be an int >= 0 or None")
+        self.max_errors = m
+        self._setup(inner, name)
+        self._inner_names = {n for path in inner.paths() for n in path}
+
+    def renamed(self, mapping: Mapping[str, str]) -> _ApplyIfFinite:
+        return _ApplyIfFinite(self.inner.renamed(mapping), self.max_errors, self.name)
+
+    def _own_state(self, param: Tensor) -> StateDict:
+        return {"notfinite_count": _scalar(param), "total_notfinite": _scalar(param)}
+
+    def _owned(self, key: str) -> bool:
+        return key.split(".", 1)[0] in self._inner_names
+
+    def apply(self, buckets: list[Bucket]) -> None:
+        live = [b for b in buckets if len(b)]
+        if not live:
+            self.inner.apply(buckets)
+            return
+        # snapshot every state the inner chain may change (the step counters are undone by arithmetic)
+        snaps = []
+        for b in live:
+            keys = [k for k in b.state if self._owned(k)]
+            snaps.append({k: [None if t is None else t.clone() for t in b.state[k]] for k in keys})
+        gstate = live[0].shared.get("global_state")
+        gstate = gstate if isinstance(gstate, dict) else {}
+        gsnap = {k: v.clone() for k, v in gstate.items() if isinstance(v, Tensor) and self._owned(k)}
+
+        self.inner.apply(buckets)
+
+        flags = []
+        for b in live:
+            u = [x for x in b.materialize() if x.numel()]
+            if u:
+                norms = torch._foreach_norm(u, math.inf)  # inf or nan iff some entry is
+                flags.append(_plain(torch.isfinite(torch.stack(norms)).all()))
+        dev = flags[0].device if flags else live[0].steps[0].device
+        ok_t = torch.stack([f.to(dev) for f in flags]).all() if flags else torch.ones((), dtype=torch.bool)
+        ok = _Like(ok_t)
+        nf = _Like((~ok_t).to(torch.float64))
+        for b, snap in zip(live, snaps, strict=True):
+            b.updates = [torch.where(ok.like(x), x, 0.0) for x in b.updates]
+            for k, olds in snap.items():
+                for cur, old in zip(b.state[k], olds, strict=True):
+                    if cur is not None and old is not None:
+                        cur.copy_(torch.where(ok.like(cur), cur, old))
+            counts, total = self._mine(b, "notfinite_count"), self._mine(b, "total_notfinite")
+            torch._foreach_add_(total, [nf.like(x, x.dtype) for x in total])
+            torch._foreach_add_(counts, [nf.like(x, x.dtype) for x in counts])
+            torch._foreach_mul_(counts, [nf.like(x, x.dtype) for x in counts])  # 0 after a finite step
+        for k, old in gsnap.items():
+            gstate[k].copy_(torch.where(ok.like(gstate[k]), gstate[k], old))
+        # the one host read per step: the step counters live on the host, and the raise needs it
+        first = _plain(self._mine(live[0], "notfinite_count")[0])
+        skipped, count = torch.stack([(~ok_t).to(torch.float64), first.to(dev, torch.float64)]).cpu().tolist()
+        for b in live:
+            torch._foreach_sub_(b.steps, skipped)
+            b.step_values = [v - skipped for v in b.step_values]
+        if self.max_errors is not None and count > self.max_errors:
+            raise RuntimeError(
+                f"apply_if_finite: {int(count)} consecutive steps had a non-finite update "
+                f"(max_consecutive_errors={self.max_errors}); params and state are those of the last "
+                "finite step"
+            )
+
+
+def apply_if_finite(
+    inner: Transform, max_consecutive_errors: int | None = 5, *, name: str = "apply_if_finite"
+) -> Transform:
+    """Skip a step whose update is not finite: params and every state stay as they were.
+
+    ``inner`` runs; if any entry of the final update of any param is inf or NaN, the update is
+    replaced by zero and every state ``inner`` keeps (moments, loss EMAs, its step counters and
+    those of the optimizer) is restored, with ``torch.where``, from a copy taken before the step
+    (cost: one copy of the inner state per step). ``notfinite_count`` counts consecutive skipped
+    steps (0 after a finite one), ``total_notfinite`` all of them. When ``notfinite_count``
+    exceeds ``max_consecutive_errors`` (``None``: never) the step is skipped and ``RuntimeError``
+    is raised. One host read per step (two numbers): the step counters are host tensors and
+    the raise needs the count. Wrap the whole chain; inside ``accumulate`` it guards each real
+    step, outside it also drops a non-finite micro-batch. Peer: optax ``apply_if_finite`` (which
+    applies the update after too many errors instead of raising).
+    """
+    return _ApplyIfFinite(inner, max_consecutive_errors, name)

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from .base import Bucket, Transform
+from .schedules import decode_groups, encode_groups
 
 __all__ = ["ChainOptimizer"]
 
@@ -57,6 +58,9 @@ class ChainOptimizer(torch.optim.Optimizer):
                 f"unknown hyperparameters {unknown} for this chain; it declares {sorted(defaults)}"
             )
         defaults.update(overrides)
+        # optimizer-level state (one for the whole optimizer, not per param), for transforms that
+        # define ``init_global_state(device)``; transforms reach it as ``bucket.shared["global_state"]``
+        self.global_state: dict[str, Tensor] = {}
         super().__init__(params, defaults)
 
     # -- groups -------------------------------------------------------------------------------
@@ -102,9 +106,18 @@ class ChainOptimizer(torch.optim.Optimizer):
             for p, name in zip(group["params"], self._names(group), strict=False):
                 if not self.state.get(p):
                     self._init_param_state(p, name)
+                self._init_global_state(p.device)
+
+    def _init_global_state(self, device: torch.device) -> dict[str, Tensor]:
+        if not self.global_state:
+            for t in self.transform.leaves():
+                init = getattr(t, "init_global_state", None)
+                if init is not None:
+                    self.global_state.update(init(device))
+        return self.global_state
 
     # -- the step -----------------------------------------------------------------------------
-    def _buckets(self, loss: Tensor | None) -> tuple[list[Bucket], list[list[dict]]]:
+    def _buckets(self, loss: Tensor | None, batch_size: Any = None) -> tuple[list[Bucket], list[list[dict]]]:
         shared: dict[str, Any] = {}
         buckets, states = [], []
         for group in self.param_groups:
@@ -135,19 +148,28 @@ class ChainOptimizer(torch.optim.Optimizer):
                 steps = [st["step"] for st in sts]
                 torch._foreach_add_(steps, 1.0)
                 buckets.append(
-                    Bucket(params, grads, lists, steps, [x[3] for x in items], group, loss, shared, self.state_dtype)
+                    Bucket(params, grads, lists, steps, [x[3] for x in items], group, loss, shared, self.state_dtype,
+                           batch_size=batch_size)
                 )
                 states.append(sts)
+        if buckets:
+            shared["global_state"] = self._init_global_state(buckets[0].params[0].device)
         return buckets, states
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None, *, loss: Any = None) -> Any:  # type: ignore[override]
+    def step(  # type: ignore[override]
+        self, closure: Callable[[], Any] | None = None, *, loss: Any = None, batch_size: Any = None
+    ) -> Any:
         """One optimizer step.
 
         ``closure`` (re-evaluates the model and returns the loss) runs under ``enable_grad``;
         ``loss=`` passes the loss without a closure (also through ``GradScaler.step(opt, loss=loss)``).
-        Either way loss-aware transforms see it, and it is returned.
+        Either way loss-aware transforms see it, and it is returned. ``batch_size=`` (a number or a
+        0-d tensor: this micro-batch's sample or token count) weighs the micro-batches of
+        ``accumulate()``; a chain without one refuses it.
         """
+        if batch_size is not None and not any(getattr(t, "reads_batch_size", False) for t in self.transform.leaves()):
+            raise ValueError("step(batch_size=) is read by accumulate(); this chain has no accumulate()")
         if closure is not None:
             if loss is not None:
                 raise ValueError("pass either a closure or loss=, not both")
@@ -156,7 +178,7 @@ class ChainOptimizer(torch.optim.Optimizer):
         loss_t = None
         if loss is not None:
             loss_t = loss.detach() if isinstance(loss, Tensor) else torch.tensor(float(loss))
-        buckets, states = self._buckets(loss_t)
+        buckets, states = self._buckets(loss_t, batch_size)
         if buckets:
             self.transform.apply(buckets)
             for b, sts in zip(buckets, states, strict=False):
@@ -171,7 +193,10 @@ class ChainOptimizer(torch.optim.Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """torch's state dict, plus ``"gradchain"``: the chain's transform names, checked on load."""
         sd = super().state_dict()
+        encode_groups(sd["param_groups"])  # schedules as plain descriptions (torch.load weights_only)
         sd["gradchain"] = {"transforms": self.transform.signature()}
+        if self.global_state:
+            sd["gradchain"]["global_state"] = dict(self.global_state)
         return sd
 
     def _expected_keys(self, p: Tensor, name: str | None) -> set[str] | None:
@@ -201,6 +226,7 @@ class ChainOptimizer(torch.optim.Optimizer):
             )
         groups = self.param_groups
         saved_groups = deepcopy(state_dict["param_groups"])
+        decode_groups(saved_groups, groups)
         if len(groups) != len(saved_groups):
             raise ValueError(
                 f"state dict has {len(saved_groups)} param groups, this optimizer has {len(groups)}"
@@ -241,6 +267,10 @@ class ChainOptimizer(torch.optim.Optimizer):
             self._check_group(sg)
             new_groups.append(sg)
         self.__setstate__({"state": state, "param_groups": new_groups})
+        # a state dict saved before the first step has none: it is then made at the next step
+        saved = (meta or {}).get("global_state", {})
+        device = groups[0]["params"][0].device if groups and groups[0]["params"] else None
+        self.global_state = {k: v.detach().clone().to(device) for k, v in saved.items()}
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 
@@ -248,4 +278,5 @@ class ChainOptimizer(torch.optim.Optimizer):
         d = super().__getstate__()
         d["transform"] = self.transform
         d["state_dtype"] = self.state_dtype
+        d["global_state"] = self.global_state
         return d

@@ -261,7 +261,7 @@ def test_low_precision_write_rounds_once() -> None:
     p.grad = torch.ones(4, dtype=torch.bfloat16)
     opt.step()
     want = torch.tensor(1.0 - 1e-3 * 1 / (1 + 1e-8), dtype=torch.float32).to(torch.bfloat16)
-    assert torch.equal(p.detach(), want.expand(4)) and math.isfinite(float(p[0]))
+    assert torch.equal(p.detach(), want.expand(4)) and math.isfinite(float(p.detach()[0]))
 
 
 def test_hyperparam_spec_validates_defaults() -> None:

@@ -59,12 +59,16 @@ def nesterov(momentum: float = 0.9, dampening: float = 0.0, *, name: str = "nest
     return trace(momentum, dampening, nesterov=True, name=name)
 
 
-def ema(decay: float = 0.9, debias: bool = False, *, name: str = "ema") -> Leaf:
-    """Exponential moving average of the updates, optionally bias-corrected.
+def ema(decay: float = 0.9, debias: bool = False, nesterov: bool = False, *, name: str = "ema") -> Leaf:
+    """Exponential moving average of the updates, optionally bias-corrected or Nesterov-style.
 
     Rule: ``m_t = decay m_{t-1} + (1 - decay) u_t`` (``m_0 = 0``); the update is ``m_t``, or
-    ``m_t / (1 - decay^t)`` with ``debias``. Peer: optax ``ema``.
+    ``m_t / (1 - decay^t)`` with ``debias``, or ``lerp(u_t, m_t, decay) = (1 - decay) u_t + decay m_t``
+    with ``nesterov`` (the EMA form of Nesterov momentum torch.optim.Muon and Keller Jordan's Muon
+    use). Peer: optax ``ema``; torch ``Muon`` momentum (``nesterov=True``).
     """
+    if debias and nesterov:
+        raise ValueError("ema(): debias and nesterov cannot be combined")
 
     def init(p: torch.Tensor) -> dict:
         return {"ema": zeros_state(p)}
@@ -72,6 +76,8 @@ def ema(decay: float = 0.9, debias: bool = False, *, name: str = "ema") -> Leaf:
     def update(updates: list, state: dict, hp: Mapping, ctx: Bucket) -> list:
         d = float(hp["decay"])
         torch._foreach_lerp_(state["ema"], updates, 1.0 - d)
+        if nesterov:
+            return torch._foreach_lerp(updates, state["ema"], d)
         if debias:
             ctx.defer_scale(ctx.per_step(lambda t: 1.0 / (1.0 - d**t)))
         return ctx.lend(list(state["ema"]))

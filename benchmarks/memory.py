@@ -1,0 +1,164 @@
+"""Optimizer-state memory of every recipe in ``gradchain.recipes``, as bytes of state / bytes of params.
+
+GPT-2 small parameter shapes (124M params, tied head; torch ``Linear`` layout (out, in)), fp32.
+Each recipe is built with its defaults (a wrapper such as ``lookahead(inner)`` gets ``adamw()``),
+its state is allocated up front by ``ChainOptimizer.init_state()`` (transforms allocate all their
+state in ``init``), and every state tensor is counted once (shared storage counted once; the
+per-param ``step`` counters included). ``--step`` also takes one real step on random gradients
+and reports any recipe whose state grew.
+
+    python benchmarks/memory.py                 # full GPT-2 small shapes, writes benchmarks/memory.md
+    python benchmarks/memory.py --scale 0.25    # d_model, vocab and context scaled by 0.25 (quick)
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from gradchain import ChainOptimizer, Transform, recipes  # noqa: E402
+
+# what the issues ask for (multiples of the param bytes)
+TARGETS = {
+    "adafactor": ("<=", 0.01), "sm3": ("<=", 0.01), "smmf": ("<=", 0.05),
+    "adalo": ("==", 1.0), "nsgda": ("==", 1.0),
+    "adam": ("==", 2.0), "adamw": ("==", 2.0), "nadam": ("==", 2.0), "adam_atan2": ("==", 2.0),
+    "sadam": ("==", 2.0), "adamomentum": ("==", 2.0),
+}
+# how to fill a recipe's required arguments
+DEFAULT_ARGS = {"inner": lambda: recipes.adamw()}
+
+
+def gpt2_shapes(scale: float = 1.0, layers: int = 12) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of GPT-2 small's params; ``scale`` shrinks d_model, vocab and context."""
+    d = max(8, int(768 * scale) // 8 * 8)
+    vocab, ctx = max(16, int(50257 * scale)), max(16, int(1024 * scale))
+    out = [("transformer.wte.weight", (vocab, d)), ("transformer.wpe.weight", (ctx, d))]
+    for i in range(layers):
+        h = f"transformer.h.{i}."
+        out += [
+            (h + "ln_1.weight", (d,)), (h + "ln_1.bias", (d,)),
+            (h + "attn.c_attn.weight", (3 * d, d)), (h + "attn.c_attn.bias", (3 * d,)),
+            (h + "attn.c_proj.weight", (d, d)), (h + "attn.c_proj.bias", (d,)),
+            (h + "ln_2.weight", (d,)), (h + "ln_2.bias", (d,)),
+            (h + "mlp.c_fc.weight", (4 * d, d)), (h + "mlp.c_fc.bias", (4 * d,)),
+            (h + "mlp.c_proj.weight", (d, 4 * d)), (h + "mlp.c_proj.bias", (d,)),
+        ]
+    return out + [("transformer.ln_f.weight", (d,)), ("transformer.ln_f.bias", (d,))]
+
+
+def build(name: str) -> Transform | None:
+    """The recipe with its defaults, or None when it is not an optimizer (a helper predicate)."""
+    fn = getattr(recipes, name)
+    kwargs = {}
+    for p in inspect.signature(fn).parameters.values():
+        if p.default is inspect.Parameter.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            if p.name not in DEFAULT_ARGS:
+                return None
+            kwargs[p.name] = DEFAULT_ARGS[p.name]()
+    t = fn(**kwargs)
+    return t if isinstance(t, Transform) else None
+
+
+def state_bytes(opt: torch.optim.Optimizer) -> int:
+    seen, total = set(), 0
+    for st in opt.state.values():
+        for v in st.values():
+            if isinstance(v, torch.Tensor):
+                key = (v.untyped_storage().data_ptr(), v.untyped_storage().nbytes())
+                if key not in seen:
+                    seen.add(key)
+                    total += v.untyped_storage().nbytes()
+    return total
+
+
+def measure(names: list[str], params: list[tuple[str, torch.nn.Parameter]], step: bool = False) -> list[dict]:
+    param_bytes = sum(p.numel() * p.element_size() for _, p in params)
+    rows = []
+    for name in names:
+        t0 = time.perf_counter()
+        row = {"recipe": name}
+        try:
+            transform = build(name)
+            if transform is None:
+                continue
+            opt = ChainOptimizer(params, transform)
+            opt.init_state()
+            row["state_bytes"] = state_bytes(opt)
+            if step:
+                opt.step(loss=torch.tensor(2.0))
+                grown = state_bytes(opt) - row["state_bytes"]
+                if grown:
+                    row["error"] = f"state grew by {grown} bytes in the first step"
+            row["ratio"] = row["state_bytes"] / param_bytes
+            del opt
+        except Exception as e:  # a recipe that cannot run here is reported, not hidden
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
+        row["seconds"] = time.perf_counter() - t0
+        rows.append(row)
+        print(f"{name:24s} {row.get('ratio', float('nan')):8.4f}  {row.get('error', '')}", flush=True)
+    return rows
+
+
+def verdict(name: str, ratio: float | None) -> str:
+    if name not in TARGETS:
+        return ""
+    op, x = TARGETS[name]
+    text = f"{'≤ ' if op == '<=' else ''}{x:g}"
+    if ratio is None:
+        return text
+    ok = ratio <= x if op == "<=" else abs(ratio - x) < 0.005
+    return f"{text} {'✓' if ok else '✗'}"
+
+
+def table(rows: list[dict], param_count: int, scale: float, step: bool) -> str:
+    lines = [
+        f"Optimizer state / param bytes, GPT-2 small shapes (scale {scale:g}: {param_count / 1e6:.1f}M fp32 "
+        f"params), state allocated by init_state(){', checked after one step' if step else ''}; "
+        f"torch {torch.__version__}, {platform.machine()}.",
+        "",
+        "| recipe | state (MB) | state / params | target |",
+        "|---|---:|---:|---|",
+    ]
+    for r in rows:
+        if "state_bytes" not in r:
+            lines.append(f"| {r['recipe']} | – | – | {verdict(r['recipe'], None)} (not run: {r['error']}) |")
+        else:
+            note = f" ({r['error']})" if "error" in r else ""
+            lines.append(f"| {r['recipe']} | {r['state_bytes'] / 2**20:.1f} | {r['ratio']:.4f} | "
+                         f"{verdict(r['recipe'], r['ratio'])}{note} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--scale", type=float, default=1.0, help="shrink d_model, vocab and context (1.0 = GPT-2 small)")
+    ap.add_argument("--recipes", default="", help="comma-separated subset (default: all of recipes.__all__)")
+    ap.add_argument("--step", action="store_true", help="also take one step and check the state did not grow")
+    ap.add_argument("--out", default=str(Path(__file__).with_name("memory.md")))
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    params = []
+    for name, shape in gpt2_shapes(args.scale):
+        p = torch.nn.Parameter(torch.randn(shape) * 0.02)
+        p.grad = torch.randn(shape) * 1e-3
+        params.append((name, p))
+    count = sum(p.numel() for _, p in params)
+    names = [n for n in args.recipes.split(",") if n] or list(recipes.__all__)
+    rows = measure(names, params, args.step)
+    md = table(rows, count, args.scale, args.step)
+    print()
+    print(md)
+    Path(args.out).write_text("# Optimizer-state memory\n\nGenerated by `python benchmarks/memory.py`.\n\n" + md)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,387 @@
+"""Schedules: a hyperparameter as a function of the step.
+
+A schedule is a small callable object ``f(t) -> value``, where ``t`` is the 1-based number of the
+step being taken (the core evaluates a callable hyperparameter at ``bucket.group_step``; inside
+``accumulate`` that is the number of real, accumulated steps). Use one in place of any declared
+hyperparameter: ``scale_by_lr(warmup_cosine(3e-4, 1000, 100_000))``,
+``ChainOptimizer(params, chain, weight_decay=linear(0.0, 0.1, 5000))``, or per param group.
+They sit next to torch's LR schedulers, which keep working on plain values.
+
+Schedules are plain data (numbers and nested schedules), so they pickle, and the optimizer's
+``state_dict`` stores them as a description (``{"gradchain.schedule": ...}``) that
+``torch.load(weights_only=True)`` accepts; ``load_state_dict`` rebuilds them. Other callables (a
+lambda) are saved as an opaque marker and the live callable of the loading optimizer is kept.
+
+Conventions: each phase of length ``T`` runs over its local steps ``s = 1..T`` and reaches its end
+value at ``s = T``; ``join`` restarts the local step at each boundary. This equals optax's
+schedule of the same name evaluated at ``count = t``: the first step already uses the first
+warmup increment, none is wasted at value ``init``. Section 7.1 of ALGORITHMS.md.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+__all__ = [
+    "Schedule",
+    "constant",
+    "cosine_decay",
+    "exponential_warmup",
+    "join",
+    "linear",
+    "linear_warmup",
+    "untuned_linear_warmup",
+    "warmup_cosine",
+    "wsd",
+]
+
+_TAG = "gradchain.schedule"
+_OPAQUE = "gradchain.callable"
+
+
+def _check_steps(what: str, value: Any, *, allow_zero: bool = True) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < (0 if allow_zero else 1):
+        bound = ">= 0" if allow_zero else ">= 1"
+        raise ValueError(f"invalid {what}={value!r}: must be an int {bound}")
+    return value
+
+
+def _check_number(what: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"invalid {what}={value!r}: must be a finite real number")
+    return float(value)
+
+
+class Schedule:
+    """Base of the built-in schedules: ``schedule(t)`` is the value at 1-based step ``t``.
+
+    ``factor * schedule`` scales a schedule; subclasses are dataclasses of numbers and schedules.
+    """
+
+    def __call__(self, step: int | float) -> float:
+        raise NotImplementedError
+
+    def __mul__(self, factor: float) -> Schedule:
+        return _Scaled(self, _check_number("factor", factor))
+
+    __rmul__ = __mul__
+
+    # -- checkpoint description -------------------------------------------------------------
+    def describe(self) -> dict[str, Any]:
+        """A dict of plain values (what ``state_dict`` stores): rebuild with :func:`from_description`."""
+        out: dict[str, Any] = {_TAG: type(self).__name__}
+        for f in fields(self):  # type: ignore[arg-type]
+            out[f.name] = _describe_value(getattr(self, f.name))
+        return out
+
+
+def _describe_value(v: Any) -> Any:
+    if isinstance(v, Schedule):
+        return v.describe()
+    if isinstance(v, (list, tuple)):
+        return [_describe_value(x) for x in v]
+    return v
+
+
+def _rebuild_value(v: Any) -> Any:
+    if isinstance(v, Mapping) and _TAG in v:
+        return from_description(v)
+    if isinstance(v, list):
+        return tuple(_rebuild_value(x) for x in v)
+    return v
+
+
+@dataclass(frozen=True)
+class _Scaled(Schedule):
+    schedule: Schedule
+    factor: float
+
+    def __call__(self, step: int | float) -> float:
+        return self.factor * self.schedule(step)
+
+
+@dataclass(frozen=True)
+class _Constant(Schedule):
+    value: float
+
+    def __post_init__(self) -> None:
+        _check_number("value", self.value)
+
+    def __call__(self, step: int | float) -> float:
+        return self.value
+
+
+@dataclass(frozen=True)
+class _Linear(Schedule):
+    init: float
+    end: float
+    steps: int
+
+    def __post_init__(self) -> None:
+        _check_number("init", self.init)
+        _check_number("end", self.end)
+        _check_steps("steps", self.steps)
+
+    def __call__(self, step: int | float) -> float:
+        if self.steps == 0:
+            return self.end
+        frac = min(max(step, 0), self.steps) / self.steps
+        return self.init + (self.end - self.init) * frac
+
+
+@dataclass(frozen=True)
+class _ExponentialWarmup(Schedule):
+    peak: float
+    beta2: float
+
+    def __post_init__(self) -> None:
+        _check_number("peak", self.peak)
+        if not 0.0 <= _check_number("beta2", self.beta2) < 1.0:
+            raise ValueError(f"invalid beta2={self.beta2!r}: must be a number in [0, 1)")
+
+    def __call__(self, step: int | float) -> float:
+        return self.peak * -math.expm1(-(1.0 - self.beta2) * max(step, 0))
+
+
+@dataclass(frozen=True)
+class _UntunedLinearWarmup(Schedule):
+    peak: float
+    beta2: float
+
+    def __post_init__(self) -> None:
+        _check_number("peak", self.peak)
+        if not 0.0 <= _check_number("beta2", self.beta2) < 1.0:
+            raise ValueError(f"invalid beta2={self.beta2!r}: must be a number in [0, 1)")
+
+    def __call__(self, step: int | float) -> float:
+        return self.peak * min(1.0, 0.5 * (1.0 - self.beta2) * max(step, 0))
+
+
+@dataclass(frozen=True)
+class _CosineDecay(Schedule):
+    init: float
+    steps: int
+    end: float
+    exponent: float
+
+    def __post_init__(self) -> None:
+        _check_number("init", self.init)
+        _check_number("end", self.end)
+        _check_steps("steps", self.steps)
+        if _check_number("exponent", self.exponent) <= 0:
+            raise ValueError(f"invalid exponent={self.exponent!r}: must be > 0")
+
+    def __call__(self, step: int | float) -> float:
+        if self.steps == 0:
+            return self.end
+        frac = min(max(step, 0), self.steps) / self.steps
+        cos = 0.5 * (1.0 + math.cos(math.pi * frac))
+        return self.end + (self.init - self.end) * cos**self.exponent
+
+
+@dataclass(frozen=True)
+class _SqrtDecay(Schedule):
+    init: float
+    steps: int
+    end: float
+
+    def __post_init__(self) -> None:
+        _check_number("init", self.init)
+        _check_number("end", self.end)
+        _check_steps("steps", self.steps)
+
+    def __call__(self, step: int | float) -> float:
+        if self.steps == 0:
+            return self.end
+        frac = min(max(step, 0), self.steps) / self.steps
+        return self.end + (self.init - self.end) * (1.0 - math.sqrt(frac))
+
+
+@dataclass(frozen=True)
+class _Join(Schedule):
+    schedules: tuple
+    boundaries: tuple
+
+    def __post_init__(self) -> None:
+        if len(self.schedules) != len(self.boundaries) + 1:
+            raise ValueError(
+                f"join() needs one schedule more than boundaries, got {len(self.schedules)} schedules "
+                f"and {len(self.boundaries)} boundaries"
+            )
+        for s in self.schedules:
+            if not isinstance(s, Schedule):
+                raise TypeError(f"join() takes gradchain schedules, got {type(s).__name__}")
+        last = 0
+        for b in self.boundaries:
+            _check_steps("boundary", b)
+            if b < last:
+                raise ValueError(f"join() boundaries must not decrease, got {list(self.boundaries)}")
+            last = b
+
+    def __call__(self, step: int | float) -> float:
+        start = 0
+        for sched, boundary in zip(self.schedules, self.boundaries, strict=False):
+            if step <= boundary:
+                return sched(step - start)
+            start = boundary
+        return self.schedules[-1](step - start)
+
+
+_CLASSES: dict[str, type[Schedule]] = {
+    c.__name__: c
+    for c in (_Scaled, _Constant, _Linear, _ExponentialWarmup, _UntunedLinearWarmup, _CosineDecay, _SqrtDecay, _Join)
+}
+
+
+def from_description(desc: Mapping[str, Any]) -> Schedule:
+    """Rebuild a schedule from :meth:`Schedule.describe` (only the built-in classes are accepted)."""
+    kind = desc.get(_TAG)
+    if kind not in _CLASSES:
+        raise ValueError(f"unknown schedule {kind!r} in a state dict; known: {sorted(_CLASSES)}")
+    cls = _CLASSES[kind]
+    kwargs = {k: _rebuild_value(v) for k, v in desc.items() if k != _TAG}
+    return cls(**kwargs)
+
+
+# -- the public constructors ----------------------------------------------------------------------
+def constant(value: float) -> Schedule:
+    """``f(t) = value``."""
+    return _Constant(value)
+
+
+def linear(init: float, end: float, steps: int) -> Schedule:
+    """From ``init`` to ``end`` linearly over ``steps`` steps, then ``end``: ``init + (end-init) min(t,T)/T``.
+
+    ``steps=0`` is ``end`` from the first step. Peer: optax ``linear_schedule``.
+    """
+    return _Linear(init, end, steps)
+
+
+def linear_warmup(peak: float, warmup_steps: int, init: float = 0.0) -> Schedule:
+    """Linear warmup ``init + (peak - init) min(1, t/T_w)``; ``T_w = 0`` means no warmup.
+
+    Peer: torch ``LinearLR``, pytorch_optimizer ``linear_warmup``.
+    """
+    _check_number("peak", peak)
+    return _Linear(init, peak, warmup_steps)
+
+
+def exponential_warmup(peak: float, beta2: float = 0.999) -> Schedule:
+    """The "untuned" exponential warmup for Adam: ``peak (1 - exp(-(1 - beta2) t))``.
+
+    Reference: Ma & Yarats, "On the adequacy of untuned warmup for adaptive optimization",
+    arXiv:1910.04209 (AAAI 2021).
+    """
+    return _ExponentialWarmup(peak, beta2)
+
+
+def untuned_linear_warmup(peak: float, beta2: float = 0.999) -> Schedule:
+    """The "untuned" linear warmup: ``peak min(1, (1 - beta2) t / 2)``, i.e. over ``2 / (1 - beta2)``
+    steps (2000 for beta2 = 0.999), the paper's recommended default.
+
+    Reference: Ma & Yarats, arXiv:1910.04209.
+    """
+    return _UntunedLinearWarmup(peak, beta2)
+
+
+def cosine_decay(init: float, decay_steps: int, end: float = 0.0, exponent: float = 1.0) -> Schedule:
+    """Cosine from ``init`` to ``end`` over ``decay_steps``: ``end + (init-end) ((1 + cos(pi min(t,T)/T))/2)^p``.
+
+    Peer: optax ``cosine_decay_schedule`` (``alpha = end/init``), torch ``CosineAnnealingLR``.
+    """
+    return _CosineDecay(init, decay_steps, end, exponent)
+
+
+def join(schedules: Sequence[Schedule], boundaries: Sequence[int]) -> Schedule:
+    """Schedule ``i`` runs for ``boundaries[i-1] < t <= boundaries[i]``, with its local step
+    ``t - boundaries[i-1]`` (1 at the first step of the phase). Peer: optax ``join_schedules``.
+    """
+    return _Join(tuple(schedules), tuple(boundaries))
+
+
+def warmup_cosine(
+    peak: float, warmup_steps: int, total_steps: int, init: float = 0.0, end: float = 0.0
+) -> Schedule:
+    """Linear warmup to ``peak`` over ``warmup_steps``, then cosine to ``end`` at ``total_steps``.
+
+    Peer: optax ``warmup_cosine_decay_schedule(init, peak, warmup_steps, total_steps, end)``,
+    pytorch_optimizer ``cosine_annealing_with_warmup``.
+    """
+    _check_number("peak", peak)
+    _check_steps("warmup_steps", warmup_steps)
+    if _check_steps("total_steps", total_steps) < warmup_steps:
+        raise ValueError(f"invalid total_steps={total_steps!r}: must be >= warmup_steps={warmup_steps!r}")
+    return join([linear_warmup(peak, warmup_steps, init), cosine_decay(peak, total_steps - warmup_steps, end)],
+                [warmup_steps])
+
+
+_DECAYS: dict[str, Callable[[float, int, float], Schedule]] = {
+    "linear": lambda peak, steps, end: _Linear(peak, end, steps),
+    "cosine": lambda peak, steps, end: _CosineDecay(peak, steps, end, 1.0),
+    "sqrt": lambda peak, steps, end: _SqrtDecay(peak, steps, end),
+}
+
+
+def wsd(
+    peak: float,
+    warmup_steps: int,
+    stable_steps: int,
+    decay_steps: int,
+    end: float = 0.0,
+    *,
+    init: float = 0.0,
+    decay: str = "linear",
+) -> Schedule:
+    """Warmup-stable-decay: linear warmup to ``peak``, ``peak`` for ``stable_steps``, then decay to ``end``.
+
+    ``decay``: ``"linear"``, ``"cosine"`` or ``"sqrt"`` (``1 - sqrt(s/T)``, Hägele et al.,
+    arXiv:2405.18392). Reference: Hu et al., MiniCPM, arXiv:2404.06395. Peer: pytorch_optimizer
+    ``get_wsd_schedule``.
+    """
+    _check_number("peak", peak)
+    if decay not in _DECAYS:
+        raise ValueError(f"invalid decay={decay!r}: must be one of {sorted(_DECAYS)}")
+    _check_steps("stable_steps", stable_steps)
+    w = _check_steps("warmup_steps", warmup_steps)
+    _check_steps("decay_steps", decay_steps)
+    return join(
+        [linear_warmup(peak, w, init), constant(peak), _DECAYS[decay](peak, decay_steps, end)],
+        [w, w + stable_steps],
+    )
+
+
+# -- checkpoints: schedules in param groups --------------------------------------------------------
+def encode_groups(groups: list[dict[str, Any]]) -> None:
+    """Replace callable hyperparameters in saved param groups (in place) by plain descriptions."""
+    for g in groups:
+        for k, v in list(g.items()):
+            if isinstance(v, Schedule):
+                g[k] = v.describe()
+            elif callable(v) and not _is_tensor(v):
+                g[k] = {_OPAQUE: repr(v)}
+
+
+def decode_groups(saved: list[dict[str, Any]], live: list[dict[str, Any]]) -> None:
+    """Undo :func:`encode_groups` (in place): rebuild schedules, keep the live opaque callables."""
+    for i, (sg, g) in enumerate(zip(saved, live, strict=False)):
+        for k, v in list(sg.items()):
+            if not isinstance(v, Mapping):
+                continue
+            if _TAG in v:
+                sg[k] = from_description(v)
+            elif _OPAQUE in v:
+                if not callable(g.get(k)):
+                    raise ValueError(
+                        f"param group {i}: the state dict's {k!r} was a callable ({v[_OPAQUE]}) that cannot "
+                        "be saved; give the loading optimizer that callable (or use a gradchain schedule)"
+                    )
+                sg[k] = g[k]
+
+
+def _is_tensor(v: Any) -> bool:
+    import torch
+
+    return isinstance(v, torch.Tensor)

@@ -1,0 +1,93 @@
+"""Adam with an eps-free denominator: atan2 (Adam-atan2) and softplus (Sadam)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+
+from ..base import Bucket, Leaf, transform, zeros_state
+from ..hyperparams import Hyperparam, positive
+from ..hyperparams import betas as check_betas
+
+__all__ = ["scale_by_adam_atan2", "scale_by_adam_softplus"]
+
+
+def _adam_moments(p: torch.Tensor) -> dict:
+    return {"exp_avg": zeros_state(p), "exp_avg_sq": zeros_state(p)}
+
+
+def _update_moments(updates: list, state: dict, b1: float, b2: float) -> tuple[list, list]:
+    m, v = state["exp_avg"], state["exp_avg_sq"]
+    torch._foreach_lerp_(m, updates, 1.0 - b1)
+    torch._foreach_mul_(v, b2)
+    torch._foreach_addcmul_(v, updates, updates, 1.0 - b2)
+    return m, v
+
+
+def scale_by_adam_atan2(
+    betas: tuple[float, float] = (0.9, 0.99), a: float = 1.27, b: float = 1.0, *, name: str = "adam_atan2"
+) -> Leaf:
+    """Adam whose division is an atan2: no eps, every coordinate's step bounded by ``a pi/2``.
+
+    Rule: Adam's ``m``, ``v`` and bias corrections, then ``u = a atan2(m^, b sqrt(v^))``. It is
+    invariant to rescaling the gradients and ``atan2(0, 0) = 0``. Reference: Everett et al.,
+    "Scaling Exponents Across Parameterizations and Optimizers", arXiv:2407.05872. Defaults
+    (``a=1.27``, ``b=1``, betas ``(0.9, 0.99)``) are those of the peer ``adam-atan2-pytorch``
+    ``AdamAtan2``, which this matches.
+    """
+
+    def update(updates: list, state: dict, hp: Mapping, ctx: Bucket) -> list:
+        b1, b2 = (float(x) for x in hp["betas"])
+        a_, b_ = float(hp["a"]), float(hp["b"])
+        m, v = _update_moments(updates, state, b1, b2)
+        # both corrections change the argument of atan2, not only the overall scale
+        num = torch._foreach_div(m, ctx.per_step(lambda t: 1.0 - b1**t))
+        den = torch._foreach_sqrt(v)
+        torch._foreach_mul_(den, ctx.per_step(lambda t: b_ / math.sqrt(1.0 - b2**t)))
+        for n, d in zip(num, den):
+            n.atan2_(d)
+        if a_ != 1.0:
+            ctx.defer_scale(a_)
+        return num
+
+    spec = {
+        "betas": Hyperparam(tuple(betas), check_betas),
+        "a": Hyperparam(a, positive),
+        "b": Hyperparam(b, positive),
+    }
+    return transform(name, spec, _adam_moments, update)
+
+
+def scale_by_adam_softplus(
+    betas: tuple[float, float] = (0.9, 0.999), softplus_beta: float = 50.0, *, name: str = "sadam"
+) -> Leaf:
+    """Adam with a softplus denominator and no eps (Sadam).
+
+    Rule: Adam's ``m``, ``v`` and bias corrections, then ``u = m^ / softplus_b(sqrt(v^))`` with
+    ``softplus_b(x) = log(1 + exp(b x)) / b`` (``b = softplus_beta``; identity once ``b x > 20``, so
+    it never overflows). The denominator is at least ``log(2)/b``: coordinates with a tiny ``v`` get
+    an SGD-like step ``m^ b/log 2`` instead of Adam's ``m^/eps`` blow-up. With torch's default
+    ``b=1`` that floor (0.69) turns Adam into momentum SGD, so ``b`` is a real hyperparameter.
+    Reference: Tong, Liang, Bi, arXiv:1908.00700. The official code (neilliang90/Sadam) applies
+    softplus to the *uncorrected* ``sqrt(v)`` and the correction ``sqrt(1 - b2^t)`` outside, which
+    equals this rule with sharpness ``b sqrt(1 - b2^t)`` (a higher floor in the first ~1/(1-b2)
+    steps); it also defaults to AMSGrad and coupled L2. Peer: pytorch_optimizer
+    ``Ranger21(use_softplus=True, beta_softplus=50)`` (only as part of Ranger21).
+    """
+
+    def update(updates: list, state: dict, hp: Mapping, ctx: Bucket) -> list:
+        b1, b2 = (float(x) for x in hp["betas"])
+        beta = float(hp["softplus_beta"])
+        m, v = _update_moments(updates, state, b1, b2)
+        den = torch._foreach_div(v, ctx.per_step(lambda t: 1.0 - b2**t))
+        torch._foreach_sqrt_(den)
+        # torch has no foreach softplus; it is elementwise, so one call per tensor
+        den = [F.softplus(d, beta=beta, threshold=20.0) for d in den]
+        ctx.defer_scale(ctx.per_step(lambda t: 1.0 / (1.0 - b1**t)))
+        return torch._foreach_div(m, den)
+
+    spec = {"betas": Hyperparam(tuple(betas), check_betas), "softplus_beta": Hyperparam(softplus_beta, positive)}
+    return transform(name, spec, _adam_moments, update)

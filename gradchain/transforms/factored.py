@@ -1,0 +1,264 @@
+"""Adafactor: the factored second moment and its step-size pieces (clipping, relative step, param scale)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..base import Bucket, Leaf, transform, zeros_state
+from ..hyperparams import Hyperparam, nonnegative, number, positive
+
+__all__ = [
+    "add_lr_scaled_wd",
+    "clip_by_block_rms",
+    "factored_dims",
+    "scale_by_factored_rms",
+    "scale_by_param_rms",
+    "scale_by_relative_step",
+]
+
+_RULES = ("two_largest", "last_two", "unit")
+
+
+def settle(t: Tensor) -> Tensor:
+    """Resolve a DTensor's pending reduction (a ``Partial`` placement) to ``Replicate``.
+
+    A reduction over a sharded dim leaves a DTensor ``Partial``; state kept across steps must be
+    a plain placement (DISTRIBUTED.md rule 2). Plain tensors pass through.
+    """
+    placements = getattr(t, "placements", None)
+    if placements is None or not any(pl.is_partial() for pl in placements):
+        return t
+    from torch.distributed.tensor import Replicate
+
+    return t.redistribute(placements=[Replicate() if pl.is_partial() else pl for pl in placements])
+
+
+def _mean(x: Tensor, dims: tuple[int, ...]) -> Tensor:
+    # sum / count, not .mean(): DTensor's Partial(avg) is wrong on uneven shards
+    count = math.prod(x.shape[d] for d in dims)
+    return settle(x.sum(dim=dims, keepdim=True) / count)
+
+
+def factored_dims(
+    shape: tuple[int, ...] | torch.Size, rule: str = "two_largest", min_dim_size_to_factor: int = 128
+) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """The (row dims, column dims) a tensor of ``shape`` is factored over, or None (unfactored).
+
+    ``two_largest`` (optax): the second-largest dim against the largest (ties: the later dim
+    counts as larger), other dims kept as a batch; ``last_two`` (HF, fairseq, torch): dims -2 and
+    -1; ``unit``: dim 0 (output units) against all the others, i.e. a conv weight as
+    (O, I*k...). Unfactored when ndim < 2 or a factored side is smaller than the minimum.
+    """
+    if rule not in _RULES:
+        raise ValueError(f"invalid factored_dims rule {rule!r}: must be one of {_RULES}")
+    n = len(shape)
+    if n < 2:
+        return None
+    if rule == "two_largest":
+        order = sorted(range(n), key=lambda d: (shape[d], d))
+        rows, cols = (order[-2],), (order[-1],)
+    elif rule == "last_two":
+        rows, cols = (n - 2,), (n - 1,)
+    else:
+        rows, cols = (0,), tuple(range(1, n))
+    if min(math.prod(shape[d] for d in rows), math.prod(shape[d] for d in cols)) < min_dim_size_to_factor:
+        return None
+    return rows, cols
+
+
+def _check_beta2_decay(value: Any) -> str | None:
+    if number(value) is not None or float(value) > 0:
+        return "must be a finite number <= 0 (beta2_t = 1 - t**beta2_decay)"
+    return None
+
+
+def _eps_pair(value: Any) -> str | None:
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        return "must be torch.optim.Adafactor's pair (eps1 or None, eps2)"
+    if value[0] is not None and nonnegative(value[0]) is not None:
+        return f"eps1={value[0]!r} must be None or a number >= 0"
+    if nonnegative(value[1]) is not None:
+        return f"eps2={value[1]!r} must be a number >= 0"
+    return None
+
+
+def _eps_check(default: Any) -> Any:
+    # built with torch's pair, the key holds a pair for good (one key shared by two transforms)
+    return _eps_pair if isinstance(default, (tuple, list)) else nonnegative
+
+
+def _pick(value: Any, index: int) -> Any:
+    """One entry of torch.optim.Adafactor's ``eps=(eps1, eps2)`` pair, or the value itself."""
+    return value[index] if isinstance(value, (tuple, list)) else value
+
+
+def scale_by_factored_rms(
+    beta2_decay: float = -0.8,
+    eps: Any = 1e-30,
+    *,
+    factored: str = "two_largest",
+    min_dim_size_to_factor: int = 128,
+    torch_compat: bool = False,
+    name: str = "factored",
+) -> Leaf:
+    """Scale by Adafactor's factored second moment (sublinear memory).
+
+    Rule (default, HF/fairseq/optax form): ``w_t = t**beta2_decay`` (so ``beta2_t = 1 - w_t`` is 0
+    at t=1: built-in bias correction); ``Q = g^2 + eps``; for a factored tensor
+    ``R <- lerp(R, mean_cols(Q), w_t)``, ``C <- lerp(C, mean_rows(Q), w_t)`` and
+    ``u = g * rsqrt(R / mean(R)) * rsqrt(C)`` (one rsqrt per factor: never forms ``R*C`` or its
+    reciprocal, so a dead row crossing a dead column stays finite; ALGORITHMS.md Appendix A);
+    otherwise ``v <- lerp(v, Q, w_t)`` and ``u = g * rsqrt(v)``. Dims per ``factored``
+    (:func:`factored_dims`). ``beta2_decay`` is torch's name; optax's ``decay_rate=0.8`` is
+    ``-beta2_decay``. ``eps`` may be torch's pair ``(eps1, eps2)``: its first entry is used,
+    None meaning 1e-30.
+
+    ``torch_compat=True`` reproduces ``torch.optim.Adafactor``: last-two-dims factoring of every
+    tensor with ndim >= 2, ``g^2`` without eps, ``V = R C / max(mean(R), eps1)`` and
+    ``u = g * rsqrt(max(V, eps1^2))`` with ``eps1=None`` meaning the param dtype's machine eps.
+
+    Reference: Shazeer & Stern, arXiv:1804.04235. Peer: optax ``scale_by_factored_rms``,
+    HF ``Adafactor``; ``torch.optim.Adafactor`` with ``torch_compat``.
+    """
+    if torch_compat:
+        factored, min_dim_size_to_factor = "last_two", 0
+    factored_dims((1, 1), factored, 0)  # validates the rule name now
+
+    def dims(p: Tensor) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+        return factored_dims(tuple(p.shape), factored, min_dim_size_to_factor)
+
+    def init(p: Tensor) -> dict:
+        fd = dims(p)
+        if fd is None:
+            return {"v": zeros_state(p)}
+        rows, cols = fd
+        z = zeros_state(p)
+        # derived from the param: a stat reduced over dim 0 is replicated, the other keeps Shard(0)
+        return {"row": settle(z.sum(dim=cols, keepdim=True)), "col": settle(z.sum(dim=rows, keepdim=True))}
+
+    def update(updates: list, state: dict, hp: Mapping, ctx: Bucket) -> list:
+        decay = float(hp["beta2_decay"])
+        eps1 = _pick(hp["eps"], 0)
+        if eps1 is None:
+            eps1 = torch.finfo(ctx.params[0].dtype).eps if torch_compat else 1e-30
+        eps1 = float(eps1)
+        weights = ctx.step_values
+        out: list[Tensor | None] = [None] * len(updates)
+        vs = state.get("v", [None] * len(updates))
+        flat = [i for i, v in enumerate(vs) if v is not None]
+        if flat:
+            g = [updates[i] for i in flat]
+            v = [vs[i] for i in flat]
+            w = ctx.per_step(lambda t: t**decay)
+            w = [w[i] for i in flat] if isinstance(w, list) else w
+            q = torch._foreach_mul(g, g)
+            if not torch_compat:
+                torch._foreach_add_(q, eps1)
+            torch._foreach_lerp_(v, q, w)
+            denom = torch._foreach_clamp_min(v, eps1 * eps1) if torch_compat else list(v)
+            r = torch._foreach_rsqrt(denom)
+            torch._foreach_mul_(r, g)
+            for j, i in enumerate(flat):
+                out[i] = r[j]
+        for i, g in enumerate(updates):
+            if out[i] is not None:
+                continue
+            rows, cols = dims(ctx.params[i])  # type: ignore[misc]
+            w = weights[i] ** decay
+            q = g * g
+            if not torch_compat:
+                q.add_(eps1)
+            row, col = state["row"][i], state["col"][i]
+            row.lerp_(_mean(q, cols), w)
+            col.lerp_(_mean(q, rows), w)
+            if torch_compat:
+                v = row * col
+                v.div_(_mean(row, rows).clamp_(min=eps1))
+                out[i] = v.clamp_(min=eps1 * eps1).rsqrt_().mul_(g)
+            else:
+                out[i] = g * torch.rsqrt(row / _mean(row, rows)) * torch.rsqrt(col)
+        return out
+
+    spec = {
+        "beta2_decay": Hyperparam(beta2_decay, _check_beta2_decay),
+        "eps": Hyperparam(eps, _eps_check(eps)),
+    }
+    return transform(name, spec, init, update)
+
+
+def _rms(x: Tensor) -> Tensor:
+    return torch.linalg.vector_norm(x) / math.sqrt(max(x.numel(), 1))
+
+
+def clip_by_block_rms(d: float = 1.0, *, name: str = "clip_rms") -> Leaf:
+    """Clip each tensor's update by its RMS: ``u <- u / max(1, RMS(u) / d)``.
+
+    Reference: Adafactor's update clipping, Shazeer & Stern, arXiv:1804.04235 (``d`` is torch's
+    name). Peer: optax ``clip_by_block_rms``, ``torch.optim.Adafactor(d=...)``.
+    """
+
+    def update(updates: list, state: dict, hp: Mapping, ctx: Bucket) -> list:
+        d = float(hp["d"])
+        norms = torch._foreach_norm(updates)
+        factors = [
+            torch.clamp(n / (math.sqrt(max(u.numel(), 1)) * d), min=1.0) for n, u in zip(norms, updates, strict=False)
+        ]
+        return torch._foreach_div(updates, factors)
+
+    return transform(name, {"d": Hyperparam(d, positive)}, None, update)
+
+
+def scale_by_relative_step(lr: float = 1e-2, *, warmup_init: bool = False, name: str = "relative_step") -> Leaf:
+    """Adafactor's relative step size: ``u <- rho_t * u`` with ``rho_t = min(lr, 1/sqrt(t))``.
+
+    With ``warmup_init``: ``rho_t = min(lr, 1e-6 t, 1/sqrt(t))`` (the paper's warmup; with the
+    default ``lr=1e-2`` identical to HF's ``min(1e-6 t, 1/sqrt(t))``). Positive: end the chain
+    with ``scale(-1)``. ``lr`` is torch's name for the cap (schedulers act on it).
+    Reference: Shazeer & Stern, arXiv:1804.04235. Peer: HF ``Adafactor(relative_step=True)``,
+    ``torch.optim.Adafactor(lr=...)``.
+    """
+
+    def rho(hp: Mapping, ctx: Bucket) -> Any:
+        cap = float(hp["lr"])
+        if warmup_init:
+            return ctx.per_step(lambda t: min(cap, 1e-6 * t, 1.0 / math.sqrt(t)))
+        return ctx.per_step(lambda t: min(cap, 1.0 / math.sqrt(t)))
+
+    return transform(name, {"lr": Hyperparam(lr, nonnegative)}, scale=rho)
+
+
+def scale_by_param_rms(eps: Any = 1e-3, *, name: str = "param_rms") -> Leaf:
+    """Scale by the parameter's RMS: ``u <- max(eps, RMS(theta_{t-1})) * u``.
+
+    ``eps`` is Adafactor's eps2 (zero-initialised params still move); it may be torch's pair
+    ``(eps1, eps2)``, of which the second entry is used. Reference: Shazeer & Stern,
+    arXiv:1804.04235 (parameter scaling). Peer: optax ``scale_by_param_block_rms``, HF
+    ``Adafactor(scale_parameter=True)``, ``torch.optim.Adafactor``'s alpha_t.
+    """
+
+    def update(updates: list, state: dict, hp: Mapping, ctx: Bucket) -> list:
+        eps2 = float(_pick(hp["eps"], 1))
+        norms = torch._foreach_norm(ctx.params, 2, dtype=ctx.dtype)
+        scales = [
+            torch.clamp(n / math.sqrt(max(p.numel(), 1)), min=eps2)
+            for n, p, u in zip(norms, ctx.params, updates, strict=False)
+        ]
+        return torch._foreach_mul(updates, scales)
+
+    return transform(name, {"eps": Hyperparam(eps, _eps_check(eps))}, None, update)
+
+
+def add_lr_scaled_wd(weight_decay: float = 0.0, lr: float = 1e-2, *, name: str = "wd") -> Leaf:
+    """Decoupled weight decay scaled by the group's ``lr``: ``u <- u + lr * weight_decay * theta``.
+
+    For chains whose step size is not ``lr`` (Adafactor's relative step): placed before the final
+    ``scale(-1)`` it gives ``theta <- theta (1 - lr wd) - step``, torch.optim.Adafactor's decay.
+    Reference: Loshchilov & Hutter, arXiv:1711.05101. Peer: ``torch.optim.Adafactor(weight_decay)``.
+    """
+    spec = {"weight_decay": Hyperparam(weight_decay, nonnegative), "lr": Hyperparam(lr, nonnegative)}
+    return transform(name, spec, param_term=lambda hp, ctx: float(hp["lr"]) * float(hp["weight_decay"]))

@@ -1,0 +1,122 @@
+"""Grünwald–Letnikov fractional-order gradient: a weighted memory of the last K gradients."""
+
+from __future__ import annotations
+
+import random
+import zlib
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..base import Bucket, Leaf, transform, zeros_state
+from ..hyperparams import Hyperparam
+
+__all__ = ["fractional", "gl_weights"]
+
+
+def _order(value: Any) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
+        return "must be a number in (0, 1]"
+    return None
+
+
+def gl_weights(alpha: float, history: int) -> list[float]:
+    """``[w_0, ..., w_K]``: ``w_0 = 1``, ``w_j = (1 - (alpha + 1)/(j + 1)) w_{j-1}``.
+
+    These are the textbook Grünwald–Letnikov coefficients ``a_j = (-1)^j C(alpha, j)`` shifted by
+    one and normalized, ``w_j = a_{j+1} / a_1``: positive and decaying for alpha in (0, 1), and all
+    zero (plain gradient) for alpha = 1.
+    """
+    w = [1.0]
+    for j in range(1, history + 1):
+        w.append((1.0 - (alpha + 1.0) / (j + 1.0)) * w[-1])
+    return w
+
+
+def _mix(*parts: int) -> int:
+    h = 0x345678
+    for x in parts:
+        h = (h * 1000003 ^ (x & 0xFFFFFFFFFFFF)) & 0x7FFFFFFFFFFFFFFF
+    return h
+
+
+def _drop_mask(full_shape: torch.Size, history: int, drop: int, seed: int) -> Tensor:
+    """A (K, *full_shape) bool keep-mask on the CPU: each element drops its own ``drop`` random terms."""
+    gen = torch.Generator().manual_seed(seed)
+    r = torch.rand((history, *full_shape), generator=gen, dtype=torch.float64)
+    kth = r.kthvalue(drop, dim=0, keepdim=True).values
+    return r > kth
+
+
+def _like(mask: Tensor, u: Tensor) -> Tensor:
+    """``mask`` (drawn over the full logical tensor) on ``u``'s device, sliced like ``u`` under FSDP2."""
+    mask = mask.to(device=u.device, dtype=u.dtype)
+    mesh = getattr(u, "device_mesh", None)
+    if mesh is None:
+        return mask
+    from torch.distributed.tensor import DTensor, Replicate
+
+    full = DTensor.from_local(mask, mesh, [Replicate()] * mesh.ndim, run_check=False)
+    return full.redistribute(mesh, u.placements)
+
+
+def fractional(
+    alpha: float = 0.9,
+    history: int = 10,
+    drop: int = 1,
+    *,
+    per_element: bool = False,
+    seed: int = 0,
+    name: str = "fractional",
+) -> Leaf:
+    """Grünwald–Letnikov fractional gradient: the update plus a weighted memory of the last K updates.
+
+    Rule: ``D_t = u_t + sum_{j=1..K} c_j w_j u_{t-j}`` with ``w_0 = 1``,
+    ``w_j = (1 - (alpha+1)/(j+1)) w_{j-1}`` (:func:`gl_weights`; missing history counts as 0).
+    alpha = 1 gives ``D_t = u_t``. ``c`` drops ``drop`` of the K memory terms each step at random
+    (the paper's "small disturbance"): with ``per_element=False`` one draw per step shared by all
+    tensors, with ``per_element=True`` each element draws its own, over the full logical tensor
+    (sliced under FSDP2). The draws come from ``seed`` and the step only, so they are the same on
+    every rank and after a resume. Group key ``frac_alpha``; K (``history``) is structural (K
+    buffers of param size). Reference: Zhou, Zhao, Huang, "A Deep Learning Optimizer Based on
+    Grünwald–Letnikov Fractional Order Definition", Mathematics 11(2):316, 2023 (FCGD_G-L). No peer.
+    """
+    if isinstance(history, bool) or not isinstance(history, int) or history < 1:
+        raise ValueError(f"invalid history={history!r}: must be an int >= 1")
+    if isinstance(drop, bool) or not isinstance(drop, int) or not 0 <= drop <= history:
+        raise ValueError(f"invalid drop={drop!r}: must be an int in [0, history={history}]")
+    K = history
+
+    def init(p: Tensor) -> dict:
+        return {f"hist{j}": zeros_state(p) for j in range(K)}
+
+    def update(updates: list, state: dict, hp: Mapping, ctx: Bucket) -> list:
+        w = gl_weights(float(hp["frac_alpha"]), K)
+        steps = [int(t) for t in ctx.step_values]
+        keep = [[1.0] * (K + 1) for _ in steps]  # keep[i][j]: term j of tensor i is kept (per-step draw)
+        if drop and not per_element:
+            for i, t in enumerate(steps):
+                for j in random.Random(_mix(seed, t)).sample(range(1, K + 1), drop):
+                    keep[i][j] = 0.0
+        masks = None
+        if drop and per_element:
+            masks = []
+            for u, n, t in zip(updates, ctx.names, steps):
+                tag = zlib.crc32(n.encode()) if n is not None else 0
+                masks.append(_drop_mask(u.shape, K, drop, _mix(seed, t, tag)))
+        out = [u.clone() for u in updates]
+        for j in range(1, K + 1):
+            if w[j] == 0.0:
+                continue
+            past = [state[f"hist{(t - 1 - j) % K}"][i] for i, t in enumerate(steps)]
+            if masks is not None:
+                past = torch._foreach_mul(past, [_like(m[j - 1], u) for m, u in zip(masks, updates)])
+            torch._foreach_add_(out, torch._foreach_mul(past, [w[j] * keep[i][j] for i in range(len(steps))]))
+        # g_t overwrites g_{t-K}; a loop because DTensor has no sharding rule for _foreach_copy_
+        for i, (t, u) in enumerate(zip(steps, updates)):
+            state[f"hist{(t - 1) % K}"][i].copy_(u)
+        return out
+
+    return transform(name, {"frac_alpha": Hyperparam(alpha, _order)}, init, update)

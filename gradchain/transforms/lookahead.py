@@ -1,0 +1,204 @@
+"""Lookahead: slow weights pulled toward the fast ones every k steps (a wrapper of any transform)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..base import Bucket, StateDict, Transform, check_unique_names, resolve_hyperparam, zeros_state
+from ..hyperparams import Hyperparam, closed_unit_interval, validate
+
+__all__ = ["lookahead", "slow_weights"]
+
+PULLBACK_MODES = ("none", "reset", "pullback")
+# buffer names of first-moment state in gradchain's transforms (trace, scale_by_adam, ema)
+MOMENTUM_BUFFERS = ("buffer", "exp_avg", "ema")
+
+
+def _positive_int(value: Any) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        return "must be an int >= 1"
+    return None
+
+
+class Lookahead(Transform):
+    """See :func:`lookahead`."""
+
+    def __init__(
+        self,
+        inner: Transform,
+        k: int,
+        alpha: float,
+        pullback_momentum: str,
+        momentum_buffers: Sequence[str] | None,
+        name: str,
+        keys: Mapping[str, str] | None = None,
+    ) -> None:
+        if not isinstance(inner, Transform):
+            raise TypeError(f"lookahead() wraps a gradchain Transform, got {type(inner).__name__}")
+        if pullback_momentum not in PULLBACK_MODES:
+            raise ValueError(f"invalid pullback_momentum={pullback_momentum!r}: must be one of {PULLBACK_MODES}")
+        self.inner = inner
+        self.name = name
+        self.pullback_momentum = pullback_momentum
+        self.momentum_buffers = tuple(momentum_buffers) if momentum_buffers is not None else None
+        self._specs = {"k": Hyperparam(k, _positive_int), "alpha": Hyperparam(alpha, closed_unit_interval)}
+        self._keys = dict(keys) if keys is not None else {"k": "lookahead_k", "alpha": "lookahead_alpha"}
+        own = {self._keys[k]: s for k, s in self._specs.items()}
+        clash = sorted(set(own) & set(inner.hyperparams))
+        if clash:
+            raise ValueError(f"lookahead(): the inner transform already declares {clash}; rename them")
+        self.hyperparams = {**inner.hyperparams, **own}
+        self.extra_defaults = dict(inner.extra_defaults)
+        check_unique_names(self, "lookahead()")
+        self.validate_group({key: s.default for key, s in own.items()})
+
+    # -- tree -------------------------------------------------------------------------------
+    def leaves(self) -> Iterator[Transform]:
+        yield self
+        yield from self.inner.leaves()
+
+    def paths(self) -> list[list[str]]:
+        return [[self.name, *p] for p in self.inner.paths()]
+
+    def renamed(self, mapping: Mapping[str, str]) -> Lookahead:
+        keys = {k: mapping.get(g, g) for k, g in self._keys.items()}
+        return Lookahead(
+            self.inner.renamed(mapping), self._specs["k"].default, self._specs["alpha"].default,
+            self.pullback_momentum, self.momentum_buffers, self.name, keys,
+        )
+
+    def validate_group(self, group: Mapping[str, Any]) -> None:
+        self.inner.validate_group(group)
+        for k, spec in self._specs.items():
+            if self._keys[k] in group:
+                validate(self._keys[k], spec, group[self._keys[k]])
+
+    # -- state ------------------------------------------------------------------------------
+    @property
+    def slow_key(self) -> str:
+        return f"{self.name}.slow"
+
+    def _momentum_keys(self, state: Mapping[str, Any]) -> list[str]:
+        if self.momentum_buffers is not None:
+            return [k for k in self.momentum_buffers if k in state]
+        own = self.name + "."
+        return [k for k in state if not k.startswith(own) and k.rsplit(".", 1)[-1] in MOMENTUM_BUFFERS]
+
+    def init_state(self, param: Tensor, name: str | None = None) -> StateDict:
+        state = self.inner.init_state(param, name)
+        if self.pullback_momentum != "none" and not self._momentum_keys(state):
+            who = name if name is not None else f"of shape {tuple(param.shape)}"
+            raise ValueError(
+                f"lookahead(pullback_momentum={self.pullback_momentum!r}): param {who} has no momentum buffer "
+                f"among its state {sorted(state)}; pass momentum_buffers=[...]"
+            )
+        if self.pullback_momentum == "pullback":
+            for k in self._momentum_keys(state):
+                state[f"{self.name}.slow_{k}"] = zeros_state(param)
+        slow = zeros_state(param)  # phi_0 = theta_0 (fp32 for low-precision params)
+        slow.copy_(param.detach())
+        state[self.slow_key] = slow
+        return state
+
+    # -- the step ---------------------------------------------------------------------------
+    def apply(self, buckets: list[Bucket]) -> None:
+        self.inner.apply(buckets)
+        for b in buckets:
+            if not len(b):
+                continue
+            hp = {k: resolve_hyperparam(g, self._specs[k], b.group[g], b) for k, g in self._keys.items()}
+            k, alpha = int(hp["k"]), float(hp["alpha"])
+            idx = [i for i, t in enumerate(b.step_values) if int(t) % k == 0]
+            if idx:
+                self._sync(b, idx, alpha)
+
+    def _sync(self, b: Bucket, idx: list[int], alpha: float) -> None:
+        """phi <- phi + alpha (theta_fast - phi); the update becomes ``phi - p`` so the write lands on phi."""
+        b.materialize()
+        params = [b.params[i] if b.params[i].dtype == b.dtype else b.params[i].to(b.dtype) for i in idx]
+        fast = torch._foreach_add(params, [b.updates[i] for i in idx])  # what the inner step would write
+        slow = [b.state[self.slow_key][i] for i in idx]
+        torch._foreach_lerp_(slow, fast, alpha)
+        for i, u in zip(idx, torch._foreach_sub(slow, params)):
+            b.updates[i] = u
+        if self.pullback_momentum == "none":
+            return
+        for i in idx:
+            present = {key: v[i] for key, v in b.state.items() if v[i] is not None}
+            for key in self._momentum_keys(present):
+                buf = present[key]
+                if self.pullback_momentum == "reset":
+                    buf.zero_()
+                else:  # pytorch_optimizer's pullback: m <- alpha m + (1 - alpha) m_slow; m_slow <- m
+                    slow_m = present[f"{self.name}.slow_{key}"]
+                    buf.lerp_(slow_m, 1.0 - alpha)
+                    slow_m.copy_(buf)
+
+
+def lookahead(
+    inner: Transform,
+    k: int = 5,
+    alpha: float = 0.5,
+    pullback_momentum: str = "none",
+    *,
+    momentum_buffers: Sequence[str] | None = None,
+    name: str = "lookahead",
+) -> Lookahead:
+    """Lookahead around any transform: k fast steps forward, one step back toward the slow weights.
+
+    Rule: slow weights ``phi_0 = theta_0``; the inner transform updates the fast weights ``theta``;
+    after every k-th step of a param (its ``"step"`` count, so the cycle survives save/load)
+    ``phi <- phi + alpha (theta - phi)`` and ``theta <- phi``. The sync is expressed as the update
+    ``phi - p``, so the chain stays one pipeline; nothing may follow it (``accumulate`` and
+    ``apply_if_finite`` go outside it: ``accumulate(lookahead(...), 4)``). At a sync
+    the inner momentum (``momentum_buffers``, default every ``*.buffer`` / ``*.exp_avg`` / ``*.ema``
+    state) is left alone (``"none"``), zeroed (``"reset"``) or pulled back
+    (``"pullback"``: ``m <- alpha m + (1 - alpha) m_slow; m_slow <- m``, ``m_slow_0 = 0``), as
+    pytorch_optimizer does. Group keys ``lookahead_k``, ``lookahead_alpha``. Evaluate with the
+    slow weights through :func:`slow_weights`. Reference: Zhang, Lucas, Hinton, Ba, arXiv:1907.08610.
+    Peer: pytorch_optimizer ``Lookahead``, optax ``lookahead``, timm ``Lookahead`` (timm sets
+    ``phi`` lazily at the first sync, so its first sync is a no-op).
+    """
+    return Lookahead(inner, k, alpha, pullback_momentum, momentum_buffers, name)
+
+
+def _refuse_step(opt: Any, args: Any, kwargs: Any) -> None:
+    raise RuntimeError(
+        "optimizer.step() inside slow_weights(): the params hold the slow weights; leave the block first"
+    )
+
+
+@contextlib.contextmanager
+def slow_weights(optimizer: torch.optim.Optimizer) -> Iterator[None]:
+    """Swap the Lookahead slow weights into the params for the ``with`` block, then restore the fast ones.
+
+    The fast weights are restored even if the block raises; ``optimizer.step()`` inside the block is
+    refused. Params without Lookahead state (never stepped) are left as they are::
+
+        with slow_weights(opt):
+            evaluate(model)
+    """
+    transform = getattr(optimizer, "transform", None)
+    keys = [t.slow_key for t in transform.leaves() if isinstance(t, Lookahead)] if transform is not None else []
+    if not keys:
+        raise ValueError("slow_weights() needs a ChainOptimizer whose transform contains lookahead()")
+    swapped: list[tuple[Tensor, Tensor]] = []
+    handle = optimizer.register_step_pre_hook(_refuse_step)
+    try:
+        with torch.no_grad():
+            for p, st in optimizer.state.items():
+                key = next((k for k in keys if k in st), None)
+                if key is not None:
+                    swapped.append((p, p.detach().clone()))
+                    p.copy_(st[key])
+        yield
+    finally:
+        handle.remove()
+        with torch.no_grad():
+            for p, fast in swapped:
+                p.copy_(fast)

@@ -1,0 +1,214 @@
+"""Adam variants that change the moments: NAdam, AdaMomentum, diffGrad, AdaNorm."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+
+from ..base import Bucket, Leaf, scalar_state, transform, zeros_state
+from ..hyperparams import Hyperparam, nonnegative, positive, unit_interval
+from ..hyperparams import betas as check_betas
+
+__all__ = ["scale_by_adamomentum", "scale_by_adanorm", "scale_by_diffgrad", "scale_by_nadam"]
+
+_FORMS = ("torch", "optax")
+
+
+def _moments(p: torch.Tensor) -> dict:
+    return {"exp_avg": zeros_state(p), "exp_avg_sq": zeros_state(p)}
+
+
+def _scalar(p: torch.Tensor, value: float) -> torch.Tensor:
+    # per-tensor scalar state in the param's compute dtype (fp64 params keep fp64 state)
+    return scalar_state(p, value)
+
+
+def _adam_denominator(v: list, b2: float, eps: float, ctx: Bucket) -> list:
+    """``sqrt(v / (1 - b2^t)) + eps``, torch's form."""
+    den = torch._foreach_sqrt(v)
+    torch._foreach_div_(den, ctx.per_step(lambda t: math.sqrt(1.0 - b2**t)))
+    torch._foreach_add_(den, eps)
+    return den
+
+
+def scale_by_nadam(
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    momentum_decay: float = 4e-3,
+    *,
+    form: str = "torch",
+    name: str = "nadam",
+) -> Leaf:
+    """Adam with Nesterov momentum (NAdam), in torch's scheduled form or optax's simplified form.
+
+    Rule (``form="torch"``): ``mu_t = b1 (1 - 0.5 * 0.96^(t momentum_decay))``, ``P_t = prod mu_i``
+    (kept as state, so a scheduled ``b1`` is honoured as in torch),
+    ``m^ = mu_{t+1} m_t / (1 - P_t mu_{t+1}) + (1 - mu_t) g_t / (1 - P_t)`` and
+    ``u = m^ / (sqrt(v_t / (1 - b2^t)) + eps)``. ``form="optax"``: constant ``mu = b1``,
+    ``m^ = b1 m_t / (1 - b1^(t+1)) + (1 - b1) g_t / (1 - b1^t)``, no extra state.
+    Reference: Dozat 2016, "Incorporating Nesterov Momentum into Adam" (no arXiv id).
+    Peers: torch ``NAdam`` (form="torch"; ``P_t`` is kept in the param's compute dtype, which is
+    torch's when the default dtype is that dtype), optax ``nadam`` / ``scale_by_adam(nesterov=True)``.
+    """
+    if form not in _FORMS:
+        raise ValueError(f"scale_by_nadam: form={form!r} must be one of {_FORMS}")
+
+    def init(p: torch.Tensor) -> dict:
+        st = _moments(p)
+        if form == "torch":
+            st["mu_product"] = _scalar(p, 1.0)
+        return st
+
+    def update(updates: list, state: dict, hp: Mapping, ctx: Bucket) -> list:
+        b1, b2 = (float(b) for b in hp["betas"])
+        eps, psi = float(hp["eps"]), float(hp["momentum_decay"])
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        torch._foreach_lerp_(m, updates, 1.0 - b1)
+        torch._foreach_mul_(v, b2)
+        torch._foreach_addcmul_(v, updates, updates, 1.0 - b2)
+        den = _adam_denominator(v, b2, eps, ctx)
+        if form == "optax":
+            cg = ctx.per_step(lambda t: (1.0 - b1) / (1.0 - b1**t))
+            cm = ctx.per_step(lambda t: b1 / (1.0 - b1 ** (t + 1)))
+            out = torch._foreach_mul(updates, cg)
+            torch._foreach_add_(out, torch._foreach_mul(m, cm))
+        else:
+            mu = lambda t: b1 * (1.0 - 0.5 * 0.96 ** (t * psi))  # noqa: E731
+            prod = state["mu_product"]
+            torch._foreach_mul_(prod, ctx.per_step(mu))
+            # the coefficients depend on the stored product: 0-d tensors, no host sync
+            one_minus = torch._foreach_neg(prod)
+            torch._foreach_add_(one_minus, 1.0)
+            cg = torch._foreach_reciprocal(one_minus)
+            torch._foreach_mul_(cg, ctx.per_step(lambda t: 1.0 - mu(t)))
+            nxt = torch._foreach_mul(prod, ctx.per_step(lambda t: mu(t + 1)))
+            torch._foreach_neg_(nxt)
+            torch._foreach_add_(nxt, 1.0)
+            cm = torch._foreach_reciprocal(nxt)
+            torch._foreach_mul_(cm, ctx.per_step(lambda t: mu(t + 1)))
+            out = torch._foreach_mul(updates, cg)
+            torch._foreach_add_(out, torch._foreach_mul(m, cm))
+        torch._foreach_div_(out, den)
+        return out
+
+    spec = {
+        "betas": Hyperparam(tuple(betas), check_betas),
+        "eps": Hyperparam(eps, nonnegative),
+        "momentum_decay": Hyperparam(momentum_decay, nonnegative),
+    }
+    return transform(name, spec, init, update)
+
+
+def scale_by_adamomentum(
+    betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, *, name: str = "adamomentum"
+) -> Leaf:
+    """AdaMomentum: the second moment is an EMA of the squared *first moment* (a twofold EMA).
+
+    Rule: ``m_t = b1 m + (1-b1) g``; ``v_t = b2 v + (1-b2) m_t^2 + eps`` (eps accumulated into
+    ``v`` every step, as AdaBelief does); ``u = m^ / sqrt(v^)`` with no outer eps; ``v^ > 0`` always
+    once ``eps > 0``. Reference: Wang et al., "Rethinking Adam: A Twofold Exponential Moving
+    Average Approach", arXiv:2106.11514. Peer: none installed (third-party ports only).
+    """
+
+    def update(updates: list, state: dict, hp: Mapping, ctx: Bucket) -> list:
+        b1, b2 = (float(b) for b in hp["betas"])
+        eps = float(hp["eps"])
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        torch._foreach_lerp_(m, updates, 1.0 - b1)
+        torch._foreach_mul_(v, b2)
+        torch._foreach_addcmul_(v, m, m, 1.0 - b2)
+        torch._foreach_add_(v, eps)
+        den = torch._foreach_div(v, ctx.per_step(lambda t: 1.0 - b2**t))
+        torch._foreach_sqrt_(den)
+        ctx.defer_scale(ctx.per_step(lambda t: 1.0 / (1.0 - b1**t)))
+        return torch._foreach_div(m, den)
+
+    spec = {"betas": Hyperparam(tuple(betas), check_betas), "eps": Hyperparam(eps, nonnegative)}
+    return transform(name, spec, _moments, update)
+
+
+def scale_by_diffgrad(
+    betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, *, name: str = "diffgrad"
+) -> Leaf:
+    """diffGrad: Adam whose step is damped by a friction ``xi = sigmoid(|g_{t-1} - g_t|)``.
+
+    Rule: Adam's ``m``, ``v``; ``xi_t = sigmoid(|g_{t-1} - g_t|)`` elementwise, ``g_0 = 0``;
+    ``u = xi_t m^ / (sqrt(v^) + eps)``. ``xi`` lies in [0.5, 1): coordinates whose gradient barely
+    changes move at half Adam's step. ``xi`` is not scale-invariant (it depends on the loss
+    scale). Keeps the previous gradient (3x state). Reference: Dubey et al., arXiv:1909.11015.
+    Peer: the official code shivram1987/diffGrad (its eps sits at ``sqrt(v) + eps`` before the
+    bias correction); pytorch_optimizer ``DiffGrad``.
+    """
+
+    def init(p: torch.Tensor) -> dict:
+        return {**_moments(p), "prev_grad": zeros_state(p)}
+
+    def update(updates: list, state: dict, hp: Mapping, ctx: Bucket) -> list:
+        b1, b2 = (float(b) for b in hp["betas"])
+        eps = float(hp["eps"])
+        m, v, prev = state["exp_avg"], state["exp_avg_sq"], state["prev_grad"]
+        torch._foreach_lerp_(m, updates, 1.0 - b1)
+        torch._foreach_mul_(v, b2)
+        torch._foreach_addcmul_(v, updates, updates, 1.0 - b2)
+        xi = torch._foreach_sub(prev, updates)
+        torch._foreach_abs_(xi)
+        torch._foreach_sigmoid_(xi)
+        for q, u in zip(prev, updates):  # DTensor has no sharding rule for _foreach_copy_
+            q.copy_(u)
+        torch._foreach_mul_(xi, m)
+        torch._foreach_div_(xi, _adam_denominator(v, b2, eps, ctx))
+        ctx.defer_scale(ctx.per_step(lambda t: 1.0 / (1.0 - b1**t)))
+        return xi
+
+    spec = {"betas": Hyperparam(tuple(betas), check_betas), "eps": Hyperparam(eps, nonnegative)}
+    return transform(name, spec, init, update)
+
+
+def scale_by_adanorm(
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    norm_decay: float = 0.95,
+    max_ratio: float | None = None,
+    *,
+    name: str = "adanorm",
+) -> Leaf:
+    """AdaNorm: Adam whose first moment sees the gradient rescaled to its norm history.
+
+    Rule (per tensor): ``e_t = r e_{t-1} + (1-r) |g_t|`` (``r = norm_decay``, ``e_0 = 0``, no bias
+    correction); ``s_t = (e_t/|g_t|) g_t`` if ``e_t > |g_t|`` else ``g_t`` (``|g| = 0``: ``s = g``),
+    the ratio capped at ``max_ratio`` when given (gradchain's option against the late-training
+    over-acceleration); ``m`` from ``s``, ``v`` from the raw ``g``; ``u = m^/(sqrt(v^) + eps)``.
+    Reference: Dubey et al., arXiv:2210.06364. Peer: pytorch_optimizer ``AdaNorm`` (its ``r``; eps
+    placed before the bias correction there).
+    """
+
+    def init(p: torch.Tensor) -> dict:
+        return {**_moments(p), "grad_norm": _scalar(p, 0.0)}
+
+    def update(updates: list, state: dict, hp: Mapping, ctx: Bucket) -> list:
+        b1, b2 = (float(b) for b in hp["betas"])
+        eps, r = float(hp["eps"]), float(hp["norm_decay"])
+        cap = hp["max_ratio"]
+        m, v, e = state["exp_avg"], state["exp_avg_sq"], state["grad_norm"]
+        norms = [u.norm() for u in updates]
+        torch._foreach_lerp_(e, norms, 1.0 - r)
+        ratios = []
+        for e_i, n_i in zip(e, norms):
+            ratio = torch.where((e_i > n_i) & (n_i > 0), e_i / n_i, torch.ones_like(e_i))
+            ratios.append(ratio if cap is None else ratio.clamp(max=float(cap)))
+        torch._foreach_mul_(v, b2)
+        torch._foreach_addcmul_(v, updates, updates, 1.0 - b2)
+        torch._foreach_mul_(m, b1)
+        torch._foreach_addcmul_(m, updates, ratios, 1.0 - b1)
+        ctx.defer_scale(ctx.per_step(lambda t: 1.0 / (1.0 - b1**t)))
+        return torch._foreach_div(m, _adam_denominator(v, b2, eps, ctx))
+
+    spec = {
+        "betas": Hyperparam(tuple(betas), check_betas),
+        "eps": Hyperparam(eps, nonnegative),
+        "norm_decay": Hyperparam(norm_decay, unit_interval),
+        "max_ratio": Hyperparam(max_ratio, lambda x: None if x is None else positive(x)),
+    }
+    return transform(name, spec, init, update)

@@ -1,0 +1,126 @@
+"""Stable weight decay (SWD / AdamS): decoupled decay normalised by one global second-moment scale."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..base import Bucket, StateDict, Transform, resolve_hyperparam
+from ..hyperparams import Hyperparam, nonnegative
+
+__all__ = ["add_stable_wd"]
+
+
+class _StableWD(Transform):
+    def __init__(self, weight_decay: float, adam: str, betas_key: str, eps_key: str, name: str) -> None:
+        if not name or "." in name:
+            raise ValueError(f"transform name {name!r} must be non-empty and contain no '.'")
+        self.name = name
+        self._adam = adam
+        self._wd_key, self._betas_key, self._eps_key = "weight_decay", betas_key, eps_key
+        self._wd_spec = Hyperparam(weight_decay, nonnegative)
+        self.extra_defaults: dict[str, Any] = {}
+        self.validate_group({"weight_decay": weight_decay})
+
+    @property
+    def hyperparams(self) -> dict[str, Hyperparam]:  # type: ignore[override]
+        return {self._wd_key: self._wd_spec}
+
+    def leaves(self) -> Iterator[Transform]:
+        yield self
+
+    def renamed(self, mapping: Mapping[str, str]) -> _StableWD:
+        new = _StableWD.__new__(_StableWD)
+        new.__dict__.update(self.__dict__)
+        # the Adam's keys follow a chain-wide renaming (chain.prefixed renames them as well)
+        new._wd_key = mapping.get(self._wd_key, self._wd_key)
+        new._betas_key = mapping.get(self._betas_key, self._betas_key)
+        new._eps_key = mapping.get(self._eps_key, self._eps_key)
+        return new
+
+    def init_state(self, param: Tensor, name: str | None = None) -> StateDict:
+        return {}
+
+    def _group_value(self, b: Bucket, key: str) -> Any:
+        if key not in b.group:
+            raise ValueError(
+                f"add_stable_wd reads {key!r} of the preceding scale_by_adam from the param group, "
+                f"but the group has no {key!r}; pass betas_key=/eps_key="
+            )
+        return resolve_hyperparam(key, Hyperparam(None), b.group[key], b)
+
+    def _second_moments(self, b: Bucket) -> list[Tensor]:
+        for buf in ("max_exp_avg_sq", "exp_avg_sq"):  # amsgrad's running max is the v^ Adam divides by
+            v = b.state.get(f"{self._adam}.{buf}")
+            if v is not None and all(t is not None for t in v):
+                return v
+        raise ValueError(
+            f"add_stable_wd needs the second moment of a preceding scale_by_adam named {self._adam!r} "
+            f"(state '{self._adam}.exp_avg_sq') for every param it decays; pass adam=<its name>"
+        )
+
+    def apply(self, buckets: list[Bucket]) -> None:
+        live = [b for b in buckets if len(b)]
+        if not live:
+            return
+        # one mean of v^ over every element of every param of every bucket (all groups)
+        total: Tensor | None = None
+        count = 0
+        for b in live:
+            v = self._second_moments(b)
+            b2 = float(self._group_value(b, self._betas_key)[1])
+            # sum() stays a Partial DTensor under FSDP2 through the divisions and additions below:
+            # the whole mean then costs one all-reduce
+            sums = [t.sum() for t in v]
+            torch._foreach_div_(sums, b.per_step(lambda t, b2=b2: 1.0 - b2**t))
+            for s in sums:
+                s = s.to(device=live[0].params[0].device)
+                total = s if total is None else total + s
+            count += sum(t.numel() for t in v)
+        assert total is not None
+        vbar = total / count
+        for b in live:
+            eps = float(self._group_value(b, self._eps_key))
+            wd = float(resolve_hyperparam(self._wd_key, self._wd_spec, b.group[self._wd_key], b))
+            # no gradient seen anywhere yet (v_bar = 0): no decay rather than wd / eps
+            coef = torch.where(vbar > 0, wd / (vbar.sqrt() + eps), torch.zeros_like(vbar))
+            coef = coef.to(device=b.params[0].device, dtype=b.dtype)
+            params = b.params if b.params[0].dtype == b.dtype else [p.to(b.dtype) for p in b.params]
+            b.materialize()
+            b.ensure_owned()
+            torch._foreach_add_(b.updates, torch._foreach_mul(params, coef))
+
+
+def add_stable_wd(
+    weight_decay: float = 1e-4,
+    *,
+    adam: str = "adam",
+    betas_key: str = "betas",
+    eps_key: str = "eps",
+    name: str = "swd",
+) -> Transform:
+    """Stable weight decay: decoupled decay divided by the root of ONE global mean of Adam's v^.
+
+    Rule: ``v_bar = sum over all params and elements of v^ / total element count`` (``v^ =
+    v / (1 - b2^t)`` with each tensor's own step ``t``; amsgrad's running max when Adam keeps
+    one), then ``u <- u + weight_decay / (sqrt(v_bar) + eps) * p``. Placed before ``scale_by_lr``
+    this is AdamS: ``p <- p (1 - lr wd / (sqrt(v_bar) + eps)) - lr m^/(sqrt(v^) + eps)``.
+
+    The mean is a reduction over every tensor of every bucket (all param groups) that this
+    transform sees; it stays a tensor (no host sync; under FSDP2 each ``sum`` is a DTensor
+    reduction). It reads the state of the preceding ``scale_by_adam`` named ``adam`` from the
+    bucket (``"<adam>.exp_avg_sq"``) and that Adam's ``betas``/``eps`` from the param group
+    (keys ``betas_key``/``eps_key``, renamed along with a chain's ``prefixed``/``renamed``).
+    To exclude biases and norm gains, give them a param group with ``weight_decay=0``: they
+    still count in ``v_bar``, as in AdamS. Wrapping this transform in ``masked()`` instead
+    restricts the mean to the selected params too. When ``v_bar = 0`` (no non-zero gradient
+    seen yet) no decay is applied, where AdamS would decay by ``wd / eps``.
+
+    Reference: Xie et al., "On the Overlooked Pitfalls of Weight Decay and How to Mitigate
+    Them" (SWD), arXiv:2011.11152. Peer: pytorch_optimizer ``AdamS`` (which also divides its
+    stored ``exp_avg_sq`` by the bias correction in place every step, a bug not copied here).
+    """
+    return _StableWD(weight_decay, adam, betas_key, eps_key, name)

@@ -1,0 +1,73 @@
+"""A small CNN classifier on scikit-learn's bundled 8x8 digits (1797 images, 10 classes).
+
+Run alone: ``python -m recipes.digits --optimizers adamw,sgd`` (the same as
+``python -m recipes.compare --task digits ...``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .common import Task, defaults_for, epoch_batches, load_digits_split
+
+
+class DigitsNet(nn.Module):
+    """conv 1->16 -> conv 16->32 -> 2x2 max-pool -> linear 512->64 -> linear 64->10 (ReLU between)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 16, 3, padding=1)
+        self.conv2 = nn.Conv2d(16, 32, 3, padding=1)
+        self.fc = nn.Linear(32 * 4 * 4, 64)
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.relu(self.conv1(x))
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        return self.head(F.relu(self.fc(x.flatten(1))))
+
+
+class DigitsTask(Task):
+    name = "digits"
+    batch_size = 64
+    epochs = 20
+    eval_every = 45
+    metrics = ("val_loss", "val_acc")
+    optimizer_defaults = defaults_for(3e-3, sgd={"lr": 0.05, "momentum": 0.9})
+
+    def __init__(self) -> None:
+        self.x, self.y, self.x_val, self.y_val = load_digits_split()
+        self.default_steps = self.epochs * self.steps_per_epoch()
+
+    def steps_per_epoch(self) -> int:
+        return -(-len(self.y) // self.batch_size)
+
+    def model(self) -> nn.Module:
+        return DigitsNet()
+
+    def batches(self, gen: torch.Generator) -> Iterator[Any]:
+        for idx in epoch_batches(len(self.y), self.batch_size, gen):
+            yield self.x[idx], self.y[idx]
+
+    def loss(self, model: nn.Module, batch: Any, gen: torch.Generator) -> tuple[Tensor, dict[str, Tensor]]:
+        x, y = batch
+        return F.cross_entropy(model(x), y), {}
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        logits = model(self.x_val)
+        return {
+            "val_loss": F.cross_entropy(logits, self.y_val).item(),
+            "val_acc": (logits.argmax(1) == self.y_val).float().mean().item(),
+        }
+
+
+if __name__ == "__main__":
+    from .compare import main
+
+    main(task="digits")

@@ -1,0 +1,172 @@
+"""Grünwald–Letnikov fractional gradient: weights, memory, the alpha = 1 limit, the drop mask, recipes."""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import pytest
+import torch
+from harness import RecipeCase, check_fsdp2, check_recipe
+
+from gradchain import ChainOptimizer, fractional, gl_weights, recipes
+
+
+def binom(alpha: float, n: int) -> float:
+    """Generalized binomial coefficient C(alpha, n) = alpha (alpha-1) ... (alpha-n+1) / n!."""
+    return math.prod(alpha - i for i in range(n)) / math.factorial(n)
+
+
+@pytest.mark.parametrize("alpha", [0.3, 0.9, 1.0])
+def test_weights(alpha) -> None:
+    w = gl_weights(alpha, 10)
+    # spec recursion: w_0 = 1, w_j = (1 - (alpha+1)/(j+1)) w_{j-1}
+    rec = [1.0]
+    for j in range(1, 11):
+        rec.append((1 - (alpha + 1) / (j + 1)) * rec[-1])
+    assert w == pytest.approx(rec, rel=1e-15, abs=0)
+    # = textbook GL coefficients a_j = (-1)^j C(alpha, j), shifted by one and normalized by a_1
+    a = [(-1) ** j * binom(alpha, j) for j in range(12)]
+    assert w[1:] == pytest.approx([a[j + 1] / a[1] for j in range(1, 11)], rel=1e-12, abs=1e-300)
+    if alpha < 1:
+        assert all(x > y > 0 for x, y in zip(w[1:], w[2:]))  # positive, decaying memory
+    else:
+        assert w[1:] == [0.0] * 10
+
+
+def reference(grads: list[torch.Tensor], alpha: float, K: int) -> list[torch.Tensor]:
+    """D_t = g_t + sum_{j=1..K} w_j g_{t-j}, missing history = 0 (no disturbance)."""
+    w = [1.0]
+    for j in range(1, K + 1):
+        w.append((1 - (alpha + 1) / (j + 1)) * w[-1])
+    out = []
+    for t in range(len(grads)):
+        d = grads[t].clone()
+        for j in range(1, K + 1):
+            if t - j >= 0:
+                d += w[j] * grads[t - j]
+        out.append(d)
+    return out
+
+
+def _grads(n: int, shape=(4, 3)) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(7)
+    return [torch.randn(*shape, dtype=torch.float64, generator=gen) for _ in range(n)]
+
+
+@pytest.mark.parametrize("alpha,K", [(0.7, 10), (0.5, 3), (0.95, 1)])
+def test_memory_against_reference(alpha, K) -> None:
+    gs = _grads(25)
+    t = fractional(alpha, K, drop=0)
+    p = torch.zeros(4, 3, dtype=torch.float64)
+    state = t.init([p])
+    for g, want in zip(gs, reference(gs, alpha, K)):
+        torch.testing.assert_close(t.update([g], state, [p])[0], want, rtol=0, atol=1e-13)
+
+
+@pytest.mark.parametrize("drop,per_element", [(0, False), (1, False), (3, True)])
+def test_alpha_one_is_plain_gradient(drop, per_element) -> None:
+    t = fractional(1.0, 10, drop, per_element=per_element)
+    p = torch.zeros(4, 3, dtype=torch.float64)
+    state = t.init([p])
+    for g in _grads(15):
+        assert torch.equal(t.update([g], state, [p])[0], g)
+
+
+def _terms(gs: list[torch.Tensor], t: int, alpha: float, K: int) -> torch.Tensor:
+    w = gl_weights(alpha, K)
+    return torch.stack([w[j] * gs[t - j] if t - j >= 0 else torch.zeros_like(gs[0]) for j in range(1, K + 1)])
+
+
+def test_drop_one_term_per_step() -> None:
+    alpha, K = 0.6, 5
+    gs = _grads(20)
+    t = fractional(alpha, K, drop=1, seed=3)
+    p = torch.zeros(4, 3, dtype=torch.float64)
+    state = t.init([p])
+    dropped = []
+    for i, g in enumerate(gs):
+        d = t.update([g], state, [p])[0]
+        terms = _terms(gs, i, alpha, K)
+        missing = g + terms.sum(0) - d  # exactly one memory term is left out
+        hits = [j for j in range(K) if torch.allclose(missing, terms[j], rtol=0, atol=1e-13)]
+        if i >= K:  # all K terms are non-zero, so the dropped one is identifiable
+            assert len(hits) == 1
+            dropped.append(hits[0])
+    assert len(set(dropped)) > 1  # it is random, not a fixed term
+
+
+def test_drop_per_element_and_reproducible() -> None:
+    alpha, K, drop = 0.6, 4, 2
+    gs = _grads(10, shape=(6, 5))
+    p = torch.zeros(6, 5, dtype=torch.float64)
+    outs = {}
+    for seed in (0, 0, 1):
+        t = fractional(alpha, K, drop, per_element=True, seed=seed)
+        state = t.init([p])
+        outs.setdefault(seed, []).append([t.update([g], state, [p])[0] for g in gs])
+    i = 8
+    d = outs[0][0][i]
+    terms = _terms(gs, i, alpha, K)
+    kept = d - gs[i]
+    # per element, exactly K - drop of the K terms are summed
+    combos = torch.stack([terms[list(c)].sum(0) for c in _subsets(K, K - drop)])
+    match = (combos - kept).abs() <= 1e-13
+    assert bool(match.any(0).all())
+    assert not bool(match.all(0).all())  # elements differ in which terms they drop
+    assert all(torch.equal(a, b) for a, b in zip(outs[0][0], outs[0][1]))  # same seed, same draws
+    assert not torch.equal(outs[0][0][i], outs[1][0][i])
+
+
+def _subsets(n: int, r: int) -> list[tuple[int, ...]]:
+    import itertools
+
+    return list(itertools.combinations(range(n), r))
+
+
+def test_invalid() -> None:
+    with pytest.raises(ValueError, match="history"):
+        fractional(0.5, 0)
+    with pytest.raises(ValueError, match="drop"):
+        fractional(0.5, 3, drop=4)
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="frac_alpha"):
+        ChainOptimizer(model.parameters(), recipes.fractional_adam(), frac_alpha=1.5)
+    with pytest.raises(ValueError, match="frac_alpha"):
+        ChainOptimizer(model.parameters(), recipes.fractional_sgd(alpha=0.0))
+
+
+def test_fractional_sgd_is_plain_sgd_at_alpha_one() -> None:
+    torch.manual_seed(0)
+    m1 = torch.nn.Linear(5, 3).double()
+    m2 = torch.nn.Linear(5, 3).double()
+    m2.load_state_dict(m1.state_dict())
+    o1 = torch.optim.SGD(m1.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01)
+    o2 = ChainOptimizer(m2.parameters(), recipes.fractional_sgd(lr=0.1, alpha=1.0, momentum=0.9, weight_decay=0.01))
+    x = torch.randn(16, 5, dtype=torch.float64)
+    for i in range(10):
+        for m, o in ((m1, o1), (m2, o2)):
+            o.zero_grad()
+            m(x[i % 2 * 8 :][:8]).pow(2).mean().backward()
+            o.step()
+    for a, b in zip(m1.parameters(), m2.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-14)
+
+
+CASES = [
+    RecipeCase(
+        "fractional_adam_per_element",
+        partial(recipes.fractional_adam, lr=1e-2, alpha=0.7, history=4, drop=2, per_element=True, weight_decay=0.01),
+    ),
+    RecipeCase("fractional_sgd", partial(recipes.fractional_sgd, lr=0.05, alpha=0.6, history=5, momentum=0.9)),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.label)
+def test_harness(case: RecipeCase) -> None:
+    check_recipe(case)
+
+
+@pytest.mark.distributed
+def test_fsdp2() -> None:
+    check_fsdp2(CASES, steps=4)
