@@ -1,6 +1,6 @@
 """gradchain: composable gradient transformations for PyTorch, in the style of optax."""
 
-from . import combinators, recipes, schedules, transforms  # noqa: F401  (schedules: gradchain.schedules)
+from . import combinators, diagnostics, recipes, schedules, transforms
 from .base import Bucket, Chain, Leaf, Transform, chain, compute_dtype, scalar_state, transform, zeros_state
 from .combinators import *  # noqa: F403
 from .hyperparams import Hyperparam
@@ -18,8 +18,10 @@ __all__ = [
     "Transform",
     "chain",
     "compute_dtype",
+    "diagnostics",
     "recipes",
     "scalar_state",
+    "schedules",
     "transform",
     "transforms",
     "zeros_state",
