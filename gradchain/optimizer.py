@@ -20,6 +20,9 @@ _SCHEDULER_KEYS = frozenset(
     {"initial_lr", "max_lr", "min_lr", "base_momentum", "max_momentum", "base_lr", "initial_momentum"}
 )
 _GROUP_KEYS = frozenset({"params", "param_names"})
+# optimizer-level state travels in the state dict as entries of the first param's state, so that
+# torch.distributed.checkpoint (which keeps only "state" and "param_groups") carries it too
+_GLOBAL = "@global."
 
 
 class ChainOptimizer(torch.optim.Optimizer):
@@ -195,8 +198,11 @@ class ChainOptimizer(torch.optim.Optimizer):
         sd = super().state_dict()
         encode_groups(sd["param_groups"])  # schedules as plain descriptions (torch.load weights_only)
         sd["gradchain"] = {"transforms": self.transform.signature()}
-        if self.global_state:
-            sd["gradchain"]["global_state"] = dict(self.global_state)
+        if self.global_state and sd["param_groups"] and sd["param_groups"][0]["params"]:
+            holder = sd["param_groups"][0]["params"][0]
+            entry = dict(sd["state"].get(holder, {}))  # a copy: the live state stays as it is
+            entry.update({_GLOBAL + k: v for k, v in self.global_state.items()})
+            sd["state"][holder] = entry
         return sd
 
     def _expected_keys(self, p: Tensor, name: str | None) -> set[str] | None:
@@ -241,7 +247,13 @@ class ChainOptimizer(torch.optim.Optimizer):
             for pid, p, name in zip(sg["params"], g["params"], self._names(g), strict=False):
                 id_map[pid], name_map[pid] = p, name
         state: defaultdict[Any, dict[str, Any]] = defaultdict(dict)
+        saved_global: dict[str, Tensor] = {}
         for k, v in state_dict["state"].items():
+            if isinstance(v, dict) and any(isinstance(key, str) and key.startswith(_GLOBAL) for key in v):
+                saved_global.update({key[len(_GLOBAL):]: val for key, val in v.items() if key.startswith(_GLOBAL)})
+                v = {key: val for key, val in v.items() if not key.startswith(_GLOBAL)}
+                if not v:
+                    continue
             if k not in id_map:
                 state[k] = deepcopy(v)
                 continue
@@ -268,9 +280,8 @@ class ChainOptimizer(torch.optim.Optimizer):
             new_groups.append(sg)
         self.__setstate__({"state": state, "param_groups": new_groups})
         # a state dict saved before the first step has none: it is then made at the next step
-        saved = (meta or {}).get("global_state", {})
         device = groups[0]["params"][0].device if groups and groups[0]["params"] else None
-        self.global_state = {k: v.detach().clone().to(device) for k, v in saved.items()}
+        self.global_state = {k: v.detach().clone().to(device) for k, v in saved_global.items()}
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 

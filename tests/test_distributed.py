@@ -7,6 +7,7 @@ import multiprocessing
 import os
 import traceback
 from datetime import timedelta
+from functools import partial
 from typing import Any
 
 import pytest
@@ -30,7 +31,7 @@ def _ddp(rank: int) -> float:
     return max((a - b).abs().max().item() for a, b in zip(ref.parameters(), model.module.parameters()))
 
 
-def _dcp(rank: int, path: str) -> float:
+def _dcp(rank: int, path: str, recipe) -> float:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
         get_model_state_dict,
@@ -47,7 +48,7 @@ def _dcp(rank: int, path: str) -> float:
         fully_shard(m)
         # a param that never gets a gradient has no state to checkpoint: leave it out of the optimizer
         named = [(n, p) for n, p in m.named_parameters() if n != "unused"]
-        return m, ChainOptimizer(named, recipes.adamw(lr=1e-2))
+        return m, ChainOptimizer(named, recipe())
 
     model, opt = sharded()
     train(model, opt, 0, 2, torch.float64)
@@ -73,7 +74,13 @@ def _worker(rank: int, port: int, path: str, queue: Any) -> None:
     out: dict[str, Any] = {}
     try:
         dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=60))
-        for name, fn in (("ddp", lambda: _ddp(rank)), ("dcp", lambda: _dcp(rank, path))):
+        cases = (
+            ("ddp", lambda: _ddp(rank)),
+            ("dcp", lambda: _dcp(rank, path + "-adamw", partial(recipes.adamw, lr=1e-2))),
+            # AdaLo's loss EMA is optimizer-level state: it must travel through DCP too
+            ("dcp_adalo", lambda: _dcp(rank, path + "-adalo", partial(recipes.adalo, kappa=0.5))),
+        )
+        for name, fn in cases:
             try:
                 out[name] = fn()
             except Exception:
@@ -109,5 +116,6 @@ def test_ddp_and_distributed_checkpoint(tmp_path) -> None:
         assert "setup" not in out, out.get("setup")
         assert isinstance(out["ddp"], float), out["ddp"]
         assert out["ddp"] <= 1e-12, f"rank {rank}: DDP differs from one process by {out['ddp']}"
-        assert isinstance(out["dcp"], float), out["dcp"]
-        assert out["dcp"] == 0.0, f"rank {rank}: DCP resume differs by {out['dcp']}"
+        for case in ("dcp", "dcp_adalo"):
+            assert isinstance(out[case], float), out[case]
+            assert out[case] == 0.0, f"rank {rank}: {case} resume differs by {out[case]}"
