@@ -366,3 +366,31 @@ def check_fsdp2(cases: list[RecipeCase], steps: int = 3, tol: float = 1e-12, tim
             elif not (value <= tol) or math.isnan(value):
                 failures.append(f"rank {rank} {label}: FSDP2 differs from one process by {value:.3e}")
     assert not failures, "\n".join(failures)
+
+
+# -- lockstep parity with a torch.optim optimizer ----------------------------------------------
+def lockstep_gap(
+    pair_a: tuple[nn.Module, torch.optim.Optimizer, Any],
+    pair_b: tuple[nn.Module, torch.optim.Optimizer, Any],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    steps: int = 200,
+    batch_size: int = 8,
+) -> float:
+    """Train two (model, optimizer, scheduler or None) on the same MSE batches in lockstep.
+
+    Returns the largest parameter difference seen over the run (compare it with float64 rounding).
+    """
+    n_batches = x.shape[0] // batch_size
+    gap = 0.0
+    for i in range(steps):
+        lo = i % n_batches * batch_size
+        xb, yb = x[lo : lo + batch_size], y[lo : lo + batch_size]
+        for model, opt, sched in (pair_a, pair_b):
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(xb), yb).backward()
+            opt.step()
+            if sched is not None:
+                sched.step()
+        gap = max(gap, max((a - b).abs().max().item() for a, b in zip(pair_a[0].parameters(), pair_b[0].parameters())))
+    return gap

@@ -7,7 +7,7 @@ from functools import partial
 
 import pytest
 import torch
-from harness import RecipeCase, check_fsdp2, check_recipe
+from harness import RecipeCase, check_fsdp2, check_recipe, lockstep_gap
 
 from gradchain import ChainOptimizer, recipes
 
@@ -50,20 +50,10 @@ def _trajectory_gap(torch_cls, recipe, hp: dict, steps: int = 200, scheduler=Non
     m2 = copy.deepcopy(m1)
     o1 = torch_cls(_groups(m1), maximize=maximize, **hp)
     o2 = ChainOptimizer(_groups(m2), recipe(maximize=maximize, **hp))
-    s1 = scheduler(o1, hp)
-    s2 = scheduler(o2, hp)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(256, 6, dtype=torch.float64, generator=g)
     y = torch.randn(256, 2, dtype=torch.float64, generator=g)
-    gap = 0.0
-    for i in range(steps):
-        xb, yb = x[i % 32 * 8 :][:8], y[i % 32 * 8 :][:8]
-        for m, o, s in ((m1, o1, s1), (m2, o2, s2)):
-            o.zero_grad()
-            torch.nn.functional.mse_loss(m(xb), yb).backward()
-            o.step()
-            s.step()
-        gap = max(gap, max((a - b).abs().max().item() for a, b in zip(m1.parameters(), m2.parameters())))
+    gap = lockstep_gap((m1, o1, scheduler(o1, hp)), (m2, o2, scheduler(o2, hp)), x, y, steps)
     for a, b in zip(o1.param_groups, o2.param_groups):
         assert a["lr"] == b["lr"]
     return gap
