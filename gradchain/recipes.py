@@ -700,11 +700,11 @@ def muon(
     with ``nesterov`` else ``B``; ``O = NewtonSchulz_{ns_steps}(N)`` in ``ns_dtype`` (bf16 like torch;
     fp32/fp64 on request); ``W <- W (1 - lr weight_decay) - lr r O`` with ``r`` from ``adjust_lr_fn``
     (None/"original": ``sqrt(max(1, A/B))``, "match_rms_adamw": ``0.2 sqrt(max(A, B))``). The other
-    params take AdamW with keys ``adamw_lr``, ``adamw_betas``, ``adamw_eps``, ``adamw_weight_decay``
-    (``adamw_lr`` / ``adamw_weight_decay`` default to ``lr`` / ``weight_decay``, Moonlight's
-    convention; note an LR scheduler moves only ``"lr"``). Reference: Jordan et al., Muon (2024);
-    Liu et al., arXiv:2502.16982 (Moonlight). On matrices it reproduces ``torch.optim.Muon`` (same
-    hyperparameter names and defaults).
+    params take AdamW with keys ``adamw_betas``, ``adamw_eps``, and the shared ``lr`` /
+    ``weight_decay`` (Moonlight's convention: an LR scheduler moves both parts); pass ``adamw_lr`` /
+    ``adamw_weight_decay`` to give the AdamW part keys of its own (a scheduler then moves only
+    ``lr``). Reference: Jordan et al., Muon (2024); Liu et al., arXiv:2502.16982 (Moonlight).
+    On matrices it reproduces ``torch.optim.Muon`` (same hyperparameter names and defaults).
     """
     matrices = chain(
         ema(momentum, nesterov=nesterov, name="momentum").renamed({"decay": "momentum"}),
@@ -718,7 +718,14 @@ def muon(
         adamw_betas,
         adamw_eps,
         weight_decay if adamw_weight_decay is None else adamw_weight_decay,
-    ).prefixed("adamw_")
+    )
+    # shared "lr" / "weight_decay" unless given apart, so an LR scheduler moves both parts
+    keys = {"betas": "adamw_betas", "eps": "adamw_eps", "eps_root": "adamw_eps_root"}
+    if adamw_lr is not None:
+        keys["lr"] = "adamw_lr"
+    if adamw_weight_decay is not None:
+        keys["weight_decay"] = "adamw_weight_decay"
+    rest = rest.renamed(keys)
     select = muon_hidden_matrix if muon_params is None else muon_params
     routed = partition({"muon": matrices, "adamw": rest}, lambda n, p: "muon" if select(n, p) else "adamw")
     return chain(routed, maximize=maximize)

@@ -156,7 +156,7 @@ def _muon_gap(adjust_lr_fn, ns_dtype, steps: int, nesterov: bool = True) -> floa
     ]
     ours = ChainOptimizer(
         groups,
-        recipes.muon(lr=0.01, weight_decay=0.1, adamw_lr=0.002, ns_dtype=ns_dtype, **hp),
+        recipes.muon(lr=0.01, weight_decay=0.1, adamw_lr=0.002, adamw_weight_decay=0.1, ns_dtype=ns_dtype, **hp),
     )
     s1 = torch.optim.lr_scheduler.CosineAnnealingLR(o_muon, T_max=50)
     s2 = torch.optim.lr_scheduler.CosineAnnealingLR(ours, T_max=50)
@@ -190,6 +190,18 @@ def test_muon_matches_torch_bf16(adjust_lr_fn) -> None:
     assert _muon_gap(adjust_lr_fn, torch.bfloat16, steps=8) <= 1e-12
 
 
+def test_muon_scheduler_moves_the_adamw_part_too() -> None:
+    model = make_model()
+    opt = ChainOptimizer(list(model.named_parameters()), recipes.muon(lr=0.01, weight_decay=0.0))
+    torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.0)  # lr 0 from the start: nothing may move
+    before = [p.detach().clone() for p in model.parameters()]
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    for a, b in zip(before, model.parameters()):
+        assert torch.equal(a, b)
+
+
 def test_muon_routing() -> None:
     model = make_model()
     opt = ChainOptimizer(list(model.named_parameters()), recipes.muon(lr=0.01))
@@ -201,8 +213,11 @@ def test_muon_routing() -> None:
     adam_names = {n for n, p in names.items() if "adam.exp_avg" in opt.state.get(p, {})}
     assert muon_names == {"conv.weight", "fc1.weight", "fc2.weight"}
     assert adam_names == set(names) - muon_names
-    assert "adamw_lr" in opt.defaults and "adamw_weight_decay" in opt.defaults
-    assert opt.defaults["adamw_lr"] == 0.01 and opt.defaults["adamw_weight_decay"] == 0.1
+    # by default both parts read the shared "lr" / "weight_decay": a scheduler moves both
+    assert "adamw_lr" not in opt.defaults and "adamw_weight_decay" not in opt.defaults
+    assert opt.defaults["lr"] == 0.01 and opt.defaults["adamw_betas"] == (0.9, 0.999)
+    apart = ChainOptimizer(list(model.named_parameters()), recipes.muon(lr=0.01, adamw_lr=3e-4))
+    assert apart.defaults["adamw_lr"] == 3e-4 and apart.defaults["lr"] == 0.01
     assert not recipes.muon_hidden_matrix("embed.weight", torch.zeros(3, 3))
     assert not recipes.muon_hidden_matrix("lm_head.weight", torch.zeros(3, 3))
     assert recipes.muon_hidden_matrix("blocks.0.attn.weight", torch.zeros(3, 3))
