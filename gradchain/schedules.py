@@ -114,6 +114,11 @@ class _Constant(Schedule):
         return self.value
 
 
+def _progress(step: int | float, steps: int) -> float:
+    """How far through a phase of ``steps`` steps ``step`` is, in [0, 1] (a 0-step phase is over)."""
+    return 1.0 if steps == 0 else min(max(step, 0), steps) / steps
+
+
 @dataclass(frozen=True)
 class _Linear(Schedule):
     init: float
@@ -126,9 +131,7 @@ class _Linear(Schedule):
         _check_steps("steps", self.steps)
 
     def __call__(self, step: int | float) -> float:
-        if self.steps == 0:
-            return self.end
-        frac = min(max(step, 0), self.steps) / self.steps
+        frac = _progress(step, self.steps)
         return self.init + (self.end - self.init) * frac
 
 
@@ -175,9 +178,7 @@ class _CosineDecay(Schedule):
             raise ValueError(f"invalid exponent={self.exponent!r}: must be > 0")
 
     def __call__(self, step: int | float) -> float:
-        if self.steps == 0:
-            return self.end
-        frac = min(max(step, 0), self.steps) / self.steps
+        frac = _progress(step, self.steps)
         cos = 0.5 * (1.0 + math.cos(math.pi * frac))
         return self.end + (self.init - self.end) * cos**self.exponent
 
@@ -194,9 +195,7 @@ class _SqrtDecay(Schedule):
         _check_steps("steps", self.steps)
 
     def __call__(self, step: int | float) -> float:
-        if self.steps == 0:
-            return self.end
-        frac = min(max(step, 0), self.steps) / self.steps
+        frac = _progress(step, self.steps)
         return self.end + (self.init - self.end) * (1.0 - math.sqrt(frac))
 
 

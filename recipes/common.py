@@ -52,6 +52,23 @@ class Task:
         return []
 
 
+class DigitsDataTask(Task):
+    """A task on scikit-learn's digits: the fixed split, epochs of ``batch_size`` shuffled images."""
+
+    epochs: int = 1
+    batch_size: int = 128
+
+    def __init__(self) -> None:
+        self.x, self.y, self.x_val, self.y_val = load_digits_split()
+        self.default_steps = self.epochs * self.steps_per_epoch()
+
+    def steps_per_epoch(self) -> int:
+        return -(-len(self.y) // self.batch_size)
+
+    def batch_indices(self, gen: torch.Generator) -> Iterator[Tensor]:
+        return epoch_batches(len(self.y), self.batch_size, gen)
+
+
 def epoch_batches(n: int, batch_size: int, gen: torch.Generator) -> Iterator[Tensor]:
     """Index batches over ``range(n)``: a fresh permutation from ``gen`` each epoch, last batch kept."""
     while True:

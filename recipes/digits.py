@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .common import Task, defaults_for, epoch_batches, load_digits_split
+from .common import DigitsDataTask, defaults_for
 
 
 class DigitsNet(nn.Module):
@@ -32,7 +32,7 @@ class DigitsNet(nn.Module):
         return self.head(F.relu(self.fc(x.flatten(1))))
 
 
-class DigitsTask(Task):
+class DigitsTask(DigitsDataTask):
     name = "digits"
     batch_size = 64
     epochs = 20
@@ -40,18 +40,11 @@ class DigitsTask(Task):
     metrics = ("val_loss", "val_acc")
     optimizer_defaults = defaults_for(3e-3, sgd={"lr": 0.05, "momentum": 0.9})
 
-    def __init__(self) -> None:
-        self.x, self.y, self.x_val, self.y_val = load_digits_split()
-        self.default_steps = self.epochs * self.steps_per_epoch()
-
-    def steps_per_epoch(self) -> int:
-        return -(-len(self.y) // self.batch_size)
-
     def model(self) -> nn.Module:
         return DigitsNet()
 
     def batches(self, gen: torch.Generator) -> Iterator[Any]:
-        for idx in epoch_batches(len(self.y), self.batch_size, gen):
+        for idx in self.batch_indices(gen):
             yield self.x[idx], self.y[idx]
 
     def loss(self, model: nn.Module, batch: Any, gen: torch.Generator) -> tuple[Tensor, dict[str, Tensor]]:

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .common import Task, defaults_for, epoch_batches, load_digits_split
+from .common import DigitsDataTask, defaults_for
 
 
 class ConvVAE(nn.Module):
@@ -55,7 +55,7 @@ def vae_terms(model: ConvVAE, x: Tensor, eps: Tensor | None) -> tuple[Tensor, Te
     return recon, kl
 
 
-class VAETask(Task):
+class VAETask(DigitsDataTask):
     name = "vae"
     batch_size = 128
     epochs = 60
@@ -63,18 +63,11 @@ class VAETask(Task):
     metrics = ("val_loss", "val_kl", "latent_knn_acc")
     optimizer_defaults = defaults_for(3e-3, sgd={"lr": 2e-3, "momentum": 0.9})
 
-    def __init__(self) -> None:
-        self.x, self.y, self.x_val, self.y_val = load_digits_split()
-        self.default_steps = self.epochs * self.steps_per_epoch()
-
-    def steps_per_epoch(self) -> int:
-        return -(-len(self.y) // self.batch_size)
-
     def model(self) -> nn.Module:
         return ConvVAE()
 
     def batches(self, gen: torch.Generator) -> Iterator[Any]:
-        for idx in epoch_batches(len(self.y), self.batch_size, gen):
+        for idx in self.batch_indices(gen):
             yield self.x[idx]
 
     def loss(self, model: nn.Module, batch: Any, gen: torch.Generator) -> tuple[Tensor, dict[str, Tensor]]:
