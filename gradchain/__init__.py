@@ -1,7 +1,18 @@
 """gradchain: composable gradient transformations for PyTorch, in the style of optax."""
 
 from . import combinators, diagnostics, recipes, schedules, transforms
-from .base import Bucket, Chain, Leaf, Transform, chain, compute_dtype, scalar_state, transform, zeros_state
+from .base import (
+    Bucket,
+    Chain,
+    Leaf,
+    Transform,
+    chain,
+    compute_dtype,
+    factory,
+    scalar_state,
+    transform,
+    zeros_state,
+)
 from .combinators import *  # noqa: F403
 from .hyperparams import Hyperparam
 from .optimizer import ChainOptimizer
@@ -18,6 +29,7 @@ __all__ = [
     "Transform",
     "chain",
     "compute_dtype",
+    "factory",
     "diagnostics",
     "recipes",
     "scalar_state",

@@ -7,13 +7,16 @@ param group, device and dtype, as lists, so each call is a handful of ``torch._f
 
 from __future__ import annotations
 
+import copy
+import functools
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from . import ops
 from .hyperparams import Hyperparam, validate
 
 Scalar = float | list
@@ -50,7 +53,12 @@ def scalar_state(param: Tensor, value: float = 0.0, dtype: torch.dtype | None = 
 
 
 def _is_one(s: Scalar) -> bool:
-    return not isinstance(s, list) and s == 1.0
+    # a tensor scalar (fused path) is never known to be 1: its value is not read on the host
+    return not isinstance(s, (list, Tensor)) and s == 1.0
+
+
+def _is_zero(s: Scalar) -> bool:
+    return not isinstance(s, (list, Tensor)) and s == 0.0
 
 
 class Bucket:
@@ -63,6 +71,14 @@ class Bucket:
     ``updates`` may carry a pending affine form ``scale * updates + decay * params`` that is folded
     into the final write, so that scaling by lr and decoupled decay cost no pass of their own.
     Generic transforms always see it materialized.
+
+    State is safe by construction: an update that is a gradient or one of the bucket's state
+    buffers (a transform may return its momentum buffer, as optax code does) is never written in
+    place; it is copied first (:meth:`ensure_owned`).
+
+    With ``tensor_scalars=True`` (the fused path and traced steps) step counts and hyperparameters
+    are 0-d tensors rather than Python numbers, so that new values do not recompile; transforms
+    built with ``elementwise=True`` are written for both kinds (see :mod:`gradchain.ops`).
     """
 
     def __init__(
@@ -77,6 +93,10 @@ class Bucket:
         shared: dict | None = None,
         dtype: torch.dtype | None = None,
         batch_size: Any = None,
+        *,
+        step_values: list | None = None,
+        tensor_scalars: bool = False,
+        resolved: Mapping[str, Any] | None = None,
     ) -> None:
         self.params = params
         self.grads = grads
@@ -94,9 +114,14 @@ class Bucket:
             self.updates = [g.to(self.dtype) for g in grads]
         else:
             self.updates = list(grads)
-        self.step_values: list[float] = torch.stack(steps).tolist() if steps else []
+        self.tensor_scalars = tensor_scalars
+        if step_values is None:
+            step_values = list(steps) if tensor_scalars else (torch.stack(steps).tolist() if steps else [])
+        self.step_values: list = step_values
+        # hyperparameters already resolved (schedules evaluated, checked) for this step, by group key
+        self.resolved = resolved
         self.scale: Scalar = 1.0
-        self.decay: float = 0.0
+        self.decay: Any = 0.0
         self.divisor: list[Tensor] | None = None
         self._borrowed: set[int] = set()
 
@@ -105,21 +130,28 @@ class Bucket:
 
     # -- the step count -------------------------------------------------------------------
     @property
-    def step(self) -> float | None:
-        """The step number (1-based, this step included) if it is the same for every tensor."""
+    def step(self) -> Any:
+        """The step number (1-based, this step included) if it is the same for every tensor.
+
+        A float on the eager path; on the fused path the bucket's one step count, a 0-d tensor.
+        """
         v = self.step_values
         if not v:
             return None
+        if self.tensor_scalars:
+            return v[0] if len(v) == 1 else None
         lo, hi = min(v), max(v)
         return lo if lo == hi else None
 
     @property
     def group_step(self) -> int:
         """The largest step count in the bucket: what schedules of the step are evaluated at."""
+        if self.tensor_scalars:
+            raise RuntimeError("group_step is a host value: resolve schedules before a fused step")
         return int(max(self.step_values)) if self.step_values else 0
 
-    def per_step(self, fn: Callable[[float], float]) -> Scalar:
-        """``fn(step)`` as one float when all tensors share a step, else a list (one per tensor)."""
+    def per_step(self, fn: Callable[[Any], Any]) -> Scalar:
+        """``fn(step)`` as one value when all tensors share a step, else a list (one per tensor)."""
         s = self.step
         if s is not None:
             return fn(s)
@@ -127,16 +159,17 @@ class Bucket:
 
     # -- pending affine form ----------------------------------------------------------------
     def defer_scale(self, s: Scalar) -> None:
-        """Multiply the updates by ``s`` (a float or one float per tensor) lazily."""
+        """Multiply the updates by ``s`` (a number, a 0-d tensor or one per tensor) lazily."""
         if isinstance(s, list):
-            if self.decay != 0.0:
+            if not _is_zero(self.decay):
                 self.materialize()
             self.scale = [a * b for a, b in zip(s, self.scale, strict=False)] if isinstance(self.scale, list) else [
                 x * self.scale for x in s
             ]
         else:
             self.scale = [x * s for x in self.scale] if isinstance(self.scale, list) else self.scale * s
-            self.decay *= s
+            if not _is_zero(self.decay):
+                self.decay = self.decay * s
 
     def defer_divide(self, divisor: list[Tensor]) -> None:
         """Divide the updates by ``divisor`` lazily: the final write is then one ``addcdiv``.
@@ -147,41 +180,36 @@ class Bucket:
             self.materialize()
         self.divisor = divisor
 
-    def add_param_term(self, coef: float) -> None:
+    def add_param_term(self, coef: Any) -> None:
         """Add ``coef * params`` to the updates lazily."""
-        self.decay += coef
+        self.decay = coef if _is_zero(self.decay) else self.decay + coef
 
     def materialize(self) -> list[Tensor]:
         """Fold the pending divisor, scale and param term into ``updates``."""
         if self.divisor is not None:
             self.updates = list(torch._foreach_div(self.updates, self.divisor))
             self.divisor = None
-        if _is_one(self.scale) and self.decay == 0.0:
+        if _is_one(self.scale) and _is_zero(self.decay):
             return self.updates
+        self.ensure_owned()
         if not _is_one(self.scale):
-            if self._all_owned():
-                torch._foreach_mul_(self.updates, self.scale)
-            else:
-                self.updates = list(torch._foreach_mul(self.updates, self.scale))
-        if self.decay != 0.0:
-            if self._all_owned():
-                torch._foreach_add_(self.updates, self.params, alpha=self.decay)
-            else:
-                self.updates = list(torch._foreach_add(self.updates, self.params, alpha=self.decay))
+            ops.mul_(self.updates, self.scale)
+        if not _is_zero(self.decay):
+            ops.axpy_(self.updates, self.params, self.decay)
         self.scale, self.decay = 1.0, 0.0
         return self.updates
 
     # -- ownership: in-place writes must never reach p.grad or a state buffer -----------------
     def lend(self, tensors: list[Tensor]) -> list[Tensor]:
-        """Mark ``tensors`` (e.g. a momentum buffer returned as the update) as not writable."""
+        """Mark ``tensors`` as not writable in place (state buffers of this bucket already are)."""
         self._borrowed.update(id(t) for t in tensors)
         return tensors
 
     def _foreign(self, i: int, u: Tensor) -> bool:
-        return u is self.grads[i] or id(u) in self._borrowed
-
-    def _all_owned(self) -> bool:
-        return not any(self._foreign(i, u) for i, u in enumerate(self.updates))
+        if u is self.grads[i] or id(u) in self._borrowed:
+            return True
+        # a transform returns its own buffer for the same tensor: compare index-aligned entries
+        return any(i < len(lst) and lst[i] is u for lst in self.state.values())
 
     def ensure_owned(self) -> list[Tensor]:
         """Copy any update that aliases a gradient or a state buffer, so it can be written in place."""
@@ -201,6 +229,7 @@ class Bucket:
         sub.batch_size = self.batch_size
         sub.updates = pick(self.updates)
         sub.step_values = pick(self.step_values)
+        sub.tensor_scalars, sub.resolved = self.tensor_scalars, self.resolved
         sub.scale, sub.decay, sub.divisor = 1.0, 0.0, None
         sub._borrowed = set(self._borrowed)
         return sub
@@ -226,15 +255,15 @@ class Bucket:
             self.materialize()
             torch._foreach_add_(self.params, self.updates)
             return
-        if self.decay != 0.0:
-            torch._foreach_mul_(self.params, 1.0 + self.decay)
+        if not _is_zero(self.decay):
+            ops.mul_(self.params, self.decay + 1.0 if isinstance(self.decay, Tensor) else 1.0 + self.decay)
         if self.divisor is not None:
-            torch._foreach_addcdiv_(self.params, self.updates, self.divisor, self.scale)
-        elif isinstance(self.scale, list):
+            ops.addcdiv_(self.params, self.updates, self.divisor, self.scale)
+        elif isinstance(self.scale, list) and not self.tensor_scalars:
             scaled = torch._foreach_mul(self.updates, self.scale)
             torch._foreach_add_(self.params, scaled)
-        elif self.scale != 0.0:
-            torch._foreach_add_(self.params, self.updates, alpha=self.scale)
+        elif not _is_zero(self.scale):
+            ops.axpy_(self.params, self.updates, self.scale)
 
 
 def resolve_hyperparam(key: str, spec: Hyperparam, value: Any, bucket: Bucket) -> Any:
@@ -245,6 +274,25 @@ def resolve_hyperparam(key: str, spec: Hyperparam, value: Any, bucket: Bucket) -
     if isinstance(value, Tensor) and value.numel() == 1 and not value.requires_grad:
         value = value.item() if value.device.type == "cpu" else value
     return value
+
+
+def resolve_group(transform: Transform, group: Mapping[str, Any], step: int) -> dict[str, Any]:
+    """Every hyperparameter ``transform`` declares, resolved for one step and checked.
+
+    Schedules (callables) are evaluated at ``step``; 1-element CPU tensors become numbers. Raises
+    ``ValueError`` naming the key for an invalid value, before any state moves.
+    """
+    out: dict[str, Any] = {}
+    for key, spec in transform.hyperparams.items():
+        value = group[key]
+        if callable(value) and not isinstance(value, Tensor):
+            value = value(step)
+            validate(key, Hyperparam(None, spec.check), value)
+        if isinstance(value, Tensor) and value.numel() == 1 and not value.requires_grad and value.device.type == "cpu":
+            value = value.item()
+        out[key] = value
+    transform.validate_group(out)
+    return out
 
 
 class Transform:
@@ -258,6 +306,8 @@ class Transform:
     name: str
     hyperparams: dict[str, Hyperparam]
     extra_defaults: dict[str, Any]
+    # hyperparameter keys this transform's children share on purpose (see chain(share=))
+    shared_keys: frozenset[str] = frozenset()
 
     # -- what the optimizer calls -------------------------------------------------------------
     def init_state(self, param: Tensor, name: str | None = None) -> StateDict:
@@ -341,8 +391,9 @@ class Transform:
             for st, t in zip(state, v, strict=False):
                 if t is not None:
                     st[k] = t
-        out = bucket.materialize()
-        return [u.clone() if u is g else u for u, g in zip(out, grads, strict=False)]
+        bucket.materialize()
+        # the caller owns what it gets: never a gradient or a state buffer
+        return bucket.ensure_owned()
 
 
 class Leaf(Transform):
@@ -359,6 +410,8 @@ class Leaf(Transform):
         param_term: Callable[[Mapping, Bucket], float] | None = None,
         inplace: bool = False,
         check: Callable[[Mapping], None] | None = None,
+        elementwise: bool = False,
+        static: Sequence[str] = (),
     ) -> None:
         if not name or "." in name:
             raise ValueError(f"transform name {name!r} must be non-empty and contain no '.'")
@@ -373,12 +426,39 @@ class Leaf(Transform):
         self._param_term = param_term
         self._inplace = inplace
         self._check = check
+        # elementwise: the update treats every element alone, its state is shaped like the param and
+        # its math takes tensor scalars (gradchain.ops), so the fused path runs it over one flat
+        # buffer inside a compiled kernel; ``static`` names hyperparameters it branches on in Python
+        self.elementwise = elementwise
+        self.static = frozenset(static)
+        unknown_static = self.static - set(self._specs)
+        if unknown_static:
+            raise ValueError(f"transform {name!r}: static names undeclared hyperparameters {sorted(unknown_static)}")
         self.extra_defaults = {}
         self.validate_group({k: s.default for k, s in self.hyperparams.items()})
 
     @property
     def hyperparams(self) -> dict[str, Hyperparam]:  # type: ignore[override]
         return {self._keys[k]: s for k, s in self._specs.items()}
+
+    def __reduce__(self) -> tuple:
+        built = self.__dict__.get("_built_by")
+        if built is None:
+            raise TypeError(
+                f"transform {self.name!r} cannot be pickled: its update is a closure. Build it with a "
+                "factory decorated by @gradchain.factory (gradchain's own are) so it pickles as a call "
+                "of that factory"
+            )
+        build, args, kwargs = built
+        return _rebuild_leaf, (build, args, kwargs, dict(self._keys))
+
+    def __deepcopy__(self, memo: dict) -> Leaf:
+        # closures are shared, not copied: a transform holds no mutable state of its own
+        new = Leaf.__new__(Leaf)
+        memo[id(self)] = new
+        new.__dict__.update({k: copy.deepcopy(v, memo) if k in ("_keys", "extra_defaults") else v
+                             for k, v in self.__dict__.items()})
+        return new
 
     def renamed(self, mapping: Mapping[str, str]) -> Leaf:
         new = Leaf.__new__(Leaf)
@@ -401,7 +481,13 @@ class Leaf(Transform):
 
     def hp(self, bucket: Bucket) -> dict[str, Any]:
         """This transform's hyperparameters for ``bucket``, by local name."""
-        return {k: resolve_hyperparam(g, self._specs[k], bucket.group[g], bucket) for k, g in self._keys.items()}
+        resolved = bucket.resolved
+        if resolved is None:
+            return {k: resolve_hyperparam(g, self._specs[k], bucket.group[g], bucket) for k, g in self._keys.items()}
+        if bucket.tensor_scalars:
+            host = bucket.shared.get("host_hyperparams", {})
+            return {k: host[g] if k in self.static else resolved[g] for k, g in self._keys.items()}
+        return {k: resolved[g] for k, g in self._keys.items()}
 
     def apply(self, buckets: list[Bucket]) -> None:
         prefix = self.name + "."
@@ -436,10 +522,46 @@ def transform(
     ``update`` gets the bucket's updates (a list), its state (buffer name -> list of tensors),
     the hyperparameters by name and the :class:`Bucket` as step context, and returns the new
     updates. It may write state in place; it writes the update list in place only if built with
-    ``inplace=True``. ``scale=fn(hp, ctx)`` or ``param_term=fn(hp, ctx)`` declare a transform
-    that multiplies the updates or adds ``coef * params``; those are fused into the final write.
+    ``inplace=True``. It may return its own state buffers: nothing later writes into them.
+    ``scale=fn(hp, ctx)`` or ``param_term=fn(hp, ctx)`` declare a transform that multiplies the
+    updates or adds ``coef * params``; those are fused into the final write.
+
+    ``elementwise=True`` declares an update that treats each element alone, keeps state shaped
+    like the param and does its scalar math with :mod:`gradchain.ops` (scalars may be 0-d
+    tensors): the fused path then compiles it into one kernel with its neighbours.
+    ``static=("key",)`` names hyperparameters the update branches on in Python (a change of
+    their value recompiles the fused kernel). Other transforms run on the fused path eagerly,
+    over per-tensor views of the flat buffers.
     """
     return Leaf(name, hyperparams, init, update, **options)
+
+
+def factory(fn: Callable[..., Transform]) -> Callable[..., Transform]:
+    """Record how a transform factory built each transform, so that the transform pickles.
+
+    A transform's ``update`` is usually a closure, which pickle cannot store; a transform built by
+    a decorated factory pickles as "call this factory again with these arguments" (renamed keys
+    kept). gradchain's own factories are decorated; decorate yours to pickle optimizers that use
+    them (``pickle.dumps(opt)``, ``copy.deepcopy`` works either way).
+    """
+
+    @functools.wraps(fn)
+    def build(*args: Any, **kwargs: Any) -> Transform:
+        t = fn(*args, **kwargs)
+        if isinstance(t, Leaf) and t.__dict__.get("_built_by") is None:
+            t._built_by = (build, args, kwargs)
+        return t
+
+    build.__gradchain_factory__ = True  # type: ignore[attr-defined]
+    return build
+
+
+def _rebuild_leaf(build: Callable[..., Transform], args: tuple, kwargs: dict, keys: dict[str, str]) -> Leaf:
+    leaf = build(*args, **kwargs)
+    if not isinstance(leaf, Leaf):
+        raise TypeError(f"{build.__qualname__} no longer builds a single transform")
+    leaf._keys = dict(keys)
+    return leaf
 
 
 def check_unique_names(t: Transform, where: str) -> None:
@@ -450,10 +572,17 @@ def check_unique_names(t: Transform, where: str) -> None:
             raise ValueError(f"duplicate transform names in {where}: {dup}; pass name= to tell them apart")
 
 
-def merge_hyperparams(children: Sequence[Transform]) -> dict[str, Hyperparam]:
-    """The union of the children's hyperparameters; one key with two defaults is an error."""
+def merge_hyperparams(children: Sequence[Transform], share: Iterable[str] | None = None) -> dict[str, Hyperparam]:
+    """The union of the children's hyperparameters.
+
+    One key with two defaults is an error. With ``share`` given (a chain), a key declared by two
+    children is an error too unless it is named in ``share``: one group value would silently drive
+    both (``chain(add_l2(0.01), scale_by_adam(), add_decoupled_wd(0.01))`` has two
+    ``weight_decay`` knobs).
+    """
     merged: dict[str, Hyperparam] = {}
     owner: dict[str, str] = {}
+    allowed = None if share is None else set(share)
     for t in children:
         for key, spec in t.hyperparams.items():
             if key in merged and not _same(merged[key].default, spec.default):
@@ -461,6 +590,12 @@ def merge_hyperparams(children: Sequence[Transform]) -> dict[str, Hyperparam]:
                     f"hyperparameter {key!r} is declared with default {merged[key].default!r} by "
                     f"{owner[key]!r} and {spec.default!r} by {t.name!r}; give them the same default "
                     f"or rename one with .renamed({{{key!r}: 'new_key'}})"
+                )
+            if key in merged and allowed is not None and key not in allowed:
+                raise ValueError(
+                    f"hyperparameter {key!r} is declared by both {owner[key]!r} and {t.name!r}: one group "
+                    f"value would drive both. Rename one with .renamed({{{key!r}: 'new_key'}}), or share it "
+                    f"on purpose with chain(..., share=[{key!r}])"
                 )
             merged.setdefault(key, spec)
             owner.setdefault(key, t.name)
@@ -478,19 +613,23 @@ def _same(a: Any, b: Any) -> bool:
 class Chain(Transform):
     """Transforms applied one after the other to every bucket."""
 
-    def __init__(self, children: Sequence[Transform], name: str = "chain") -> None:
+    def __init__(self, children: Sequence[Transform], name: str = "chain", share: Iterable[str] = ()) -> None:
         flat: list[Transform] = []
+        extra: dict[str, Any] = {}
+        shared = set(share)
         for t in children:
             if not isinstance(t, Transform):
                 raise TypeError(f"chain() takes transforms, got {type(t).__name__}")
+            # a nested chain keeps its optimizer-level defaults (maximize) and what it shares
+            extra.update(t.extra_defaults)
+            shared |= t.shared_keys
             flat.extend(t.children if isinstance(t, Chain) else [t])
         self.name = name
         self.children = flat
+        self.shared_keys = frozenset(shared)
         check_unique_names(self, "a chain")
-        self.hyperparams = merge_hyperparams(flat)
-        self.extra_defaults = {}
-        for t in flat:
-            self.extra_defaults.update(t.extra_defaults)
+        self.hyperparams = merge_hyperparams(flat, share=self.shared_keys)
+        self.extra_defaults = extra
 
     def leaves(self) -> Iterator[Transform]:
         for t in self.children:
@@ -503,7 +642,8 @@ class Chain(Transform):
         return out
 
     def renamed(self, mapping: Mapping[str, str]) -> Chain:
-        out = Chain([t.renamed(mapping) for t in self.children], self.name)
+        out = Chain([t.renamed(mapping) for t in self.children], self.name,
+                    share={mapping.get(k, k) for k in self.shared_keys})
         out.extra_defaults = dict(self.extra_defaults)
         return out
 
@@ -522,13 +662,16 @@ class Chain(Transform):
             t.apply(buckets)
 
 
-def chain(*transforms: Transform, maximize: bool | None = None) -> Chain:
+def chain(*transforms: Transform, maximize: bool | None = None, share: Iterable[str] = ()) -> Chain:
     """Compose transforms: ``chain(a, b, c)`` applies ``a`` then ``b`` then ``c``.
 
-    Nested chains are flattened; transform names must be unique. ``maximize`` sets the
-    optimizer's default for the ``maximize`` group option (as in torch.optim).
+    Nested chains are flattened (keeping their ``maximize`` default); transform names must be
+    unique. Two transforms that declare the same hyperparameter key are an error unless the key
+    is named in ``share`` (one group value then drives both, e.g. ``share=["lr"]`` for a decay
+    scaled by the learning rate). ``maximize`` sets the optimizer's default for the ``maximize``
+    group option (as in torch.optim).
     """
-    c = Chain(transforms)
+    c = Chain(transforms, share=share)
     if maximize is not None:
         c.extra_defaults["maximize"] = bool(maximize)
     return c

@@ -102,6 +102,7 @@ class _Routing(Transform):
         check_unique_names(self, f"{name}()")
         self.hyperparams = merge_hyperparams(list(children.values()))
         self.extra_defaults = {}
+        self.shared_keys = frozenset().union(*(c.shared_keys for c in children.values()))
         for c in children.values():
             self.extra_defaults.update(c.extra_defaults)
 
@@ -126,6 +127,16 @@ class _Masked(_Routing):
         return _Masked(self.children[True].renamed(mapping), self._select)
 
 
+class _AsBool:
+    """A user predicate whose result is taken as a bool (a class, not a closure: it pickles)."""
+
+    def __init__(self, predicate: Selector) -> None:
+        self.predicate = predicate
+
+    def __call__(self, name: str | None, param: Tensor) -> bool:
+        return bool(self.predicate(name, param))
+
+
 def masked(inner: Transform, mask: Selector | str | Iterable[str]) -> Transform:
     """Apply ``inner`` only to the selected params; the others' updates pass through unchanged.
 
@@ -135,8 +146,7 @@ def masked(inner: Transform, mask: Selector | str | Iterable[str]) -> Transform:
     Peer: optax ``masked``.
     """
     if callable(mask):
-        user = mask
-        select = lambda name, p: bool(user(name, p))  # noqa: E731
+        select = _AsBool(mask)
     else:
         select = _name_predicate(mask)
     return _Masked(inner, select)
@@ -343,15 +353,17 @@ class _Accumulate(_Wrapper):
                 torch._foreach_zero_(self._mine(b, k))
             steps = self._inner_steps(b)
             torch._foreach_add_(steps, 1.0)
-            saved.append((b.grads, b.steps, b.step_values, b.loss))
-            # the inner chain sees the large batch: its mean gradient (as raw grads too), loss, steps
+            saved.append((b.grads, b.steps, b.step_values, b.loss, b.resolved))
+            # the inner chain sees the large batch: its mean gradient (as raw grads too), loss, steps;
+            # its schedules are evaluated at its own step count
             b.grads, b.updates, b.steps, b.loss = g, list(g), steps, loss
             b.step_values = torch.stack(steps).tolist()
+            b.resolved = None
         try:
             self.inner.apply(live)
         finally:
-            for b, (grads, steps, values, loss) in zip(live, saved, strict=True):
-                b.grads, b.steps, b.step_values, b.loss = grads, steps, values, loss
+            for b, (grads, steps, values, loss, resolved) in zip(live, saved, strict=True):
+                b.grads, b.steps, b.step_values, b.loss, b.resolved = grads, steps, values, loss, resolved
 
 
 def accumulate(inner: Transform, steps: int, *, name: str = "accumulate") -> Transform:

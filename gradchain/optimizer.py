@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Iterable
+import math
+import warnings
 from copy import deepcopy
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from .base import Bucket, Transform
+from .base import Bucket, Transform, compute_dtype, resolve_group
+from .fused import FlatBucket, FusedChain
 from .schedules import decode_groups, encode_groups
 
 __all__ = ["ChainOptimizer"]
@@ -46,12 +49,23 @@ class ChainOptimizer(torch.optim.Optimizer):
         transform: Transform,
         *,
         state_dtype: torch.dtype | None = None,
+        fused: bool = False,
+        atomic: str = "first",
         **overrides: Any,
     ) -> None:
         if not isinstance(transform, Transform):
             raise TypeError(f"ChainOptimizer needs a gradchain Transform, got {type(transform).__name__}")
         self.transform = transform
+        if state_dtype is not None and (not isinstance(state_dtype, torch.dtype) or not state_dtype.is_floating_point):
+            raise TypeError(f"state_dtype must be a floating torch.dtype such as torch.bfloat16, got {state_dtype!r}")
+        if not isinstance(fused, bool):
+            raise TypeError(f"fused must be a bool, got {fused!r}")
+        if atomic not in ("first", "always"):
+            raise ValueError(f"atomic must be 'first' or 'always', got {atomic!r}")
         self.state_dtype = state_dtype
+        self.fused = fused
+        self.atomic = atomic
+        self._init_runtime()
         defaults = {k: spec.default for k, spec in transform.hyperparams.items()}
         defaults["maximize"] = False
         defaults.update(transform.extra_defaults)
@@ -65,6 +79,14 @@ class ChainOptimizer(torch.optim.Optimizer):
         # define ``init_global_state(device)``; transforms reach it as ``bucket.shared["global_state"]``
         self.global_state: dict[str, Tensor] = {}
         super().__init__(params, defaults)
+
+    def _init_runtime(self) -> None:
+        # not part of the optimizer's state: rebuilt after a load, a copy or unpickling
+        self._fused_chain = FusedChain(self.transform)
+        self._flats: dict[tuple, FlatBucket] = {}
+        self._warned: set = set()
+        self._proven: set = set()
+        self._created: list = []
 
     # -- groups -------------------------------------------------------------------------------
     def _check_group(self, group: dict[str, Any]) -> None:
@@ -120,10 +142,10 @@ class ChainOptimizer(torch.optim.Optimizer):
         return self.global_state
 
     # -- the step -----------------------------------------------------------------------------
-    def _buckets(self, loss: Tensor | None, batch_size: Any = None) -> tuple[list[Bucket], list[list[dict]]]:
-        shared: dict[str, Any] = {}
-        buckets, states = [], []
-        for group in self.param_groups:
+    def _collect(self) -> list[tuple[int, dict, list]]:
+        """``(group index, group, [(p, grad, state, name)])`` per bucket: params with a grad, by device and dtype."""
+        out = []
+        for gi, group in enumerate(self.param_groups):
             split: dict[tuple, list] = defaultdict(list)
             for p, name in zip(group["params"], self._names(group), strict=False):
                 g = p.grad
@@ -138,26 +160,69 @@ class ChainOptimizer(torch.optim.Optimizer):
                     raise RuntimeError(
                         f"gradchain does not support complex params yet (param {name or tuple(p.shape)})"
                     )
-                st = self.state.get(p) or self._init_param_state(p, name)
+                st = self.state.get(p)
+                if not st:
+                    st = self._init_param_state(p, name)
+                    self._created.append(p)
                 split[(p.device, p.dtype)].append((p, g, st, name))
-            for items in split.values():
-                params = [x[0] for x in items]
-                grads = [x[1] for x in items]
-                if group["maximize"]:
-                    grads = torch._foreach_neg(grads)
-                sts = [x[2] for x in items]
-                keys = {k for st in sts for k in st if k != "step"}
-                lists = {k: [st.get(k) for st in sts] for k in keys}
-                steps = [st["step"] for st in sts]
-                torch._foreach_add_(steps, 1.0)
-                buckets.append(
-                    Bucket(params, grads, lists, steps, [x[3] for x in items], group, loss, shared, self.state_dtype,
-                           batch_size=batch_size)
-                )
-                states.append(sts)
+            out.extend((gi, group, items) for items in split.values())
+        return out
+
+    def _resolve(self, group: dict, step: int) -> dict[str, Any]:
+        return resolve_group(self.transform, group, step)
+
+    def _buckets(self, loss: Tensor | None, batch_size: Any = None) -> tuple[list[Bucket], list[list[dict]]]:
+        shared: dict[str, Any] = {}
+        compiling = torch.compiler.is_compiling()
+        plans = []
+        # every hyperparameter (schedules included) is resolved and checked before any state moves
+        for gi, group, items in self._collect():
+            sts = [x[2] for x in items]
+            steps = [st["step"] for st in sts]
+            if compiling:
+                plans.append((group, items, steps, None, None))
+                continue
+            values = [v + 1.0 for v in torch.stack(steps).tolist()]
+            plans.append((group, items, steps, values, self._resolve(group, int(max(values)))))
+        buckets, states = [], []
+        for group, items, steps, values, resolved in plans:
+            params = [x[0] for x in items]
+            grads = [x[1] for x in items]
+            if group["maximize"]:
+                grads = torch._foreach_neg(grads)
+            sts = [x[2] for x in items]
+            keys = {k for st in sts for k in st if k != "step"}
+            lists = {k: [st.get(k) for st in sts] for k in keys}
+            torch._foreach_add_(steps, 1.0)
+            if compiling:
+                # a traced step: step counts stay tensors, so the graph does not depend on their values
+                resolved = {k: group[k] for k in self.transform.hyperparams}
+                shared["host_hyperparams"] = resolved
+            buckets.append(
+                Bucket(params, grads, lists, steps, [x[3] for x in items], group, loss, shared, self.state_dtype,
+                       batch_size=batch_size, step_values=None if compiling else values, tensor_scalars=compiling,
+                       resolved=resolved)
+            )
+            states.append(sts)
         if buckets:
             shared["global_state"] = self._init_global_state(buckets[0].params[0].device)
         return buckets, states
+
+    def _step_eager(self, loss: Tensor | None, batch_size: Any) -> None:
+        buckets, states = self._buckets(loss, batch_size)
+        if not buckets:
+            return
+        self.transform.apply(buckets)
+        for b, sts in zip(buckets, states, strict=False):
+            b.write()
+            for k, lst in b.state.items():
+                for st, t in zip(sts, lst, strict=False):
+                    if t is not None and st.get(k) is not t:
+                        st[k] = t
+        # flat buffers of the fused path stay the storage of record
+        for fb in self._flats.values():
+            fb.resync_state()
+            fb.step_host = None
 
     @torch.no_grad()
     def step(  # type: ignore[override]
@@ -170,6 +235,10 @@ class ChainOptimizer(torch.optim.Optimizer):
         Either way loss-aware transforms see it, and it is returned. ``batch_size=`` (a number or a
         0-d tensor: this micro-batch's sample or token count) weighs the micro-batches of
         ``accumulate()``; a chain without one refuses it.
+
+        A step is all or nothing: hyperparameters (schedules included) are resolved and checked
+        before any state moves, and if a transform raises, params and state are restored to what
+        they were before the step (see ``atomic`` in the class docstring).
         """
         if batch_size is not None and not any(getattr(t, "reads_batch_size", False) for t in self.transform.leaves()):
             raise ValueError("step(batch_size=) is read by accumulate(); this chain has no accumulate()")
@@ -181,16 +250,145 @@ class ChainOptimizer(torch.optim.Optimizer):
         loss_t = None
         if loss is not None:
             loss_t = loss.detach() if isinstance(loss, Tensor) else torch.tensor(float(loss))
-        buckets, states = self._buckets(loss_t, batch_size)
-        if buckets:
-            self.transform.apply(buckets)
-            for b, sts in zip(buckets, states, strict=False):
-                b.write()
-                for k, lst in b.state.items():
-                    for st, t in zip(sts, lst, strict=False):
-                        if t is not None and st.get(k) is not t:
-                            st[k] = t
+        if torch.compiler.is_compiling():
+            self._step_eager(loss_t, batch_size)
+            return loss
+        self._created = []
+        key = self._structure(loss_t, batch_size)
+        guard = self.atomic == "always" or key not in self._proven
+        snapshot = self._snapshot() if guard else None
+        try:
+            if not (self.fused and batch_size is None and self._step_fused(loss_t)):
+                self._step_eager(loss_t, batch_size)
+        except BaseException:
+            self._rollback(snapshot)
+            raise
+        self._proven.add(key)
         return loss
+
+    # -- all or nothing ------------------------------------------------------------------------
+    def _structure(self, loss: Tensor | None, batch_size: Any) -> tuple:
+        sizes = tuple(sum(p.grad is not None for p in g["params"]) for g in self.param_groups)
+        return (loss is None, batch_size is None, sizes, tuple(len(g["params"]) for g in self.param_groups))
+
+    def _snapshot(self) -> dict[str, Any]:
+        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        return {
+            "params": [(p, p.detach().clone()) for p in params],
+            "state": {p: (dict(self.state[p]), {k: v.detach().clone() for k, v in self.state[p].items()
+                                                if isinstance(v, Tensor)})
+                      for p in params if self.state.get(p)},
+            "global": (dict(self.global_state), {k: v.clone() for k, v in self.global_state.items()}),
+        }
+
+    def _rollback(self, snapshot: dict[str, Any] | None) -> None:
+        for p in self._created:
+            self.state.pop(p, None)
+        if snapshot is None:
+            return
+        for p, value in snapshot["params"]:
+            p.detach().copy_(value)
+        for p, (entries, values) in snapshot["state"].items():
+            st = self.state[p]
+            st.clear()
+            st.update(entries)
+            for k, v in values.items():
+                entries[k].copy_(v)
+        entries, values = snapshot["global"]
+        self.global_state.clear()
+        self.global_state.update(entries)
+        for k, v in values.items():
+            entries[k].copy_(v)
+        for fb in self._flats.values():
+            fb.step_host = None
+
+    # -- the fused path ------------------------------------------------------------------------
+    def _step_fused(self, loss: Tensor | None) -> bool:
+        """One step over flat buffers; False (nothing done) when a bucket cannot take it this step."""
+        flats, groups, resolved, host_steps, dtypes = [], [], [], [], []
+        for gi, group, items in self._collect():
+            params = [x[0] for x in items]
+            key = (gi, params[0].device, params[0].dtype)
+            fb = self._flats.get(key)
+            if fb is None or len(fb.params) != len(params) or any(a is not b for a, b in zip(fb.params, params)) \
+                    or not fb.intact():
+                fb = self._flatten(key, items)
+                if fb is None:
+                    return False
+            if not fb.gather_grads():
+                return False
+            if fb.step_host is None:
+                fb.step_host = fb.uniform_step()
+                if fb.step_host is None:
+                    self._warn_eager(key, "its params have taken different numbers of steps (one had no grad)")
+                    return False
+            flats.append(fb)
+            groups.append(group)
+            dtypes.append(self.state_dtype or compute_dtype(params[0].dtype))
+        # a param of a group that has a layout but no grad now: the layout cannot take this step
+        for gi, group in enumerate(self.param_groups):
+            for key, fb in self._flats.items():
+                if key[0] == gi and fb not in flats and any(p.grad is not None for p in fb.params):
+                    return False
+        if not flats:
+            return True
+        for fb, group in zip(flats, groups):
+            resolved.append(self._resolve(group, int(fb.step_host) + 1))
+            host_steps.append(fb.step_host + 1.0)
+        for fb in flats:
+            fb.flat_steps.add_(1.0)
+            fb.step_host += 1.0
+        shared = {"global_state": self._init_global_state(flats[0].device)}
+        self._fused_chain.step(flats, groups, resolved, host_steps, loss, shared, dtypes)
+        return True
+
+    def _flatten(self, key: tuple, items: list) -> FlatBucket | None:
+        params = [x[0] for x in items]
+        why = None
+        if any(getattr(p, "device_mesh", None) is not None for p in params):
+            why = "its params are DTensors (FSDP2): the fused path keeps flat buffers of plain tensors"
+        elif len({float(x[2]["step"]) for x in items}) != 1:
+            why = "its params have taken different numbers of steps"
+        if why is not None:
+            self._warn_eager(key, why)
+            return None
+        old = self._flats.pop(key, None)
+        if old is not None:
+            old.resync_state()
+        fb = FlatBucket(params, [x[2] for x in items], [x[3] for x in items])
+        fb.step_host = None
+        self._flats[key] = fb
+        return fb
+
+    def _warn_eager(self, key: tuple, why: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(f"ChainOptimizer(fused=True): param group {key[0]} runs on the eager path because {why}",
+                          RuntimeWarning, stacklevel=4)
+
+    def zero_grad(self, set_to_none: bool | None = None) -> None:
+        """Reset the gradients. On the fused path (and ``set_to_none`` not given) the flat gradient
+        buffers are zeroed in place and ``p.grad`` stays a view into them; elsewhere as torch."""
+        if self.fused and set_to_none is None:
+            flat_params = set()
+            for fb in self._flats.values():
+                fb.zero_grad()
+                flat_params.update(id(p) for p in fb.params)
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if id(p) not in flat_params and p.grad is not None:
+                        p.grad = None
+            return
+        super().zero_grad(set_to_none=True if set_to_none is None else set_to_none)
+
+    def fused_plan(self) -> list[tuple[str, list[str]]]:
+        """What the fused path does with this chain: ``("compiled" | "eager", [transform names])`` per segment."""
+        return self._fused_chain.describe()
+
+    @property
+    def compile_seconds(self) -> float:
+        """Seconds the fused path has spent compiling (its first steps)."""
+        return self._fused_chain.compile_seconds
 
     # -- checkpoints --------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -205,12 +403,38 @@ class ChainOptimizer(torch.optim.Optimizer):
             sd["state"][holder] = entry
         return sd
 
-    def _expected_keys(self, p: Tensor, name: str | None) -> set[str] | None:
+    def _expected_state(self, p: Tensor, name: str | None) -> dict[str, Any] | None:
         try:
             meta = torch.empty(tuple(p.shape), dtype=p.dtype, device="meta")
-            return set(self.transform.init_state(meta, name)) | {"step"}
+            expected = dict(self.transform.init_state(meta, name))
         except Exception:
             return None
+        expected["step"] = torch.zeros((), device="meta")
+        return expected
+
+    @staticmethod
+    def _check_loaded(label: Any, expected: dict[str, Any], loaded: dict[str, Any]) -> None:
+        """Refuse state that cannot belong to this param: other shapes, integer moments, a bad step."""
+        for key, want in expected.items():
+            got = loaded[key]
+            if key == "step":
+                value = float(got) if isinstance(got, (Tensor, int, float)) and not isinstance(got, bool) else None
+                if value is None or not math.isfinite(value) or value < 0 or (isinstance(got, Tensor) and got.numel() != 1):
+                    raise ValueError(f"state dict: param {label} has an invalid step {got!r} (a count >= 0)")
+                continue
+            if not isinstance(want, Tensor):
+                continue
+            if not isinstance(got, Tensor):
+                raise ValueError(f"state dict: param {label} state {key!r} is a {type(got).__name__}, not a tensor")
+            if tuple(got.shape) != tuple(want.shape):
+                raise ValueError(
+                    f"state dict: param {label} state {key!r} has shape {tuple(got.shape)}, this param needs "
+                    f"{tuple(want.shape)}: is the state dict from another model?"
+                )
+            if got.is_floating_point() != want.is_floating_point() or got.is_complex() != want.is_complex():
+                raise ValueError(
+                    f"state dict: param {label} state {key!r} has dtype {got.dtype}, this chain keeps {want.dtype}"
+                )
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict, keeping the saved state dtypes (torch would cast them to the param's).
@@ -258,12 +482,14 @@ class ChainOptimizer(torch.optim.Optimizer):
                 state[k] = deepcopy(v)
                 continue
             p = id_map[k]
-            expected = self._expected_keys(p, name_map[k])
-            if expected is not None and set(v) != expected:
+            expected = self._expected_state(p, name_map[k])
+            if expected is not None and set(v) != set(expected):
                 raise ValueError(
                     f"state dict is from a different chain: param {name_map[k] or k} has state "
                     f"{sorted(v)}, this chain keeps {sorted(expected)}"
                 )
+            if expected is not None:
+                self._check_loaded(name_map[k] or k, expected, v)
             # copies: the optimizer must not share buffers with the dict (or with another optimizer)
             state[p] = {
                 key: (val.to(device=p.device, copy=True) if key != "step" else val.clone())
@@ -271,8 +497,15 @@ class ChainOptimizer(torch.optim.Optimizer):
                 else deepcopy(val)
                 for key, val in v.items()
             }
+            step = state[p].get("step")
+            if step is not None and not isinstance(step, Tensor):
+                # older torch checkpoints keep the step as a Python number
+                state[p]["step"] = torch.tensor(float(step), dtype=torch.float32)
         new_groups = []
         for g, sg in zip(groups, saved_groups, strict=False):
+            # a state dict saved before a group option existed (maximize, ...) takes today's default
+            for key, value in self.defaults.items():
+                sg.setdefault(key, deepcopy(value))
             sg["params"] = g["params"]
             if "param_names" in g and "param_names" not in sg:
                 sg["param_names"] = g["param_names"]
@@ -290,4 +523,15 @@ class ChainOptimizer(torch.optim.Optimizer):
         d["transform"] = self.transform
         d["state_dtype"] = self.state_dtype
         d["global_state"] = self.global_state
+        d["fused"] = getattr(self, "fused", False)
+        d["atomic"] = getattr(self, "atomic", "first")
         return d
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        if "transform" in self.__dict__:
+            flats = self.__dict__.get("_flats")
+            if flats:
+                for fb in flats.values():
+                    fb.resync_state()
+            self._init_runtime()

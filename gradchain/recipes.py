@@ -308,6 +308,8 @@ def adafactor(
         add_lr_scaled_wd(weight_decay, lr),
         scale(-1.0),
         maximize=maximize,
+        # torch's one eps pair (eps1, eps2) and one lr serve several steps of the rule
+        share=["eps", "lr"],
     )
 
 
@@ -675,6 +677,16 @@ def muon_hidden_matrix(name: str | None, param: torch.Tensor) -> bool:
     return not any("embed" in c or c.endswith("head") or c in ("wte", "wpe") for c in parts)
 
 
+class _MuonOrAdamW:
+    """Routes a param to ``"muon"`` when ``select(name, param)``, else ``"adamw"`` (picklable)."""
+
+    def __init__(self, select: Callable[[str | None, torch.Tensor], bool]) -> None:
+        self.select = select
+
+    def __call__(self, name: str | None, param: torch.Tensor) -> str:
+        return "muon" if self.select(name, param) else "adamw"
+
+
 def muon(
     lr: float = 1e-3,
     weight_decay: float = 0.1,
@@ -727,7 +739,7 @@ def muon(
         keys["weight_decay"] = "adamw_weight_decay"
     rest = rest.renamed(keys)
     select = muon_hidden_matrix if muon_params is None else muon_params
-    routed = partition({"muon": matrices, "adamw": rest}, lambda n, p: "muon" if select(n, p) else "adamw")
+    routed = partition({"muon": matrices, "adamw": rest}, _MuonOrAdamW(select))
     return chain(routed, maximize=maximize)
 
 

@@ -143,7 +143,10 @@ def test_unknown_hyperparameters_are_errors() -> None:
 def test_duplicate_names_and_conflicting_defaults() -> None:
     with pytest.raises(ValueError, match="duplicate"):
         gc.chain(gc.scale_by_adam(), gc.scale_by_adam())
-    gc.chain(gc.scale_by_adam(), gc.scale_by_adam(name="adam2"))
+    # two transforms reading one key: an error unless shared on purpose
+    with pytest.raises(ValueError, match="share="):
+        gc.chain(gc.scale_by_adam(), gc.scale_by_adam(name="adam2"))
+    gc.chain(gc.scale_by_adam(), gc.scale_by_adam(name="adam2"), share=["betas", "eps", "eps_root"])
     with pytest.raises(ValueError, match="lr"):
         gc.chain(gc.scale_by_lr(0.1), gc.scale_by_lr(0.2, name="lr2"))
 

@@ -166,6 +166,10 @@ def scale_by_diffgrad(
     return transform(name, spec, init, update)
 
 
+def _none_or_positive(x: object) -> str | None:
+    return None if x is None else positive(x)
+
+
 def scale_by_adanorm(
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
@@ -209,6 +213,6 @@ def scale_by_adanorm(
         "betas": Hyperparam(tuple(betas), check_betas),
         "eps": Hyperparam(eps, nonnegative),
         "norm_decay": Hyperparam(norm_decay, unit_interval),
-        "max_ratio": Hyperparam(max_ratio, lambda x: None if x is None else positive(x)),
+        "max_ratio": Hyperparam(max_ratio, _none_or_positive),
     }
     return transform(name, spec, init, update)

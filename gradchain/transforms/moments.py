@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 
 import torch
 
+from .. import ops
 from ..base import Bucket, Leaf, transform, zeros_state
 from ..hyperparams import Hyperparam, nonnegative
 from ..hyperparams import betas as check_betas
@@ -38,31 +38,30 @@ def scale_by_adam(
         return st
 
     def update(updates: list, state: dict, hp: Mapping, ctx: Bucket) -> list:
-        b1, b2 = (float(b) for b in hp["betas"])
-        eps, eps_root = float(hp["eps"]), float(hp["eps_root"])
+        b1, b2 = hp["betas"]
+        eps, eps_root = hp["eps"], hp["eps_root"]
         m, v = state["exp_avg"], state["exp_avg_sq"]
-        torch._foreach_lerp_(m, updates, 1.0 - b1)
-        torch._foreach_mul_(v, b2)
-        torch._foreach_addcmul_(v, updates, updates, 1.0 - b2)
+        ops.update_moment(m, updates, b1)
+        ops.update_moment_per_elem_norm(v, updates, b2)
         if amsgrad:
             torch._foreach_maximum_(state["max_exp_avg_sq"], v)
             v = state["max_exp_avg_sq"]
         if eps_root:
-            denom = torch._foreach_div(v, ctx.per_step(lambda t: 1.0 - b2**t))
-            torch._foreach_add_(denom, eps_root)
+            denom = torch._foreach_div(v, ctx.per_step(lambda t: ops.bias_correction(b2, t)))
+            ops.add_(denom, eps_root)
             torch._foreach_sqrt_(denom)
         else:
             denom = torch._foreach_sqrt(v)
-            torch._foreach_div_(denom, ctx.per_step(lambda t: math.sqrt(1.0 - b2**t)))
-        torch._foreach_add_(denom, eps)
-        ctx.defer_scale(ctx.per_step(lambda t: 1.0 / (1.0 - b1**t)))
+            ops.div_(denom, ctx.per_step(lambda t: ops.sqrt(ops.bias_correction(b2, t))))
+        ops.add_(denom, eps)
+        ctx.defer_scale(ctx.per_step(lambda t: 1.0 / ops.bias_correction(b1, t)))
         # u = m / denom, left for the final write to fuse into one addcdiv (as torch's AdamW)
         ctx.defer_divide(denom)
-        return ctx.lend(list(m))
+        return list(m)
 
     spec = {
         "betas": Hyperparam(tuple(betas), check_betas),
         "eps": Hyperparam(eps, nonnegative),
         "eps_root": Hyperparam(eps_root, nonnegative),
     }
-    return transform(name, spec, init, update)
+    return transform(name, spec, init, update, elementwise=True, static=("eps_root",))

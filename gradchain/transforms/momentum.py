@@ -6,6 +6,7 @@ from collections.abc import Mapping
 
 import torch
 
+from .. import ops
 from ..base import Bucket, Leaf, transform, zeros_state
 from ..hyperparams import Hyperparam, nonnegative, number, unit_interval
 
@@ -32,23 +33,20 @@ def trace(momentum: float = 0.9, dampening: float = 0.0, nesterov: bool = False,
         return {"buffer": zeros_state(p)}
 
     def update(updates: list, state: dict, hp: Mapping, ctx: Bucket) -> list:
-        mu, damp = float(hp["momentum"]), float(hp["dampening"])
+        mu, damp = hp["momentum"], hp["dampening"]
         buf = state["buffer"]
-        # torch's b_1 = g: the buffer is still zero at a tensor's first step
-        first = [i for i, t in enumerate(ctx.step_values) if t == 1.0]
-        rest = [i for i, t in enumerate(ctx.step_values) if t != 1.0]
-        if first:
-            torch._foreach_add_([buf[i] for i in first], [updates[i] for i in first])
-        if rest:
-            rb, ru = ([buf[i] for i in rest], [updates[i] for i in rest]) if first else (buf, updates)
-            torch._foreach_mul_(rb, mu)
-            torch._foreach_add_(rb, ru, alpha=1.0 - damp)
+        # torch's b_1 = g: the buffer is still zero at a tensor's first step, and no dampening applies
+        ops.mul_(buf, mu)
+        ops.axpy_(buf, updates, ctx.per_step(lambda t: 1.0 - damp * (t > 1)))
         if nesterov:
-            return torch._foreach_add(updates, buf, alpha=mu)
-        return ctx.lend(list(buf))
+            out = [u.clone() for u in updates] if ctx.tensor_scalars else torch._foreach_add(updates, buf, alpha=mu)
+            if ctx.tensor_scalars:
+                ops.axpy_(out, buf, mu)
+            return out
+        return list(buf)
 
     spec = {"momentum": Hyperparam(momentum, nonnegative), "dampening": Hyperparam(dampening, number)}
-    return transform(name, spec, init, update, check=_check_nesterov if nesterov else None)
+    return transform(name, spec, init, update, check=_check_nesterov if nesterov else None, elementwise=True)
 
 
 def nesterov(momentum: float = 0.9, dampening: float = 0.0, *, name: str = "nesterov") -> Leaf:
@@ -74,12 +72,16 @@ def ema(decay: float = 0.9, debias: bool = False, nesterov: bool = False, *, nam
         return {"ema": zeros_state(p)}
 
     def update(updates: list, state: dict, hp: Mapping, ctx: Bucket) -> list:
-        d = float(hp["decay"])
-        torch._foreach_lerp_(state["ema"], updates, 1.0 - d)
+        d = hp["decay"]
+        ops.update_moment(state["ema"], updates, d)
         if nesterov:
-            return torch._foreach_lerp(updates, state["ema"], d)
+            if not ctx.tensor_scalars:
+                return torch._foreach_lerp(updates, state["ema"], d)
+            out = [u.clone() for u in updates]
+            ops.lerp_(out, state["ema"], d)
+            return out
         if debias:
-            ctx.defer_scale(ctx.per_step(lambda t: 1.0 / (1.0 - d**t)))
-        return ctx.lend(list(state["ema"]))
+            ctx.defer_scale(ctx.per_step(lambda t: 1.0 / ops.bias_correction(d, t)))
+        return list(state["ema"])
 
-    return transform(name, {"decay": Hyperparam(decay, unit_interval)}, init, update)
+    return transform(name, {"decay": Hyperparam(decay, unit_interval)}, init, update, elementwise=True)

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from .. import ops
 from ..base import Bucket, Leaf, resolve_hyperparam, transform
 from ..hyperparams import Hyperparam, nonnegative
 
@@ -16,7 +17,7 @@ __all__ = ["add_cautious_wd", "add_decoupled_wd", "add_l2", "add_scheduled_wd"]
 
 def _add_weights(name: str, weight_decay: float) -> Leaf:
     spec = {"weight_decay": Hyperparam(weight_decay, nonnegative)}
-    return transform(name, spec, param_term=lambda hp, ctx: float(hp["weight_decay"]))
+    return transform(name, spec, param_term=lambda hp, ctx: hp["weight_decay"], elementwise=True)
 
 
 def add_l2(weight_decay: float = 0.0, *, name: str = "l2") -> Leaf:
@@ -107,8 +108,8 @@ def add_cautious_wd(weight_decay: float = 1e-2, *, strict: bool = False, name: s
             # {-1, 0, 1} -> {0, 1, 1}
             torch._foreach_add_(mask, 1.0)
             torch._foreach_clamp_max_(mask, 1.0)
-        torch._foreach_addcmul_(updates, mask, ctx.params, value=float(hp["weight_decay"]))
+        ops.addcmul_(updates, mask, ctx.params, hp["weight_decay"])
         return updates
 
     spec = {"weight_decay": Hyperparam(weight_decay, nonnegative)}
-    return transform(name, spec, None, update, inplace=True)
+    return transform(name, spec, None, update, inplace=True, elementwise=True)

@@ -17,7 +17,7 @@ def scale_by_lr(lr: Any = 1e-3, *, name: str = "lr") -> Leaf:
     schedule of the step. The multiplication is fused into the final ``p += u``.
     Peer: optax ``scale_by_learning_rate``.
     """
-    return transform(name, {"lr": Hyperparam(lr, nonnegative)}, scale=lambda hp, ctx: -float(hp["lr"]))
+    return transform(name, {"lr": Hyperparam(lr, nonnegative)}, scale=lambda hp, ctx: -hp["lr"], elementwise=True)
 
 
 def scale(factor: float, *, name: str = "scale") -> Leaf:
@@ -25,4 +25,4 @@ def scale(factor: float, *, name: str = "scale") -> Leaf:
     problem = number(factor)
     if problem is not None:
         raise ValueError(f"invalid factor={factor!r}: {problem}")
-    return transform(name, scale=lambda hp, ctx: float(factor))
+    return transform(name, scale=lambda hp, ctx: float(factor), elementwise=True)

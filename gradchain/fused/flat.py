@@ -1,0 +1,122 @@
+"""Flat storage: one contiguous buffer each for a bucket's params, grads and elementwise state.
+
+Each param's ``.data``, its ``.grad`` and its state entries become views into the flat buffers,
+so that one kernel over a few long buffers serves any number of tensors. The state dict keeps
+its per-param format (its tensors are views), so checkpoints move freely between the eager and
+the fused path.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+class FlatBucket:
+    """The flat buffers of one bucket (the params of one group, device and dtype that have grads)."""
+
+    def __init__(self, params: list[Tensor], states: list[dict[str, Any]], names: list[str | None]) -> None:
+        self.params = params
+        self.states = states
+        self.names = names
+        self.numels = [p.numel() for p in params]
+        self.offsets = []
+        total = 0
+        for n in self.numels:
+            self.offsets.append(total)
+            total += n
+        p0 = params[0]
+        self.device, self.dtype = p0.device, p0.dtype
+        self.flat_params = torch.empty(total, dtype=p0.dtype, device=p0.device)
+        self.flat_grads = torch.zeros(total, dtype=p0.dtype, device=p0.device)
+        self.param_views = self._views(self.flat_params)
+        self.grad_views = self._views(self.flat_grads)
+        for p, v, gv in zip(params, self.param_views, self.grad_views):
+            v.copy_(p.detach())
+            p.data = v
+            if p.grad is not None:
+                self.take_grad(p, gv)
+        self._param_ptrs = [p.data_ptr() for p in params]
+        # the step count, one entry per param: each state["step"] is a 0-d view
+        self.flat_steps = torch.stack([st["step"].detach().float().cpu() for st in states]).to(
+            states[0]["step"].device)
+        self.step_views = list(self.flat_steps.unbind())
+        for st, v in zip(states, self.step_views):
+            st["step"] = v
+        self.flat_state: dict[str, Tensor] = {}
+        self.state_views: dict[str, list[Tensor]] = {}
+        for key in self._flat_keys():
+            dtype = states[0][key].dtype
+            buf = torch.empty(total, dtype=dtype, device=p0.device)
+            views = self._views(buf)
+            for st, v in zip(states, views):
+                v.copy_(st[key])
+                st[key] = v
+            self.flat_state[key], self.state_views[key] = buf, views
+
+    def _views(self, flat: Tensor) -> list[Tensor]:
+        return [flat[o : o + n].view(p.shape) for o, n, p in zip(self.offsets, self.numels, self.params)]
+
+    def _flat_keys(self) -> list[str]:
+        keys = []
+        for key, t0 in self.states[0].items():
+            if key == "step" or not isinstance(t0, Tensor) or not t0.is_floating_point():
+                continue
+            ok = all(
+                isinstance(st.get(key), Tensor) and st[key].shape == p.shape and st[key].dtype == t0.dtype
+                and st[key].device == p.device
+                for st, p in zip(self.states, self.params)
+            )
+            if ok:
+                keys.append(key)
+        return sorted(keys)
+
+    # -- per step -----------------------------------------------------------------------------
+    def take_grad(self, p: Tensor, view: Tensor) -> None:
+        """Copy a gradient that arrived as a new tensor into the flat buffer; ``p.grad`` becomes the view."""
+        view.copy_(p.grad)
+        p.grad = view
+
+    def intact(self) -> bool:
+        """Whether every param is still a view into the flat buffer (``p.data`` was not rebound)."""
+        return all(p.data_ptr() == ptr for p, ptr in zip(self.params, self._param_ptrs))
+
+    def gather_grads(self) -> bool:
+        """Make every ``p.grad`` the flat view (copying new ones in); False if a param has no grad."""
+        for p, v in zip(self.params, self.grad_views):
+            g = p.grad
+            if g is v:
+                continue
+            if g is None:
+                return False
+            self.take_grad(p, v)
+        return True
+
+    def uniform_step(self) -> float | None:
+        """The step count shared by every param, or None if they differ."""
+        lo, hi = torch.aminmax(self.flat_steps)
+        lo, hi = float(lo), float(hi)
+        return lo if lo == hi else None
+
+    def resync_state(self) -> None:
+        """Copy state entries that a step rebound to new tensors back into the flat buffers."""
+        for key, views in self.state_views.items():
+            for st, v in zip(self.states, views):
+                t = st.get(key)
+                if t is not v:
+                    v.copy_(t)
+                    st[key] = v
+        for st, v in zip(self.states, self.step_views):
+            t = st.get("step")
+            if t is not v:
+                v.copy_(t)
+                st["step"] = v
+
+    def split(self, flat: Tensor) -> list[Tensor]:
+        """Per-param views of a flat tensor laid out like the params."""
+        return self._views(flat)
+
+    def zero_grad(self) -> None:
+        self.flat_grads.zero_()

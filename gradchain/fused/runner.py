@@ -1,0 +1,226 @@
+"""The fused step: a chain's runs of elementwise transforms compiled into one kernel per flat bucket.
+
+The chain is cut into segments. A run of consecutive ``elementwise`` transforms is one segment:
+its transforms' own update functions are traced by ``torch.compile`` over the flat buffers (a list
+of one tensor each), with hyperparameters and the step count as 0-d tensors, so neither an LR
+scheduler nor the next step recompiles. Any other transform (a per-tensor reduction, a
+combinator, a global norm) is a segment of its own, run eagerly over per-tensor views of the same
+flat storage. The final write ``p += u`` happens in the last segment; when that one is compiled,
+a chain such as AdamW is one kernel that reads p, g, m, v once and writes p, m, v once.
+"""
+
+from __future__ import annotations
+
+import types
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..base import Bucket, Chain, Leaf, Transform
+from .flat import FlatBucket
+
+
+# the torch.compile backend of fused segments ("aot_eager" traces the same graph without code
+# generation: the test suite uses it to check every recipe quickly)
+BACKEND = "inductor"
+
+
+def _segment(leaves: list[Leaf], last: bool):
+    def run(params, grads, updates, state, resolved, host, step, loss, dtype, tensor_scalars):
+        shared = {"host_hyperparams": host}
+        b = Bucket(params, grads, dict(state), [step] if tensor_scalars else [], [None], {}, loss, shared, dtype,
+                   step_values=[step], tensor_scalars=tensor_scalars, resolved=resolved)
+        if updates is not None:
+            b.updates = list(updates)
+        for leaf in leaves:
+            leaf.apply([b])
+        # a transform that rebinds a state buffer: copy the result into the flat storage
+        for key, lst in b.state.items():
+            if lst[0] is not state[key][0]:
+                state[key][0].copy_(lst[0])
+        if last:
+            b.write()
+            return None
+        return b.materialize()[0]
+
+    # a fresh code object per segment: torch.compile keeps one cache per code object, so one
+    # optimizer's graphs never evict another's
+    return types.FunctionType(run.__code__.replace(), run.__globals__, "fused_segment", None, run.__closure__)
+
+
+def _tensorize(value: Any, device: torch.device) -> Any:
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)):
+        return torch.tensor(float(value), dtype=torch.float64, device=device)
+    if isinstance(value, Tensor):
+        return value.detach().to(device=device, dtype=torch.float64)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_tensorize(v, device) for v in value)
+    return value
+
+
+class Segment:
+    """Consecutive transforms that run together: compiled (elementwise leaves) or eager (one transform)."""
+
+    def __init__(self, transforms: list[Transform], compiled: bool) -> None:
+        self.transforms = transforms
+        self.compiled = compiled
+        self.last = False
+        self.static = frozenset().union(*(getattr(t, "static", frozenset()) for t in transforms))
+        self._fns: dict[int, Any] = {}
+        self._eager_fn = None
+        self._failed: set[int] = set()
+        self.compile_seconds = 0.0
+
+    def keys(self, param: Tensor) -> set[str]:
+        """The state keys this segment's transforms keep for ``param``."""
+        meta = torch.empty(tuple(param.shape), dtype=param.dtype, device="meta")
+        keys: set[str] = set()
+        for t in self.transforms:
+            keys |= set(t.init_state(meta))
+        return keys
+
+    def eager_fn(self):
+        if self._eager_fn is None:
+            self._eager_fn = _segment(self.transforms, self.last)  # type: ignore[arg-type]
+        return self._eager_fn
+
+
+class FusedChain:
+    """A chain cut into segments, run over flat buckets."""
+
+    def __init__(self, transform: Transform, compile: bool = True) -> None:
+        top = transform.children if isinstance(transform, Chain) else [transform]
+        self.segments: list[Segment] = []
+        run: list[Transform] = []
+        for t in top:
+            if isinstance(t, Leaf) and t.elementwise:
+                run.append(t)
+                continue
+            if run:
+                self.segments.append(Segment(run, compiled=True))
+                run = []
+            self.segments.append(Segment([t], compiled=False))
+        if run:
+            self.segments.append(Segment(run, compiled=True))
+        if self.segments:
+            self.segments[-1].last = True
+        self.compile = compile
+
+    @property
+    def compile_seconds(self) -> float:
+        """Seconds spent compiling so far (first calls of each compiled segment)."""
+        return sum(s.compile_seconds for s in self.segments)
+
+    def describe(self) -> list[tuple[str, list[str]]]:
+        """``("compiled" | "eager", [transform names])`` per segment: what the fused path fuses."""
+        return [("compiled" if s.compiled else "eager", [t.name for t in s.transforms]) for s in self.segments]
+
+    # -- one step over every flat bucket --------------------------------------------------------
+    def step(
+        self,
+        flats: list[FlatBucket],
+        groups: list[Mapping[str, Any]],
+        resolved: list[dict[str, Any]],
+        host_steps: list[float],
+        loss: Tensor | None,
+        shared: dict,
+        dtypes: list[torch.dtype],
+    ) -> None:
+        grads = []
+        for fb, group in zip(flats, groups):
+            grads.append(torch.neg(fb.flat_grads) if group["maximize"] else fb.flat_grads)
+        updates: list[Tensor | None] = [None] * len(flats)
+        tensor_hp = [None] * len(flats)
+        for seg in self.segments:
+            if seg.compiled:
+                for i, fb in enumerate(flats):
+                    updates[i] = self._run_compiled(seg, i, fb, grads[i], updates[i], resolved[i], tensor_hp,
+                                                    host_steps[i], loss, dtypes[i])
+            else:
+                updates = self._run_eager(seg, flats, groups, grads, updates, resolved, host_steps, loss, shared,
+                                          dtypes)
+
+    def _run_compiled(self, seg: Segment, i: int, fb: FlatBucket, grad: Tensor, update: Tensor | None,
+                      resolved: dict, tensor_hp: list, host_step: float, loss: Tensor | None,
+                      dtype: torch.dtype) -> Tensor | None:
+        keys = seg.keys(fb.params[0])
+        state = {k: [fb.flat_state[k]] for k in keys if k in fb.flat_state}
+        upd = None if update is None else [update]
+        host = {k: v for k, v in resolved.items() if k in seg.static}
+        use_compile = self.compile and i not in seg._failed and len(state) == len(keys)
+        if use_compile:
+            if tensor_hp[i] is None:
+                tensor_hp[i] = {k: _tensorize(v, fb.device) for k, v in resolved.items()}
+            step = fb.flat_steps[0]
+            fn = seg._fns.get(i)
+            first = fn is None
+            if first:
+                fn = seg._fns[i] = torch.compile(seg.eager_fn(), fullgraph=True, dynamic=False, backend=BACKEND)
+            lossv = None if loss is None else loss.detach().to(fb.device)
+            try:
+                if not first:
+                    out = fn([fb.flat_params], [grad], upd, state, tensor_hp[i], host, step, lossv, dtype, True)
+                else:
+                    import time
+
+                    t0 = time.perf_counter()
+                    out = fn([fb.flat_params], [grad], upd, state, tensor_hp[i], host, step, lossv, dtype, True)
+                    seg.compile_seconds += time.perf_counter() - t0
+                return out
+            except Exception as err:  # noqa: BLE001 - any tracing failure falls back to eager below
+                if not first:
+                    raise
+                seg._failed.add(i)
+                warnings.warn(
+                    f"gradchain fused path: could not compile {[t.name for t in seg.transforms]} "
+                    f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); they run eagerly "
+                    "over the flat buffers instead",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+        if len(state) != len(keys):
+            return self._run_eager(seg, [fb], [None], [grad], [update], [resolved], [host_step], loss, {},
+                                   [dtype])[0]
+        return seg.eager_fn()([fb.flat_params], [grad], upd, state, resolved, resolved, host_step, loss, dtype,
+                              False)
+
+    @staticmethod
+    def _run_eager(seg: Segment, flats: list[FlatBucket], groups: list, grads: list[Tensor],
+                   updates: list[Tensor | None], resolved: list[dict], host_steps: list[float],
+                   loss: Tensor | None, shared: dict, dtypes: list[torch.dtype]) -> list[Tensor | None]:
+        buckets, inputs = [], []
+        for i, fb in enumerate(flats):
+            state = {}
+            for key in set().union(*(st.keys() for st in fb.states)) - {"step"}:
+                state[key] = fb.state_views.get(key) or [st.get(key) for st in fb.states]
+            group = groups[i] if groups[i] is not None else {}
+            b = Bucket(fb.param_views, fb.split(grads[i]), state, fb.step_views, fb.names, group, loss, shared,
+                       dtypes[i], step_values=[host_steps[i]] * len(fb.params), resolved=resolved[i])
+            if updates[i] is not None:
+                b.updates = fb.split(updates[i])
+            inputs.append(list(b.updates))
+            buckets.append(b)
+        for t in seg.transforms:
+            t.apply(buckets)
+        out: list[Tensor | None] = []
+        for i, (b, fb) in enumerate(zip(buckets, flats)):
+            for key, lst in b.state.items():
+                for st, t in zip(fb.states, lst):
+                    if t is not None and st.get(key) is not t:
+                        st[key] = t
+            fb.resync_state()
+            if seg.last:
+                b.write()
+                out.append(None)
+                continue
+            ups = b.materialize()
+            if updates[i] is not None and all(u is v for u, v in zip(ups, inputs[i])):
+                out.append(updates[i])  # changed in place: the flat update already holds them
+            else:
+                out.append(torch.cat([u.reshape(-1) for u in ups]) if ups else grads[i].new_empty(0))
+        return out

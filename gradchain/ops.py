@@ -1,0 +1,140 @@
+"""List ops whose scalars may be Python numbers or 0-d tensors, and the moment rules built on them.
+
+A transform's update runs on two paths with one body of math. On the eager path its scalars
+(hyperparameters, bias corrections) are Python floats and these ops are ``torch._foreach_*`` calls.
+On the fused path (``ChainOptimizer(fused=True)``, or a step traced by ``torch.compile``) the
+scalars are 0-d tensors, so that a new learning rate or step count does not recompile: the ops
+then use tensor-scalar forms that ``torch.compile`` fuses into one kernel.
+
+A scalar argument may also be a list with one entry per tensor (per-tensor step counts).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "add_",
+    "addcdiv_",
+    "addcmul_",
+    "axpy_",
+    "bias_correction",
+    "div_",
+    "lerp_",
+    "mul_",
+    "sqrt",
+    "update_moment",
+    "update_moment_per_elem_norm",
+]
+
+Scalar = Any  # float | Tensor (0-d) | list of either, one per tensor
+
+
+def _is_tensor(s: Scalar) -> bool:
+    return isinstance(s, Tensor) or (isinstance(s, list) and bool(s) and isinstance(s[0], Tensor))
+
+
+def _each(s: Scalar, n: int) -> list:
+    return s if isinstance(s, list) else [s] * n
+
+
+def sqrt(s: Scalar) -> Scalar:
+    """``sqrt`` of a scalar of any kind (float, 0-d tensor or a list of them)."""
+    if isinstance(s, list):
+        return [sqrt(x) for x in s]
+    return s.sqrt() if isinstance(s, Tensor) else math.sqrt(s)
+
+
+def bias_correction(beta: Scalar, step: Scalar) -> Scalar:
+    """``1 - beta**step``: Adam's bias correction for an EMA with decay ``beta``."""
+    if isinstance(step, list):
+        return [bias_correction(beta, t) for t in step]
+    return 1.0 - beta**step
+
+
+def mul_(xs: list[Tensor], s: Scalar) -> None:
+    """``x <- x * s``."""
+    if isinstance(s, list) and _is_tensor(s):
+        for x, a in zip(xs, s):
+            x.mul_(a)
+    else:
+        torch._foreach_mul_(xs, s)
+
+
+def div_(xs: list[Tensor], s: Scalar) -> None:
+    """``x <- x / s``."""
+    if isinstance(s, list) and _is_tensor(s):
+        for x, a in zip(xs, s):
+            x.div_(a)
+    else:
+        torch._foreach_div_(xs, s)
+
+
+def add_(xs: list[Tensor], s: Scalar) -> None:
+    """``x <- x + s`` (a scalar)."""
+    if isinstance(s, list) and _is_tensor(s):
+        for x, a in zip(xs, s):
+            x.add_(a)
+    else:
+        torch._foreach_add_(xs, s)
+
+
+def axpy_(xs: list[Tensor], ys: Sequence[Tensor], alpha: Scalar = 1.0) -> None:
+    """``x <- x + alpha * y``."""
+    if _is_tensor(alpha):
+        for x, y, a in zip(xs, ys, _each(alpha, len(xs))):
+            x.add_(y * a)
+    elif isinstance(alpha, list):
+        torch._foreach_add_(xs, torch._foreach_mul(list(ys), alpha))
+    else:
+        torch._foreach_add_(xs, list(ys), alpha=alpha)
+
+
+def lerp_(xs: list[Tensor], ys: Sequence[Tensor], w: Scalar) -> None:
+    """``x <- x + w * (y - x)``."""
+    if _is_tensor(w):
+        # lerp takes a tensor weight only in the tensors' own dtype
+        for x, y, a in zip(xs, ys, _each(w, len(xs))):
+            x.lerp_(y, a.to(x.dtype))
+    elif isinstance(w, list):
+        for x, y, a in zip(xs, ys, w):
+            x.lerp_(y, a)
+    else:
+        torch._foreach_lerp_(xs, list(ys), w)
+
+
+def addcmul_(xs: list[Tensor], a: Sequence[Tensor], b: Sequence[Tensor], s: Scalar = 1.0) -> None:
+    """``x <- x + s * a * b``."""
+    if _is_tensor(s):
+        for x, ai, bi, si in zip(xs, a, b, _each(s, len(xs))):
+            x.add_(ai * bi * si)
+    else:
+        torch._foreach_addcmul_(xs, list(a), list(b), s)
+
+
+def addcdiv_(xs: list[Tensor], a: Sequence[Tensor], b: Sequence[Tensor], s: Scalar = 1.0) -> None:
+    """``x <- x + s * a / b``."""
+    if _is_tensor(s):
+        for x, ai, bi, si in zip(xs, a, b, _each(s, len(xs))):
+            x.add_(ai / bi * si)
+    else:
+        torch._foreach_addcdiv_(xs, list(a), list(b), s)
+
+
+def update_moment(m: list[Tensor], u: Sequence[Tensor], decay: Scalar) -> None:
+    """First-moment EMA in place: ``m <- decay * m + (1 - decay) * u``. Peer: optax ``update_moment``."""
+    lerp_(m, u, 1.0 - decay)
+
+
+def update_moment_per_elem_norm(v: list[Tensor], u: Sequence[Tensor], decay: Scalar) -> None:
+    """Second-moment EMA in place: ``v <- decay * v + (1 - decay) * u^2``.
+
+    Peer: optax ``update_moment_per_elem_norm`` (order 2).
+    """
+    mul_(v, decay)
+    addcmul_(v, u, u, 1.0 - decay)

@@ -1,0 +1,251 @@
+"""The core's contract under hostile use: state safety, all-or-nothing steps, explicit sharing,
+nested defaults, picklable optimizers, and state dicts checked when they load."""
+
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+
+import gradchain as gc
+from gradchain import recipes
+
+
+def momentum_returning_its_buffer(beta: float = 0.9) -> gc.Leaf:
+    """What optax code naturally does: return the state buffer itself, with no lend()."""
+
+    def init(p):
+        return {"buf": torch.zeros_like(p, dtype=gc.compute_dtype(p.dtype))}
+
+    def update(updates, state, hp, ctx):
+        torch._foreach_mul_(state["buf"], beta)
+        torch._foreach_add_(state["buf"], updates)
+        return state["buf"]
+
+    return gc.transform("mom", {}, init, update)
+
+
+@pytest.mark.parametrize(
+    "dtype,tail",
+    [
+        (torch.bfloat16, lambda: [gc.scale_by_lr(0.1)]),
+        (torch.float32, lambda: [gc.scale(0.5), gc.clip_by_norm(1e6), gc.scale_by_lr(0.1)]),
+    ],
+    ids=["bf16-lr", "fp32-scale-clip-lr"],
+)
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_returned_state_buffer_is_never_written(dtype, tail, fused, monkeypatch) -> None:
+    from gradchain.fused import runner
+
+    monkeypatch.setattr(runner, "BACKEND", "aot_eager")
+    p = torch.nn.Parameter(torch.zeros(4, dtype=dtype))
+    opt = gc.ChainOptimizer([p], gc.chain(momentum_returning_its_buffer(), *tail()), fused=fused)
+    seen = []
+    for _ in range(3):
+        p.grad = torch.ones(4, dtype=dtype)
+        opt.step()
+        seen.append(float(opt.state[p]["mom.buf"][0]))
+    assert seen == pytest.approx([1.0, 1.9, 2.71], rel=1e-6)
+
+
+def test_standalone_update_returns_no_state_buffer() -> None:
+    for t in (gc.trace(0.9), gc.ema(0.9), momentum_returning_its_buffer()):
+        params = [torch.zeros(3)]
+        state = t.init(params)
+        out = t.update([torch.ones(3)], state, params)
+        for st in state:
+            assert all(o is not v and o.data_ptr() != v.data_ptr() for o in out for v in st.values())
+        out[0].add_(100.0)  # the caller owns it
+        assert all(float(v.abs().max()) < 10 for st in state for v in st.values())
+
+
+def _snapshot(opt, params):
+    return [p.detach().clone() for p in params], {
+        id(p): {k: v.clone() for k, v in opt.state[p].items()} for p in params
+    }
+
+
+def _assert_unchanged(opt, params, snap):
+    ps, sts = snap
+    for p, before in zip(params, ps):
+        assert torch.equal(p.detach(), before)
+        for k, v in sts[id(p)].items():
+            assert torch.equal(opt.state[p][k], v), k
+
+
+def failing_transform(at_step: int) -> gc.Leaf:
+    def update(updates, state, hp, ctx):
+        if ctx.step == at_step:
+            raise RuntimeError("boom")
+        return updates
+
+    return gc.transform("boom", {}, None, update)
+
+
+@pytest.mark.parametrize("atomic", ["first", "always"])
+def test_a_failing_transform_leaves_params_and_state_as_before(atomic: str) -> None:
+    params = [torch.nn.Parameter(torch.randn(5)), torch.nn.Parameter(torch.randn(2, 3))]
+    # fails on its first step (first time this structure is seen) or later ("always" snapshots every step)
+    at = 1 if atomic == "first" else 3
+    opt = gc.ChainOptimizer(params, gc.chain(gc.scale_by_adam(), failing_transform(at), gc.scale_by_lr(0.1)),
+                            atomic=atomic)
+    for i in range(1, at):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    for p in params:
+        p.grad = torch.randn_like(p)
+        opt.state[p] or None
+    before = [p.detach().clone() for p in params]
+    states = {id(p): {k: v.clone() for k, v in opt.state[p].items()} for p in params if opt.state.get(p)}
+    with pytest.raises(RuntimeError, match="boom"):
+        opt.step()
+    for p, b in zip(params, before):
+        assert torch.equal(p.detach(), b)
+        if id(p) in states:
+            for k, v in states[id(p)].items():
+                assert torch.equal(opt.state[p][k], v), k
+        else:
+            assert not opt.state.get(p)  # no state appears for a step that did not happen
+
+
+def test_an_invalid_schedule_value_moves_nothing() -> None:
+    params = [torch.nn.Parameter(torch.randn(5))]
+    opt = gc.ChainOptimizer(params, recipes.adamw())
+    params[0].grad = torch.randn(5)
+    opt.step()
+    snap = _snapshot(opt, params)
+    opt.param_groups[0]["lr"] = lambda step: -1.0
+    with pytest.raises(ValueError, match="lr"):
+        opt.step()
+    _assert_unchanged(opt, params, snap)
+
+    def raising(step):
+        raise KeyError("schedule bug")
+
+    opt.param_groups[0]["lr"] = raising
+    with pytest.raises(KeyError):
+        opt.step()
+    _assert_unchanged(opt, params, snap)
+
+
+def test_nested_chain_keeps_maximize() -> None:
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = gc.ChainOptimizer([p], gc.chain(recipes.sgd(lr=0.1, maximize=True)))
+    p.grad = torch.ones(3)
+    opt.step()
+    assert torch.equal(p.detach(), torch.full((3,), 0.1))
+
+
+def test_two_transforms_with_one_key_must_say_so() -> None:
+    with pytest.raises(ValueError, match=r"weight_decay.*renamed.*share="):
+        gc.chain(gc.add_l2(0.01), gc.scale_by_adam(), gc.add_decoupled_wd(0.01))
+    renamed = gc.chain(gc.add_l2(0.01).renamed({"weight_decay": "l2"}), gc.scale_by_adam(), gc.add_decoupled_wd(0.01))
+    assert {"l2", "weight_decay"} <= set(renamed.hyperparams)
+    shared = gc.chain(gc.add_l2(0.01), gc.scale_by_adam(), gc.add_decoupled_wd(0.01), share=["weight_decay"])
+    assert "weight_decay" in shared.hyperparams
+    # a nested chain keeps what it shares
+    assert "weight_decay" in gc.chain(shared, gc.scale_by_lr()).hyperparams
+
+
+def _every_recipe():
+    for name in recipes.__all__:
+        if name == "muon_hidden_matrix":
+            continue
+        fn = getattr(recipes, name)
+        yield name, (fn(recipes.adamw()) if name == "lookahead" else fn())
+
+
+@pytest.mark.parametrize("name,chain", list(_every_recipe()), ids=lambda x: x if isinstance(x, str) else "")
+def test_optimizers_pickle_and_copy(name: str, chain) -> None:
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(4, 3))
+    opt = gc.ChainOptimizer([("w", p)], chain)
+    p.grad = torch.randn(4, 3)
+    opt.step(loss=torch.tensor(1.0))
+    for clone in (pickle.loads(pickle.dumps(opt)), copy.deepcopy(opt)):
+        assert clone.transform.signature() == opt.transform.signature()
+        (q,) = clone.param_groups[0]["params"]
+        assert torch.equal(q.detach(), p.detach())
+        for k, v in opt.state[p].items():
+            assert torch.equal(clone.state[q][k], v)
+        q.grad = p.grad.clone()
+        clone.step(loss=torch.tensor(1.0))  # the copy steps on its own
+    assert pickle.loads(pickle.dumps(chain)).signature() == chain.signature()
+
+
+def test_unpicklable_transform_says_how_to_fix() -> None:
+    t = gc.transform("mine", {}, None, lambda u, s, hp, ctx: u)
+    with pytest.raises(TypeError, match="gradchain.factory"):
+        pickle.dumps(t)
+
+    @gc.factory
+    def my_scale(f: float = 2.0) -> gc.Leaf:
+        return gc.transform("my_scale", {}, None, lambda u, s, hp, ctx: torch._foreach_mul(u, f))
+
+    # a decorated module-level factory pickles; this local one shows the recorded call
+    assert my_scale(3.0)._built_by[1] == (3.0,)
+
+
+def _trained(chain_fn=recipes.adamw, steps=2):
+    p = torch.nn.Parameter(torch.randn(4, 3))
+    opt = gc.ChainOptimizer([p], chain_fn())
+    for _ in range(steps):
+        p.grad = torch.randn(4, 3)
+        opt.step()
+    return p, opt
+
+
+def test_old_state_dicts_load() -> None:
+    p, opt = _trained()
+    sd = opt.state_dict()
+    for g in sd["param_groups"]:
+        del g["maximize"]  # saved before the option existed
+    for st in sd["state"].values():
+        st["step"] = 2  # older torch checkpoints: a Python number
+    q = torch.nn.Parameter(p.detach().clone())
+    opt2 = gc.ChainOptimizer([q], recipes.adamw())
+    opt2.load_state_dict(sd)
+    assert opt2.param_groups[0]["maximize"] is False
+    assert isinstance(opt2.state[q]["step"], torch.Tensor) and float(opt2.state[q]["step"]) == 2.0
+    q.grad = torch.randn(4, 3)
+    opt2.step()
+    assert float(opt2.state[q]["step"]) == 3.0
+
+
+@pytest.mark.parametrize("damage,match", [
+    (lambda st: st.__setitem__("adam.exp_avg", torch.zeros(3, 4)), "shape"),
+    (lambda st: st.__setitem__("adam.exp_avg_sq", torch.zeros(4, 3, dtype=torch.int64)), "dtype"),
+    (lambda st: st.__setitem__("step", torch.tensor(-1.0)), "step"),
+])
+def test_state_that_does_not_fit_is_refused_at_load(damage, match) -> None:
+    p, opt = _trained()
+    sd = copy.deepcopy(opt.state_dict())
+    damage(next(iter(sd["state"].values())))
+    opt2 = gc.ChainOptimizer([torch.nn.Parameter(torch.randn(4, 3))], recipes.adamw())
+    with pytest.raises(ValueError, match=match):
+        opt2.load_state_dict(sd)
+
+
+@pytest.mark.parametrize("bad", ["bf16", torch.int32])
+def test_state_dtype_is_checked(bad) -> None:
+    with pytest.raises(TypeError, match="state_dtype"):
+        gc.ChainOptimizer([torch.nn.Parameter(torch.zeros(2))], recipes.adamw(), state_dtype=bad)
+
+
+def test_checkpoint_round_trip_through_bytes() -> None:
+    p, opt = _trained()
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    q = torch.nn.Parameter(p.detach().clone())
+    opt2 = gc.ChainOptimizer([q], recipes.adamw())
+    opt2.load_state_dict(torch.load(buf, weights_only=True))
+    g = torch.randn(4, 3)
+    p.grad, q.grad = g.clone(), g.clone()
+    opt.step()
+    opt2.step()
+    assert torch.equal(p.detach(), q.detach())

@@ -1,0 +1,239 @@
+"""The fused path (``ChainOptimizer(fused=True)``): flat buffers and compiled segments.
+
+Every recipe's fused trajectory equals its eager one (params and state) in float64 and float32;
+checkpoints move between the paths; grads are views that zero_grad zeroes in place; a new lr or a
+new step never recompiles. Most checks trace with the ``aot_eager`` backend (the same graphs,
+no code generation, so the suite stays fast); a few run the real inductor kernels.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import gradchain as gc
+from gradchain import recipes
+from gradchain.fused import runner
+
+RECIPES = sorted(n for n in recipes.__all__ if n != "muon_hidden_matrix")
+# recipes that wrap another
+FACTORIES = {"lookahead": lambda: recipes.lookahead(recipes.adamw())}
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3)
+        self.fc = nn.Linear(12, 5)
+        self.norm = nn.LayerNorm(5)
+        self.gain = nn.Parameter(torch.tensor(1.5))
+
+
+def make_params(dtype: torch.dtype, seed: int = 0) -> list[tuple[str, nn.Parameter]]:
+    torch.manual_seed(seed)
+    return [(n, p) for n, p in Net().to(dtype).named_parameters()]
+
+
+def set_grads(named: list, step: int, dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(100 + step)
+    for _, p in named:
+        p.grad = torch.randn(p.shape, generator=g, dtype=torch.float64).to(dtype)
+
+
+def run(name: str, fused: bool, dtype: torch.dtype, steps: int = 6, **kw):
+    named = make_params(dtype)
+    factory = FACTORIES.get(name, getattr(recipes, name))
+    opt = gc.ChainOptimizer(named, factory(), fused=fused, **kw)
+    for i in range(steps):
+        set_grads(named, i, dtype)
+        opt.step(loss=torch.tensor(1.0 / (i + 2)))
+    return named, opt
+
+
+def assert_same(a_named, a_opt, b_named, b_opt, rtol: float, atol: float) -> None:
+    for (n, a), (_, b) in zip(a_named, b_named):
+        torch.testing.assert_close(b.detach(), a.detach(), rtol=rtol, atol=atol, msg=lambda m, n=n: f"{n}: {m}")
+        sa, sb = a_opt.state[a], b_opt.state[b]
+        assert set(sa) == set(sb), n
+        for k in sa:
+            if isinstance(sa[k], torch.Tensor):
+                torch.testing.assert_close(sb[k], sa[k], rtol=rtol, atol=atol,
+                                           msg=lambda m, n=n, k=k: f"{n} {k}: {m}")
+
+
+@pytest.fixture
+def aot_eager(monkeypatch):
+    monkeypatch.setattr(runner, "BACKEND", "aot_eager")
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_every_recipe_fused_equals_eager_float64(name: str, aot_eager) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        a = run(name, False, torch.float64)
+        b = run(name, True, torch.float64)
+    # the same math in float64; only the order of scalar products may differ
+    assert_same(*a, *b, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("name", ["adamw", "sgd", "nadam", "lamb", "cautious_adamw", "adafactor"])
+def test_fused_equals_eager_float32(name: str, aot_eager) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        a = run(name, False, torch.float32)
+        b = run(name, True, torch.float32)
+    # fp32: a few ulps of difference from the order of scalar products, over 6 steps
+    assert_same(*a, *b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["adamw", "sgd"])
+def test_inductor_kernels_equal_eager(name: str) -> None:
+    kw = {"momentum": 0.9, "nesterov": True} if name == "sgd" else {}
+    named_a = make_params(torch.float32)
+    named_b = make_params(torch.float32)
+    oa = gc.ChainOptimizer(named_a, getattr(recipes, name)(**kw))
+    ob = gc.ChainOptimizer(named_b, getattr(recipes, name)(**kw), fused=True)
+    for i in range(4):
+        set_grads(named_a, i, torch.float32)
+        set_grads(named_b, i, torch.float32)
+        oa.step()
+        ob.step()
+    assert ob.fused_plan() == [("compiled", [t.name for t in ob.transform.leaves()])]
+    assert ob.compile_seconds > 0
+    assert_same(named_a, oa, named_b, ob, rtol=1e-5, atol=1e-6)
+
+
+def test_flat_views_and_zero_grad_in_place(aot_eager) -> None:
+    named = make_params(torch.float32)
+    opt = gc.ChainOptimizer(named, recipes.adamw(), fused=True)
+    set_grads(named, 0, torch.float32)
+    opt.step()
+    (fb,) = opt._flats.values()
+    grads = [p.grad for _, p in named]
+    for (_, p), view in zip(named, fb.grad_views):
+        assert p.grad is view and p.untyped_storage().data_ptr() == fb.flat_params.untyped_storage().data_ptr()
+        assert opt.state[p]["adam.exp_avg"].untyped_storage().data_ptr() == \
+            fb.flat_state["adam.exp_avg"].untyped_storage().data_ptr()
+    opt.zero_grad()
+    assert all(p.grad is g for (_, p), g in zip(named, grads))
+    assert float(fb.flat_grads.abs().sum()) == 0.0
+    # backward accumulates into the views
+    loss = sum((p.float() ** 2).sum() for _, p in named)
+    loss.backward()
+    assert all(p.grad is g for (_, p), g in zip(named, grads))
+    torch.testing.assert_close(named[0][1].grad, 2 * named[0][1].detach())
+
+
+def test_new_grad_tensors_are_copied_in(aot_eager) -> None:
+    # set_grads assigns fresh tensors every step (as zero_grad(set_to_none=True) + backward does)
+    a = run("adamw", False, torch.float64)
+    b = run("adamw", True, torch.float64)
+    assert_same(*a, *b, rtol=1e-12, atol=1e-14)
+    named, opt = b
+    (fb,) = opt._flats.values()
+    assert all(p.grad is v for (_, p), v in zip(named, fb.grad_views))
+
+
+def test_param_without_grad_falls_back_exactly(aot_eager) -> None:
+    results = []
+    for fused in (False, True):
+        named = make_params(torch.float64)
+        opt = gc.ChainOptimizer(named, recipes.adamw(), fused=fused)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for i in range(5):
+                set_grads(named, i, torch.float64)
+                if i == 2:
+                    named[1][1].grad = None  # conv bias: no grad this step
+                opt.step()
+        results.append((named, opt, caught))
+    (a, oa, _), (b, ob, caught) = results
+    assert_same(a, oa, b, ob, rtol=1e-12, atol=1e-14)
+    assert float(ob.state[b[1][1]]["step"]) == 4.0 and float(ob.state[b[0][1]]["step"]) == 5.0
+    assert any("different numbers of steps" in str(w.message) for w in caught)
+
+
+def test_scheduler_and_new_steps_do_not_recompile() -> None:
+    named = make_params(torch.float32)
+    opt = gc.ChainOptimizer(named, recipes.adamw(), fused=True)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=20)
+    set_grads(named, 0, torch.float32)
+    opt.step()
+    sched.step()
+    compiled = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    seconds = opt.compile_seconds
+    for i in range(1, 8):
+        set_grads(named, i, torch.float32)
+        opt.step()
+        sched.step()  # moves lr and beta1
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == compiled
+    assert opt.compile_seconds == seconds
+
+
+def test_checkpoints_move_between_paths(aot_eager) -> None:
+    a_named, a_opt = run("adamw", False, torch.float64, steps=3)
+    buf = io.BytesIO()
+    torch.save(a_opt.state_dict(), buf)
+    # eager -> fused
+    named = make_params(torch.float64)
+    for (_, p), (_, q) in zip(named, a_named):
+        p.data.copy_(q.detach())
+    opt = gc.ChainOptimizer(named, recipes.adamw(), fused=True)
+    buf.seek(0)
+    opt.load_state_dict(torch.load(buf, weights_only=True))
+    for i in range(3, 6):
+        set_grads(named, i, torch.float64)
+        set_grads(a_named, i, torch.float64)
+        opt.step()
+        a_opt.step()
+    assert_same(a_named, a_opt, named, opt, rtol=1e-12, atol=1e-14)
+    # fused -> eager, and bit-exact resume within the fused path
+    sd = opt.state_dict()
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    for fused in (False, True):
+        buf.seek(0)
+        named2 = make_params(torch.float64)
+        for (_, p), (_, q) in zip(named2, named):
+            p.data.copy_(q.detach())
+        opt2 = gc.ChainOptimizer(named2, recipes.adamw(), fused=fused)
+        opt2.load_state_dict(torch.load(buf, weights_only=True))
+        set_grads(named2, 6, torch.float64)
+        opt2.step()
+        if fused:
+            named3 = named
+            set_grads(named3, 6, torch.float64)
+            opt.step()
+            for (_, p), (_, q) in zip(named2, named3):
+                assert torch.equal(p, q)
+
+
+def test_maximize_and_bfloat16(aot_eager) -> None:
+    a = run("adamw", False, torch.float64, maximize=True)
+    b = run("adamw", True, torch.float64, maximize=True)
+    assert_same(*a, *b, rtol=1e-12, atol=1e-14)
+    a = run("adamw", False, torch.bfloat16)
+    b = run("adamw", True, torch.bfloat16)
+    # fp32 math, one rounding into bf16 on both paths
+    assert_same(*a, *b, rtol=1e-2, atol=1e-2)
+    for (_, p), (_, q) in zip(a[0], b[0]):
+        assert (p.float() - q.float()).abs().max() <= 2 * torch.finfo(torch.bfloat16).eps * p.abs().max()
+
+
+def test_failed_step_leaves_everything_as_before(aot_eager) -> None:
+    named = make_params(torch.float64)
+    opt = gc.ChainOptimizer(named, recipes.adamw(), fused=True)
+    set_grads(named, 0, torch.float64)
+    opt.step()
+    before = [p.detach().clone() for _, p in named]
+    state = {k: v.clone() for k, v in opt.state[named[0][1]].items()}
+    opt.param_groups[0]["lr"] = lambda step: float("nan")  # a schedule that returns an invalid value
+    set_grads(named, 1, torch.float64)
+    with pytest.raises(ValueError, match="lr"):
+        opt.step()
+    assert all(torch.equal(p, q) for (_, p), q in zip(named, before))
+    assert all(torch.equal(opt.state[named[0][1]][k], v) for k, v in state.items())
