@@ -14,34 +14,20 @@ Absolute times on a shared machine are noisy; compare the ratios within one run.
 from __future__ import annotations
 
 import argparse
-import gc as pygc
 import os
 import platform
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
+from _timing import bandwidth, gpt2_small_shapes, make_params, many_small_shapes, time_round_robin
 
 from gradchain import ChainOptimizer, recipes
 
+Shapes = list[tuple[int, ...]]
 
-def gpt2_small_shapes() -> list[tuple[int, ...]]:
-    d, v, n_ctx, layers = 768, 50257, 1024, 12
-    shapes: list[tuple[int, ...]] = [(v, d), (n_ctx, d)]
-    for _ in range(layers):
-        shapes += [(d,), (d,), (d, 3 * d), (3 * d,), (d, d), (d,), (d,), (d,), (d, 4 * d), (4 * d,), (4 * d, d), (d,)]
-    return shapes + [(d,), (d,)]
-
-
-def many_small_shapes(n: int = 2000) -> list[tuple[int, ...]]:
-    g = torch.Generator().manual_seed(0)
-    return [(int(s),) for s in torch.randint(256, 16385, (n,), generator=g)]
-
-
-CASES: dict[str, tuple[str, Callable[[], list[tuple[int, ...]]]]] = {
-    "a": ("GPT-2 small shapes", gpt2_small_shapes),
-    "b": ("2000 tensors of 256-16384", many_small_shapes),
+CASES: dict[str, tuple[str, Callable[[], Shapes]]] = {
+    "a": ("GPT-2 small shapes", lambda: [s for _, s in gpt2_small_shapes()]),
+    "b": ("2000 tensors of 256-16384", lambda: [s for _, s in many_small_shapes()]),
     "c": ("one 32M matrix", lambda: [(4096, 8192)]),
 }
 
@@ -53,37 +39,18 @@ OPTIMIZERS: dict[str, Callable[[list[torch.Tensor]], torch.optim.Optimizer]] = {
 }
 
 
-def bandwidth(nbytes: int = 256 * 2**20, repeats: int = 7) -> float:
-    """Bytes per second of a triad over three fp32 buffers of ``nbytes`` each."""
-    n = nbytes // 4
-    a, b, c = torch.zeros(n), torch.rand(n), torch.rand(n)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        torch.add(b, c, alpha=0.5, out=a)
-        times.append(time.perf_counter() - t0)
-    return 3 * nbytes / min(times)  # the best run: noise only ever slows a copy down
-
-
-def time_optimizers(shapes: list[tuple[int, ...]], repeats: int) -> dict[str, float]:
+def time_optimizers(shapes: Shapes, repeats: int) -> dict[str, float]:
     """Median step time of every optimizer, measured round-robin so machine noise hits all alike."""
-    opts = {}
-    for name, make in OPTIMIZERS.items():
-        g = torch.Generator().manual_seed(1)
-        params = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in shapes]
-        for p in params:
-            p.grad = torch.randn(p.shape, generator=g) * 1e-2
-        opts[name] = make(params)
-        opts[name].step()  # allocate state
-    times: dict[str, list[float]] = {name: [] for name in opts}
-    for _ in range(repeats):
-        for name, opt in opts.items():
-            t0 = time.perf_counter()
-            opt.step()
-            times[name].append(time.perf_counter() - t0)
-    del opts
-    pygc.collect()
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    named = [(str(i), s) for i, s in enumerate(shapes)]
+
+    def maker(make: Callable[[list[torch.Tensor]], torch.optim.Optimizer]) -> Callable[[], torch.optim.Optimizer]:
+        return lambda: make([p for _, p in make_params(named)])
+
+    timings = time_round_robin({name: maker(make) for name, make in OPTIMIZERS.items()}, repeats)
+    for name, t in timings.items():
+        if t.error:
+            raise RuntimeError(f"{name}: {t.error}")
+    return {name: t.median for name, t in timings.items()}
 
 
 def main() -> None:

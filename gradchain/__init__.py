@@ -1,6 +1,6 @@
 """gradchain: composable gradient transformations for PyTorch, in the style of optax."""
 
-from . import combinators, diagnostics, recipes, schedules, transforms
+from . import combinators, diagnostics, losses, recipes, schedules, transforms
 from .base import (
     Bucket,
     Chain,
@@ -14,6 +14,7 @@ from .base import (
     zeros_state,
 )
 from .combinators import *  # noqa: F403
+from .evaluation import eval_params
 from .hyperparams import Hyperparam
 from .optimizer import ChainOptimizer
 from .transforms import *  # noqa: F403
@@ -31,6 +32,8 @@ __all__ = [
     "compute_dtype",
     "factory",
     "diagnostics",
+    "eval_params",
+    "losses",
     "recipes",
     "scalar_state",
     "schedules",

@@ -61,6 +61,15 @@ def _is_zero(s: Scalar) -> bool:
     return not isinstance(s, (list, Tensor)) and s == 0.0
 
 
+def _storage(t: Tensor) -> int | None:
+    """The address of a tensor's storage (a DTensor's local shard), or None when it has none."""
+    local = getattr(t, "_local_tensor", t)
+    try:
+        return local.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return None
+
+
 class Bucket:
     """The step context of one bucket: params of one group, device and dtype.
 
@@ -120,6 +129,8 @@ class Bucket:
         self.step_values: list = step_values
         # hyperparameters already resolved (schedules evaluated, checked) for this step, by group key
         self.resolved = resolved
+        # on the fused path: (lengths, segment ids) of the params laid out in one flat buffer
+        self.segments: tuple[Tensor, Tensor] | None = None
         self.scale: Scalar = 1.0
         self.decay: Any = 0.0
         self.divisor: list[Tensor] | None = None
@@ -156,6 +167,36 @@ class Bucket:
         if s is not None:
             return fn(s)
         return [fn(t) for t in self.step_values]
+
+    # -- per-tensor reductions, on lists or on one flat buffer ----------------------------------
+    def tensor_norms(self, xs: list[Tensor], dtype: torch.dtype | None = None) -> Tensor:
+        """The L2 norm of each param's tensor in ``xs`` (laid out like the params), as one vector.
+
+        On a list, one norm per element; on the fused path's flat buffer, one per param segment.
+        """
+        if self.segments is None:
+            return torch.stack(torch._foreach_norm(xs, 2, dtype=dtype)) if xs else torch.zeros(0)
+        x = xs[0] if dtype is None else xs[0].to(dtype)
+        return torch.segment_reduce(x * x, "sum", lengths=self.segments[0]).sqrt()
+
+    def tensor_sums(self, xs: list[Tensor]) -> Tensor:
+        """The sum of each param's tensor in ``xs``, as one vector (see :meth:`tensor_norms`)."""
+        if self.segments is None:
+            return torch.stack([x.sum() for x in xs]) if xs else torch.zeros(0)
+        return torch.segment_reduce(xs[0], "sum", lengths=self.segments[0])
+
+    def tensor_numels(self, xs: list[Tensor]) -> Tensor:
+        """The element count of each param's tensor, as one vector of the compute dtype."""
+        if self.segments is None:
+            return torch.tensor([float(x.numel()) for x in xs], dtype=self.dtype, device=xs[0].device)
+        return self.segments[0].to(self.dtype)
+
+    def per_tensor(self, values: Tensor) -> list[Tensor]:
+        """One entry per param of ``values`` as factors for a list op: 0-d tensors on a list, a
+        gathered full-size tensor on the flat buffer."""
+        if self.segments is None:
+            return list(values.unbind(0))
+        return [values[self.segments[1]]]
 
     # -- pending affine form ----------------------------------------------------------------
     def defer_scale(self, s: Scalar) -> None:
@@ -208,8 +249,15 @@ class Bucket:
     def _foreign(self, i: int, u: Tensor) -> bool:
         if u is self.grads[i] or id(u) in self._borrowed:
             return True
-        # a transform returns its own buffer for the same tensor: compare index-aligned entries
-        return any(i < len(lst) and lst[i] is u for lst in self.state.values())
+        # a transform returns its own buffer (or a view of it) for the same tensor: compare the
+        # index-aligned entries, by identity and, on the eager path, by storage
+        mine = [lst[i] for lst in self.state.values() if i < len(lst) and isinstance(lst[i], Tensor)]
+        if any(s is u for s in mine):
+            return True
+        if self.tensor_scalars or not mine:
+            return False
+        ptr = _storage(u)
+        return ptr is not None and any(_storage(s) == ptr for s in mine)
 
     def ensure_owned(self) -> list[Tensor]:
         """Copy any update that aliases a gradient or a state buffer, so it can be written in place."""
@@ -229,7 +277,7 @@ class Bucket:
         sub.batch_size = self.batch_size
         sub.updates = pick(self.updates)
         sub.step_values = pick(self.step_values)
-        sub.tensor_scalars, sub.resolved = self.tensor_scalars, self.resolved
+        sub.tensor_scalars, sub.resolved, sub.segments = self.tensor_scalars, self.resolved, None
         sub.scale, sub.decay, sub.divisor = 1.0, 0.0, None
         sub._borrowed = set(self._borrowed)
         return sub
@@ -308,6 +356,17 @@ class Transform:
     extra_defaults: dict[str, Any]
     # hyperparameter keys this transform's children share on purpose (see chain(share=))
     shared_keys: frozenset[str] = frozenset()
+    # constructor options recorded in param groups as torch does, fixed when the chain is built
+    fixed_options: Mapping[str, Any] = {}
+    # state sharing is declared, never guessed from names: the buffers (local names) that hold a
+    # momentum (Lookahead resets or pulls them back), and the full state keys of transforms
+    # earlier in the chain that this one reads (checked when the chain is built)
+    momentum_state: tuple[str, ...] = ()
+    reads_state: tuple[str, ...] = ()
+
+    def momentum_keys(self) -> list[str]:
+        """The full state keys of every momentum buffer in this tree (declared by the leaves)."""
+        return [f"{t.name}.{b}" for t in self.leaves() for b in t.momentum_state]
 
     # -- what the optimizer calls -------------------------------------------------------------
     def init_state(self, param: Tensor, name: str | None = None) -> StateDict:
@@ -411,7 +470,9 @@ class Leaf(Transform):
         inplace: bool = False,
         check: Callable[[Mapping], None] | None = None,
         elementwise: bool = False,
+        segmented: bool = False,
         static: Sequence[str] = (),
+        momentum_state: Sequence[str] = (),
     ) -> None:
         if not name or "." in name:
             raise ValueError(f"transform name {name!r} must be non-empty and contain no '.'")
@@ -430,6 +491,10 @@ class Leaf(Transform):
         # its math takes tensor scalars (gradchain.ops), so the fused path runs it over one flat
         # buffer inside a compiled kernel; ``static`` names hyperparameters it branches on in Python
         self.elementwise = elementwise
+        # segmented: reduces per tensor only through the bucket's tensor_norms / tensor_sums /
+        # per_tensor helpers, which the fused path computes as segment reductions of a flat buffer
+        self.segmented = segmented
+        self.momentum_state = tuple(momentum_state)
         self.static = frozenset(static)
         unknown_static = self.static - set(self._specs)
         if unknown_static:
@@ -529,6 +594,11 @@ def transform(
     ``elementwise=True`` declares an update that treats each element alone, keeps state shaped
     like the param and does its scalar math with :mod:`gradchain.ops` (scalars may be 0-d
     tensors): the fused path then compiles it into one kernel with its neighbours.
+    ``segmented=True`` declares one that reduces per tensor only through ``ctx.tensor_norms``,
+    ``ctx.tensor_sums``, ``ctx.tensor_numels`` and ``ctx.per_tensor`` (otherwise elementwise):
+    the fused path compiles it too, with segment reductions over the flat buffer.
+    ``momentum_state=("exp_avg",)`` declares which buffers hold a momentum (Lookahead's
+    momentum reset and pullback find them so).
     ``static=("key",)`` names hyperparameters the update branches on in Python (a change of
     their value recompiles the fused kernel). Other transforms run on the fused path eagerly,
     over per-tensor views of the flat buffers.
@@ -602,6 +672,26 @@ def merge_hyperparams(children: Sequence[Transform], share: Iterable[str] | None
     return merged
 
 
+def _check_reads(children: Sequence[Transform]) -> None:
+    """A transform that reads another's state (``reads_state``) needs it earlier in the chain."""
+    readers = [i for i, t in enumerate(children) if t.reads_state]
+    if not readers:
+        return
+    meta = torch.empty((2, 2), device="meta")
+    kept: set[str] = set()
+    for t in children[: readers[-1] + 1]:
+        missing = [k for k in t.reads_state if k not in kept]
+        if missing:
+            raise ValueError(
+                f"{t.name!r} reads state {missing} of a transform that must come before it in the chain; "
+                f"the chain so far keeps {sorted(kept)}"
+            )
+        try:
+            kept |= set(t.init_state(meta))
+        except Exception:  # noqa: BLE001 - a transform whose state needs a real tensor: nothing to check
+            continue
+
+
 def _same(a: Any, b: Any) -> bool:
     if isinstance(a, Tensor) or isinstance(b, Tensor):
         return a is b
@@ -616,18 +706,22 @@ class Chain(Transform):
     def __init__(self, children: Sequence[Transform], name: str = "chain", share: Iterable[str] = ()) -> None:
         flat: list[Transform] = []
         extra: dict[str, Any] = {}
+        fixed: dict[str, Any] = {}
         shared = set(share)
         for t in children:
             if not isinstance(t, Transform):
                 raise TypeError(f"chain() takes transforms, got {type(t).__name__}")
             # a nested chain keeps its optimizer-level defaults (maximize) and what it shares
             extra.update(t.extra_defaults)
+            fixed.update(t.fixed_options)
             shared |= t.shared_keys
             flat.extend(t.children if isinstance(t, Chain) else [t])
         self.name = name
         self.children = flat
         self.shared_keys = frozenset(shared)
+        self.fixed_options = fixed
         check_unique_names(self, "a chain")
+        _check_reads(flat)
         self.hyperparams = merge_hyperparams(flat, share=self.shared_keys)
         self.extra_defaults = extra
 
@@ -645,6 +739,7 @@ class Chain(Transform):
         out = Chain([t.renamed(mapping) for t in self.children], self.name,
                     share={mapping.get(k, k) for k in self.shared_keys})
         out.extra_defaults = dict(self.extra_defaults)
+        out.fixed_options = dict(self.fixed_options)
         return out
 
     def validate_group(self, group: Mapping[str, Any]) -> None:
@@ -662,16 +757,27 @@ class Chain(Transform):
             t.apply(buckets)
 
 
-def chain(*transforms: Transform, maximize: bool | None = None, share: Iterable[str] = ()) -> Chain:
+def chain(
+    *transforms: Transform,
+    maximize: bool | None = None,
+    share: Iterable[str] = (),
+    fixed: Mapping[str, Any] | None = None,
+) -> Chain:
     """Compose transforms: ``chain(a, b, c)`` applies ``a`` then ``b`` then ``c``.
 
     Nested chains are flattened (keeping their ``maximize`` default); transform names must be
     unique. Two transforms that declare the same hyperparameter key are an error unless the key
     is named in ``share`` (one group value then drives both, e.g. ``share=["lr"]`` for a decay
     scaled by the learning rate). ``maximize`` sets the optimizer's default for the ``maximize``
-    group option (as in torch.optim).
+    group option (as in torch.optim). ``fixed`` records constructor options that decide the chain's
+    structure (``amsgrad``, ``decoupled_weight_decay``): they appear in every param group, as in
+    torch, and a group may repeat them but not change them.
     """
     c = Chain(transforms, share=share)
+    for key, value in (fixed or {}).items():
+        if key in c.hyperparams:
+            raise ValueError(f"chain(fixed=): {key!r} is a hyperparameter of this chain, not a fixed option")
+        c.fixed_options[key] = value
     if maximize is not None:
         c.extra_defaults["maximize"] = bool(maximize)
     return c

@@ -14,7 +14,9 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
+from ._dtensor import plain, replicate_like
 from .base import (
     Bucket,
     StateDict,
@@ -25,6 +27,7 @@ from .base import (
     scalar_state,
     zeros_state,
 )
+from .hyperparams import check_name
 
 __all__ = ["accumulate", "apply_if_finite", "masked", "partition"]
 
@@ -40,16 +43,20 @@ def _needs_name(kind: str, name: str | None, param: Tensor) -> str:
     return name
 
 
-def _name_predicate(patterns: Iterable[str]) -> Callable[[str | None, Tensor], bool]:
-    pats = [patterns] if isinstance(patterns, str) else list(patterns)
-    exact = {p for p in pats if not any(c in p for c in "*?[")}
-    globs = [p for p in pats if p not in exact]
+class _NameMatch:
+    """``(name, param) -> bool``: the name is one of ``patterns`` (exact names or globs), or, with
+    ``negate``, none of them. A param without a name is an error naming ``kind``. Picklable."""
 
-    def select(name: str | None, param: Tensor) -> bool:
-        name = _needs_name("masked()", name, param)
-        return name in exact or any(fnmatch.fnmatchcase(name, g) for g in globs)
+    def __init__(self, patterns: str | Iterable[str], kind: str = "masked()", negate: bool = False) -> None:
+        pats = [patterns] if isinstance(patterns, str) else list(patterns)
+        self.exact = {p for p in pats if not any(c in p for c in "*?[")}
+        self.globs = [p for p in pats if p not in self.exact]
+        self.kind, self.negate = kind, negate
 
-    return select
+    def __call__(self, name: str | None, param: Tensor) -> bool:
+        name = _needs_name(self.kind, name, param)
+        hit = name in self.exact or any(fnmatch.fnmatchcase(name, g) for g in self.globs)
+        return hit != self.negate
 
 
 class _Routing(Transform):
@@ -61,10 +68,14 @@ class _Routing(Transform):
         raise NotImplementedError
 
     def _cached_route(self, name: str | None, param: Tensor) -> Any:
-        key = (id(param), name)
-        if key not in self._cache:
-            self._cache[key] = self._route(name, param)
-        return self._cache[key]
+        # keyed by the param itself, weakly: an entry goes with its param, and a new param that
+        # reuses a freed one's address is routed afresh
+        by_name = self._cache.get(param)
+        if by_name is None:
+            by_name = self._cache[param] = {}
+        if name not in by_name:
+            by_name[name] = self._route(name, param)
+        return by_name[name]
 
     def init_state(self, param: Tensor, name: str | None = None) -> StateDict:
         label = self._route(name, param)
@@ -98,18 +109,24 @@ class _Routing(Transform):
     def _setup(self, name: str, children: dict[Any, Transform]) -> None:
         self.name = name
         self.children = children
-        self._cache: dict[tuple, Any] = {}
+        self._cache = WeakIdKeyDictionary()
         check_unique_names(self, f"{name}()")
         self.hyperparams = merge_hyperparams(list(children.values()))
         self.extra_defaults = {}
         self.shared_keys = frozenset().union(*(c.shared_keys for c in children.values()))
+        self.fixed_options = {}
         for c in children.values():
             self.extra_defaults.update(c.extra_defaults)
+            self.fixed_options.update(c.fixed_options)
 
     def __getstate__(self) -> dict[str, Any]:
         d = self.__dict__.copy()
-        d["_cache"] = {}
+        d["_cache"] = None
         return d
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._cache = WeakIdKeyDictionary()
 
 
 class _Masked(_Routing):
@@ -148,7 +165,7 @@ def masked(inner: Transform, mask: Selector | str | Iterable[str]) -> Transform:
     if callable(mask):
         select = _AsBool(mask)
     else:
-        select = _name_predicate(mask)
+        select = _NameMatch(mask)
     return _Masked(inner, select)
 
 
@@ -187,22 +204,6 @@ def partition(transforms: Mapping[Any, Transform], labels: Selector | Mapping[st
 
 
 # -- helpers for the wrappers below ---------------------------------------------------------------
-def _check_name(name: str) -> str:
-    if not isinstance(name, str) or not name or "." in name:
-        raise ValueError(f"transform name {name!r} must be a non-empty string without '.'")
-    return name
-
-
-def _scalar(param: Tensor) -> Tensor:
-    """A 0-d state tensor in the param's compute dtype (a replicated DTensor under FSDP2)."""
-    return scalar_state(param).to(compute_dtype(param.dtype))
-
-
-def _plain(t: Tensor) -> Tensor:
-    """A replicated DTensor's value as a plain tensor (no-op for a plain tensor)."""
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
-
-
 class _Like:
     """A plain 0-d tensor, handed out on each target's device/dtype (a replicated DTensor for DTensors)."""
 
@@ -214,12 +215,7 @@ class _Like:
         mesh = getattr(t, "device_mesh", None)
         key = (t.device, id(mesh), dtype)
         if key not in self._cache:
-            v = self.value.to(device=t.device, dtype=dtype or self.value.dtype)
-            if mesh is not None:
-                from torch.distributed.tensor import DTensor, Replicate
-
-                v = DTensor.from_local(v, mesh, [Replicate()] * mesh.ndim, run_check=False)
-            self._cache[key] = v
+            self._cache[key] = replicate_like(self.value.to(device=t.device, dtype=dtype or self.value.dtype), t)
         return self._cache[key]
 
 
@@ -232,9 +228,11 @@ class _Wrapper(Transform):
         if not isinstance(inner, Transform):
             raise TypeError(f"{type(self).__name__} wraps a gradchain Transform, got {type(inner).__name__}")
         self.inner = inner
-        self.name = _check_name(name)
+        self.name = check_name(name)
         self.hyperparams = dict(inner.hyperparams)
         self.extra_defaults = dict(inner.extra_defaults)
+        self.fixed_options = dict(inner.fixed_options)
+        self.shared_keys = inner.shared_keys
         check_unique_names(self, f"{name}()")
 
     def leaves(self) -> Iterator[Transform]:
@@ -293,19 +291,46 @@ class _Accumulate(_Wrapper):
     def _own_state(self, param: Tensor) -> StateDict:
         return {
             "grad": zeros_state(param),  # sum of w_i * u_i over the cycle's micro-steps
-            "weight": _scalar(param),  # sum of w_i
-            "loss": _scalar(param),  # sum of w_i * L_i over the micro-steps that passed a loss
-            "loss_weight": _scalar(param),  # sum of w_i over those
+            "weight": scalar_state(param),  # sum of w_i
+            "loss": scalar_state(param),  # sum of w_i * L_i over the micro-steps that passed a loss
+            "loss_weight": scalar_state(param),  # sum of w_i over those
             # the inner transforms' step count (real steps); on the host, as the optimizer's "step"
             "step": torch.zeros((), dtype=compute_dtype(param.dtype)),
+            # on the host too, read every call without a device sync: this cycle's micro-steps,
+            # +1 each that passed batch_size and -1 each that did not (a cycle may not mix them) ...
+            "sized_calls": torch.zeros((), dtype=torch.float64),
+            # ... and the sum of their batch sizes known on the host (NaN once one was a device tensor)
+            "host_weight": torch.zeros((), dtype=torch.float64),
         }
 
-    def _inner_steps(self, b: Bucket) -> list[Tensor]:
-        steps = self._mine(b, "step")
-        for i, t in enumerate(steps):
+    def _host(self, b: Bucket, buffer: str) -> list[Tensor]:
+        ts = self._mine(b, buffer)
+        for i, t in enumerate(ts):
             if t.device.type != "cpu":  # moved to the param's device by a checkpoint load: once
-                steps[i] = t.cpu()
-        return steps
+                ts[i] = t.cpu()
+        return ts
+
+    def _inner_steps(self, b: Bucket) -> list[Tensor]:
+        return self._host(b, "step")
+
+    def _refuse(self, live: list[Bucket], sized: bool, host_w: float, real: bool) -> None:
+        """Raise, before any state moves, for a cycle that mixes sized and unsized calls or weighs 0."""
+        calls = torch.stack([t for b in live for t in self._host(b, "sized_calls")]).tolist()
+        problem = None
+        if (sized and min(calls) < 0) or (not sized and max(calls) > 0):
+            problem = (
+                "step(batch_size=) was passed on some micro-steps of this accumulation cycle and not on "
+                "others; pass it on every call or never (the weights would mix sample counts with 1s)"
+            )
+        elif sized and real:
+            totals = torch.stack([t for b in live for t in self._host(b, "host_weight")]).tolist()
+            if any(t + host_w == 0 for t in totals):
+                problem = (
+                    f"the batch sizes of this accumulation cycle's {self.every} micro-steps sum to 0: "
+                    "the mean gradient is 0/0; at least one micro-batch needs batch_size > 0"
+                )
+        if problem is not None:
+            raise ValueError(f"{self.name}(): {problem}")
 
     def _add(self, b: Bucket, w: float | Tensor) -> None:
         """Add this micro-step: ``grad += w u``, ``weight += w``, ``loss += w L``, ``loss_weight += w``."""
@@ -334,8 +359,20 @@ class _Accumulate(_Wrapper):
             return
         # the phase is global (the most micro-steps any param has seen), so params stay in step
         calls = round(max(max(b.step_values) for b in live))
+        sized = live[0].batch_size is not None  # one step(batch_size=) for every bucket
+        try:
+            w = _micro_weight(live[0].batch_size)
+            host_w = float(w) if not isinstance(w, Tensor) or w.device.type == "cpu" else math.nan
+            self._refuse(live, sized, host_w, calls % self.every == 0)
+        except ValueError:
+            for b in live:  # a refused call never happened: the optimizer's step counters go back too
+                torch._foreach_sub_(b.steps, 1.0)
+                b.step_values = [v - 1.0 for v in b.step_values]
+            raise
         for b in live:
-            self._add(b, _micro_weight(b.batch_size))
+            self._add(b, w)
+            torch._foreach_add_(self._host(b, "sized_calls"), 1.0 if sized else -1.0)
+            torch._foreach_add_(self._host(b, "host_weight"), host_w)
         if calls % self.every:
             for b in live:  # a mini-step: the write adds 0 * acc, i.e. nothing; inner not called
                 b.updates = b.lend(list(self._mine(b, "grad")))
@@ -348,8 +385,8 @@ class _Accumulate(_Wrapper):
             loss = None
             if b.loss is not None:
                 lsum, lw = self._mine(b, "loss"), self._mine(b, "loss_weight")
-                loss = _plain(lsum[0] / lw[0])
-            for k in ("grad", "weight", "loss", "loss_weight"):
+                loss = plain(lsum[0] / lw[0])
+            for k in ("grad", "weight", "loss", "loss_weight", "sized_calls", "host_weight"):
                 torch._foreach_zero_(self._mine(b, k))
             steps = self._inner_steps(b)
             torch._foreach_add_(steps, 1.0)
@@ -377,15 +414,18 @@ def accumulate(inner: Transform, steps: int, *, name: str = "accumulate") -> Tra
     ``sum w_i L_i / sum w_i`` (over the calls that passed one, if this call passes one) and with
     its own step count (real steps: what its bias corrections and schedules see). The other calls
     change no parameter and no inner state. State: ``grad`` (1x), ``weight``, ``loss``,
-    ``loss_weight``, ``step``.
+    ``loss_weight``, ``step`` and, on the host, ``sized_calls`` and ``host_weight``.
 
     Put the whole chain inside (``accumulate(recipes.adamw(...), 4)``): a transform after it
     would also act on the mini-steps. Call a torch LR scheduler once per ``steps`` calls. The phase
     is global (the largest optimizer step count among the params); a param whose grad is None
     in a micro-step is averaged over the micro-steps it took part in (use
     ``zero_grad(set_to_none=False)`` to count it as a zero gradient, as the large batch does).
-    Pass ``batch_size=`` on every call or never. Reference: the corrected accumulation of
-    ALGORITHMS.md section 13. Peer: optax ``MultiSteps`` (which takes the plain mean).
+    Pass ``batch_size=`` on every call or never: a cycle that mixes both, or whose batch sizes
+    sum to 0, raises ``ValueError`` and the call changes nothing (with 0-d tensor batch sizes on a
+    device the zero sum is not seen without a sync: the update is then NaN, for
+    ``apply_if_finite``). See docs/concepts.md (Combinators). Peer: optax ``MultiSteps`` (which
+    takes the plain mean of the micro-batch gradients).
     """
     return _Accumulate(inner, steps, name)
 
@@ -404,7 +444,7 @@ class _ApplyIfFinite(_Wrapper):
         return _ApplyIfFinite(self.inner.renamed(mapping), self.max_errors, self.name)
 
     def _own_state(self, param: Tensor) -> StateDict:
-        return {"notfinite_count": _scalar(param), "total_notfinite": _scalar(param)}
+        return {"notfinite_count": scalar_state(param), "total_notfinite": scalar_state(param)}
 
     def _owned(self, key: str) -> bool:
         return key.split(".", 1)[0] in self._inner_names
@@ -430,7 +470,7 @@ class _ApplyIfFinite(_Wrapper):
             u = [x for x in b.materialize() if x.numel()]
             if u:
                 norms = torch._foreach_norm(u, math.inf)  # inf or nan iff some entry is
-                flags.append(_plain(torch.isfinite(torch.stack(norms)).all()))
+                flags.append(plain(torch.isfinite(torch.stack(norms)).all()))
         dev = flags[0].device if flags else live[0].steps[0].device
         ok_t = torch.stack([f.to(dev) for f in flags]).all() if flags else torch.ones((), dtype=torch.bool)
         ok = _Like(ok_t)
@@ -448,7 +488,7 @@ class _ApplyIfFinite(_Wrapper):
         for k, old in gsnap.items():
             gstate[k].copy_(torch.where(ok.like(gstate[k]), gstate[k], old))
         # the one host read per step: the step counters live on the host, and the raise needs it
-        first = _plain(self._mine(live[0], "notfinite_count")[0])
+        first = plain(self._mine(live[0], "notfinite_count")[0])
         skipped, count = torch.stack([(~ok_t).to(torch.float64), first.to(dev, torch.float64)]).cpu().tolist()
         for b in live:
             torch._foreach_sub_(b.steps, skipped)

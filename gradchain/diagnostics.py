@@ -25,9 +25,10 @@ few steps on an accelerator. Under FSDP2 a DTensor is gathered with ``full_tenso
 every rank runs the hook, so every rank takes part).
 
 Records go to TensorBoard (scalars per statistic and tensor, histograms of gradients and
-parameters every ``histogram_every`` recorded steps) when ``log_dir`` or ``writer`` is given and
-TensorBoard is installed, and always to :attr:`GradientDiagnostics.records`, which
-:meth:`GradientDiagnostics.write_csv` writes to a results file.
+parameters every ``histogram_every`` recorded steps) when ``log_dir`` or ``writer`` is given
+(``log_dir`` needs the ``tensorboard`` package: ``ImportError`` at construction without it), and
+always to :attr:`GradientDiagnostics.records`, which :meth:`GradientDiagnostics.write_csv` writes
+to a results file.
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._dtensor import plain  # a DTensor is gathered: statistics are over the whole tensor
+
 __all__ = ["STATS", "GradientDiagnostics", "state_bytes", "tensor_stats", "tensorboard_available"]
 
 STATS = ("norm", "rms", "max_abs", "kurtosis", "top_share")
@@ -50,13 +53,6 @@ STATS = ("norm", "rms", "max_abs", "kurtosis", "top_share")
 def tensorboard_available() -> bool:
     """True when ``torch.utils.tensorboard`` can be used (the ``tensorboard`` package is installed)."""
     return importlib.util.find_spec("tensorboard") is not None
-
-
-def _plain(t: Tensor) -> Tensor:
-    t = t.detach()
-    if hasattr(t, "full_tensor"):  # DTensor: statistics are over the whole tensor, not one shard
-        t = t.full_tensor()
-    return t
 
 
 def _stats_tensor(x: Tensor, top_fraction: float) -> Tensor:
@@ -77,7 +73,7 @@ def _stats_tensor(x: Tensor, top_fraction: float) -> Tensor:
 def _flat64(t: Tensor) -> Tensor:
     # MPS has no float64; everything else does
     dtype = torch.float32 if t.device.type == "mps" else torch.float64
-    return _plain(t).reshape(-1).to(dtype)
+    return plain(t.detach()).reshape(-1).to(dtype)
 
 
 def tensor_stats(t: Tensor, top_fraction: float = 0.01) -> dict[str, float]:
@@ -132,6 +128,12 @@ class GradientDiagnostics:
             raise ValueError(f"invalid top_fraction={top_fraction!r}: must be in (0, 1]")
         if log_dir is not None and writer is not None:
             raise ValueError("pass either log_dir= or writer=, not both")
+        if log_dir is not None and not tensorboard_available():
+            raise ImportError(
+                f"GradientDiagnostics(log_dir={str(log_dir)!r}) writes TensorBoard event files, but the "
+                "tensorboard package is not installed: pip install tensorboard (or gradchain[tensorboard]), "
+                "or leave log_dir out (the statistics are still kept in .records and written by write_csv())"
+            )
         self.optimizer = optimizer
         self.every = every
         self.histogram_every = histogram_every
@@ -145,7 +147,7 @@ class GradientDiagnostics:
         self._names: Mapping[Tensor, str] = names or {}
         self._own_writer = False
         self.writer = writer
-        if log_dir is not None and tensorboard_available():
+        if log_dir is not None:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(log_dir=str(log_dir))
@@ -197,12 +199,12 @@ class GradientDiagnostics:
         hist = self.histogram_every and self._recorded % self.histogram_every == 0
         if self.writer is not None and hist:
             for name, p in named:
-                self.writer.add_histogram(f"grad/{name}", _plain(p.grad).float().cpu(), self.step)
+                self.writer.add_histogram(f"grad/{name}", plain(p.grad.detach()).float().cpu(), self.step)
                 if self.params:
-                    self.writer.add_histogram(f"param/{name}", _plain(p).float().cpu(), self.step)
+                    self.writer.add_histogram(f"param/{name}", plain(p.detach()).float().cpu(), self.step)
         self._recorded += 1
         if self.updates:
-            self._before = [(p, _plain(p).clone()) for _, p in named]
+            self._before = [(p, plain(p.detach()).clone()) for _, p in named]
         else:
             self._flush()
         return None

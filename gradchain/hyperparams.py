@@ -87,6 +87,30 @@ def betas(value: Any) -> str | None:
     return None
 
 
+class HyperparamTypeError(TypeError, ValueError):
+    """A hyperparameter of the wrong kind (a float where a pair is due): both a ``TypeError``, as
+    torch.optim raises for it, and a ``ValueError``, as gradchain raises for every invalid value."""
+
+
+def betas_pair(value: Any, key: str = "betas") -> tuple:
+    """``value`` as a tuple ``(beta1, beta2)``, checked before anything unpacks it.
+
+    Raises :class:`HyperparamTypeError` naming ``key`` for something other than a pair (``0.9``)
+    and ``ValueError`` for a beta outside [0, 1). Factories call it on their ``betas`` argument.
+    """
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise HyperparamTypeError(f"invalid hyperparameter {key}={value!r}: must be a pair (beta1, beta2)")
+    validate(key, Hyperparam(None, betas), value)
+    return tuple(value)
+
+
+def check_name(name: Any) -> str:
+    """A transform name: a non-empty string without ``'.'`` (state keys are ``"<name>.<buffer>"``)."""
+    if not isinstance(name, str) or not name or "." in name:
+        raise ValueError(f"transform name {name!r} must be a non-empty string without '.'")
+    return name
+
+
 def validate(key: str, spec: Hyperparam, value: Any) -> None:
     """Raise ``ValueError`` naming ``key`` and ``value`` when ``value`` fails ``spec``'s check.
 

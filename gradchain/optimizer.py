@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from collections import defaultdict
-from collections.abc import Callable, Iterable
 import math
 import warnings
+from collections import defaultdict
+from collections.abc import Callable, Iterable
 from copy import deepcopy
 from typing import Any
 
@@ -69,6 +69,7 @@ class ChainOptimizer(torch.optim.Optimizer):
         defaults = {k: spec.default for k, spec in transform.hyperparams.items()}
         defaults["maximize"] = False
         defaults.update(transform.extra_defaults)
+        defaults.update(transform.fixed_options)
         unknown = sorted(set(overrides) - set(defaults))
         if unknown:
             raise TypeError(
@@ -98,6 +99,14 @@ class ChainOptimizer(torch.optim.Optimizer):
             )
         if not isinstance(group.get("maximize", False), bool):
             raise ValueError(f"invalid hyperparameter maximize={group['maximize']!r}: must be a bool")
+        for key, built in self.transform.fixed_options.items():
+            if key in group and group[key] != built:
+                raise ValueError(
+                    f"param group sets {key}={group[key]!r}, but this optimizer's chain was built with "
+                    f"{key}={built!r}: in gradchain {key} decides which transforms the chain holds. Build the "
+                    f"chain with {key}={group[key]!r}, or route this group's params to a chain of their own "
+                    "with gradchain.partition"
+                )
         self.transform.validate_group(group)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -176,7 +185,7 @@ class ChainOptimizer(torch.optim.Optimizer):
         compiling = torch.compiler.is_compiling()
         plans = []
         # every hyperparameter (schedules included) is resolved and checked before any state moves
-        for gi, group, items in self._collect():
+        for _, group, items in self._collect():
             sts = [x[2] for x in items]
             steps = [st["step"] for st in sts]
             if compiling:
@@ -200,7 +209,9 @@ class ChainOptimizer(torch.optim.Optimizer):
                 shared["host_hyperparams"] = resolved
             buckets.append(
                 Bucket(params, grads, lists, steps, [x[3] for x in items], group, loss, shared, self.state_dtype,
-                       batch_size=batch_size, step_values=None if compiling else values, tensor_scalars=compiling,
+                       batch_size=batch_size, tensor_scalars=compiling,
+                       # traced: float64 step tensors, so bias corrections keep the eager path's precision
+                       step_values=[t.to(torch.float64) for t in steps] if compiling else values,
                        resolved=resolved)
             )
             states.append(sts)
@@ -258,7 +269,8 @@ class ChainOptimizer(torch.optim.Optimizer):
         guard = self.atomic == "always" or key not in self._proven
         snapshot = self._snapshot() if guard else None
         try:
-            if not (self.fused and batch_size is None and self._step_fused(loss_t)):
+            fused = self.fused and batch_size is None and not self._fused_chain.all_eager
+            if not (fused and self._step_fused(loss_t)):
                 self._step_eager(loss_t, batch_size)
         except BaseException:
             self._rollback(snapshot)
@@ -325,11 +337,6 @@ class ChainOptimizer(torch.optim.Optimizer):
             flats.append(fb)
             groups.append(group)
             dtypes.append(self.state_dtype or compute_dtype(params[0].dtype))
-        # a param of a group that has a layout but no grad now: the layout cannot take this step
-        for gi, group in enumerate(self.param_groups):
-            for key, fb in self._flats.items():
-                if key[0] == gi and fb not in flats and any(p.grad is not None for p in fb.params):
-                    return False
         if not flats:
             return True
         for fb, group in zip(flats, groups):
@@ -418,8 +425,10 @@ class ChainOptimizer(torch.optim.Optimizer):
         for key, want in expected.items():
             got = loaded[key]
             if key == "step":
-                value = float(got) if isinstance(got, (Tensor, int, float)) and not isinstance(got, bool) else None
-                if value is None or not math.isfinite(value) or value < 0 or (isinstance(got, Tensor) and got.numel() != 1):
+                scalar = not isinstance(got, Tensor) or got.numel() == 1
+                number = isinstance(got, (Tensor, int, float)) and not isinstance(got, bool) and scalar
+                value = float(got) if number else None
+                if value is None or not math.isfinite(value) or value < 0:
                     raise ValueError(f"state dict: param {label} has an invalid step {got!r} (a count >= 0)")
                 continue
             if not isinstance(want, Tensor):

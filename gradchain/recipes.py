@@ -7,13 +7,15 @@ trajectory of ``torch.optim.X(params, **hp)``.
 
 from __future__ import annotations
 
-import fnmatch
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
 from .base import Chain, Transform, chain
-from .combinators import masked, partition
+from .combinators import _NameMatch, masked, partition
+from .hyperparams import betas_pair
+from .transforms.adaptive_memory import adaptive_memory_momentum, scale_by_am_adamw
 from .transforms.amos import amos_default_eta, scale_by_amos
 from .transforms.centralization import centralize
 from .transforms.clipping import adaptive_grad_clip, soft_clip
@@ -36,10 +38,13 @@ from .transforms.moments import scale_by_adam
 from .transforms.momentum import ema, trace
 from .transforms.normalization import normalize
 from .transforms.orthogonal import NS_COEFFICIENTS, orthogonalize, scale_by_shape
+from .transforms.prodigy import scale_by_prodigy
 from .transforms.regularization import add_cautious_wd, add_decoupled_wd, add_l2
 from .transforms.scaling import scale, scale_by_lr
+from .transforms.schedule_free import scale_by_rms, schedule_free
 from .transforms.sm3 import scale_by_sm3
 from .transforms.smmf import scale_by_smmf
+from .transforms.spectral import spectral_lr_bound
 from .transforms.stable_wd import add_stable_wd
 from .transforms.trust_ratio import scale_by_trust_ratio
 
@@ -63,7 +68,9 @@ def sgd(
     Reproduces ``torch.optim.SGD``.
     """
     if momentum == 0 and not nesterov:
-        return chain(add_l2(weight_decay), scale_by_lr(lr), maximize=maximize)
+        # torch keeps no buffer without momentum: a group may not switch momentum on here
+        return chain(add_l2(weight_decay), scale_by_lr(lr), maximize=maximize,
+                     fixed={"momentum": momentum, "dampening": dampening, "nesterov": False})
     return chain(
         add_l2(weight_decay), trace(momentum, dampening, nesterov), scale_by_lr(lr), maximize=maximize
     )
@@ -77,15 +84,20 @@ def adam(
     amsgrad: bool = False,
     *,
     maximize: bool = False,
+    decoupled_weight_decay: bool = False,
 ) -> Chain:
-    """Adam with coupled L2 (torch's ``weight_decay``).
+    """Adam with coupled L2 (torch's ``weight_decay``), or decoupled decay as AdamW.
 
-    Rule: ``g' = g + wd p``; ``p <- p - lr m^/(sqrt(v^) + eps)``. Reference: Kingma & Ba,
-    arXiv:1412.6980. Reproduces ``torch.optim.Adam``.
+    Rule: ``g' = g + wd p``; ``p <- p - lr m^/(sqrt(v^) + eps)``; with ``decoupled_weight_decay``
+    the decay leaves the gradient: ``p <- p (1 - lr wd) - lr m^/(sqrt(v^) + eps)`` (:func:`adamw`).
+    Reference: Kingma & Ba, arXiv:1412.6980. Reproduces ``torch.optim.Adam`` (both forms).
     """
-    return chain(
-        add_l2(weight_decay), scale_by_adam(betas, eps, amsgrad=amsgrad), scale_by_lr(lr), maximize=maximize
-    )
+    betas = betas_pair(betas)
+    fixed = {"amsgrad": amsgrad, "decoupled_weight_decay": decoupled_weight_decay}
+    adam_ = scale_by_adam(betas, eps, amsgrad=amsgrad)
+    if decoupled_weight_decay:
+        return chain(adam_, add_decoupled_wd(weight_decay), scale_by_lr(lr), maximize=maximize, fixed=fixed)
+    return chain(add_l2(weight_decay), adam_, scale_by_lr(lr), maximize=maximize, fixed=fixed)
 
 
 def adamw(
@@ -102,8 +114,10 @@ def adamw(
     Rule: ``p <- p (1 - lr wd) - lr m^/(sqrt(v^) + eps)``. Reference: Loshchilov & Hutter,
     arXiv:1711.05101. Reproduces ``torch.optim.AdamW``.
     """
+    betas = betas_pair(betas)
     return chain(
-        scale_by_adam(betas, eps, amsgrad=amsgrad), add_decoupled_wd(weight_decay), scale_by_lr(lr), maximize=maximize
+        scale_by_adam(betas, eps, amsgrad=amsgrad), add_decoupled_wd(weight_decay), scale_by_lr(lr), maximize=maximize,
+        fixed={"amsgrad": amsgrad},
     )
 
 
@@ -131,6 +145,7 @@ def nadam(
     (to 1e-12 in float64 when torch's default dtype is float64: torch keeps the mu product in the
     default dtype, gradchain in the param's compute dtype).
     """
+    betas = betas_pair(betas)
     core = scale_by_nadam(betas, eps, momentum_decay)
     if decoupled_weight_decay:
         return chain(core, add_decoupled_wd(weight_decay), scale_by_lr(lr), maximize=maximize)
@@ -144,15 +159,27 @@ def adam_atan2(
     a: float = 1.27,
     b: float = 1.0,
     *,
+    m_correction: str = "inside",
     maximize: bool = False,
 ) -> Chain:
     """Adam-atan2: Adam without eps, ``p <- p (1 - lr wd) - lr a atan2(m^, b sqrt(v^))``.
 
+    ``m_correction="outside"`` moves the first-moment bias correction out of the atan2:
+    ``p <- p (1 - lr wd) - (lr a/(1 - b1^t)) atan2(m, b sqrt(v^))`` (see ``scale_by_adam_atan2``).
     Reference: Everett et al., arXiv:2407.05872. Reproduces ``adam_atan2_pytorch.AdamAtan2`` (same
-    defaults) with ``weight_decay=0``; its decay is scaled by ``lr/initial lr``, this one by ``lr``
-    as torch's AdamW.
+    defaults), weight decay included, at that peer's default ``decoupled_wd=False``: both decay by
+    ``lr wd`` as torch's AdamW. With ``decoupled_wd=True`` the peer stores ``wd / lr_0`` (``lr_0``
+    its initial lr) and decays by ``lr wd / lr_0``: this recipe with ``weight_decay=wd / lr_0``.
+    With ``a=1, b=1, m_correction="outside"`` it is the rule of the ``adam-atan2`` CUDA package's
+    ``AdamATan2`` (defaults there: lr 1e-3, betas (0.9, 0.999), weight_decay 1e-2).
     """
-    return chain(scale_by_adam_atan2(betas, a, b), add_decoupled_wd(weight_decay), scale_by_lr(lr), maximize=maximize)
+    betas = betas_pair(betas)
+    return chain(
+        scale_by_adam_atan2(betas, a, b, m_correction=m_correction),
+        add_decoupled_wd(weight_decay),
+        scale_by_lr(lr),
+        maximize=maximize,
+    )
 
 
 def sadam(
@@ -169,6 +196,7 @@ def sadam(
     would make it momentum SGD). Reference: Tong, Liang, Bi, arXiv:1908.00700. Reproduces the
     rule of the paper (no installed peer has a stand-alone Sadam).
     """
+    betas = betas_pair(betas)
     return chain(
         scale_by_adam_softplus(betas, softplus_beta), add_decoupled_wd(weight_decay), scale_by_lr(lr), maximize=maximize
     )
@@ -189,19 +217,23 @@ def adalo(
 
     ``lr_t = max(a_t/kappa, eps)`` from one fp32 EMA (decay ``b2``) of ``1/(2+L)`` (``mode=
     "adversarial"``, the article's default: big loss, small step), ``1 - ...`` (``"compliant"``) or
-    of ``L`` itself (``"paper"``): see :func:`scale_by_loss_ema`. Group keys ``beta1``/``beta2``
-    hold ``betas``. ``lr`` multiplies the loss-driven step (1.0 is the article's rule; the
-    article's own ``lr`` is unused) so LR schedulers still work. Needs the loss every step; a
-    NaN/inf loss leaves params, ``m`` and the loss EMA as they were.
+    of ``L`` itself (``"paper"``): see :func:`scale_by_loss_ema`. The group key ``betas`` holds
+    ``(b1, b2)`` as in torch's Adam, so schedulers that cycle momentum (``OneCycleLR``,
+    ``CyclicLR``) move ``b1``. ``lr`` multiplies the loss-driven step (1.0 is the article's rule;
+    the article's own ``lr`` is unused) so LR schedulers still work. Needs the loss every step; a
+    NaN/inf loss leaves params, ``m`` and the loss EMA as they were (with finite gradients; a
+    NaN/inf gradient shows in the update, for ``apply_if_finite``).
     Reference: Jeong & Koo, Information Sciences 690 (2025) 121607 (no arXiv id). Reproduces
     cpuimage/AdaLo ``adalo.py`` (with its loss EMA in fp32 and one per optimizer).
     """
+    betas = betas_pair(betas)
     return chain(
-        loss_gated_ema(betas[0]).renamed({"decay": "beta1"}),
+        loss_gated_ema(betas, entry=0).renamed({"decay": "betas"}),
         add_decoupled_wd(weight_decay),
-        scale_by_loss_ema(betas[1], kappa, eps, mode=mode, debias=debias).renamed({"loss_decay": "beta2"}),
+        scale_by_loss_ema(betas, kappa, eps, entry=1, mode=mode, debias=debias).renamed({"loss_decay": "betas"}),
         scale_by_lr(lr),
         maximize=maximize,
+        share=["betas"],  # one pair, read by both: b1 by the first moment, b2 by the loss EMA
     )
 
 
@@ -218,6 +250,7 @@ def adamomentum(
     Reference: Wang et al., "Rethinking Adam: A Twofold Exponential Moving Average Approach",
     arXiv:2106.11514. Reproduces the paper's algorithm (no installed peer).
     """
+    betas = betas_pair(betas)
     return chain(scale_by_adamomentum(betas, eps), add_decoupled_wd(weight_decay), scale_by_lr(lr), maximize=maximize)
 
 
@@ -234,6 +267,7 @@ def diffgrad(
     Reference: Dubey et al., arXiv:1909.11015. Reproduces the paper's rule and the official code
     (shivram1987/diffGrad: coupled L2), with torch's eps placement ``sqrt(v^) + eps``.
     """
+    betas = betas_pair(betas)
     return chain(add_l2(weight_decay), scale_by_diffgrad(betas, eps), scale_by_lr(lr), maximize=maximize)
 
 
@@ -254,6 +288,7 @@ def adanorm(
     paper's AdamNorm rule; pytorch_optimizer ``AdaNorm`` (``r=norm_decay``) is the same but for its
     eps placement ``(sqrt(v) + eps)/sqrt(1 - b2^t)`` and default betas (0.9, 0.99).
     """
+    betas = betas_pair(betas)
     return chain(
         scale_by_adanorm(betas, eps, norm_decay, max_ratio), add_decoupled_wd(weight_decay), scale_by_lr(lr),
         maximize=maximize,
@@ -301,7 +336,7 @@ def adafactor(
             beta2_decay, eps, factored=factored, min_dim_size_to_factor=min_dim_size_to_factor,
             torch_compat=torch_compat,
         ),
-        clip_by_block_rms(d),
+        clip_by_block_rms(d, min_d=1.0),  # torch.optim.Adafactor requires d >= 1
         scale_by_param_rms(eps),
         scale_by_relative_step(lr, warmup_init=warmup_init),
         *_momentum3b(momentum),
@@ -327,7 +362,8 @@ def sm3(
     ``u = g / sqrt(nu + eps)`` (0 where nu = 0), optional EMA ``momentum`` (the paper uses 0.9 and a
     quadratic lr warmup; schedule ``lr`` for it), ``theta <- theta - lr u``.
     Reference: Anil et al., arXiv:1901.11150. Reproduces optax ``sm3`` (momentum as ``ema``);
-    pytorch_optimizer ``SM3``'s defaults (lr 0.1, no momentum).
+    pytorch_optimizer ``SM3``'s defaults (lr 0.1, no momentum), except its eps of 1e-30: with
+    ``eps=1e-30`` it matches pytorch_optimizer ``SM3`` (``beta=0``, same momentum) in float64.
     """
     return chain(scale_by_sm3(b2, eps), *_momentum3b(momentum), scale_by_lr(lr), maximize=maximize)
 
@@ -404,10 +440,15 @@ def lamb(
     ``ratio = phi(||p||)/||q||`` (1 where either norm is 0; ``phi = min(., max_weight_norm)``,
     identity when None); ``p <- p - lr ratio q``. Exclude biases and norm gains from decay and
     trust ratio with ``masked`` if wanted. Reference: You et al., arXiv:1904.00962.
-    Reproduces optax ``lamb`` (the same chain). pytorch_optimizer ``Lamb`` differs: no bias
-    correction by default, decay applied outside the trust ratio, ``||p||`` clamped at 10 (here
-    ``max_weight_norm=10``) and ``eps`` added to ``||q||``.
+    Reproduces optax ``lamb`` (the same chain). pytorch_optimizer ``Lamb`` differs: by default
+    (``adam_debias=False``) it applies the first-moment bias correction outside the trust ratio,
+    multiplying the step by ``1/(1 - b1^t)`` where the ratio cannot cancel it (up to 10x larger
+    early steps), and never corrects ``v``; its ``eps`` sits on the uncorrected ``sqrt(v)`` and is
+    added to ``||q||``; ``||p||`` is clamped at 10 (here ``max_weight_norm=10``); its decay is
+    applied to ``p`` outside the trust ratio. With ``adam_debias=True, eps=0, weight_decay=0`` it
+    equals ``lamb(eps=0, weight_decay=0, max_weight_norm=10)`` in float64.
     """
+    betas = betas_pair(betas)
     return chain(
         scale_by_adam(betas, eps),
         add_decoupled_wd(weight_decay),
@@ -435,6 +476,7 @@ def gc_adamw(
     centralized as pytorch_optimizer's ``centralize_gradient`` does (except that ``(n, 1)`` weights,
     which it zeroes, are left alone).
     """
+    betas = betas_pair(betas)
     return chain(
         centralize(min_ndim),
         scale_by_adam(betas, eps, amsgrad=amsgrad),
@@ -442,17 +484,6 @@ def gc_adamw(
         scale_by_lr(lr),
         maximize=maximize,
     )
-
-
-def _not_named4a(patterns: str | Iterable[str]) -> object:
-    pats = [patterns] if isinstance(patterns, str) else list(patterns)
-
-    def select(name: str | None, p: object) -> bool:
-        if name is None:
-            raise ValueError("agc_sgd(exclude=...) selects params by name; pass model.named_parameters()")
-        return not any(fnmatch.fnmatchcase(name, pat) for pat in pats)
-
-    return select
 
 
 def agc_sgd(
@@ -479,7 +510,7 @@ def agc_sgd(
     """
     clip: Transform = adaptive_grad_clip(clip_factor, agc_eps)
     if exclude is not None:
-        clip = masked(clip, _not_named4a(exclude))
+        clip = masked(clip, _NameMatch(exclude, "agc_sgd(exclude=...)", negate=True))
     return chain(clip, sgd(lr, momentum, dampening, weight_decay, nesterov), maximize=maximize)
 
 
@@ -502,6 +533,7 @@ def softclip_adamw(
     article's rule (timm ``adaptive_clip_grad(clip_factor=1)`` differs only in flooring the L2 norm
     instead of the RMS).
     """
+    betas = betas_pair(betas)
     return chain(
         soft_clip(soft_clip_eps),
         scale_by_adam(betas, eps, amsgrad=amsgrad),
@@ -561,6 +593,7 @@ def cautious_adamw(
     masked). Reference: Liang et al., "Cautious Optimizers: Improving Training with One Line of
     Code", arXiv:2411.16085; reference code kyleliang919/C-Optim ``c_adamw.py``. Peer: timm ``cadamw``.
     """
+    betas = betas_pair(betas)
     return chain(
         scale_by_adam(betas, eps, amsgrad=amsgrad),
         cautious_mask(rescale),
@@ -587,6 +620,7 @@ def cwd_adamw(
     Algorithm 1. Peer: heavyball ``AdamW(cautious_weight_decay=True)``. With ``weight_decay=0``
     it is ``torch.optim.Adam``.
     """
+    betas = betas_pair(betas)
     return chain(
         scale_by_adam(betas, eps, amsgrad=amsgrad),
         add_cautious_wd(weight_decay, strict=strict),
@@ -609,9 +643,10 @@ def adams(
     Rule: ``v_bar = mean of v^ over every element of every param`` (all groups);
     ``p <- p (1 - lr wd / (sqrt(v_bar) + eps)) - lr m^/(sqrt(v^) + eps)``. Defaults are
     pytorch_optimizer ``AdamS``'s (lr 1e-3, betas (0.9, 0.999), weight_decay 1e-4, eps 1e-8).
-    Reference: Xie et al., arXiv:2011.11152 (SWD); peer pytorch_optimizer ``AdamS`` (without its
-    in-place division of the stored second moment, see ``add_stable_wd``).
+    Reference: Xie et al., arXiv:2011.11152 (SWD). Matches pytorch_optimizer 4.1.0 ``AdamS`` in
+    float64 lockstep (see ``add_stable_wd``).
     """
+    betas = betas_pair(betas)
     return chain(
         scale_by_adam(betas, eps, amsgrad=amsgrad),
         add_stable_wd(weight_decay),
@@ -648,6 +683,7 @@ def cpr_adamw(
     ``kappa_update=0`` to switch CPR off for it. Defaults are the official ``AdamCPR``'s.
     Reference: Franke et al., arXiv:2311.09058; official package ``pytorch-cpr`` (``AdamCPR``).
     """
+    betas = betas_pair(betas)
     reg = cpr(kappa_init, kappa_init_param, kappa_update, reg_step_size, reg_ema_decay, reg_by_lr=reg_by_lr)
     return chain(
         scale_by_adam(betas, eps, amsgrad=amsgrad),
@@ -678,12 +714,27 @@ def muon_hidden_matrix(name: str | None, param: torch.Tensor) -> bool:
 
 
 class _MuonOrAdamW:
-    """Routes a param to ``"muon"`` when ``select(name, param)``, else ``"adamw"`` (picklable)."""
+    """Routes a param to ``"muon"`` when ``select(name, param)``, else ``"adamw"`` (picklable).
+
+    With the default routing an unnamed matrix cannot be told from an embedding or an output head:
+    it goes to Newton–Schulz, and the first one warns (once per optimizer).
+    """
 
     def __init__(self, select: Callable[[str | None, torch.Tensor], bool]) -> None:
         self.select = select
+        self.warned = False
 
     def __call__(self, name: str | None, param: torch.Tensor) -> str:
+        if name is None and param.ndim >= 2 and self.select is muon_hidden_matrix and not self.warned:
+            self.warned = True
+            warnings.warn(
+                f"muon(): a param of shape {tuple(param.shape)} has no name, so it cannot be told apart "
+                "from an embedding or an output head and is orthogonalized as a hidden matrix. Pass "
+                "model.named_parameters() to the optimizer (embeddings and heads then take AdamW), or "
+                "muon_params=(name, param) -> bool",
+                UserWarning,
+                stacklevel=2,
+            )
         return "muon" if self.select(name, param) else "adamw"
 
 
@@ -718,6 +769,7 @@ def muon(
     ``lr``). Reference: Jordan et al., Muon (2024); Liu et al., arXiv:2502.16982 (Moonlight).
     On matrices it reproduces ``torch.optim.Muon`` (same hyperparameter names and defaults).
     """
+    adamw_betas = betas_pair(adamw_betas, "adamw_betas")
     matrices = chain(
         ema(momentum, nesterov=nesterov, name="momentum").renamed({"decay": "momentum"}),
         orthogonalize(ns_steps, ns_coefficients, eps, dtype=ns_dtype),
@@ -780,6 +832,7 @@ def fractional_adam(
     update on D_t (decoupled ``weight_decay``, 0 by default). Group key ``frac_alpha`` holds alpha.
     Reference: Zhou, Zhao, Huang, Mathematics 11(2):316, 2023. No peer.
     """
+    betas = betas_pair(betas)
     return chain(
         fractional(alpha, history, drop, per_element=per_element, seed=seed),
         scale_by_adam(betas, eps),
@@ -812,3 +865,183 @@ def fractional_sgd(
     if momentum != 0 or nesterov:
         parts.append(trace(momentum, 0.0, nesterov))
     return chain(*parts, scale_by_lr(lr), maximize=maximize)
+
+
+# -- adaptive memory momentum; the warmup-free spectral bound --------------------------------------
+
+__all__ += ["adamw_spectral", "am_adamw", "am_sgd"]
+
+
+def am_sgd(
+    lr: float = 1e-3,
+    am_lambda: float = 0.1,
+    beta_max: float = 0.9,
+    weight_decay: float = 0.0,
+    *,
+    maximize: bool = False,
+) -> Chain:
+    """AM-SGD: SGD whose momentum coefficient ``beta_t`` is chosen each step, one for all params.
+
+    Rule: ``g' = g + wd p`` (coupled L2, as torch's SGD); ``beta_t = clip((1+lam) ||g'||^2 /
+    ||d - g'||^2 - lam, 0, beta_max)`` over all params at once (the two-plane model, see
+    ``gradchain.adaptive_memory_momentum``); ``d <- ((beta_t + lam) d + (1 - beta_t) g') / (1 + lam)``
+    with ``d_0 = g'_0``; ``p <- p - lr d``. Group keys ``am_lambda`` (lam), ``beta_max``,
+    ``beta_min`` (0). Defaults ``lam = 0.1``, ``beta_max = 0.9`` come from secondary sources.
+    Reference: Topollai & Choromanska, arXiv:2510.04988. No peer (tested against a float64
+    reference and a numerical solve of the two-plane problem).
+    """
+    return chain(
+        add_l2(weight_decay), adaptive_memory_momentum(am_lambda, beta_max), scale_by_lr(lr), maximize=maximize
+    )
+
+
+def am_adamw(
+    lr: float = 1e-3,
+    beta2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 1e-2,
+    am_lambda: float = 0.1,
+    beta_max: float | None = None,
+    beta_min: float = 0.0,
+    *,
+    maximize: bool = False,
+) -> Chain:
+    """AM-AdamW: AdamW whose first-moment coefficient ``beta_t`` is chosen per tensor each step.
+
+    Rule: ``v`` as Adam's; ``P = (1 - beta_max prod_{i<t} beta_i)(sqrt(v^) + eps)``; ``beta_t``
+    from the two-plane model in the metric ``P`` (see ``gradchain.scale_by_am_adamw``);
+    ``d <- ((1 - beta_t) g + (lam P + beta_t) d) / (1 + lam P)``;
+    ``p <- p (1 - lr wd) - lr d / P``. ``beta_max`` defaults to ``0.9 - 0.1 lam`` (0.89); with
+    ``am_lambda=0`` and ``beta_min = beta_max = b1`` it is ``torch.optim.AdamW(betas=(b1, beta2))``
+    (tested). Defaults come from secondary sources. Reference: Topollai & Choromanska,
+    arXiv:2510.04988. No peer.
+    """
+    return chain(
+        scale_by_am_adamw(am_lambda, beta_max, beta_min, beta2, eps),
+        add_decoupled_wd(weight_decay),
+        scale_by_lr(lr),
+        maximize=maximize,
+    )
+
+
+def adamw_spectral(
+    lr: float = 1e-3,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 1e-2,
+    tau: float = 0.02,
+    power_iters: int = 2,
+    amsgrad: bool = False,
+    *,
+    maximize: bool = False,
+) -> Chain:
+    """AdamW^2: AdamW whose step on each weight matrix is capped at ``tau`` times its spectral norm.
+
+    Rule: ``s = -lr (m^/(sqrt(v^) + eps) + wd p)`` (AdamW's step); for every param with
+    ``ndim >= 2``, ``s <- s min(1, tau sigma_1(p) / sigma_1(s))`` (power iteration, see
+    ``gradchain.spectral_lr_bound``); ``p <- p + s``. Meant for training without lr warmup.
+    ``tau`` (group key ``spectral_tau``) has no published universal default; 0.02 is this
+    library's choice. Reference: Qi et al., "Taming Transformer Without Using Learning Rate
+    Warmup", arXiv:2505.21910. With a large ``tau`` it is ``torch.optim.AdamW``. No peer.
+    """
+    betas = betas_pair(betas)
+    return chain(
+        scale_by_adam(betas, eps, amsgrad=amsgrad),
+        add_decoupled_wd(weight_decay),
+        scale_by_lr(lr),
+        spectral_lr_bound(tau, power_iters),
+        maximize=maximize,
+    )
+
+
+# -- learning-rate-free: schedule-free averaging, Prodigy's step-size estimate ---------------------
+
+__all__ += ["prodigy", "schedule_free_adamw", "schedule_free_sgd"]
+
+
+def schedule_free_adamw(
+    lr: float = 0.0025,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    warmup_steps: int = 0,
+    r: float = 0.0,
+    weight_lr_power: float = 2.0,
+    *,
+    maximize: bool = False,
+) -> Chain:
+    """Schedule-free AdamW: no LR schedule, train at ``y``, evaluate at the average ``x``.
+
+    Rule: ``d = g / (sqrt(v^) + eps) + wd y`` (``v`` Adam's second moment, no first moment), then the
+    schedule-free step with ``beta = betas[0]`` (:func:`gradchain.schedule_free`: ``z <- z - lr_t d``,
+    ``y`` moved toward ``z`` by ``c_t = w_t / sum w``), ``lr_t`` warmed up linearly over
+    ``warmup_steps``. Evaluate inside ``with gradchain.eval_params(opt):``. Reference: Defazio et
+    al., arXiv:2405.15682. Reproduces ``schedulefree.AdamWScheduleFree`` in train mode (same names
+    and defaults).
+    """
+    betas = betas_pair(betas)
+    return chain(
+        scale_by_rms(eps=eps, betas=betas),
+        add_decoupled_wd(weight_decay),
+        schedule_free(lr, betas=betas, warmup_steps=warmup_steps, r=r, weight_lr_power=weight_lr_power),
+        maximize=maximize,
+        # the package's one (beta1, beta2) pair: beta2 for the second moment, beta1 for the averaging
+        share=["betas"],
+    )
+
+
+def schedule_free_sgd(
+    lr: float = 1.0,
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    warmup_steps: int = 0,
+    r: float = 0.0,
+    weight_lr_power: float = 2.0,
+    *,
+    maximize: bool = False,
+) -> Chain:
+    """Schedule-free SGD: ``d = g + wd y``, then the schedule-free step with ``beta = momentum``.
+
+    See :func:`schedule_free_adamw`; evaluate inside ``with gradchain.eval_params(opt):``.
+    Reference: Defazio et al., arXiv:2405.15682. Reproduces ``schedulefree.SGDScheduleFree`` in train
+    mode (same names and defaults).
+    """
+    return chain(
+        add_l2(weight_decay),
+        schedule_free(lr, momentum, warmup_steps, r, weight_lr_power),
+        maximize=maximize,
+    )
+
+
+def prodigy(
+    lr: float = 1.0,
+    betas: tuple[float, float] = (0.9, 0.999),
+    beta3: float | None = None,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    decouple: bool = True,
+    use_bias_correction: bool = False,
+    safeguard_warmup: bool = False,
+    d0: float = 1e-6,
+    d_coef: float = 1.0,
+    growth_rate: float = float("inf"),
+    slice_p: int = 1,
+    *,
+    maximize: bool = False,
+) -> Chain:
+    """Prodigy: Adam whose step size ``d`` is estimated from the distance travelled; leave ``lr`` at 1.
+
+    Rule: see :func:`gradchain.scale_by_prodigy` (``d`` starts at ``d0`` and only grows, to
+    ``d_coef`` times an estimate of the distance to a solution). The estimate is in
+    ``opt.global_state["prodigy.d"]``. Reference: Mishchenko & Defazio, arXiv:2306.06101.
+    Reproduces ``prodigyopt.Prodigy`` (same names and defaults; its ``fsdp_in_use`` is not needed:
+    sharded params reduce as DTensors).
+    """
+    betas = betas_pair(betas)
+    return chain(
+        scale_by_prodigy(
+            lr, betas, beta3, eps, weight_decay, d_coef, growth_rate, decouple=decouple,
+            use_bias_correction=use_bias_correction, safeguard_warmup=safeguard_warmup, d0=d0, slice_p=slice_p,
+        ),
+        maximize=maximize,
+    )

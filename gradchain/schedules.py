@@ -15,7 +15,7 @@ lambda) are saved as an opaque marker and the live callable of the loading optim
 Conventions: each phase of length ``T`` runs over its local steps ``s = 1..T`` and reaches its end
 value at ``s = T``; ``join`` restarts the local step at each boundary. This equals optax's
 schedule of the same name evaluated at ``count = t``: the first step already uses the first
-warmup increment, none is wasted at value ``init``. Section 7.1 of ALGORITHMS.md.
+warmup increment, none is wasted at value ``init``. See docs/concepts.md (Hyperparameters).
 """
 
 from __future__ import annotations

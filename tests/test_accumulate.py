@@ -252,7 +252,9 @@ def acc2_if_finite_sgd() -> gc.Transform:
 CASES = [
     RecipeCase("accumulate1_adamw", acc1_adamw),
     # the first call of a 2-step cycle moves nothing: the contract check expects a move
-    RecipeCase("accumulate2_adamw", acc2_adamw, skip=("contract",)),
+    # nonfinite: a mini-step writes nothing (its update is 0 * the running sum), so a NaN gradient
+    # shows at the cycle's real step; wrap accumulate in apply_if_finite to skip it there
+    RecipeCase("accumulate2_adamw", acc2_adamw, skip=("contract", "nonfinite")),
 ]
 # under FSDP2 (one spawn for both combinators): accumulate's DTensor sums and loss, and
 # apply_if_finite's finiteness test and torch.where on DTensors, nested both ways

@@ -26,6 +26,8 @@ def _grads(shape: tuple, steps: int, seed: int, dtype=torch.float64) -> list[tor
 
 # -- float64 references, written from the spec (one tensor, plain loops) ------------------------
 def ref_atan2(grads, b1=0.9, b2=0.99, a=1.27, b=1.0):
+    # the paper's form (2407.05872), both corrections inside the atan2 (m_correction="inside"); the
+    # CUDA package's form is pinned in test_adam_atan2.py
     m = v = 0.0
     out = []
     for t, g in enumerate(grads, 1):

@@ -92,13 +92,12 @@ def test_a_failing_transform_leaves_params_and_state_as_before(atomic: str) -> N
     at = 1 if atomic == "first" else 3
     opt = gc.ChainOptimizer(params, gc.chain(gc.scale_by_adam(), failing_transform(at), gc.scale_by_lr(0.1)),
                             atomic=atomic)
-    for i in range(1, at):
+    for _ in range(1, at):
         for p in params:
             p.grad = torch.randn_like(p)
         opt.step()
     for p in params:
         p.grad = torch.randn_like(p)
-        opt.state[p] or None
     before = [p.detach().clone() for p in params]
     states = {id(p): {k: v.clone() for k, v in opt.state[p].items()} for p in params if opt.state.get(p)}
     with pytest.raises(RuntimeError, match="boom"):
@@ -249,3 +248,32 @@ def test_checkpoint_round_trip_through_bytes() -> None:
     opt.step()
     opt2.step()
     assert torch.equal(p.detach(), q.detach())
+
+
+def test_torch_options_per_group() -> None:
+    torch.manual_seed(0)
+    a = [torch.nn.Parameter(torch.randn(5)) for _ in range(3)]
+    b = [torch.nn.Parameter(x.detach().clone()) for x in a]
+    groups = lambda ps: [  # noqa: E731
+        {"params": [ps[0]]},
+        {"params": [ps[1]], "nesterov": True, "momentum": 0.5},
+        {"params": [ps[2]], "momentum": 0.0, "dampening": 0.3},
+    ]
+    oa = torch.optim.SGD(groups(a), lr=0.1, momentum=0.9)
+    ob = gc.ChainOptimizer(groups(b), recipes.sgd(lr=0.1, momentum=0.9))
+    for _ in range(5):
+        for x, y in zip(a, b):
+            g = torch.randn(5)
+            x.grad, y.grad = g.clone(), g.clone()
+        oa.step()
+        ob.step()
+    for x, y in zip(a, b):
+        torch.testing.assert_close(y, x, rtol=0, atol=1e-6)
+    # structural options: a group may repeat the constructor's value; changing it says what to do
+    p = torch.nn.Parameter(torch.zeros(2))
+    gc.ChainOptimizer([{"params": [p], "amsgrad": False}], recipes.adamw())
+    with pytest.raises(ValueError, match="amsgrad.*partition"):
+        gc.ChainOptimizer([{"params": [p], "amsgrad": True}], recipes.adamw())
+    with pytest.raises(ValueError, match="momentum"):
+        gc.ChainOptimizer([{"params": [p], "momentum": 0.9}], recipes.sgd())
+    assert gc.ChainOptimizer([p], recipes.adam()).param_groups[0]["amsgrad"] is False

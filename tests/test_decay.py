@@ -156,7 +156,7 @@ def test_masked_cautious_wd_leaves_biases_and_norm_gains_alone() -> None:
 
 # -- stable weight decay (AdamS) -----------------------------------------------------------------
 def adams_reference(groups: list[dict], grads: dict, steps: int, b1, b2, eps, amsgrad: bool) -> list:
-    """AdamS (arXiv:2011.11152 as pytorch_optimizer's AdamS, with the stored v kept un-divided)."""
+    """AdamS (arXiv:2011.11152 and the authors' code: wd / sqrt(v_bar), the stored v kept un-divided)."""
     ps = [p.clone() for gr in groups for p in gr["params"]]
     owner = [gi for gi, gr in enumerate(groups) for _ in gr["params"]]
     m = [torch.zeros_like(p) for p in ps]
@@ -171,7 +171,7 @@ def adams_reference(groups: list[dict], grads: dict, steps: int, b1, b2, eps, am
             vh = vmax[i] if amsgrad else v[i]
             total += float(vh.sum()) / (1 - b2**t)
             count += vh.numel()
-        denom_bar = (total / count) ** 0.5 + eps
+        denom_bar = (total / count) ** 0.5  # the authors' rule: no eps in the decay's normaliser
         for i in range(len(ps)):
             gr = groups[owner[i]]
             vh = vmax[i] if amsgrad else v[i]
@@ -214,7 +214,11 @@ def test_stable_wd_zero_gradients_no_decay() -> None:
 
 def test_stable_wd_needs_adam_state_and_follows_prefix() -> None:
     p = [torch.ones(3, dtype=F64)]
-    t = gc.chain(gc.add_stable_wd(0.1), gc.scale_by_lr(0.1))
+    # the chain refuses it when built: SWD declares that it reads Adam's second moment
+    with pytest.raises(ValueError, match="exp_avg_sq.*before it"):
+        gc.chain(gc.add_stable_wd(0.1), gc.scale_by_lr(0.1))
+    # standalone, with no chain to check it, the step says what is missing
+    t = gc.add_stable_wd(0.1)
     with pytest.raises(ValueError, match="exp_avg_sq"):
         t.update([torch.ones(3, dtype=F64)], t.init(p), p)
     # a chain-wide prefix renames the Adam's keys that SWD reads too

@@ -17,7 +17,10 @@ CASES = [
     RecipeCase("adafactor", partial(recipes.adafactor, min_dim_size_to_factor=2, weight_decay=0.01)),
     RecipeCase("adafactor_unit_momentum", partial(recipes.adafactor, factored="unit", min_dim_size_to_factor=2,
                                                    momentum=0.9)),
-    RecipeCase("adafactor_torch", partial(recipes.adafactor, torch_compat=True, weight_decay=0.01)),
+    # dtypes: torch's eps1 is the param dtype's machine eps, so a bf16 run is another algorithm
+    # than the float64 one it would be compared with
+    RecipeCase("adafactor_torch", partial(recipes.adafactor, torch_compat=True, weight_decay=0.01),
+               skip=("dtypes",)),
 ]
 
 
@@ -38,7 +41,7 @@ def _grads(shape: tuple[int, ...], n: int = 4, seed: int = 0, dtype=torch.float6
             for _ in range(n)]
 
 
-# -- float64 references written from ALGORITHMS.md §3.1 ------------------------------------------
+# -- float64 references written from the paper (docs/families/factored.md) -------------------------------
 def ref_factored_matrix(gs: list[torch.Tensor], decay: float = -0.8, eps: float = 1e-30) -> list[torch.Tensor]:
     """Rows index R, columns index C; V = R_i C_j / mean(R); u = g / sqrt(V)."""
     n, m = gs[0].shape
@@ -132,7 +135,7 @@ def test_state_is_sublinear() -> None:
 
 
 def test_dead_row_and_column_stay_finite() -> None:
-    """ALGORITHMS.md Appendix A: the article's sqrt-last form gives inf/NaN here; ours does not."""
+    """docs/families/factored.md (numerics): the article's sqrt-last form gives inf/NaN here; ours does not."""
     g = torch.randn(64, 128, generator=torch.Generator().manual_seed(1))
     g[0] = 0.0
     g[:, 0] = 0.0

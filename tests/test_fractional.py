@@ -9,7 +9,7 @@ import pytest
 import torch
 from harness import RecipeCase, check_fsdp2, check_recipe
 
-from gradchain import ChainOptimizer, fractional, gl_weights, recipes
+from gradchain import ChainOptimizer, fractional, gl_coefficients, gl_weights, recipes
 
 
 def binom(alpha: float, n: int) -> float:
@@ -170,3 +170,44 @@ def test_harness(case: RecipeCase) -> None:
 @pytest.mark.distributed
 def test_fsdp2() -> None:
     check_fsdp2(CASES, steps=4)
+
+
+# -- the Grünwald–Letnikov convention -------------------------------------------------------------
+def gen_binom(q: float, j: int) -> float:
+    """C(q, j) for real q through the gamma function (reflection for the poles of Gamma(q - j + 1))."""
+    if q == int(q) and q >= 0:
+        return float(math.comb(int(q), j)) if j <= q else 0.0
+    # Gamma(q+1) / (Gamma(j+1) Gamma(q-j+1)); for q - j + 1 <= 0, Gamma(z) Gamma(1-z) = pi / sin(pi z)
+    z = q - j + 1
+    if z > 0:
+        return math.gamma(q + 1) / (math.factorial(j) * math.gamma(z))
+    return math.gamma(q + 1) * math.gamma(1 - z) * math.sin(math.pi * z) / (math.pi * math.factorial(j))
+
+
+@pytest.mark.parametrize("q", [0.0, 1.0, 2.0, 0.5, -0.5, -0.3, 1.7, -1.4])
+def test_gl_coefficients_against_the_binomial_form(q: float) -> None:
+    c = gl_coefficients(q, 12)
+    want = [(-1) ** j * gen_binom(q, j) for j in range(13)]
+    assert c == pytest.approx(want, rel=1e-12, abs=1e-15)
+    # and against the product form C(q, j) = q (q-1) ... (q-j+1) / j!
+    assert c == pytest.approx([(-1) ** j * binom(q, j) for j in range(13)], rel=1e-12, abs=1e-15)
+
+
+def test_gl_coefficients_integer_orders() -> None:
+    assert gl_coefficients(0.0, 5) == [1.0, 0.0, 0.0, 0.0, 0.0, 0.0]  # order 0: the identity
+    assert gl_coefficients(1.0, 5) == [1.0, -1.0, 0.0, 0.0, 0.0, 0.0]  # order 1: x_t - x_{t-1}
+    assert gl_coefficients(2.0, 4) == [1.0, -2.0, 1.0, 0.0, 0.0]  # order 2: the second difference
+    assert all(x > y > 0 for x, y in zip(gl_coefficients(-0.5, 8), gl_coefficients(-0.5, 8)[1:]))
+    with pytest.raises(ValueError, match="n="):
+        gl_coefficients(0.5, -1)
+
+
+@pytest.mark.parametrize("alpha", [0.2, 0.5, 0.9, 1.0])
+def test_memory_weights_are_gl_of_order_alpha_minus_one(alpha: float) -> None:
+    # the convention of fractional(): order alpha - 1 on the gradient history, damped by 1/(j+1);
+    # alpha = 1 is order 0 (the identity): plain SGD
+    w = gl_weights(alpha, 10)
+    c = gl_coefficients(alpha - 1.0, 10)
+    assert w == pytest.approx([c[j] / (j + 1) for j in range(11)], rel=1e-12, abs=1e-16)
+    assert w == pytest.approx([(-1) ** j * gen_binom(alpha - 1.0, j) / (j + 1) for j in range(11)], rel=1e-12,
+                              abs=1e-16)

@@ -3,7 +3,7 @@
 Every recipe's fused trajectory equals its eager one (params and state) in float64 and float32;
 checkpoints move between the paths; grads are views that zero_grad zeroes in place; a new lr or a
 new step never recompiles. Most checks trace with the ``aot_eager`` backend (the same graphs,
-no code generation, so the suite stays fast); a few run the real inductor kernels.
+no code generation, so the suite stays fast: see conftest.py); a few run the real inductor kernels.
 """
 
 from __future__ import annotations
@@ -90,8 +90,9 @@ def test_fused_equals_eager_float32(name: str, aot_eager) -> None:
     assert_same(*a, *b, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["adamw", "sgd"])
-def test_inductor_kernels_equal_eager(name: str) -> None:
+@pytest.mark.parametrize("name", ["adamw", "sgd", "lamb", "cautious_adamw"])
+def test_inductor_kernels_equal_eager(name: str, monkeypatch) -> None:
+    monkeypatch.setattr(runner, "BACKEND", "inductor")
     kw = {"momentum": 0.9, "nesterov": True} if name == "sgd" else {}
     named_a = make_params(torch.float32)
     named_b = make_params(torch.float32)
@@ -237,3 +238,19 @@ def test_failed_step_leaves_everything_as_before(aot_eager) -> None:
         opt.step()
     assert all(torch.equal(p, q) for (_, p), q in zip(named, before))
     assert all(torch.equal(opt.state[named[0][1]][k], v) for k, v in state.items())
+
+
+def test_compiled_user_step_has_no_graph_break() -> None:
+    # torch.compile of a step that calls opt.step(): the common path traces as one graph
+    results = []
+    for compiled in (False, True):
+        named = make_params(torch.float64)
+        opt = gc.ChainOptimizer(named, recipes.adamw())
+        set_grads(named, 0, torch.float64)
+        opt.step()  # state exists before tracing, as torch's own optimizers need
+        step = torch.compile(opt.step, fullgraph=True, backend="eager") if compiled else opt.step
+        for i in range(1, 4):
+            set_grads(named, i, torch.float64)
+            step()
+        results.append((named, opt))
+    assert_same(*results[0], *results[1], rtol=1e-12, atol=1e-14)

@@ -6,7 +6,7 @@ combinators):
 - an accumulation mini-step (``accumulate(T, 2)``): no param and no state of ``T`` changes;
 - a non-finite update (``apply_if_finite(chain(T, poison))`` with the poison on): no param and no
   state changes, the step counters included (only ``apply_if_finite``'s own counters move);
-- a GradScaler step that found an inf: no param and no state changes.
+- a GradScaler run with an injected inf batch: equal, bit for bit, to a plain run without it.
 
 A public name needs no entry when calling it with no arguments builds a transform that runs
 alone on a small model. A transform that needs arguments (or a partner, or only matrices) gets
@@ -26,6 +26,7 @@ from harness import make_model
 import gradchain as gc
 from gradchain import ChainOptimizer, combinators, transforms
 from gradchain.hyperparams import Hyperparam
+from gradchain.testing import Case, check_gradscaler
 
 
 def _matrices(name: str | None, p: torch.Tensor) -> bool:
@@ -47,11 +48,18 @@ REGISTRY: dict[str, Callable[[], gc.Transform] | None] = {
     "scale_by_shape": lambda: gc.masked(gc.scale_by_shape(), _matrices),
     "accumulate": lambda: gc.accumulate(gc.scale_by_adam(), 3, name="inner_accumulate"),
     "apply_if_finite": lambda: gc.apply_if_finite(gc.scale_by_adam(), 2, name="inner_if_finite"),
+    # learning-rate-free: the AdamW form of schedule-free (warmup on), Prodigy with decay and correction
+    "schedule_free": lambda: gc.chain(
+        gc.scale_by_rms(betas=(0.9, 0.999)), gc.schedule_free(1e-2, betas=(0.9, 0.999), warmup_steps=3),
+        share=["betas"]
+    ),
+    "scale_by_prodigy": lambda: gc.scale_by_prodigy(weight_decay=0.01, use_bias_correction=True),
     # public names that are not transforms (helpers and constants)
     "CAUTIOUS_RESCALINGS": None,
     "KAPPA_INITS": None,
     "amos_default_eta": None,
     "factored_dims": None,
+    "gl_coefficients": None,
     "gl_weights": None,
     "newton_schulz": None,
     "pack_signs": None,
@@ -171,11 +179,9 @@ def test_non_finite_update_advances_nothing(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_gradscaler_found_inf_advances_nothing(name: str) -> None:
-    model = make_model(torch.float32)
-    opt = ChainOptimizer(model.named_parameters(), _factory(name)())
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**4)
-    _train_step(model, opt, 0, torch.float32, scaler)
-    before = _snapshot(model, opt)
-    _train_step(model, opt, 2, torch.float32, scaler, inf=True)
-    _assert_nothing_moved(model, opt, before, (), f"{name} GradScaler found_inf")
+def test_gradscaler_inf_batch_leaves_the_trajectory(name: str) -> None:
+    # torch's GradScaler does not call step() on a found-inf step, so comparing the state around that
+    # step alone tests torch; the whole run must equal a plain run that never saw the inf batch.
+    # A small descent step after the transform keeps the run from overflowing under the loss scale.
+    factory = _factory(name)
+    check_gradscaler(Case(name, lambda: gc.chain(factory(), gc.scale(-1e-2, name="descent")), steps=4))

@@ -52,7 +52,7 @@ def _close(got: list[torch.Tensor], want: list[torch.Tensor], rtol: float = 1e-1
 SHAPES = [(), (5,), (4, 3), (4, 3, 2)]
 
 
-# -- SM3 (ALGORITHMS.md §3.2), element by element ------------------------------------------------------
+# -- SM3 (docs/families/sm3.md), element by element ------------------------------------------------
 def ref_sm3(gs: list[torch.Tensor], b2: float = 1.0, eps: float = 1e-8) -> list[torch.Tensor]:
     shape = tuple(gs[0].shape)
     nd = len(shape)
@@ -112,7 +112,7 @@ def test_sm3_state_and_edges() -> None:
     _close([x.double() for x in got], ref_sm3([g.bfloat16().double() for g in gs]), rtol=1e-5)
 
 
-# -- Amos (ALGORITHMS.md §3.3, jestimator's rule) ----------------------------------------------------------
+# -- Amos (docs/families/amos.md, jestimator's rule) ------------------------------------------------------
 def ref_amos(gs, theta, xi, eta, beta=0.999, zeta=0.25, fr=1.0, eps=2.0**-125, per_unit=False):
     """Returns the sequence of params; v, b scalars (or per row of dim 0)."""
     theta = theta.clone()
@@ -186,7 +186,7 @@ def test_amos_state_and_edges() -> None:
     assert all(v.dtype == torch.float32 for k, v in state[0].items() if k != "step")
 
 
-# -- SMMF (ALGORITHMS.md §3.5; the official code's semantics, dense bool signs) ---------------------------
+# -- SMMF (docs/families/smmf.md; the official code's semantics, dense bool signs) ---------------------------
 def ref_smmf(gs, beta=0.9, growth=0.999, decay=-0.5, eps=1e-8):
     n = gs[0].numel()
     c = max(d for d in range(1, math.isqrt(n) + 1) if n % d == 0)

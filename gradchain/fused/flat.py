@@ -29,6 +29,7 @@ class FlatBucket:
             total += n
         p0 = params[0]
         self.device, self.dtype = p0.device, p0.dtype
+        self._segments: tuple[Tensor, Tensor] | None = None
         self.flat_params = torch.empty(total, dtype=p0.dtype, device=p0.device)
         self.flat_grads = torch.zeros(total, dtype=p0.dtype, device=p0.device)
         self.param_views = self._views(self.flat_params)
@@ -55,6 +56,15 @@ class FlatBucket:
                 v.copy_(st[key])
                 st[key] = v
             self.flat_state[key], self.state_views[key] = buf, views
+
+    def segments(self) -> tuple[Tensor, Tensor]:
+        """``(lengths, ids)``: each param's element count, and each element's param index."""
+        if self._segments is None:
+            lengths = torch.tensor(self.numels, dtype=torch.int64, device=self.device)
+            ids = torch.repeat_interleave(torch.arange(len(self.numels), dtype=torch.int32, device=self.device),
+                                          lengths)
+            self._segments = (lengths, ids)
+        return self._segments
 
     def _views(self, flat: Tensor) -> list[Tensor]:
         return [flat[o : o + n].view(p.shape) for o, n, p in zip(self.offsets, self.numels, self.params)]

@@ -22,17 +22,17 @@ from torch import Tensor
 from ..base import Bucket, Chain, Leaf, Transform
 from .flat import FlatBucket
 
-
 # the torch.compile backend of fused segments ("aot_eager" traces the same graph without code
 # generation: the test suite uses it to check every recipe quickly)
 BACKEND = "inductor"
 
 
 def _segment(leaves: list[Leaf], last: bool):
-    def run(params, grads, updates, state, resolved, host, step, loss, dtype, tensor_scalars):
+    def run(params, grads, updates, state, resolved, host, step, loss, dtype, tensor_scalars, segments):
         shared = {"host_hyperparams": host}
         b = Bucket(params, grads, dict(state), [step] if tensor_scalars else [], [None], {}, loss, shared, dtype,
                    step_values=[step], tensor_scalars=tensor_scalars, resolved=resolved)
+        b.segments = segments
         if updates is not None:
             b.updates = list(updates)
         for leaf in leaves:
@@ -63,6 +63,11 @@ def _tensorize(value: Any, device: torch.device) -> Any:
     return value
 
 
+def _deferred(t: Transform) -> bool:
+    """A scale or a decay: on the eager path it only updates the pending form of the final write."""
+    return isinstance(t, Leaf) and t._update is None
+
+
 class Segment:
     """Consecutive transforms that run together: compiled (elementwise leaves) or eager (one transform)."""
 
@@ -71,6 +76,7 @@ class Segment:
         self.compiled = compiled
         self.last = False
         self.static = frozenset().union(*(getattr(t, "static", frozenset()) for t in transforms))
+        self.segmented = any(getattr(t, "segmented", False) for t in transforms)
         self._fns: dict[int, Any] = {}
         self._eager_fn = None
         self._failed: set[int] = set()
@@ -95,20 +101,28 @@ class FusedChain:
 
     def __init__(self, transform: Transform, compile: bool = True) -> None:
         top = transform.children if isinstance(transform, Chain) else [transform]
-        self.segments: list[Segment] = []
-        run: list[Transform] = []
+        runs: list[tuple[bool, list[Transform]]] = []
         for t in top:
-            if isinstance(t, Leaf) and t.elementwise:
-                run.append(t)
-                continue
-            if run:
-                self.segments.append(Segment(run, compiled=True))
-                run = []
-            self.segments.append(Segment([t], compiled=False))
-        if run:
-            self.segments.append(Segment(run, compiled=True))
+            fusable = isinstance(t, Leaf) and (t.elementwise or t.segmented)
+            if runs and runs[-1][0] == fusable:
+                runs[-1][1].append(t)
+            else:
+                runs.append((fusable, [t]))
+        if any(not fusable for fusable, _ in runs):
+            # a run of scales and decays alone is free on the eager path (folded into the final
+            # write); compiled between eager segments it would cost a pass and a copy of its own
+            runs = [(fusable and not all(_deferred(t) for t in ts), ts) for fusable, ts in runs]
+        merged: list[tuple[bool, list[Transform]]] = []
+        for fusable, ts in runs:
+            if merged and merged[-1][0] == fusable:
+                merged[-1][1].extend(ts)
+            else:
+                merged.append((fusable, list(ts)))
+        self.segments = [Segment(ts, compiled=fusable) for fusable, ts in merged]
         if self.segments:
             self.segments[-1].last = True
+        # nothing to compile: the fused step is the eager step (over the same flat storage)
+        self.all_eager = not any(s.compiled for s in self.segments)
         self.compile = compile
 
     @property
@@ -152,6 +166,7 @@ class FusedChain:
         state = {k: [fb.flat_state[k]] for k in keys if k in fb.flat_state}
         upd = None if update is None else [update]
         host = {k: v for k, v in resolved.items() if k in seg.static}
+        segments = fb.segments() if seg.segmented else None
         use_compile = self.compile and i not in seg._failed and len(state) == len(keys)
         if use_compile:
             if tensor_hp[i] is None:
@@ -164,12 +179,14 @@ class FusedChain:
             lossv = None if loss is None else loss.detach().to(fb.device)
             try:
                 if not first:
-                    out = fn([fb.flat_params], [grad], upd, state, tensor_hp[i], host, step, lossv, dtype, True)
+                    out = fn([fb.flat_params], [grad], upd, state, tensor_hp[i], host, step, lossv, dtype, True,
+                             segments)
                 else:
                     import time
 
                     t0 = time.perf_counter()
-                    out = fn([fb.flat_params], [grad], upd, state, tensor_hp[i], host, step, lossv, dtype, True)
+                    out = fn([fb.flat_params], [grad], upd, state, tensor_hp[i], host, step, lossv, dtype, True,
+                             segments)
                     seg.compile_seconds += time.perf_counter() - t0
                 return out
             except Exception as err:  # noqa: BLE001 - any tracing failure falls back to eager below
@@ -187,7 +204,7 @@ class FusedChain:
             return self._run_eager(seg, [fb], [None], [grad], [update], [resolved], [host_step], loss, {},
                                    [dtype])[0]
         return seg.eager_fn()([fb.flat_params], [grad], upd, state, resolved, resolved, host_step, loss, dtype,
-                              False)
+                              False, segments)
 
     @staticmethod
     def _run_eager(seg: Segment, flats: list[FlatBucket], groups: list, grads: list[Tensor],

@@ -1,7 +1,7 @@
 """The L2 norm of the updates across *all* buckets, for transforms that rescale by it.
 
 Private helper shared by ``clip_by_global_norm`` and ``normalize(scope="global")``. It is a
-cross-parameter reduction (DISTRIBUTED.md rule 1): it stays in tensor ops, so under FSDP2 the
+cross-parameter reduction (docs/distributed.md): it stays in tensor ops, so under FSDP2 the
 per-tensor norms are full-tensor DTensor reductions and nothing is read back to the host.
 """
 
@@ -13,8 +13,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..base import Bucket, StateDict, Transform, resolve_hyperparam
+from ..base import Bucket
 from ..hyperparams import Hyperparam
+from ._declared import Declared
 
 ScaleFn = Callable[[Tensor, Mapping[str, Any]], Tensor]
 
@@ -35,31 +36,12 @@ def global_norm(buckets: list[Bucket]) -> Tensor | None:
     return torch.linalg.vector_norm(torch.stack([x.to(device=device, dtype=dtype) for x in parts]))
 
 
-class GlobalNormScale(Transform):
+class GlobalNormScale(Declared):
     """Multiply every bucket's updates by ``scale_fn(global_norm, hp)``, ``hp`` read per group."""
 
     def __init__(self, name: str, hyperparams: Mapping[str, Hyperparam], scale_fn: ScaleFn) -> None:
-        if not name or "." in name:
-            raise ValueError(f"transform name {name!r} must be non-empty and contain no '.'")
-        self.name = name
-        self._specs = dict(hyperparams)
-        self._keys = {k: k for k in self._specs}
+        self._declare(name, hyperparams)
         self._scale_fn = scale_fn
-        self.extra_defaults: dict[str, Any] = {}
-        self.validate_group({k: s.default for k, s in self.hyperparams.items()})
-
-    @property
-    def hyperparams(self) -> dict[str, Hyperparam]:  # type: ignore[override]
-        return {self._keys[k]: s for k, s in self._specs.items()}
-
-    def renamed(self, mapping: Mapping[str, str]) -> GlobalNormScale:
-        new = GlobalNormScale.__new__(GlobalNormScale)
-        new.__dict__.update(self.__dict__)
-        new._keys = {k: mapping.get(g, g) for k, g in self._keys.items()}
-        return new
-
-    def init_state(self, param: Tensor, name: str | None = None) -> StateDict:
-        return {}
 
     def apply(self, buckets: list[Bucket]) -> None:
         for b in buckets:
@@ -70,6 +52,5 @@ class GlobalNormScale(Transform):
         for b in buckets:
             if not len(b):
                 continue
-            hp = {k: resolve_hyperparam(g, self._specs[k], b.group[g], b) for k, g in self._keys.items()}
-            s = self._scale_fn(total.to(device=b.updates[0].device, dtype=b.dtype), hp)
+            s = self._scale_fn(total.to(device=b.updates[0].device, dtype=b.dtype), self.hp(b))
             b.updates = torch._foreach_mul(b.updates, s)

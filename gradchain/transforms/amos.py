@@ -8,9 +8,9 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import Tensor
 
+from .._dtensor import settle
 from ..base import Bucket, Leaf, scalar_state, transform, zeros_state
 from ..hyperparams import Hyperparam, nonnegative, positive, unit_interval
-from .factored import settle
 
 __all__ = ["amos_default_eta", "scale_by_amos"]
 
@@ -83,7 +83,8 @@ def scale_by_amos(
             dims = tuple(d for d in range(g.dim()) if not v.dim() or v.shape[d] < g.shape[d])
             g2 = g * g
             if dims:
-                g2 = settle(g2.sum(dim=dims, keepdim=bool(v.dim())) / math.prod(g.shape[d] for d in dims))
+                # max(., 1): the mean over an empty tensor is 0, not 0/0
+                g2 = settle(g2.sum(dim=dims, keepdim=bool(v.dim())) / max(math.prod(g.shape[d] for d in dims), 1))
             v.mul_(beta).add_(g2, alpha=1.0 - beta)
             r = torch.clamp(v, min=eps).reciprocal_().mul_(1.0 - beta ** ctx.step_values[i])
             gamma = math.sqrt(fr) * torch.rsqrt(1.0 + zeta * math.sqrt(xi) * b) * (xi * xi) * r * g2

@@ -15,11 +15,6 @@ __all__ = ["KAPPA_INITS", "cpr"]
 KAPPA_INITS = ("uniform", "dependent", "warm_start", "inflection_point")
 
 
-def _scalar(p: Tensor, value: float = 0.0) -> Tensor:
-    # per-tensor scalars in the param's compute dtype: fp64 params keep fp64 multipliers
-    return scalar_state(p, value)
-
-
 def _sq_norms(tensors: list[Tensor]) -> list[Tensor]:
     norms = torch._foreach_norm(tensors)
     return torch._foreach_mul(norms, norms)
@@ -80,9 +75,9 @@ def cpr(
 
     def init(p: Tensor) -> dict:
         kappa0 = float(kappa_init_param) if kappa_init == "uniform" else 0.0
-        st = {"lagmul": _scalar(p), "kappa": _scalar(p, kappa0)}
+        st = {"lagmul": scalar_state(p), "kappa": scalar_state(p, kappa0)}
         if inflection:
-            st.update(reg_ema=_scalar(p), prev_reg=_scalar(p), prev_slope=_scalar(p), active=_scalar(p))
+            st.update({k: scalar_state(p) for k in ("reg_ema", "prev_reg", "prev_slope", "active")})
         return st
 
     def detect_inflection(i: int, t: float, reg: Tensor, state: dict) -> None:
@@ -115,7 +110,8 @@ def cpr(
         reg = _sq_norms(theta)
         # dual ascent on the multiplier; gated off where the bound is not set yet
         gate = [1.0 if t > warm else 0.0 for t in steps]
-        step_size = [float(hp["kappa_update"]) * a / u.numel() for a, u in zip(gate, updates)]
+        # an empty tensor has R = 0 and nothing to project: any finite step size will do
+        step_size = [float(hp["kappa_update"]) * a / max(u.numel(), 1) for a, u in zip(gate, updates)]
         excess = torch._foreach_sub(reg, kappa)
         if inflection:
             torch._foreach_mul_(excess, state["active"])

@@ -8,8 +8,9 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 
+from .. import ops
 from ..base import Bucket, Leaf, transform, zeros_state
-from ..hyperparams import Hyperparam, positive
+from ..hyperparams import Hyperparam, betas_pair, positive
 from ..hyperparams import betas as check_betas
 
 __all__ = ["scale_by_adam_atan2", "scale_by_adam_softplus"]
@@ -21,44 +22,77 @@ def _adam_moments(p: torch.Tensor) -> dict:
 
 def _update_moments(updates: list, state: dict, b1: float, b2: float) -> tuple[list, list]:
     m, v = state["exp_avg"], state["exp_avg_sq"]
-    torch._foreach_lerp_(m, updates, 1.0 - b1)
-    torch._foreach_mul_(v, b2)
-    torch._foreach_addcmul_(v, updates, updates, 1.0 - b2)
+    ops.update_moment(m, updates, b1)
+    ops.update_moment_per_elem_norm(v, updates, b2)
     return m, v
 
 
-def scale_by_adam_atan2(
-    betas: tuple[float, float] = (0.9, 0.99), a: float = 1.27, b: float = 1.0, *, name: str = "adam_atan2"
-) -> Leaf:
-    """Adam whose division is an atan2: no eps, every coordinate's step bounded by ``a pi/2``.
+_M_CORRECTIONS = ("inside", "outside")
 
-    Rule: Adam's ``m``, ``v`` and bias corrections, then ``u = a atan2(m^, b sqrt(v^))``. It is
-    invariant to rescaling the gradients and ``atan2(0, 0) = 0``. Reference: Everett et al.,
-    "Scaling Exponents Across Parameterizations and Optimizers", arXiv:2407.05872. Defaults
-    (``a=1.27``, ``b=1``, betas ``(0.9, 0.99)``) are those of the peer ``adam-atan2-pytorch``
-    ``AdamAtan2``, which this matches.
+
+def scale_by_adam_atan2(
+    betas: tuple[float, float] = (0.9, 0.99),
+    a: float = 1.27,
+    b: float = 1.0,
+    *,
+    m_correction: str = "inside",
+    name: str = "adam_atan2",
+) -> Leaf:
+    """Adam whose division is an atan2: no eps, a bounded step.
+
+    Rule: Adam's ``m`` and ``v``, ``c1 = 1 - b1^t``, ``c2 = 1 - b2^t``, and, by where the
+    first-moment bias correction sits (``m_correction``, fixed when built):
+
+    - ``"inside"`` (default; the paper's form): ``u = a atan2(m/c1, b sqrt(v/c2))``. Every
+      coordinate's step is bounded by ``a pi/2``. This is what ``adam-atan2-pytorch``
+      ``AdamAtan2`` computes.
+    - ``"outside"``: ``u = (a/c1) atan2(m, b sqrt(v/c2))``, the form of the ``adam-atan2`` CUDA
+      package (``AdamATan2``, which has no ``a``/``b``: ``a = b = 1``). It is a different function:
+      its bound is ``a pi/(2 c1)`` rather than ``a pi/2``, and at step 1 the step is
+      ``(a/(1-b1)) atan((1-b1)/b)`` (about ``a`` for ``b1 = 0.9``, ``b = 1``), not ``a atan(1/b)``.
+
+    Both agree where ``|m| << b sqrt(v)``: ``u ~ (a/b) m^/sqrt(v^)`` (Adam without eps). Both are
+    invariant to rescaling the gradients, and ``atan2(0, 0) = 0``. Where ``v`` is not finite (an
+    inf gradient) the update is NaN, not ``atan2(inf, inf) = pi/4``, so ``apply_if_finite`` and
+    GradScaler-style checks see it before it settles in the state. Group keys ``betas``, ``a``,
+    ``b``. Reference: Everett et al., "Scaling Exponents Across Parameterizations and
+    Optimizers", arXiv:2407.05872. Defaults (``a = 1.27`` ~ 4/pi, ``b = 1``, betas
+    ``(0.9, 0.99)``) are those of ``adam-atan2-pytorch`` 0.4.1; that ``a = 4/pi`` is the paper's
+    own choice rests on secondary evidence.
     """
+    if m_correction not in _M_CORRECTIONS:
+        raise ValueError(f"scale_by_adam_atan2: m_correction={m_correction!r} must be one of {_M_CORRECTIONS}")
+    inside = m_correction == "inside"
 
     def update(updates: list, state: dict, hp: Mapping, ctx: Bucket) -> list:
         b1, b2 = (float(x) for x in hp["betas"])
         a_, b_ = float(hp["a"]), float(hp["b"])
         m, v = _update_moments(updates, state, b1, b2)
-        # both corrections change the argument of atan2, not only the overall scale
-        num = torch._foreach_div(m, ctx.per_step(lambda t: 1.0 - b1**t))
+        # the second-moment correction changes the argument of atan2 in both forms
         den = torch._foreach_sqrt(v)
         torch._foreach_mul_(den, ctx.per_step(lambda t: b_ / math.sqrt(1.0 - b2**t)))
+        if inside:
+            num = torch._foreach_div(m, ctx.per_step(lambda t: 1.0 - b1**t))
+            scale = a_
+        else:
+            num = [x.clone() for x in m]
+            scale = ctx.per_step(lambda t: a_ / (1.0 - b1**t))
         for n, d in zip(num, den):
             n.atan2_(d)
-        if a_ != 1.0:
-            ctx.defer_scale(a_)
+        # atan2(inf, inf) = pi/4 is finite: an inf gradient would sit in m and v unseen by
+        # apply_if_finite. d - d is +0 where d is finite and NaN where it is not (v overflowed)
+        torch._foreach_sub_(den, den)
+        torch._foreach_add_(num, den)
+        if not (isinstance(scale, float) and scale == 1.0):
+            ctx.defer_scale(scale)
         return num
 
     spec = {
-        "betas": Hyperparam(tuple(betas), check_betas),
+        "betas": Hyperparam(betas_pair(betas), check_betas),
         "a": Hyperparam(a, positive),
         "b": Hyperparam(b, positive),
     }
-    return transform(name, spec, _adam_moments, update)
+    return transform(name, spec, _adam_moments, update, momentum_state=("exp_avg",))
 
 
 def scale_by_adam_softplus(
@@ -89,5 +123,5 @@ def scale_by_adam_softplus(
         ctx.defer_scale(ctx.per_step(lambda t: 1.0 / (1.0 - b1**t)))
         return torch._foreach_div(m, den)
 
-    spec = {"betas": Hyperparam(tuple(betas), check_betas), "softplus_beta": Hyperparam(softplus_beta, positive)}
-    return transform(name, spec, _adam_moments, update)
+    spec = {"betas": Hyperparam(betas_pair(betas), check_betas), "softplus_beta": Hyperparam(softplus_beta, positive)}
+    return transform(name, spec, _adam_moments, update, momentum_state=("exp_avg",))

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._dtensor import settle
 from ..base import Bucket, Leaf, transform, zeros_state
 from ..hyperparams import Hyperparam, nonnegative, number, positive
 
@@ -24,23 +25,10 @@ __all__ = [
 _RULES = ("two_largest", "last_two", "unit")
 
 
-def settle(t: Tensor) -> Tensor:
-    """Resolve a DTensor's pending reduction (a ``Partial`` placement) to ``Replicate``.
-
-    A reduction over a sharded dim leaves a DTensor ``Partial``; state kept across steps must be
-    a plain placement (DISTRIBUTED.md rule 2). Plain tensors pass through.
-    """
-    placements = getattr(t, "placements", None)
-    if placements is None or not any(pl.is_partial() for pl in placements):
-        return t
-    from torch.distributed.tensor import Replicate
-
-    return t.redistribute(placements=[Replicate() if pl.is_partial() else pl for pl in placements])
-
-
 def _mean(x: Tensor, dims: tuple[int, ...]) -> Tensor:
     # sum / count, not .mean(): DTensor's Partial(avg) is wrong on uneven shards
-    count = math.prod(x.shape[d] for d in dims)
+    # max(., 1): the mean over no entries (an empty param) is 0, not 0/0
+    count = max(math.prod(x.shape[d] for d in dims), 1)
     return settle(x.sum(dim=dims, keepdim=True) / count)
 
 
@@ -112,7 +100,7 @@ def scale_by_factored_rms(
     at t=1: built-in bias correction); ``Q = g^2 + eps``; for a factored tensor
     ``R <- lerp(R, mean_cols(Q), w_t)``, ``C <- lerp(C, mean_rows(Q), w_t)`` and
     ``u = g * rsqrt(R / mean(R)) * rsqrt(C)`` (one rsqrt per factor: never forms ``R*C`` or its
-    reciprocal, so a dead row crossing a dead column stays finite; ALGORITHMS.md Appendix A);
+    reciprocal, so a dead row crossing a dead column stays finite; see docs/families/factored.md);
     otherwise ``v <- lerp(v, Q, w_t)`` and ``u = g * rsqrt(v)``. Dims per ``factored``
     (:func:`factored_dims`). ``beta2_decay`` is torch's name; optax's ``decay_rate=0.8`` is
     ``-beta2_decay``. ``eps`` may be torch's pair ``(eps1, eps2)``: its first entry is used,
@@ -195,11 +183,29 @@ def _rms(x: Tensor) -> Tensor:
     return torch.linalg.vector_norm(x) / math.sqrt(max(x.numel(), 1))
 
 
-def clip_by_block_rms(d: float = 1.0, *, name: str = "clip_rms") -> Leaf:
+class _AtLeast:
+    """A check: a finite number >= ``bound`` (a class, not a closure, so a chain pickles)."""
+
+    def __init__(self, bound: float) -> None:
+        self.bound = bound
+
+    def __call__(self, value: Any) -> str | None:
+        if positive(value) is not None or float(value) < self.bound:
+            return f"must be a finite number >= {self.bound:g}"
+        return None
+
+
+def _threshold(min_d: float | None) -> Any:
+    return positive if min_d is None else _AtLeast(min_d)
+
+
+def clip_by_block_rms(d: float = 1.0, *, min_d: float | None = None, name: str = "clip_rms") -> Leaf:
     """Clip each tensor's update by its RMS: ``u <- u / max(1, RMS(u) / d)``.
 
-    Reference: Adafactor's update clipping, Shazeer & Stern, arXiv:1804.04235 (``d`` is torch's
-    name). Peer: optax ``clip_by_block_rms``, ``torch.optim.Adafactor(d=...)``.
+    ``d`` must be > 0, and at least ``min_d`` when given (the ``adafactor`` recipe passes 1, the
+    bound ``torch.optim.Adafactor`` enforces). Reference: Adafactor's update clipping, Shazeer &
+    Stern, arXiv:1804.04235 (``d`` is torch's name). Peer: optax ``clip_by_block_rms``,
+    ``torch.optim.Adafactor(d=...)``.
     """
 
     def update(updates: list, state: dict, hp: Mapping, ctx: Bucket) -> list:
@@ -210,7 +216,7 @@ def clip_by_block_rms(d: float = 1.0, *, name: str = "clip_rms") -> Leaf:
         ]
         return torch._foreach_div(updates, factors)
 
-    return transform(name, {"d": Hyperparam(d, positive)}, None, update)
+    return transform(name, {"d": Hyperparam(d, _threshold(min_d))}, None, update)
 
 
 def scale_by_relative_step(lr: float = 1e-2, *, warmup_init: bool = False, name: str = "relative_step") -> Leaf:

@@ -13,7 +13,7 @@ from torch import Tensor
 from ..base import Bucket, Leaf, transform, zeros_state
 from ..hyperparams import Hyperparam
 
-__all__ = ["fractional", "gl_weights"]
+__all__ = ["fractional", "gl_coefficients", "gl_weights"]
 
 
 def _order(value: Any) -> str | None:
@@ -22,12 +22,33 @@ def _order(value: Any) -> str | None:
     return None
 
 
-def gl_weights(alpha: float, history: int) -> list[float]:
-    """``[w_0, ..., w_K]``: ``w_0 = 1``, ``w_j = (1 - (alpha + 1)/(j + 1)) w_{j-1}``.
+def gl_coefficients(q: float, n: int) -> list[float]:
+    """The Grünwald–Letnikov coefficients of order ``q``: ``[c_0, ..., c_n]``, ``c_j = (-1)^j C(q, j)``.
 
-    These are the textbook Grünwald–Letnikov coefficients ``a_j = (-1)^j C(alpha, j)`` shifted by
-    one and normalized, ``w_j = a_{j+1} / a_1``: positive and decaying for alpha in (0, 1), and all
-    zero (plain gradient) for alpha = 1.
+    Recursion: ``c_0 = 1``, ``c_j = (1 - (q + 1)/j) c_{j-1}``. ``c_j`` weighs the sample ``j``
+    steps back (``j = 0`` is the newest): the GL derivative of order ``q`` of a sequence ``x`` is
+    ``sum_j c_j x_{t-j}`` (per unit step). ``q = 0`` gives ``[1, 0, 0, ...]`` (the identity),
+    ``q = 1`` gives ``[1, -1, 0, ...]`` (a backward difference), and ``q`` in ``(-1, 0)`` (a
+    fractional *integral* of order ``-q``) gives positive, decaying weights. Any real ``q``.
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"invalid n={n!r}: must be an int >= 0")
+    c = [1.0]
+    for j in range(1, n + 1):
+        c.append((1.0 - (q + 1.0) / j) * c[-1])
+    return c
+
+
+def gl_weights(alpha: float, history: int) -> list[float]:
+    """The memory weights of :func:`fractional`: ``[w_0, ..., w_K]``, ``w_j = c_j(alpha - 1) / (j + 1)``.
+
+    Recursion (FCGD_G-L's, as a third-party summary gives it): ``w_0 = 1``,
+    ``w_j = (1 - (alpha + 1)/(j + 1)) w_{j-1}``. In terms of the Grünwald–Letnikov coefficients
+    ``c_j(q) = (-1)^j C(q, j)`` (:func:`gl_coefficients`) this is
+    ``w_j = c_j(alpha - 1) / (j + 1) = c_{j+1}(alpha) / c_1(alpha)``: the coefficients of order
+    ``q = alpha - 1`` applied to the gradient history (``j = 0`` the newest gradient), damped by
+    ``1/(j + 1)``. Positive and decaying for alpha in (0, 1); all zero beyond ``w_0`` for
+    alpha = 1, since ``c(0) = [1, 0, 0, ...]``.
     """
     w = [1.0]
     for j in range(1, history + 1):
@@ -75,7 +96,17 @@ def fractional(
 
     Rule: ``D_t = u_t + sum_{j=1..K} c_j w_j u_{t-j}`` with ``w_0 = 1``,
     ``w_j = (1 - (alpha+1)/(j+1)) w_{j-1}`` (:func:`gl_weights`; missing history counts as 0).
-    alpha = 1 gives ``D_t = u_t``. ``c`` drops ``drop`` of the K memory terms each step at random
+
+    Convention: alpha is the order of the fractional derivative of the *loss*. The gradient
+    already carries one derivative, so the operator applied to the gradient history has order
+    ``q = alpha - 1 <= 0`` (a fractional integral: memory with positive weights). In
+    Grünwald–Letnikov form ``w_j = (-1)^j C(alpha - 1, j) / (j + 1)`` (:func:`gl_coefficients`,
+    ``j = 0`` the newest gradient; the ``1/(j + 1)`` damping comes with the recursion). So alpha = 1
+    is order 0 on the history, ``D_t = u_t``: plain SGD (plain Adam in ``fractional_adam``). The
+    textbook coefficients of order alpha applied to the history would instead give
+    ``g_t - g_{t-1}`` at alpha = 1.
+
+    ``c`` drops ``drop`` of the K memory terms each step at random
     (the paper's "small disturbance"): with ``per_element=False`` one draw per step shared by all
     tensors, with ``per_element=True`` each element draws its own, over the full logical tensor
     (sliced under FSDP2). The draws come from ``seed`` and the step only, so they are the same on

@@ -9,14 +9,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..base import Bucket, StateDict, Transform, check_unique_names, resolve_hyperparam, zeros_state
-from ..hyperparams import Hyperparam, closed_unit_interval, validate
+from ..base import Bucket, StateDict, Transform, check_unique_names, zeros_state
+from ..evaluation import eval_providers, swap_in
+from ..hyperparams import Hyperparam, closed_unit_interval
+from ._declared import Declared
 
 __all__ = ["lookahead", "slow_weights"]
 
 PULLBACK_MODES = ("none", "reset", "pullback")
 # buffer names of first-moment state in gradchain's transforms (trace, scale_by_adam, ema)
-MOMENTUM_BUFFERS = ("buffer", "exp_avg", "ema")
 
 
 def _positive_int(value: Any) -> str | None:
@@ -25,7 +26,7 @@ def _positive_int(value: Any) -> str | None:
     return None
 
 
-class Lookahead(Transform):
+class Lookahead(Declared):
     """See :func:`lookahead`."""
 
     def __init__(
@@ -42,20 +43,25 @@ class Lookahead(Transform):
             raise TypeError(f"lookahead() wraps a gradchain Transform, got {type(inner).__name__}")
         if pullback_momentum not in PULLBACK_MODES:
             raise ValueError(f"invalid pullback_momentum={pullback_momentum!r}: must be one of {PULLBACK_MODES}")
+        specs = {"k": Hyperparam(k, _positive_int), "alpha": Hyperparam(alpha, closed_unit_interval)}
+        self._declare(name, specs, keys or {"k": "lookahead_k", "alpha": "lookahead_alpha"})
         self.inner = inner
-        self.name = name
         self.pullback_momentum = pullback_momentum
         self.momentum_buffers = tuple(momentum_buffers) if momentum_buffers is not None else None
-        self._specs = {"k": Hyperparam(k, _positive_int), "alpha": Hyperparam(alpha, closed_unit_interval)}
-        self._keys = dict(keys) if keys is not None else {"k": "lookahead_k", "alpha": "lookahead_alpha"}
-        own = {self._keys[k]: s for k, s in self._specs.items()}
-        clash = sorted(set(own) & set(inner.hyperparams))
+        self.extra_defaults = dict(inner.extra_defaults)
+        self.shared_keys = inner.shared_keys  # keys the inner chain shares on purpose stay shared
+        self.fixed_options = dict(inner.fixed_options)
+        self._check_tree()
+
+    def _check_tree(self) -> None:
+        clash = sorted(set(self.declared) & set(self.inner.hyperparams))
         if clash:
             raise ValueError(f"lookahead(): the inner transform already declares {clash}; rename them")
-        self.hyperparams = {**inner.hyperparams, **own}
-        self.extra_defaults = dict(inner.extra_defaults)
         check_unique_names(self, "lookahead()")
-        self.validate_group({key: s.default for key, s in own.items()})
+
+    @property
+    def hyperparams(self) -> dict[str, Hyperparam]:  # type: ignore[override]
+        return {**self.inner.hyperparams, **self.declared}
 
     # -- tree -------------------------------------------------------------------------------
     def leaves(self) -> Iterator[Transform]:
@@ -66,17 +72,14 @@ class Lookahead(Transform):
         return [[self.name, *p] for p in self.inner.paths()]
 
     def renamed(self, mapping: Mapping[str, str]) -> Lookahead:
-        keys = {k: mapping.get(g, g) for k, g in self._keys.items()}
-        return Lookahead(
-            self.inner.renamed(mapping), self._specs["k"].default, self._specs["alpha"].default,
-            self.pullback_momentum, self.momentum_buffers, self.name, keys,
-        )
+        new = super().renamed(mapping)
+        new.inner = self.inner.renamed(mapping)
+        new._check_tree()
+        return new
 
     def validate_group(self, group: Mapping[str, Any]) -> None:
         self.inner.validate_group(group)
-        for k, spec in self._specs.items():
-            if self._keys[k] in group:
-                validate(self._keys[k], spec, group[self._keys[k]])
+        super().validate_group(group)
 
     # -- state ------------------------------------------------------------------------------
     @property
@@ -84,10 +87,8 @@ class Lookahead(Transform):
         return f"{self.name}.slow"
 
     def _momentum_keys(self, state: Mapping[str, Any]) -> list[str]:
-        if self.momentum_buffers is not None:
-            return [k for k in self.momentum_buffers if k in state]
-        own = self.name + "."
-        return [k for k in state if not k.startswith(own) and k.rsplit(".", 1)[-1] in MOMENTUM_BUFFERS]
+        keys = self.momentum_buffers if self.momentum_buffers is not None else self.inner.momentum_keys()
+        return [k for k in keys if k in state]
 
     def init_state(self, param: Tensor, name: str | None = None) -> StateDict:
         state = self.inner.init_state(param, name)
@@ -105,13 +106,17 @@ class Lookahead(Transform):
         state[self.slow_key] = slow
         return state
 
+    def eval_weight(self, param: Tensor, state: Mapping[str, Any], group: Mapping[str, Any]) -> Tensor | None:
+        """The slow weights of ``param``: what to evaluate (see :func:`gradchain.eval_params`)."""
+        return state.get(self.slow_key)
+
     # -- the step ---------------------------------------------------------------------------
     def apply(self, buckets: list[Bucket]) -> None:
         self.inner.apply(buckets)
         for b in buckets:
             if not len(b):
                 continue
-            hp = {k: resolve_hyperparam(g, self._specs[k], b.group[g], b) for k, g in self._keys.items()}
+            hp = self.hp(b)
             k, alpha = int(hp["k"]), float(hp["alpha"])
             idx = [i for i, t in enumerate(b.step_values) if int(t) % k == 0]
             if idx:
@@ -156,49 +161,33 @@ def lookahead(
     ``phi <- phi + alpha (theta - phi)`` and ``theta <- phi``. The sync is expressed as the update
     ``phi - p``, so the chain stays one pipeline; nothing may follow it (``accumulate`` and
     ``apply_if_finite`` go outside it: ``accumulate(lookahead(...), 4)``). At a sync
-    the inner momentum (``momentum_buffers``, default every ``*.buffer`` / ``*.exp_avg`` / ``*.ema``
-    state) is left alone (``"none"``), zeroed (``"reset"``) or pulled back
+    the inner momentum (``momentum_buffers``, by default the buffers the inner transforms declare
+    as ``momentum_state``: Adam's ``exp_avg``, ``trace``'s ``buffer``, ``ema``'s ``ema``) is left
+    alone (``"none"``), zeroed (``"reset"``) or pulled back
     (``"pullback"``: ``m <- alpha m + (1 - alpha) m_slow; m_slow <- m``, ``m_slow_0 = 0``), as
     pytorch_optimizer does. Group keys ``lookahead_k``, ``lookahead_alpha``. Evaluate with the
-    slow weights through :func:`slow_weights`. Reference: Zhang, Lucas, Hinton, Ba, arXiv:1907.08610.
+    slow weights through :func:`gradchain.eval_params` (or :func:`slow_weights`). Reference: Zhang,
+    Lucas, Hinton, Ba, arXiv:1907.08610.
     Peer: pytorch_optimizer ``Lookahead``, optax ``lookahead``, timm ``Lookahead`` (timm sets
     ``phi`` lazily at the first sync, so its first sync is a no-op).
     """
     return Lookahead(inner, k, alpha, pullback_momentum, momentum_buffers, name)
 
 
-def _refuse_step(opt: Any, args: Any, kwargs: Any) -> None:
-    raise RuntimeError(
-        "optimizer.step() inside slow_weights(): the params hold the slow weights; leave the block first"
-    )
-
-
 @contextlib.contextmanager
 def slow_weights(optimizer: torch.optim.Optimizer) -> Iterator[None]:
     """Swap the Lookahead slow weights into the params for the ``with`` block, then restore the fast ones.
 
-    The fast weights are restored even if the block raises; ``optimizer.step()`` inside the block is
-    refused. Params without Lookahead state (never stepped) are left as they are::
+    :func:`gradchain.eval_params` restricted to Lookahead: the fast weights are restored bit for bit
+    even if the block raises; ``optimizer.step()`` inside the block is refused; params without
+    Lookahead state (never stepped) are left as they are. ``ValueError`` if the chain has no
+    ``lookahead()``::
 
         with slow_weights(opt):
             evaluate(model)
     """
-    transform = getattr(optimizer, "transform", None)
-    keys = [t.slow_key for t in transform.leaves() if isinstance(t, Lookahead)] if transform is not None else []
-    if not keys:
+    providers = eval_providers(optimizer, Lookahead)
+    if not providers:
         raise ValueError("slow_weights() needs a ChainOptimizer whose transform contains lookahead()")
-    swapped: list[tuple[Tensor, Tensor]] = []
-    handle = optimizer.register_step_pre_hook(_refuse_step)
-    try:
-        with torch.no_grad():
-            for p, st in optimizer.state.items():
-                key = next((k for k in keys if k in st), None)
-                if key is not None:
-                    swapped.append((p, p.detach().clone()))
-                    p.copy_(st[key])
+    with swap_in(optimizer, providers, "slow_weights"):
         yield
-    finally:
-        handle.remove()
-        with torch.no_grad():
-            for p, fast in swapped:
-                p.copy_(fast)

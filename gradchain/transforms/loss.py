@@ -8,22 +8,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..base import Bucket, Leaf, StateDict, Transform, resolve_hyperparam, transform, zeros_state
-from ..hyperparams import Hyperparam, nonnegative, positive, unit_interval
+from .._dtensor import replicate_like
+from ..base import Bucket, Leaf, StateDict, Transform, transform, zeros_state
+from ..hyperparams import Hyperparam, betas, betas_pair, nonnegative, positive, unit_interval
+from ._declared import Declared
 
 __all__ = ["loss_gated_ema", "scale_by_loss_ema"]
 
 _MODES = ("adversarial", "compliant", "paper")
-
-
-def _replicate_like(t: Tensor, like: Tensor) -> Tensor:
-    """``t`` (a plain 0-d tensor, equal on every rank) as a replicated DTensor when ``like`` is one."""
-    mesh = getattr(like, "device_mesh", None)
-    if mesh is None:
-        return t
-    from torch.distributed.tensor import DTensor, Replicate
-
-    return DTensor.from_local(t, mesh, [Replicate()] * mesh.ndim, run_check=False)
 
 
 def _mean_over_ranks(loss: Tensor) -> Tensor:
@@ -61,14 +53,32 @@ def _step_loss(ctx: Bucket, who: str, sync: bool) -> tuple[Tensor, Tensor]:
     return ctx.shared[key]
 
 
-def loss_gated_ema(decay: float = 0.9, *, sync_loss: bool = True, name: str = "ema") -> Leaf:
+def _decay_spec(decay: Any, entry: int | None, key: str) -> Hyperparam:
+    """A decay in [0, 1); with ``entry`` (0 or 1) a pair of them, as torch's ``betas``, read at ``entry``."""
+    if entry is None:
+        return Hyperparam(decay, unit_interval)
+    if entry not in (0, 1):
+        raise ValueError(f"invalid entry={entry!r}: must be 0 or 1 (an index into the pair {key})")
+    return Hyperparam(betas_pair(decay, key), betas)
+
+
+def _decay(value: Any, entry: int | None) -> float:
+    return float(value if entry is None else value[entry])
+
+
+def loss_gated_ema(
+    decay: float | tuple[float, float] = 0.9, *, entry: int | None = None, sync_loss: bool = True, name: str = "ema"
+) -> Leaf:
     """EMA of the updates that holds still on a step whose loss is NaN or inf (AdaLo's first moment).
 
     Rule: ``m_t = decay m_{t-1} + (1 - decay) u_t`` if the loss is finite, else ``m_t = m_{t-1}``
     (a 0-d tensor lerp weight, no host sync); the update is ``m_t``, not bias-corrected. Only finite
     gradients leave ``m`` exact on a skipped step: for non-finite gradients use GradScaler or
     ``apply_if_finite``. Needs the loss (``ValueError`` otherwise); ``sync_loss`` as in
-    :func:`scale_by_loss_ema`. Peer: optax ``ema`` (without the gate).
+    :func:`scale_by_loss_ema`. With ``entry`` (0 or 1), ``decay`` is a pair such as torch's
+    ``betas`` and the decay is ``decay[entry]`` (the ``adalo`` recipe keeps both its decays in one
+    ``betas`` key, where torch's momentum-cycling schedulers look). Peer: optax ``ema`` (without
+    the gate).
     """
 
     def init(p: Tensor) -> dict:
@@ -77,37 +87,22 @@ def loss_gated_ema(decay: float = 0.9, *, sync_loss: bool = True, name: str = "e
     def update(updates: list, state: dict, hp: Mapping, ctx: Bucket) -> list:
         _, finite = _step_loss(ctx, name, sync_loss)
         p0 = ctx.params[0]
-        w = finite.to(device=p0.device, dtype=ctx.dtype) * (1.0 - float(hp["decay"]))
-        w = _replicate_like(w, p0)
+        w = finite.to(device=p0.device, dtype=ctx.dtype) * (1.0 - _decay(hp["decay"], entry))
+        w = replicate_like(w, p0)
         torch._foreach_lerp_(state["ema"], updates, [w] * len(updates))
         return ctx.lend(list(state["ema"]))
 
-    return transform(name, {"decay": Hyperparam(decay, unit_interval)}, init, update)
+    return transform(name, {"decay": _decay_spec(decay, entry, "decay")}, init, update, momentum_state=("ema",))
 
 
-class _LossEMA(Transform):
+class _LossEMA(Declared):
     """See :func:`scale_by_loss_ema`."""
 
-    def __init__(self, name: str, specs: dict[str, Hyperparam], mode: str, debias: bool, sync: bool) -> None:
-        if not name or "." in name:
-            raise ValueError(f"transform name {name!r} must be non-empty and contain no '.'")
-        self.name, self._specs, self._mode, self._debias, self._sync = name, specs, mode, debias, sync
-        self._keys = {k: k for k in specs}
-        self.extra_defaults: dict[str, Any] = {}
-        self.validate_group({k: s.default for k, s in self.hyperparams.items()})
-
-    @property
-    def hyperparams(self) -> dict[str, Hyperparam]:  # type: ignore[override]
-        return {self._keys[k]: s for k, s in self._specs.items()}
-
-    def renamed(self, mapping: Mapping[str, str]) -> _LossEMA:
-        new = _LossEMA.__new__(_LossEMA)
-        new.__dict__.update(self.__dict__)
-        new._keys = {k: mapping.get(g, g) for k, g in self._keys.items()}
-        return new
-
-    def init_state(self, param: Tensor, name: str | None = None) -> StateDict:
-        return {}
+    def __init__(
+        self, name: str, specs: dict[str, Hyperparam], mode: str, debias: bool, sync: bool, entry: int | None
+    ) -> None:
+        self._declare(name, specs)
+        self._mode, self._debias, self._sync, self._entry = mode, debias, sync, entry
 
     def init_global_state(self, device: torch.device) -> StateDict:
         """One fp32 scalar for the whole optimizer (two with ``debias``: the EMA of ones)."""
@@ -115,9 +110,6 @@ class _LossEMA(Transform):
         if self._debias:
             st[f"{self.name}.norm"] = torch.zeros((), dtype=torch.float32, device=device)
         return st
-
-    def _hp(self, b: Bucket) -> dict[str, Any]:
-        return {k: resolve_hyperparam(g, self._specs[k], b.group[g], b) for k, g in self._keys.items()}
 
     def apply(self, buckets: list[Bucket]) -> None:
         buckets = [b for b in buckets if len(b)]
@@ -129,13 +121,14 @@ class _LossEMA(Transform):
                 f"{self.name}: scale_by_loss_ema keeps optimizer-level state; run it in a ChainOptimizer"
             )
         loss, finite = _step_loss(buckets[0], self.name, self._sync)
-        hps = [self._hp(b) for b in buckets]
-        decay = float(hps[0]["loss_decay"])
-        if any(float(h["loss_decay"]) != decay for h in hps):
+        hps = [self.hp(b) for b in buckets]
+        decays = sorted({_decay(h["loss_decay"], self._entry) for h in hps})
+        if len(decays) > 1:
+            key = self.group_key("loss_decay") + ("" if self._entry is None else f"[{self._entry}]")
             raise ValueError(
-                f"{self.name}: the loss EMA is one for the whole optimizer, but param groups set "
-                f"{self._keys['loss_decay']} to {sorted({float(h['loss_decay']) for h in hps})}"
+                f"{self.name}: the loss EMA is one for the whole optimizer, but param groups set {key} to {decays}"
             )
+        decay = decays[0]
         ema = shared[f"{self.name}.loss_ema"]
         loss, finite = loss.to(ema.device), finite.to(ema.device)
         # the article's map (tanh(-log1p(L)/2) + 1)/2 is exactly 1/(2 + L); L < -1 is clamped to its limit
@@ -155,17 +148,18 @@ class _LossEMA(Transform):
                 lr = value / float(hp["kappa"])
             lr = torch.where(finite, lr.clamp(min=float(hp["eps"])), torch.zeros_like(lr))
             p0 = b.params[0]
-            lr = _replicate_like(lr.to(dtype=b.dtype, device=p0.device), p0)
-            ok = _replicate_like(finite.to(device=p0.device), p0)
-            # where, not only lr = 0: a non-finite loss usually comes with non-finite gradients
-            b.updates = [torch.where(ok, u * lr, torch.zeros_like(u)) for u in b.materialize()]
+            lr = replicate_like(lr.to(dtype=b.dtype, device=p0.device), p0)
+            # u * 0, not a where: a non-finite update entry (a NaN gradient already kept by the state
+            # before this) stays non-finite, so apply_if_finite can undo the step
+            b.updates = [u * lr for u in b.materialize()]
 
 
 def scale_by_loss_ema(
-    loss_decay: float = 0.999,
+    loss_decay: float | tuple[float, float] = 0.999,
     kappa: float = 3.0,
     eps: float = 1e-8,
     *,
+    entry: int | None = None,
     mode: str = "adversarial",
     debias: bool = False,
     sync_loss: bool = True,
@@ -188,18 +182,21 @@ def scale_by_loss_ema(
     params have grads, and keeps full precision for bf16 params. ``loss`` must reach the step
     (``step(closure)`` or ``step(loss=...)``), else ``ValueError``; a NaN/inf loss skips the step:
     the EMA is kept and the update is 0 (with :func:`loss_gated_ema` as the first moment, as in the
-    ``adalo`` recipe, the momentum is kept too; the optimizer's per-param step counters still
-    count the step: AdaLo does not read them). With ``sync_loss`` and torch.distributed initialized, the
-    loss is averaged over the default group (one all-reduce of a scalar) so every data-parallel
-    rank uses the same step. ``L < -1`` is clamped to -1 for the article's modes (the limit of its
-    formula). Reference: Jeong & Koo, "AdaLo", Information Sciences 690 (2025) 121607 (no arXiv
-    id); the article's modes: cpuimage/AdaLo ``adalo.py``. Peer: none.
+    ``adalo`` recipe, the momentum is kept too; the optimizer's per-param step counters still count
+    the step: AdaLo does not read them). The update is 0 times the incoming update, so a NaN/inf
+    entry in it stays NaN and ``apply_if_finite`` still sees a bad gradient. With ``sync_loss`` and
+    torch.distributed initialized, the loss is averaged over the default group (one all-reduce of a
+    scalar) so every data-parallel rank uses the same step. ``L < -1`` is clamped to -1 for the
+    article's modes (the limit of its formula). Reference: Jeong & Koo, "AdaLo", Information
+    Sciences 690 (2025) 121607 (no arXiv id); the article's modes: cpuimage/AdaLo ``adalo.py``.
+    Peer: none. ``entry`` as in :func:`loss_gated_ema` (``loss_decay`` a pair, the decay its entry
+    ``entry``).
     """
     if mode not in _MODES:
         raise ValueError(f"scale_by_loss_ema: mode={mode!r} must be one of {_MODES}")
     specs = {
-        "loss_decay": Hyperparam(loss_decay, unit_interval),
+        "loss_decay": _decay_spec(loss_decay, entry, "loss_decay"),
         "kappa": Hyperparam(kappa, positive),
         "eps": Hyperparam(eps, nonnegative),
     }
-    return _LossEMA(name, specs, mode, debias, sync_loss)
+    return _LossEMA(name, specs, mode, debias, sync_loss, entry)

@@ -15,9 +15,17 @@ __all__ = ["CAUTIOUS_RESCALINGS", "cautious_mask"]
 CAUTIOUS_RESCALINGS = ("c_optim", "timm", "heavyball", "none")
 
 
-def _factors(mask: list[Tensor], rescale: str) -> list[Tensor] | None:
+def _factors(mask: list[Tensor], rescale: str, ctx: Bucket) -> list[Tensor] | None:
     if rescale == "none":
         return None
+    if ctx.segments is not None:
+        # the fused path's flat buffer: the same factors from segment sums, one per param
+        kept, numel = ctx.tensor_sums(mask), ctx.tensor_numels(mask)
+        if rescale == "c_optim":
+            return ctx.per_tensor(numel / (kept + 1.0))
+        if rescale == "timm":
+            return ctx.per_tensor(1.0 / torch.clamp_min(kept / numel, 1e-3))
+        return ctx.per_tensor(numel / torch.clamp_min(kept, 1.0))
     # mask entries are 0/1, so the L1 norm is the number kept; a reduction that stays a DTensor op.
     # Out-of-place ops on these 0-d results: under FSDP2 they are partial until the first one.
     kept = torch._foreach_norm(mask, 1)
@@ -63,10 +71,10 @@ def cautious_mask(rescale: str = "c_optim", *, name: str = "cautious") -> Leaf:
         # sign(u g) in {-1, 0, 1} -> {0, 0, 1}: strict agreement
         torch._foreach_sign_(mask)
         torch._foreach_clamp_min_(mask, 0.0)
-        factors = _factors(mask, rescale)
+        factors = _factors(mask, rescale, ctx)
         if factors is not None:
             torch._foreach_mul_(mask, factors)
         torch._foreach_mul_(mask, updates)
         return mask
 
-    return transform(name, {}, None, update)
+    return transform(name, {}, None, update, segmented=True)

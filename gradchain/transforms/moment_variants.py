@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 
 import torch
 
+from .. import ops
 from ..base import Bucket, Leaf, scalar_state, transform, zeros_state
-from ..hyperparams import Hyperparam, nonnegative, positive, unit_interval
+from ..hyperparams import Hyperparam, betas_pair, nonnegative, positive, unit_interval
 from ..hyperparams import betas as check_betas
 
 __all__ = ["scale_by_adamomentum", "scale_by_adanorm", "scale_by_diffgrad", "scale_by_nadam"]
@@ -28,8 +28,8 @@ def _scalar(p: torch.Tensor, value: float) -> torch.Tensor:
 def _adam_denominator(v: list, b2: float, eps: float, ctx: Bucket) -> list:
     """``sqrt(v / (1 - b2^t)) + eps``, torch's form."""
     den = torch._foreach_sqrt(v)
-    torch._foreach_div_(den, ctx.per_step(lambda t: math.sqrt(1.0 - b2**t)))
-    torch._foreach_add_(den, eps)
+    ops.div_(den, ctx.per_step(lambda t: ops.sqrt(ops.bias_correction(b2, t))))
+    ops.add_(den, eps)
     return den
 
 
@@ -65,9 +65,8 @@ def scale_by_nadam(
         b1, b2 = (float(b) for b in hp["betas"])
         eps, psi = float(hp["eps"]), float(hp["momentum_decay"])
         m, v = state["exp_avg"], state["exp_avg_sq"]
-        torch._foreach_lerp_(m, updates, 1.0 - b1)
-        torch._foreach_mul_(v, b2)
-        torch._foreach_addcmul_(v, updates, updates, 1.0 - b2)
+        ops.update_moment(m, updates, b1)
+        ops.update_moment_per_elem_norm(v, updates, b2)
         den = _adam_denominator(v, b2, eps, ctx)
         if form == "optax":
             cg = ctx.per_step(lambda t: (1.0 - b1) / (1.0 - b1**t))
@@ -94,11 +93,11 @@ def scale_by_nadam(
         return out
 
     spec = {
-        "betas": Hyperparam(tuple(betas), check_betas),
+        "betas": Hyperparam(betas_pair(betas), check_betas),
         "eps": Hyperparam(eps, nonnegative),
         "momentum_decay": Hyperparam(momentum_decay, nonnegative),
     }
-    return transform(name, spec, init, update)
+    return transform(name, spec, init, update, momentum_state=("exp_avg",))
 
 
 def scale_by_adamomentum(
@@ -113,20 +112,18 @@ def scale_by_adamomentum(
     """
 
     def update(updates: list, state: dict, hp: Mapping, ctx: Bucket) -> list:
-        b1, b2 = (float(b) for b in hp["betas"])
-        eps = float(hp["eps"])
+        b1, b2 = hp["betas"]
         m, v = state["exp_avg"], state["exp_avg_sq"]
-        torch._foreach_lerp_(m, updates, 1.0 - b1)
-        torch._foreach_mul_(v, b2)
-        torch._foreach_addcmul_(v, m, m, 1.0 - b2)
-        torch._foreach_add_(v, eps)
-        den = torch._foreach_div(v, ctx.per_step(lambda t: 1.0 - b2**t))
+        ops.update_moment(m, updates, b1)
+        ops.update_moment_per_elem_norm(v, m, b2)
+        ops.add_(v, hp["eps"])
+        den = torch._foreach_div(v, ctx.per_step(lambda t: ops.bias_correction(b2, t)))
         torch._foreach_sqrt_(den)
-        ctx.defer_scale(ctx.per_step(lambda t: 1.0 / (1.0 - b1**t)))
+        ctx.defer_scale(ctx.per_step(lambda t: 1.0 / ops.bias_correction(b1, t)))
         return torch._foreach_div(m, den)
 
-    spec = {"betas": Hyperparam(tuple(betas), check_betas), "eps": Hyperparam(eps, nonnegative)}
-    return transform(name, spec, _moments, update)
+    spec = {"betas": Hyperparam(betas_pair(betas), check_betas), "eps": Hyperparam(eps, nonnegative)}
+    return transform(name, spec, _moments, update, elementwise=True, momentum_state=("exp_avg",))
 
 
 def scale_by_diffgrad(
@@ -146,24 +143,22 @@ def scale_by_diffgrad(
         return {**_moments(p), "prev_grad": zeros_state(p)}
 
     def update(updates: list, state: dict, hp: Mapping, ctx: Bucket) -> list:
-        b1, b2 = (float(b) for b in hp["betas"])
-        eps = float(hp["eps"])
+        b1, b2 = hp["betas"]
         m, v, prev = state["exp_avg"], state["exp_avg_sq"], state["prev_grad"]
-        torch._foreach_lerp_(m, updates, 1.0 - b1)
-        torch._foreach_mul_(v, b2)
-        torch._foreach_addcmul_(v, updates, updates, 1.0 - b2)
+        ops.update_moment(m, updates, b1)
+        ops.update_moment_per_elem_norm(v, updates, b2)
         xi = torch._foreach_sub(prev, updates)
         torch._foreach_abs_(xi)
         torch._foreach_sigmoid_(xi)
         for q, u in zip(prev, updates):  # DTensor has no sharding rule for _foreach_copy_
             q.copy_(u)
         torch._foreach_mul_(xi, m)
-        torch._foreach_div_(xi, _adam_denominator(v, b2, eps, ctx))
-        ctx.defer_scale(ctx.per_step(lambda t: 1.0 / (1.0 - b1**t)))
+        torch._foreach_div_(xi, _adam_denominator(v, b2, hp["eps"], ctx))
+        ctx.defer_scale(ctx.per_step(lambda t: 1.0 / ops.bias_correction(b1, t)))
         return xi
 
-    spec = {"betas": Hyperparam(tuple(betas), check_betas), "eps": Hyperparam(eps, nonnegative)}
-    return transform(name, spec, init, update)
+    spec = {"betas": Hyperparam(betas_pair(betas), check_betas), "eps": Hyperparam(eps, nonnegative)}
+    return transform(name, spec, init, update, elementwise=True, momentum_state=("exp_avg",))
 
 
 def _none_or_positive(x: object) -> str | None:
@@ -202,17 +197,16 @@ def scale_by_adanorm(
         for e_i, n_i in zip(e, norms):
             ratio = torch.where((e_i > n_i) & (n_i > 0), e_i / n_i, torch.ones_like(e_i))
             ratios.append(ratio if cap is None else ratio.clamp(max=float(cap)))
-        torch._foreach_mul_(v, b2)
-        torch._foreach_addcmul_(v, updates, updates, 1.0 - b2)
+        ops.update_moment_per_elem_norm(v, updates, b2)
         torch._foreach_mul_(m, b1)
         torch._foreach_addcmul_(m, updates, ratios, 1.0 - b1)
         ctx.defer_scale(ctx.per_step(lambda t: 1.0 / (1.0 - b1**t)))
         return torch._foreach_div(m, _adam_denominator(v, b2, eps, ctx))
 
     spec = {
-        "betas": Hyperparam(tuple(betas), check_betas),
+        "betas": Hyperparam(betas_pair(betas), check_betas),
         "eps": Hyperparam(eps, nonnegative),
         "norm_decay": Hyperparam(norm_decay, unit_interval),
         "max_ratio": Hyperparam(max_ratio, _none_or_positive),
     }
-    return transform(name, spec, init, update)
+    return transform(name, spec, init, update, momentum_state=("exp_avg",))

@@ -8,7 +8,7 @@ import torch
 
 from .. import ops
 from ..base import Bucket, Leaf, transform, zeros_state
-from ..hyperparams import Hyperparam, nonnegative
+from ..hyperparams import Hyperparam, betas_pair, nonnegative
 from ..hyperparams import betas as check_betas
 
 __all__ = ["scale_by_adam"]
@@ -60,8 +60,8 @@ def scale_by_adam(
         return list(m)
 
     spec = {
-        "betas": Hyperparam(tuple(betas), check_betas),
+        "betas": Hyperparam(betas_pair(betas), check_betas),
         "eps": Hyperparam(eps, nonnegative),
         "eps_root": Hyperparam(eps_root, nonnegative),
     }
-    return transform(name, spec, init, update, elementwise=True, static=("eps_root",))
+    return transform(name, spec, init, update, elementwise=True, static=("eps_root",), momentum_state=("exp_avg",))

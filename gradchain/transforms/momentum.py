@@ -13,8 +13,12 @@ from ..hyperparams import Hyperparam, nonnegative, number, unit_interval
 __all__ = ["ema", "nesterov", "trace"]
 
 
+def _flag(value: object) -> str | None:
+    return None if isinstance(value, bool) else "must be a bool"
+
+
 def _check_nesterov(hp: Mapping) -> None:
-    if hp["momentum"] <= 0 or hp["dampening"] != 0:
+    if hp["nesterov"] and (hp["momentum"] <= 0 or hp["dampening"] != 0):
         raise ValueError(
             f"Nesterov momentum requires momentum > 0 and zero dampening, got "
             f"momentum={hp['momentum']!r}, dampening={hp['dampening']!r}"
@@ -25,7 +29,9 @@ def trace(momentum: float = 0.9, dampening: float = 0.0, nesterov: bool = False,
     """Momentum with dampening, as torch.optim.SGD.
 
     Rule: ``b_1 = g``; ``b_t = momentum * b_{t-1} + (1 - dampening) * g``; the update is ``b_t``,
-    or ``g + momentum * b_t`` with ``nesterov``. Reference: Sutskever et al. 2013.
+    or ``g + momentum * b_t`` with ``nesterov``. ``momentum``, ``dampening`` and ``nesterov`` are
+    group keys, so each param group may set its own, as in torch (a group with ``momentum=0`` steps
+    by ``g``, its dampening ignored). Reference: Sutskever et al. 2013.
     Peer: torch ``SGD(momentum, dampening, nesterov)``; optax ``trace`` (zero-initialised).
     """
 
@@ -36,17 +42,23 @@ def trace(momentum: float = 0.9, dampening: float = 0.0, nesterov: bool = False,
         mu, damp = hp["momentum"], hp["dampening"]
         buf = state["buffer"]
         # torch's b_1 = g: the buffer is still zero at a tensor's first step, and no dampening applies
+        # then, nor without momentum
         ops.mul_(buf, mu)
-        ops.axpy_(buf, updates, ctx.per_step(lambda t: 1.0 - damp * (t > 1)))
-        if nesterov:
+        ops.axpy_(buf, updates, ctx.per_step(lambda t: 1.0 - damp * (t > 1) * (mu != 0)))
+        if hp["nesterov"]:
             out = [u.clone() for u in updates] if ctx.tensor_scalars else torch._foreach_add(updates, buf, alpha=mu)
             if ctx.tensor_scalars:
                 ops.axpy_(out, buf, mu)
             return out
         return list(buf)
 
-    spec = {"momentum": Hyperparam(momentum, nonnegative), "dampening": Hyperparam(dampening, number)}
-    return transform(name, spec, init, update, check=_check_nesterov if nesterov else None, elementwise=True)
+    spec = {
+        "momentum": Hyperparam(momentum, nonnegative),
+        "dampening": Hyperparam(dampening, number),
+        "nesterov": Hyperparam(bool(nesterov), _flag),
+    }
+    return transform(name, spec, init, update, check=_check_nesterov, elementwise=True, static=("nesterov",),
+                     momentum_state=("buffer",))
 
 
 def nesterov(momentum: float = 0.9, dampening: float = 0.0, *, name: str = "nesterov") -> Leaf:
@@ -84,4 +96,5 @@ def ema(decay: float = 0.9, debias: bool = False, nesterov: bool = False, *, nam
             ctx.defer_scale(ctx.per_step(lambda t: 1.0 / ops.bias_correction(d, t)))
         return list(state["ema"])
 
-    return transform(name, {"decay": Hyperparam(decay, unit_interval)}, init, update, elementwise=True)
+    return transform(name, {"decay": Hyperparam(decay, unit_interval)}, init, update, elementwise=True,
+                     momentum_state=("ema",))

@@ -39,7 +39,7 @@ def normalize(eps: float = 1e-8, *, scope: str = "tensor", name: str = "normaliz
         return GlobalNormScale(name, spec, _global_scale)
 
     def update(updates: list, state: dict, hp: Mapping, ctx: Bucket) -> list:
-        n = torch.stack(torch._foreach_norm(updates))  # one vector: one reduction under FSDP2
-        return torch._foreach_div(updates, list((n + float(hp["normalize_eps"])).unbind(0)))
+        n = ctx.tensor_norms(updates)  # one vector: one reduction under FSDP2
+        return torch._foreach_div(updates, ctx.per_tensor(n + hp["normalize_eps"]))
 
-    return transform(name, spec, update=update)
+    return transform(name, spec, update=update, segmented=True)

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._dtensor import gather
 from ..base import Bucket, Leaf, transform
 from ..hyperparams import Hyperparam, nonnegative
 
@@ -53,7 +54,8 @@ def newton_schulz(
     """
     a, b, c = coefficients
     shape = x.shape
-    X = x.reshape(shape[0], -1) if x.ndim > 2 else x
+    # math.prod, not -1: an empty matrix has no inferable width
+    X = x.reshape(shape[0], math.prod(shape[1:])) if x.ndim > 2 else x
     X = X.to(dtype) if dtype is not None else X
     tall = X.size(0) > X.size(1)
     if tall:
@@ -74,10 +76,7 @@ def _orthogonalize_one(u: Tensor, steps: int, coeffs: tuple, eps: float, dtype: 
         return newton_schulz(u, steps, coeffs, eps, dtype).to(u.dtype)
     # a DTensor shard: gather the whole matrix (one all-gather), run the same math on every rank,
     # keep the local rows (Replicate -> Shard is a local slice). Never per-shard math.
-    from torch.distributed.tensor import Replicate
-
-    full = u.redistribute(u.device_mesh, [Replicate()] * u.device_mesh.ndim)
-    out = newton_schulz(full, steps, coeffs, eps, dtype).to(u.dtype)
+    out = newton_schulz(gather(u), steps, coeffs, eps, dtype).to(u.dtype)
     return out.redistribute(u.device_mesh, placements)
 
 
@@ -130,6 +129,8 @@ def shape_ratio(shape: torch.Size | tuple, adjust_lr_fn: str | None) -> float:
     if len(shape) < 2:
         raise ValueError(f"scale_by_shape(): a param of shape {tuple(shape)} is not a matrix; use partition()")
     A, B = shape[0], math.prod(shape[1:])
+    if not A or not B:
+        return 1.0  # an empty matrix: nothing to scale
     if adjust_lr_fn is None or adjust_lr_fn == "original":
         return math.sqrt(max(1, A / B))
     return 0.2 * math.sqrt(max(A, B))

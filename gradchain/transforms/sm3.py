@@ -7,9 +7,9 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
+from .._dtensor import settle
 from ..base import Bucket, Leaf, transform, zeros_state
 from ..hyperparams import Hyperparam, closed_unit_interval, nonnegative
-from .factored import settle
 
 __all__ = ["scale_by_sm3"]
 
@@ -24,25 +24,32 @@ def scale_by_sm3(b2: float = 1.0, eps: float = 1e-8, *, name: str = "sm3") -> Le
     Rule, for a tensor with axes a = 0..k-1 and accumulators ``mu_a`` (kept broadcastable, size
     ``n_a`` along axis a): ``nu = min_a mu_a + g^2`` (with ``b2 < 1``:
     ``nu = b2 min_a mu_a + (1 - b2) g^2``, the EMA variant); ``mu_a <- max of nu over all axes
-    but a``; ``u = g * rsqrt(nu + eps)`` where ``nu > 0``, else 0. Tensors with ndim <= 1 keep one
+    but a``; ``u = g * rsqrt(nu + eps)``, and 0 where ``nu = 0`` (there ``g = 0``; with ``eps = 0``
+    the formula would give 0/0). A NaN or inf gradient entry makes its ``u`` non-finite, so
+    ``apply_if_finite`` skips the step before the accumulators keep it. Tensors with ndim <= 1 keep one
     full accumulator (Adagrad). Memory: sum of the dims (~0x). Momentum is not included: chain
     ``ema(b1)`` after it (the paper uses b1 = 0.9).
     Reference: Anil, Gupta, Koren & Singer, arXiv:1901.11150 (SM3-II). Peer: optax
-    ``scale_by_sm3`` (same eps placement); pytorch_optimizer ``SM3`` keeps a running max when
-    its beta > 0, which is not the paper's rule and not done here.
+    ``scale_by_sm3`` (same eps placement); pytorch_optimizer ``SM3``, whose ``beta=0`` is
+    ``b2=1`` here and whose eps is 1e-30 (with ``eps=1e-30`` the two match in float64), keeps a
+    running max when its beta > 0, which is not the paper's rule and not done here.
     """
 
     def init(p: Tensor) -> dict:
         z = zeros_state(p)
         if p.dim() <= 1:
             return {"acc_0": z}
-        # the axis-0 cover keeps the param's Shard(0); the others are replicated
-        return {f"acc_{a}": settle(z.amax(dim=_others(p.dim(), a), keepdim=True)) for a in range(p.dim())}
+        # the axis-0 cover keeps the param's Shard(0); the others are replicated. A sum of zeros
+        # (not amax, which has no value on an empty tensor) so zero-size params work too
+        return {f"acc_{a}": settle(z.sum(dim=_others(p.dim(), a), keepdim=True)) for a in range(p.dim())}
 
     def update(updates: list, state: dict, hp: Mapping, ctx: Bucket) -> list:
         b2, eps = float(hp["b2"]), float(hp["eps"])
         out = []
         for i, g in enumerate(updates):
+            if not g.numel():  # an empty tensor has nothing to scale (and amax has no value)
+                out.append(g)
+                continue
             n = g.dim()
             accs = [state[f"acc_{a}"][i] for a in range(max(n, 1))]
             low = accs[0]
@@ -56,7 +63,8 @@ def scale_by_sm3(b2: float = 1.0, eps: float = 1e-8, *, name: str = "sm3") -> Le
             else:
                 for a, acc in enumerate(accs):
                     acc.copy_(settle(nu.amax(dim=_others(n, a), keepdim=True)))
-            out.append(torch.where(nu > 0, g * torch.rsqrt(nu + eps), torch.zeros_like(g)))
+            # == 0, not > 0: a NaN nu must reach the update, or the NaN stays in the accumulators unseen
+            out.append(torch.where(nu == 0, 0.0, g * torch.rsqrt(nu + eps)))
         return out
 
     spec = {"b2": Hyperparam(b2, closed_unit_interval), "eps": Hyperparam(eps, nonnegative)}

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
+from .._dtensor import gather, replicate_like
 from ..base import Bucket, Leaf, compute_dtype, transform
 from ..hyperparams import Hyperparam, closed_unit_interval, nonnegative, number, unit_interval
 
@@ -42,24 +43,9 @@ def unpack_signs(packed: Tensor, numel: int) -> Tensor:
     return bits.reshape(-1)[:numel]
 
 
-def _replicated(p: Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
-    t = torch.zeros(shape, dtype=dtype, device=p.device)
-    mesh = getattr(p, "device_mesh", None)
-    if mesh is not None:
-        from torch.distributed.tensor import DTensor, Replicate
-
-        t = DTensor.from_local(t, mesh, [Replicate()] * mesh.ndim, run_check=False)
-    return t
-
-
-def _full(x: Tensor) -> Tensor:
-    # square-matricizing mixes rows: a sharded tensor is gathered first (DISTRIBUTED.md, whole-matrix class)
-    placements = getattr(x, "placements", None)
-    if placements is None or all(pl.is_replicate() for pl in placements):
-        return x
-    from torch.distributed.tensor import Replicate
-
-    return x.redistribute(placements=[Replicate()] * len(placements))
+def _zeros(p: Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    # small factors of the whole (square-matricized) tensor: replicated under FSDP2
+    return replicate_like(torch.zeros(shape, dtype=dtype, device=p.device), p)
 
 
 def _like_param(u: Tensor, p: Tensor) -> Tensor:
@@ -102,11 +88,11 @@ def scale_by_smmf(
         r, c = square_shape(p.numel())
         dt = compute_dtype(p.dtype)
         return {
-            "m_row": _replicated(p, (r,), dt),
-            "m_col": _replicated(p, (c,), dt),
-            "sign": _replicated(p, ((p.numel() + 7) // 8,), torch.uint8),
-            "v_row": _replicated(p, (r,), dt),
-            "v_col": _replicated(p, (c,), dt),
+            "m_row": _zeros(p, (r,), dt),
+            "m_col": _zeros(p, (c,), dt),
+            "sign": _zeros(p, ((p.numel() + 7) // 8,), torch.uint8),
+            "v_row": _zeros(p, (r,), dt),
+            "v_col": _zeros(p, (c,), dt),
         }
 
     def update(updates: list, state: dict, hp: Mapping, ctx: Bucket) -> list:
@@ -116,7 +102,7 @@ def scale_by_smmf(
         for i, g in enumerate(updates):
             t = ctx.step_values[i]
             shape = square_shape(g.numel())
-            gm = _full(g).reshape(shape)
+            gm = gather(g).reshape(shape)
             sign = state["sign"][i]
             m_row, m_col, v_row, v_col = (state[k][i] for k in ("m_row", "m_col", "v_row", "v_col"))
             mag = torch.outer(m_row, m_col)

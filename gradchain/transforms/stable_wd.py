@@ -2,53 +2,37 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ..base import Bucket, StateDict, Transform, resolve_hyperparam
+from ..base import Bucket, Transform, resolve_hyperparam
 from ..hyperparams import Hyperparam, nonnegative
+from ._declared import Declared
 
 __all__ = ["add_stable_wd"]
 
 
-class _StableWD(Transform):
-    def __init__(self, weight_decay: float, adam: str, betas_key: str, eps_key: str, name: str) -> None:
-        if not name or "." in name:
-            raise ValueError(f"transform name {name!r} must be non-empty and contain no '.'")
-        self.name = name
+class _StableWD(Declared):
+    def __init__(self, weight_decay: float, adam: str, betas_key: str, name: str) -> None:
+        self._declare(name, {"weight_decay": Hyperparam(weight_decay, nonnegative)})
         self._adam = adam
-        self._wd_key, self._betas_key, self._eps_key = "weight_decay", betas_key, eps_key
-        self._wd_spec = Hyperparam(weight_decay, nonnegative)
-        self.extra_defaults: dict[str, Any] = {}
-        self.validate_group({"weight_decay": weight_decay})
-
-    @property
-    def hyperparams(self) -> dict[str, Hyperparam]:  # type: ignore[override]
-        return {self._wd_key: self._wd_spec}
-
-    def leaves(self) -> Iterator[Transform]:
-        yield self
+        self.reads_state = (f"{adam}.exp_avg_sq",)
+        self._betas_key = betas_key
 
     def renamed(self, mapping: Mapping[str, str]) -> _StableWD:
-        new = _StableWD.__new__(_StableWD)
-        new.__dict__.update(self.__dict__)
+        new = super().renamed(mapping)
         # the Adam's keys follow a chain-wide renaming (chain.prefixed renames them as well)
-        new._wd_key = mapping.get(self._wd_key, self._wd_key)
         new._betas_key = mapping.get(self._betas_key, self._betas_key)
-        new._eps_key = mapping.get(self._eps_key, self._eps_key)
         return new
-
-    def init_state(self, param: Tensor, name: str | None = None) -> StateDict:
-        return {}
 
     def _group_value(self, b: Bucket, key: str) -> Any:
         if key not in b.group:
             raise ValueError(
                 f"add_stable_wd reads {key!r} of the preceding scale_by_adam from the param group, "
-                f"but the group has no {key!r}; pass betas_key=/eps_key="
+                f"but the group has no {key!r}; pass betas_key="
             )
         return resolve_hyperparam(key, Hyperparam(None), b.group[key], b)
 
@@ -83,10 +67,10 @@ class _StableWD(Transform):
         assert total is not None
         vbar = total / count
         for b in live:
-            eps = float(self._group_value(b, self._eps_key))
-            wd = float(resolve_hyperparam(self._wd_key, self._wd_spec, b.group[self._wd_key], b))
-            # no gradient seen anywhere yet (v_bar = 0): no decay rather than wd / eps
-            coef = torch.where(vbar > 0, wd / (vbar.sqrt() + eps), torch.zeros_like(vbar))
+            wd = float(self.hp(b)["weight_decay"])
+            # no gradient seen anywhere yet (v_bar = 0): no decay rather than wd / 0; == 0, not
+            # > 0, so a NaN v_bar shows in the update
+            coef = torch.where(vbar == 0, torch.zeros_like(vbar), wd / vbar.sqrt())
             coef = coef.to(device=b.params[0].device, dtype=b.dtype)
             params = b.params if b.params[0].dtype == b.dtype else [p.to(b.dtype) for p in b.params]
             b.materialize()
@@ -99,28 +83,30 @@ def add_stable_wd(
     *,
     adam: str = "adam",
     betas_key: str = "betas",
-    eps_key: str = "eps",
     name: str = "swd",
 ) -> Transform:
     """Stable weight decay: decoupled decay divided by the root of ONE global mean of Adam's v^.
 
     Rule: ``v_bar = sum over all params and elements of v^ / total element count`` (``v^ =
     v / (1 - b2^t)`` with each tensor's own step ``t``; amsgrad's running max when Adam keeps
-    one), then ``u <- u + weight_decay / (sqrt(v_bar) + eps) * p``. Placed before ``scale_by_lr``
-    this is AdamS: ``p <- p (1 - lr wd / (sqrt(v_bar) + eps)) - lr m^/(sqrt(v^) + eps)``.
+    one), then ``u <- u + weight_decay / sqrt(v_bar) * p`` (no eps: the authors' rule). Placed
+    before ``scale_by_lr`` this is AdamS: ``p <- p (1 - lr wd / sqrt(v_bar)) - lr m^/(sqrt(v^) + eps)``.
 
     The mean is a reduction over every tensor of every bucket (all param groups) that this
     transform sees; it stays a tensor (no host sync; under FSDP2 each ``sum`` is a DTensor
     reduction). It reads the state of the preceding ``scale_by_adam`` named ``adam`` from the
-    bucket (``"<adam>.exp_avg_sq"``) and that Adam's ``betas``/``eps`` from the param group
-    (keys ``betas_key``/``eps_key``, renamed along with a chain's ``prefixed``/``renamed``).
+    bucket (``"<adam>.exp_avg_sq"``, declared in ``reads_state``, so a chain without that Adam
+    before it is refused when built) and that Adam's ``betas`` from the param group (key
+    ``betas_key``, renamed along with a chain's ``prefixed``/``renamed``).
     To exclude biases and norm gains, give them a param group with ``weight_decay=0``: they
     still count in ``v_bar``, as in AdamS. Wrapping this transform in ``masked()`` instead
     restricts the mean to the selected params too. When ``v_bar = 0`` (no non-zero gradient
-    seen yet) no decay is applied, where AdamS would decay by ``wd / eps``.
+    seen yet) no decay is applied, where AdamS would divide by zero.
 
     Reference: Xie et al., "On the Overlooked Pitfalls of Weight Decay and How to Mitigate
-    Them" (SWD), arXiv:2011.11152. Peer: pytorch_optimizer ``AdamS`` (which also divides its
-    stored ``exp_avg_sq`` by the bias correction in place every step, a bug not copied here).
+    Them" (SWD), arXiv:2011.11152, and the authors' AdamS code. Peer: pytorch_optimizer 4.1.0
+    ``AdamS`` adds its eps to ``sqrt(v_bar)`` in the decay (a relative gap of about eps/sqrt(v_bar));
+    it divides a copy of ``exp_avg_sq`` by the bias correction (an older version divided the
+    stored buffer in place, compounding the correction every step).
     """
-    return _StableWD(weight_decay, adam, betas_key, eps_key, name)
+    return _StableWD(weight_decay, adam, betas_key, name)

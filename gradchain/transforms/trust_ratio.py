@@ -29,20 +29,22 @@ def scale_by_trust_ratio(max_weight_norm: float | None = None, *, name: str = "t
     plain update. Group key: ``max_weight_norm``. Reference: You et al., "Large Batch Optimization
     for Deep Learning: Training BERT in 76 minutes" (LAMB), arXiv:1904.00962. Peer: optax
     ``scale_by_trust_ratio`` (phi identity, its defaults); pytorch_optimizer ``Lamb`` clamps
-    ``||p||`` at 10 (``max_weight_norm=10``) and adds its eps to ``||u||``.
+    ``||p||`` at 10 (``max_weight_norm=10``), adds its eps to ``||u||``, and (at its default
+    ``adam_debias=False``) multiplies the step by Adam's first-moment correction ``1/(1 - b1^t)``
+    after the ratio, where the ratio does not cancel it.
     """
 
     def update(updates: list, state: dict, hp: Mapping, ctx: Bucket) -> list:
-        n = len(updates)
+        n = len(ctx.params) if ctx.segments is None else len(ctx.segments[0])
         # both norms in one vector, reduced once under FSDP2 (the no-op clamp makes that happen
         # here, rather than again at every use of a still-pending reduction)
-        wq = torch.stack([*torch._foreach_norm(ctx.params, 2, dtype=ctx.dtype), *torch._foreach_norm(updates)])
-        wq = wq.clamp(min=0.0)
+        wq = torch.cat([ctx.tensor_norms(ctx.params, ctx.dtype), ctx.tensor_norms(updates)]).clamp(min=0.0)
         w, q = wq[:n], wq[n:]
         c = hp["max_weight_norm"]
-        phi = w if c is None else w.clamp(max=float(c))
+        phi = w if c is None else w.clamp(max=c)
         # where, not a host branch: the zero cases stay right under FSDP2 and torch.compile
         ratio = torch.where((w > 0) & (q > 0), phi / q, 1.0)
-        return torch._foreach_mul(updates, list(ratio.unbind(0)))
+        return torch._foreach_mul(updates, ctx.per_tensor(ratio))
 
-    return transform(name, {"max_weight_norm": Hyperparam(max_weight_norm, _none_or_positive)}, update=update)
+    spec = {"max_weight_norm": Hyperparam(max_weight_norm, _none_or_positive)}
+    return transform(name, spec, update=update, segmented=True)

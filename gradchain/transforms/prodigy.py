@@ -1,0 +1,304 @@
+"""Prodigy: Adam whose step size d is estimated on the fly from how far the params have moved."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..base import Bucket, StateDict, Transform, resolve_hyperparam, zeros_state
+from ..hyperparams import Hyperparam, betas_pair, nonnegative, positive, unit_interval
+from ..hyperparams import betas as check_betas
+
+__all__ = ["scale_by_prodigy"]
+
+# hyperparameters that make the one d estimate: every param group must agree on them
+_SHARED = ("betas", "beta3", "d_coef", "growth_rate")
+
+
+def _beta3(value: Any) -> str | None:
+    return None if value is None else unit_interval(value)
+
+
+def _growth(value: Any) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float, Tensor)):
+        return "must be a number > 0 (inf: unbounded)"
+    x = float(value)
+    return None if x > 0 and not math.isnan(x) else "must be a number > 0 (inf: unbounded)"
+
+
+def _plain(t: Tensor) -> Tensor:
+    """A DTensor reduction's value as a plain tensor (one all-reduce); a plain tensor as it is."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _like(t: Tensor, like: Tensor, dtype: torch.dtype) -> Tensor:
+    """The plain 0-d ``t`` on ``like``'s device and in ``dtype``: a replicated DTensor if ``like`` is one."""
+    t = t.to(device=like.device, dtype=dtype)
+    mesh = getattr(like, "device_mesh", None)
+    if mesh is None:
+        return t
+    from torch.distributed.tensor import DTensor, Replicate
+
+    return DTensor.from_local(t, mesh, [Replicate()] * mesh.ndim, run_check=False)
+
+
+class Prodigy(Transform):
+    """See :func:`scale_by_prodigy`."""
+
+    momentum_state = ("exp_avg",)
+
+    def __init__(
+        self,
+        specs: dict[str, Hyperparam],
+        d0: float,
+        decouple: bool,
+        use_bias_correction: bool,
+        safeguard_warmup: bool,
+        slice_p: int,
+        momentum: bool,
+        name: str,
+    ) -> None:
+        if not name or "." in name:
+            raise ValueError(f"transform name {name!r} must be non-empty and contain no '.'")
+        if isinstance(d0, bool) or not isinstance(d0, (int, float)) or not (math.isfinite(d0) and d0 > 0):
+            raise ValueError(f"invalid d0={d0!r}: must be a finite number > 0")
+        if isinstance(slice_p, bool) or not isinstance(slice_p, int) or slice_p < 1:
+            raise ValueError(f"invalid slice_p={slice_p!r}: must be an int >= 1")
+        self.name, self._specs = name, specs
+        self._keys = {k: k for k in specs}
+        self.d0, self.decouple, self.slice_p, self.momentum = float(d0), bool(decouple), slice_p, momentum
+        self.use_bias_correction, self.safeguard_warmup = bool(use_bias_correction), bool(safeguard_warmup)
+        self.extra_defaults: dict[str, Any] = {}
+        self.validate_group({k: s.default for k, s in self.hyperparams.items()})
+
+    @property
+    def hyperparams(self) -> dict[str, Hyperparam]:  # type: ignore[override]
+        return {self._keys[k]: s for k, s in self._specs.items()}
+
+    def renamed(self, mapping: Mapping[str, str]) -> Prodigy:
+        new = Prodigy.__new__(Prodigy)
+        new.__dict__.update(self.__dict__)
+        new._keys = {k: mapping.get(g, g) for k, g in self._keys.items()}
+        return new
+
+    # -- state --------------------------------------------------------------------------------
+    def _sliced(self, t: Tensor) -> Tensor:
+        return t if self.slice_p == 1 else t.reshape(-1)[:: self.slice_p]
+
+    def init_state(self, param: Tensor, name: str | None = None) -> StateDict:
+        if self.slice_p > 1 and hasattr(param, "device_mesh"):
+            raise ValueError("scale_by_prodigy(slice_p > 1) does not support sharded (DTensor) params; use slice_p=1")
+        pre = self.name + "."
+        p0 = zeros_state(param)
+        p0.copy_(param.detach())
+        st = {pre + "exp_avg_sq": zeros_state(param), pre + "s": zeros_state(self._sliced(p0)), pre + "p0": p0}
+        if self.slice_p > 1:
+            st[pre + "p0"] = self._sliced(p0).clone()
+        if self.momentum:
+            st[pre + "exp_avg"] = zeros_state(param)
+        return st
+
+    def init_global_state(self, device: torch.device) -> StateDict:
+        """d, its running max, the numerator's EMA and the step count: float64, one per optimizer."""
+        dtype = torch.float32 if device.type == "mps" else torch.float64  # mps has no float64
+        full = lambda v: torch.full((), v, dtype=dtype, device=device)  # noqa: E731
+        pre = self.name + "."
+        return {pre + "d": full(self.d0), pre + "d_max": full(self.d0), pre + "d_numerator": full(0.0),
+                pre + "k": full(0.0)}
+
+    # -- the step -----------------------------------------------------------------------------
+    def _hp(self, b: Bucket) -> dict[str, Any]:
+        return {k: resolve_hyperparam(g, self._specs[k], b.group[g], b) for k, g in self._keys.items()}
+
+    def _shared_hp(self, hps: list[dict[str, Any]]) -> dict[str, Any]:
+        first = hps[0]
+        for key in _SHARED:
+            values = {repr(h[key]) for h in hps}
+            if len(values) > 1:
+                raise ValueError(
+                    f"{self.name}: Prodigy keeps one d estimate for the whole optimizer, but param groups set "
+                    f"{self._keys[key]} to {sorted(values)}; give every group the same value"
+                )
+        lrs = sorted({float(h["lr"]) for h in hps})
+        if len([x for x in lrs if x != 0.0]) > 1:
+            raise ValueError(
+                f"{self.name}: Prodigy's step size is one for the optimizer, but param groups set "
+                f"{self._keys['lr']} to {lrs}; give every group the same lr (or 0 to freeze a group)"
+            )
+        return {**first, "lr": lrs[-1]}
+
+    def apply(self, buckets: list[Bucket]) -> None:
+        live = [b for b in buckets if len(b)]
+        if not live:
+            return
+        gstate = live[0].shared.get("global_state")
+        if gstate is None:
+            raise RuntimeError(f"{self.name}: Prodigy keeps optimizer-level state; run it in a ChainOptimizer")
+        pre = self.name + "."
+        hps = [self._hp(b) for b in live]
+        shared = self._shared_hp(hps)
+        lr = float(shared["lr"])
+        b1, b2 = (float(x) for x in shared["betas"])
+        b3 = math.sqrt(b2) if shared["beta3"] is None else float(shared["beta3"])
+        d_coef, growth = float(shared["d_coef"]), float(shared["growth_rate"])
+        if b1 > 0 and not self.momentum:
+            raise ValueError(f"{self.name}: built with betas[0] = 0 (no first moment kept); a group sets betas[0]={b1}")
+        if lr == 0.0:  # every group frozen: nothing moves, not even the estimate
+            for b in live:
+                b.updates = [torch.zeros_like(u) for u in b.materialize()]
+            return
+        d, d_max, num, k = (gstate[pre + x] for x in ("d", "d_max", "d_numerator", "k"))
+        dt = d.dtype
+        if self.use_bias_correction:
+            bc = (1.0 - b2 ** (k + 1.0)).sqrt() / (1.0 - b1 ** (k + 1.0))
+            dlr = d * lr * bc
+        else:
+            dlr = d * lr
+        ratio = d / self.d0  # d / d0 keeps the numerator and s from becoming tiny
+        num_coef = ratio * dlr
+        s_coef = ratio * d if self.safeguard_warmup else num_coef
+
+        # pass 1: the moments and s with the old d; the numerator's increment and |s|_1
+        dot_sum: Tensor | None = None
+        l1_sum: Tensor | None = None
+        grads: list[list[Tensor] | None] = []
+        for b, hp in zip(live, hps, strict=True):
+            if float(hp["lr"]) == 0.0:
+                grads.append(None)
+                continue
+            g = b.materialize()
+            params = [p if p.dtype == b.dtype else p.to(b.dtype) for p in b.params]
+            wd = float(hp["weight_decay"])
+            if wd != 0.0 and not self.decouple:
+                g = torch._foreach_add(g, params, alpha=wd)
+            grads.append(g)
+            p0, s, v = b.state[pre + "p0"], b.state[pre + "s"], b.state[pre + "exp_avg_sq"]
+            p_sl, g_sl = [self._sliced(p) for p in params], [self._sliced(x) for x in g]
+            diffs = torch._foreach_sub(p0, p_sl)
+            for x, y in zip(g_sl, diffs, strict=True):
+                dot = (x * y).sum() if hasattr(x, "device_mesh") else torch.dot(x.reshape(-1), y.reshape(-1))
+                # term by term, in the official order: the estimate is a ratio of sums that cancel
+                term = num_coef * _plain(dot).to(device=d.device, dtype=dt)
+                dot_sum = term if dot_sum is None else dot_sum + term
+            like = params[0]
+            n = len(g)
+            # addcmul with a 0-d coefficient is the fused multiply-add of the official add_(g, alpha=c):
+            # the same bits, which matter because p0 - p is tiny in the first steps
+            if self.momentum:
+                m = b.state[pre + "exp_avg"]
+                torch._foreach_mul_(m, b1)
+                torch._foreach_addcmul_(m, g, [_like(d * (1.0 - b1), like, b.dtype)] * n)
+            torch._foreach_mul_(v, b2)
+            torch._foreach_addcmul_(v, torch._foreach_mul(g, _like(d * d * (1.0 - b2), like, b.dtype)), g)
+            torch._foreach_mul_(s, b3)
+            torch._foreach_addcmul_(s, g_sl, [_like(s_coef, like, b.dtype)] * n)
+            for x in s:
+                n1 = _plain(x.abs().sum()).to(device=d.device, dtype=dt)
+                l1_sum = n1 if l1_sum is None else l1_sum + n1
+
+        # the estimate: d_hat = d_coef * numerator / |s|_1, d only grows (at most by growth_rate)
+        if l1_sum is None:  # only frozen groups have grads
+            for b in live:
+                b.updates = [torch.zeros_like(u) for u in b.materialize()]
+            return
+        assert dot_sum is not None
+        new_num = num * b3 + dot_sum
+        d_hat = d_coef * new_num / l1_sum
+        new_d = torch.where(d == self.d0, torch.maximum(d, d_hat), d)
+        new_d_max = torch.maximum(d_max, d_hat)
+        new_d = torch.minimum(new_d_max, new_d * growth)
+        # no gradient signal at all (|s|_1 = 0): the official optimizer returns before the step
+        go = l1_sum > 0
+        d_next = torch.where(go, new_d, d)
+        num.copy_(torch.where(go, new_num, num))
+        d_max.copy_(torch.where(go, new_d_max, d_max))
+        k.add_(go.to(dt))
+        step = torch.where(go, -dlr, torch.zeros_like(dlr))
+
+        # pass 2: the step, with the old d in the step size and the new d in eps
+        for b, hp, g in zip(live, hps, grads, strict=True):
+            if g is None:
+                b.updates = [torch.zeros_like(u) for u in b.materialize()]
+                continue
+            params = [p if p.dtype == b.dtype else p.to(b.dtype) for p in b.params]
+            like = params[0]
+            denom = torch._foreach_sqrt(b.state[pre + "exp_avg_sq"])
+            torch._foreach_add_(denom, _like(d_next * float(hp["eps"]), like, b.dtype))
+            if b1 > 0:
+                out = torch._foreach_mul(b.state[pre + "exp_avg"], _like(step, like, b.dtype))
+            else:
+                out = torch._foreach_mul(g, _like(step * d_next, like, b.dtype))
+            torch._foreach_div_(out, denom)
+            wd = float(hp["weight_decay"])
+            if wd != 0.0 and self.decouple:
+                # the official optimizer decays p, then steps (two roundings): form that target and
+                # return target - p, which the final write turns back into the target's bits
+                target = torch._foreach_addcmul(params, params, [_like(step * wd, like, b.dtype)] * len(params))
+                torch._foreach_add_(target, out)
+                out = torch._foreach_sub_(target, params) or target
+            b.updates = out
+        d.copy_(d_next)
+
+
+def scale_by_prodigy(
+    lr: float = 1.0,
+    betas: tuple[float, float] = (0.9, 0.999),
+    beta3: float | None = None,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    d_coef: float = 1.0,
+    growth_rate: float = float("inf"),
+    *,
+    decouple: bool = True,
+    use_bias_correction: bool = False,
+    safeguard_warmup: bool = False,
+    d0: float = 1e-6,
+    slice_p: int = 1,
+    name: str = "prodigy",
+) -> Prodigy:
+    """Adam with Prodigy's step size: ``d`` grows from ``d0`` to an estimate of the distance to a solution.
+
+    Rule (one ``d`` for all params; ``dlr = d lr`` times ``sqrt(1 - b2^k)/(1 - b1^k)`` with
+    ``use_bias_correction``; ``r = d/d0``): for each param with ``g`` (plus ``wd p`` when
+    ``decouple=False``): ``m = b1 m + d (1 - b1) g``, ``v = b2 v + d^2 (1 - b2) g^2``,
+    ``s = b3 s + r dlr g`` (``r d g`` with ``safeguard_warmup``); over all params
+    ``N = b3 N + r dlr sum <g, p0 - p>`` and ``d_hat = d_coef N / sum |s|_1``; if ``d == d0`` then
+    ``d = max(d, d_hat)``; ``d_max = max(d_max, d_hat)``; ``d' = min(d_max, growth_rate d)``. The
+    update is ``-dlr (m / (sqrt(v) + d' eps) + wd p)`` (decay only with ``decouple``); with
+    ``betas[0] = 0`` it is ``-dlr d' g / (sqrt(v) + d' eps)``. ``b3 = sqrt(b2)`` when ``beta3`` is
+    None. A step whose ``sum |s|_1`` is 0 (no gradient yet) leaves d, N and the params alone.
+
+    The update contains the learning rate and ``d``: put this transform last. ``d`` is a reduction
+    over every param of every group: the group keys ``lr`` (non-zero values must agree; 0 freezes a
+    group), ``betas``, ``beta3``, ``d_coef`` and ``growth_rate`` are one per optimizer, ``eps`` and
+    ``weight_decay`` may differ per group. The estimate stays on the device as 0-d tensors (no host
+    read; the official code reads two numbers per param to the host each step); under FSDP2 the dot
+    products and norms are DTensor reductions.
+
+    State: per param ``exp_avg`` (not kept when built with ``betas[0] = 0``), ``exp_avg_sq``, ``s``
+    and ``p0`` (the initial params): 4x the params (``s`` and ``p0`` 1/slice_p of it with
+    ``slice_p``, taken on every slice_p-th element of the flattened param, an approximation). In
+    ``ChainOptimizer.global_state`` (saved with the state dict): float64 ``"<name>.d"``, ``.d_max``,
+    ``.d_numerator`` and ``.k`` (the step count of the bias correction). ``d0``, ``decouple``,
+    ``use_bias_correction``, ``safeguard_warmup`` and ``slice_p`` are fixed when built.
+
+    Reference: Mishchenko & Defazio, "Prodigy: An Expeditiously Adaptive Parameter-Free Learner",
+    arXiv:2306.06101. Peer: ``prodigyopt.Prodigy`` (same defaults). Differences: it keeps a zero
+    param's ``p0`` as one 0-d zero (the same numbers, less memory); a group with lr 0 there still
+    gets the decoupled decay and a step from its stale ``m``, here it is frozen; it reads the shared
+    hyperparameters from the first group, here groups must agree.
+    """
+    specs = {
+        "lr": Hyperparam(lr, nonnegative),
+        "betas": Hyperparam(betas_pair(betas), check_betas),
+        "beta3": Hyperparam(beta3, _beta3),
+        "eps": Hyperparam(eps, positive),
+        "weight_decay": Hyperparam(weight_decay, nonnegative),
+        "d_coef": Hyperparam(d_coef, positive),
+        "growth_rate": Hyperparam(growth_rate, _growth),
+    }
+    return Prodigy(specs, d0, decouple, use_bias_correction, safeguard_warmup, slice_p, float(betas[0]) > 0, name)

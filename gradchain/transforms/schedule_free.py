@@ -1,0 +1,204 @@
+"""Schedule-free optimization: train at an interpolation y, evaluate at the running average x."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .. import ops
+from ..base import Bucket, Leaf, zeros_state
+from ..hyperparams import Hyperparam, betas_pair, nonnegative, number, unit_interval
+from ..hyperparams import betas as check_betas
+
+__all__ = ["schedule_free", "scale_by_rms"]
+
+
+def _open_unit_interval(value: Any) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float, Tensor)):
+        return "must be a number in (0, 1)"
+    x = float(value)
+    if not 0.0 < x < 1.0:
+        return "must be a number in (0, 1): the evaluation point divides by it"
+    return None
+
+
+def _betas_positive_b1(value: Any) -> str | None:
+    problem = check_betas(value)
+    if problem is None and not float(value[0]) > 0.0:
+        return f"beta1={value[0]!r} must be > 0: the evaluation point divides by it"
+    return problem
+
+
+def _host_scalar(value: float) -> Tensor:
+    # float64 on the host, like the official optimizer's Python floats: a float32 running sum of
+    # k similar terms would lose about k * 2**-24 of its value to rounding
+    return torch.full((), value, dtype=torch.float64)
+
+
+def _on_host(xs: list[Tensor]) -> list[Tensor]:
+    """The host scalars, moved back to the CPU in place if a checkpoint load put them on a device."""
+    for i, t in enumerate(xs):
+        if t.device.type != "cpu":
+            xs[i] = t.cpu()
+    return xs
+
+
+class ScheduleFree(Leaf):
+    """See :func:`schedule_free`. Declares evaluation weights: the average ``x`` (``eval_weight``)."""
+
+    beta_key: str
+    beta_index: int | None
+
+    def renamed(self, mapping: Mapping[str, str]) -> ScheduleFree:
+        new = super().renamed(mapping)
+        new.__class__ = type(self)
+        new.beta_key = mapping.get(self.beta_key, self.beta_key)
+        return new  # type: ignore[return-value]
+
+    def beta(self, group: Mapping[str, Any], step: float) -> float:
+        """The interpolation coefficient (``momentum`` or ``betas[0]``) of ``group`` at ``step``."""
+        value = group[self.beta_key]
+        if callable(value) and not isinstance(value, Tensor):
+            value = value(int(step))
+        if self.beta_index is not None:
+            value = value[self.beta_index]
+        return float(value)
+
+    def eval_weight(self, param: Tensor, state: Mapping[str, Tensor], group: Mapping[str, Any]) -> Tensor | None:
+        """The evaluation point ``x = y + (1 - 1/beta) (z - y)`` of ``param`` (``y``), or None before its first step."""
+        z = state.get(f"{self.name}.z")
+        if z is None:
+            return None
+        y = param.detach()
+        if y.dtype != z.dtype:
+            y = y.to(z.dtype)
+        # the same lerp as the official optimizer's eval(), so the two agree bit for bit
+        return torch.lerp(y, z.to(y.device), 1.0 - 1.0 / self.beta(group, float(state["step"])))
+
+
+def schedule_free(
+    lr: float = 1.0,
+    momentum: float = 0.9,
+    warmup_steps: int = 0,
+    r: float = 0.0,
+    weight_lr_power: float = 2.0,
+    *,
+    betas: tuple[float, float] | None = None,
+    name: str = "schedule_free",
+) -> ScheduleFree:
+    """Schedule-free averaging: take the step at ``z``, train at ``y``, evaluate at the average ``x``.
+
+    Rule (``g`` the incoming update, e.g. the gradient or a preconditioned one; ``t`` the param's
+    step; ``beta`` = ``momentum``): ``lr_t = lr min(1, t / warmup_steps)``, ``lr_max = max(lr_max,
+    lr_t)``, ``w_t = t^r lr_max^weight_lr_power``, ``c_t = w_t / sum_{i<=t} w_i``, then
+    ``y <- (1 - c_t) y + c_t z + lr_t (beta (1 - c_t) - 1) g`` and ``z <- z - lr_t g``. The params hold
+    ``y``; ``x = (y - (1 - beta) z) / beta`` (the average of the ``z`` iterates, weighted by ``w``) is
+    what to evaluate: :func:`gradchain.eval_params` swaps it in. The update already contains the
+    learning rate: put this transform last (nothing that rescales may follow it). ``z_0 = y_0``.
+
+    ``betas=(b1, b2)`` instead of ``momentum`` declares the group key ``betas`` and uses ``b1``, so
+    that a second-moment transform before it (:func:`scale_by_rms`) shares the key, as in
+    ``AdamWScheduleFree``. Group keys: ``lr``, ``momentum`` (or ``betas``), ``warmup_steps``, ``r``,
+    ``weight_lr_power``. State: ``z`` (1x the params) and two float64 host scalars per param,
+    ``lr_max`` and ``weight_sum`` (checkpointed, so a resumed run is bit-exact). They count per
+    param, as the step count does: a param whose grad is None on a step skips it, where the
+    official optimizer advances its group's sums anyway.
+
+    Reference: Defazio et al., "The Road Less Scheduled", arXiv:2405.15682. Peer: ``schedulefree``
+    ``SGDScheduleFree`` / ``AdamWScheduleFree`` (train mode), whose ``k``, ``lr_max`` and
+    ``weight_sum`` are per group.
+    """
+    beta_key, beta_index = ("momentum", None) if betas is None else ("betas", 0)
+    specs: dict[str, Hyperparam] = {"lr": Hyperparam(lr, nonnegative)}
+    if betas is None:
+        specs["momentum"] = Hyperparam(momentum, _open_unit_interval)
+    else:
+        specs["betas"] = Hyperparam(betas_pair(betas), _betas_positive_b1)
+    specs.update(
+        warmup_steps=Hyperparam(warmup_steps, nonnegative),
+        r=Hyperparam(r, number),
+        weight_lr_power=Hyperparam(weight_lr_power, number),
+    )
+
+    def init(p: Tensor) -> dict:
+        z = zeros_state(p)
+        z.copy_(p.detach())
+        return {"z": z, "lr_max": _host_scalar(-1.0), "weight_sum": _host_scalar(0.0)}
+
+    def update(updates: list, state: dict, hp: Mapping, ctx: Bucket) -> list:
+        beta = float(hp["betas"][0]) if betas is not None else float(hp["momentum"])
+        base_lr, warmup = float(hp["lr"]), float(hp["warmup_steps"])
+        r_, power = float(hp["r"]), float(hp["weight_lr_power"])
+        lr_max_t, wsum_t = _on_host(state["lr_max"]), _on_host(state["weight_sum"])
+        old = torch.stack([*lr_max_t, *wsum_t]).tolist()  # host tensors: no device sync
+        n = len(updates)
+        lrs, ckps, alphas = [], [], []
+        for i, t in enumerate(ctx.step_values):
+            lr_t = base_lr * (t / warmup if t - 1 < warmup else 1.0)
+            lr_max = max(lr_t, old[i])
+            weight = t**r_ * lr_max**power
+            wsum = old[n + i] + weight
+            ckp1 = weight / wsum if wsum != 0.0 else 0.0
+            lr_max_t[i].fill_(lr_max)
+            wsum_t[i].fill_(wsum)
+            lrs.append(lr_t)
+            ckps.append(ckp1)
+            alphas.append(lr_t * (beta * (1.0 - ckp1) - 1.0))
+        z = state["z"]
+        uniform = len(set(zip(lrs, ckps, strict=True))) == 1
+        if uniform:
+            lr_t, ckp1, alpha = lrs[0], ckps[0], alphas[0]
+            # y_new = (1 - c) y + c z + alpha g; the (1 - c) y part rides on the final write
+            out = torch._foreach_mul(updates, alpha)
+            torch._foreach_add_(out, z, alpha=ckp1)
+            ctx.add_param_term(-ckp1)
+            torch._foreach_sub_(z, updates, alpha=lr_t)
+            return out
+        params = [p if p.dtype == ctx.dtype else p.to(ctx.dtype) for p in ctx.params]
+        out = torch._foreach_mul(updates, alphas)
+        torch._foreach_add_(out, torch._foreach_mul(torch._foreach_sub(z, params), ckps))
+        torch._foreach_sub_(z, torch._foreach_mul(updates, lrs))
+        return out
+
+    sf = ScheduleFree(name, specs, init, update)
+    sf.beta_key, sf.beta_index = beta_key, beta_index
+    return sf
+
+
+def scale_by_rms(
+    beta2: float = 0.999, eps: float = 1e-8, *, betas: tuple[float, float] | None = None, name: str = "rms"
+) -> Leaf:
+    """Divide by the root of Adam's bias-corrected second moment (Adam without its first moment).
+
+    Rule: ``v = beta2 v + (1 - beta2) g^2``, ``u = g / (sqrt(v / (1 - beta2^t)) + eps)`` (``eps``
+    outside the root, as torch's Adam). ``betas=(b1, b2)`` instead of ``beta2`` declares the group
+    key ``betas`` and uses ``b2``, to share it with :func:`schedule_free` in the schedule-free AdamW.
+    State: ``exp_avg_sq`` (1x). Reference: Kingma & Ba, arXiv:1412.6980 (the second moment);
+    Defazio et al., arXiv:2405.15682 (its use in schedule-free AdamW). Peer: the preconditioner of
+    ``schedulefree.AdamWScheduleFree``; optax ``scale_by_rms`` differs (eps inside the root, no bias
+    correction).
+    """
+    key = "beta2" if betas is None else "betas"
+    if betas is None:
+        beta_spec = Hyperparam(beta2, unit_interval)
+    else:
+        beta_spec = Hyperparam(betas_pair(betas), check_betas)
+    specs = {key: beta_spec, "eps": Hyperparam(eps, nonnegative)}
+
+    def init(p: Tensor) -> dict:
+        return {"exp_avg_sq": zeros_state(p)}
+
+    def update(updates: list, state: dict, hp: Mapping, ctx: Bucket) -> list:
+        b2 = float(hp["betas"][1]) if betas is not None else float(hp["beta2"])
+        v = state["exp_avg_sq"]
+        ops.update_moment_per_elem_norm(v, updates, b2)
+        denom = torch._foreach_div(v, ctx.per_step(lambda t: 1.0 - b2**t))
+        torch._foreach_sqrt_(denom)
+        torch._foreach_add_(denom, float(hp["eps"]))
+        ctx.defer_divide(denom)
+        return updates
+
+    return Leaf(name, specs, init, update)

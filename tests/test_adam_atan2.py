@@ -1,0 +1,163 @@
+"""Adam-atan2: which published form each configuration reproduces.
+
+- ``m_correction="inside"`` (default): the paper's form ``a atan2(m^, b sqrt(v^))`` (2407.05872),
+  computed by ``adam-atan2-pytorch`` ``AdamAtan2`` (installed peer, compared in float64 lockstep).
+- ``m_correction="outside"``: the ``adam-atan2`` CUDA package's ``(1/(1-b1^t)) atan2(m, sqrt(v^))``
+  (a = b = 1), compared with a float64 transcription of that kernel's arithmetic (it needs CUDA).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from harness import lockstep_gap
+
+import gradchain as gc
+from gradchain import ChainOptimizer, recipes
+
+F64 = torch.float64
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # small tensors: a second intra-op thread only spins, and on a shared CPU that costs seconds
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(6, 9), torch.nn.Tanh(), torch.nn.Linear(9, 2)).double()
+
+
+def _data() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(128, 6, dtype=F64, generator=g), torch.randn(128, 2, dtype=F64, generator=g)
+
+
+def _paper_form(grads, b1, b2, a, b):
+    """The paper's form: u = a atan2(m / (1 - b1^t), b sqrt(v / (1 - b2^t)))."""
+    m = v = 0.0
+    out = []
+    for t, g in enumerate(grads, 1):
+        m = b1 * m + (1 - b1) * g
+        v = b2 * v + (1 - b2) * g * g
+        out.append(a * torch.atan2(m / (1 - b1**t), b * torch.sqrt(v / (1 - b2**t))))
+    return out
+
+
+def _cuda_package_form(grads, b1, b2, a, b):
+    """The adam-atan2 CUDA kernel's direction, a and b added: (a/(1 - b1^t)) atan2(m, b sqrt(v)/sqrt(1 - b2^t))."""
+    m = v = 0.0
+    out = []
+    for t, g in enumerate(grads, 1):
+        m = b1 * m + (1 - b1) * g
+        v = b2 * v + (1 - b2) * g * g
+        out.append(a / (1 - b1**t) * torch.atan2(m, b * torch.sqrt(v) / math.sqrt(1 - b2**t)))
+    return out
+
+
+def _grads(steps: int, seed: int) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(4, 3, dtype=F64, generator=gen) * (3.0 if t % 3 else 0.1) for t in range(steps)]
+
+
+@pytest.mark.parametrize("where,ref", [("inside", _paper_form), ("outside", _cuda_package_form)])
+@pytest.mark.parametrize("b1,b2,a,b", [(0.9, 0.99, 1.27, 1.0), (0.8, 0.95, 2.0, 0.5)])
+def test_each_form_against_its_reference(where, ref, b1, b2, a, b) -> None:
+    t = gc.scale_by_adam_atan2((b1, b2), a, b, m_correction=where)
+    p = torch.zeros(4, 3, dtype=F64)
+    state = t.init([p])
+    grads = _grads(15, seed=1)
+    for u, want in zip((t.update([g], state, [p])[0] for g in grads), ref(grads, b1, b2, a, b)):
+        torch.testing.assert_close(u, want, rtol=1e-13, atol=1e-15)
+
+
+def test_the_two_forms_differ_and_agree_where_they_should() -> None:
+    g = torch.tensor([2.0, -0.5, 1e-3], dtype=F64)
+    inside, outside = _paper_form([g], 0.9, 0.99, 1.0, 1.0)[0], _cuda_package_form([g], 0.9, 0.99, 1.0, 1.0)[0]
+    # step 1: atan(1) = pi/4 per coordinate against 10 atan(0.1) = 0.9967
+    assert torch.allclose(inside.abs(), torch.full((3,), math.pi / 4, dtype=F64))
+    assert torch.allclose(outside.abs(), torch.full((3,), 10 * math.atan(0.1), dtype=F64))
+    for where, want in (("inside", inside), ("outside", outside)):
+        t = gc.scale_by_adam_atan2((0.9, 0.99), 1.0, 1.0, m_correction=where)
+        p = torch.zeros(3, dtype=F64)
+        torch.testing.assert_close(t.update([g], t.init([p]), [p])[0], want, rtol=1e-14, atol=0)
+    # |m| << b sqrt(v) (b large): both approach (a/b) m^/sqrt(v^), Adam without eps
+    grads = _grads(10, seed=2)
+    b = 1e6
+    m = v = 0.0
+    for gr in grads:
+        m = 0.9 * m + 0.1 * gr
+        v = 0.99 * v + 0.01 * gr * gr
+    adam = (m / (1 - 0.9**10)) / torch.sqrt(v / (1 - 0.99**10)) / b
+    for form in (_paper_form, _cuda_package_form):
+        torch.testing.assert_close(form(grads, 0.9, 0.99, 1.0, b)[-1], adam, rtol=1e-9, atol=0)
+
+
+def test_invalid_m_correction() -> None:
+    with pytest.raises(ValueError, match="m_correction"):
+        gc.scale_by_adam_atan2(m_correction="middle")
+    with pytest.raises(ValueError, match="m_correction"):
+        recipes.adam_atan2(m_correction="before")
+
+
+# -- the recipe against the installed peer, weight decay included -----------------------------------
+@pytest.mark.parametrize("wd", [0.0, 0.1])
+def test_recipe_is_adam_atan2_pytorch(wd: float) -> None:
+    peer = pytest.importorskip("adam_atan2_pytorch")
+    m1 = _model()
+    m2 = copy.deepcopy(m1)
+    o1 = peer.AdamAtan2(m1.parameters(), lr=1e-2, weight_decay=wd)  # decoupled_wd=False, its default
+    o2 = ChainOptimizer(m2.parameters(), recipes.adam_atan2(lr=1e-2, weight_decay=wd))
+    x, y = _data()
+    assert lockstep_gap((m1, o1, None), (m2, o2, None), x, y, steps=200) <= 1e-12
+
+
+def test_peer_decoupled_wd_is_wd_over_initial_lr() -> None:
+    # AdamAtan2(decoupled_wd=True) decays by lr wd / lr_0: this recipe with weight_decay = wd / lr_0,
+    # also while a scheduler moves lr
+    peer = pytest.importorskip("adam_atan2_pytorch")
+    lr0, wd = 1e-2, 1e-3
+    m1 = _model()
+    m2 = copy.deepcopy(m1)
+    o1 = peer.AdamAtan2(m1.parameters(), lr=lr0, weight_decay=wd, decoupled_wd=True)
+    o2 = ChainOptimizer(m2.parameters(), recipes.adam_atan2(lr=lr0, weight_decay=wd / lr0))
+    s1 = torch.optim.lr_scheduler.CosineAnnealingLR(o1, T_max=50)
+    s2 = torch.optim.lr_scheduler.CosineAnnealingLR(o2, T_max=50)
+    x, y = _data()
+    assert lockstep_gap((m1, o1, s1), (m2, o2, s2), x, y, steps=120) <= 1e-12
+
+
+def test_recipe_outside_is_the_cuda_package_rule() -> None:
+    # adam-atan2 (CUDA) kernel: p *= 1 - lr wd; p -= (lr / c1) atan2(m, sqrt(v) / sqrt(c2)); defaults
+    # lr 1e-3, betas (0.9, 0.999), weight_decay 1e-2
+    lr, b1, b2, wd = 1e-3, 0.9, 0.999, 1e-2
+    model = _model()
+    ref = copy.deepcopy(model)
+    opt = ChainOptimizer(
+        model.parameters(),
+        recipes.adam_atan2(lr=lr, betas=(b1, b2), weight_decay=wd, a=1.0, b=1.0, m_correction="outside"),
+    )
+    ms = [torch.zeros_like(p) for p in ref.parameters()]
+    vs = [torch.zeros_like(p) for p in ref.parameters()]
+    x, y = _data()
+    for t in range(1, 61):
+        xb, yb = x[(t % 16) * 8 :][:8], y[(t % 16) * 8 :][:8]
+        for mod in (model, ref):
+            mod.zero_grad()
+            torch.nn.functional.mse_loss(mod(xb), yb).backward()
+        opt.step()
+        with torch.no_grad():
+            for p, m, v in zip(ref.parameters(), ms, vs):
+                p.mul_(1 - lr * wd)
+                m.lerp_(p.grad, 1 - b1)
+                v.lerp_(p.grad * p.grad, 1 - b2)
+                p.sub_(lr / (1 - b1**t) * torch.atan2(m, v.sqrt() / math.sqrt(1 - b2**t)))
+        gap = max((a - b).abs().max().item() for a, b in zip(model.parameters(), ref.parameters()))
+        assert gap <= 1e-12

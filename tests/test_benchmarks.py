@@ -1,0 +1,125 @@
+"""The benchmark scripts run end to end on tiny sizes and write the tables they promise (no timing checks)."""
+
+from __future__ import annotations
+
+import importlib
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+COLUMNS = [
+    "recipe", "gradchain eager", "gradchain fused", "compile (fused)", "best peer", "peer", "eager / peer",
+    "fused / peer", "bytes / param", "roofline", "eager / roofline", "fused / roofline", "other peers",
+]
+
+
+def _tables(text: str) -> dict[str, list[list[str]]]:
+    """Rows of every markdown table, keyed by the ``## (case)`` heading above it."""
+    out: dict[str, list[list[str]]] = {}
+    key = None
+    for line in text.splitlines():
+        if line.startswith("## ("):
+            key = line[4]
+            out[key] = []
+        elif key and line.startswith("|"):
+            out[key].append([c.strip() for c in line.strip("|").split("|")])
+    return out
+
+
+@pytest.fixture
+def bench(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    return importlib.import_module("peers")
+
+
+def test_peers_tiny_writes_table_and_chart(tmp_path: Path) -> None:
+    out = tmp_path / "peers.md"
+    cmd = [sys.executable, str(BENCH / "peers.py"), "--sizes", "tiny", "--cases", "b,c", "--recipes", "adamw,sgd",
+           "--libs", "torch", "--repeats", "2", "--warmup", "0", "--no-fused", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=BENCH.parent)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = out.read_text()
+    assert out.with_suffix(".png").stat().st_size > 0
+    tables = _tables(text)
+    assert sorted(tables) == ["b", "c"]
+    for rows in tables.values():
+        assert rows[0] == COLUMNS
+        body = {r[0]: dict(zip(COLUMNS, r)) for r in rows[2:]}
+        assert sorted(body) == ["adamw", "sgd"]
+        for r in body.values():
+            assert r["gradchain eager"].endswith(" ms"), r
+            assert r["gradchain fused"] == "n/a"  # --no-fused
+            assert r["peer"].startswith("torch "), r
+            assert r["eager / peer"].endswith("x") and r["eager / roofline"].endswith("x"), r
+        # read p, g, m, v; write p, m, v: 7 fp32 buffers per param; SGD with momentum: 5
+        assert body["adamw"]["bytes / param"] == "28.0"
+        assert body["sgd"]["bytes / param"] == "20.0"
+    assert "CUDA numbers need a GPU run" in text
+
+
+def test_peers_fused_and_compile_columns(bench, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fused column and the compile time come from ``ChainOptimizer(..., fused=True)``."""
+
+    class SlowFirstStep(bench.ChainOptimizer):  # stands in for a path that compiles on its first step
+        def __init__(self, params, transform, fused: bool = False, **kw):
+            super().__init__(params, transform, **kw)
+            self.pending = fused
+
+        def step(self, *a, **k):
+            if self.pending:
+                time.sleep(0.5)
+                self.pending = False
+            return super().step(*a, **k)
+
+    monkeypatch.setattr(bench, "ChainOptimizer", SlowFirstStep)
+    out = tmp_path / "peers.md"
+    bench.main(["--sizes", "tiny", "--cases", "c", "--recipes", "adamw", "--libs", "torch", "--repeats", "2",
+                "--warmup", "0", "--out", str(out)])
+    row = dict(zip(COLUMNS, _tables(out.read_text())["c"][2]))
+    assert row["gradchain fused"].endswith(" ms") and row["fused / peer"].endswith("x"), row
+    assert float(row["compile (fused)"].removesuffix(" s")) >= 0.4, row
+
+
+def test_peers_rejects_unknown_recipe(bench) -> None:
+    with pytest.raises(SystemExit):
+        bench.main(["--sizes", "tiny", "--recipes", "adamw,no_such_recipe"])
+
+
+class _SGDThatClearsGrads:
+    """Steps once per grad and then drops it, as heavyball does; idle without a grad."""
+
+    def __init__(self, params: list[torch.Tensor]) -> None:
+        self.params = params
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for p in self.params:
+            if p.grad is not None:
+                p.sub_(1e-2 * p.grad)
+                p.grad = None
+
+
+def test_peers_regrads_between_steps_and_flags_a_skipped_step(bench) -> None:
+    idle = bench.Peer("idle", "torch", lambda named: type("Idle", (), {"step": lambda self: None})())
+    clears = bench.Peer("clears", "torch", lambda named: _SGDThatClearsGrads([p for _, p in named]))
+    bench.SPECS["adamw"].peers.extend([idle, clears])
+    try:
+        row = bench.measure("adamw", [("w", (8, 8))], torch.device("cpu"), {"torch"}, False, 3, 1)
+    finally:
+        bench.SPECS["adamw"].peers.remove(idle)
+        bench.SPECS["adamw"].peers.remove(clears)
+    assert row.peers["idle"].error == "its last step left every param unchanged"
+    assert row.peers["clears"].error is None and len(row.peers["clears"].times) == 3
+    assert bench.best_peer(row)[0] != "idle"
+
+
+def test_step_time_still_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(BENCH))
+    step_time = importlib.import_module("step_time")
+    ms = step_time.time_optimizers([(64,), (16, 8)], repeats=2)
+    assert sorted(ms) == sorted(step_time.OPTIMIZERS) and all(t > 0 for t in ms.values())
