@@ -18,14 +18,13 @@ import math
 import os
 import sys
 import sysconfig
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .common import Task, defaults_for
+from .common import FnStream, Task, defaults_for
 
 
 def stdlib_text(train_bytes: int, val_bytes: int, per_file: int = 6000) -> tuple[Tensor, Tensor, list[str]]:
@@ -99,6 +98,7 @@ class CharLMTask(Task):
     val_bytes = 30_000
     val_windows = 64
     metrics = ("val_loss", "val_bpc")
+    supports_fsdp = True  # windows are independent rows; the loss is a mean over equal-sized shards
     optimizer_defaults = defaults_for(3e-3, sgd={"lr": 0.3, "momentum": 0.9}, adamw={"weight_decay": 0.1})
 
     def __init__(self) -> None:
@@ -113,12 +113,18 @@ class CharLMTask(Task):
     def model(self) -> nn.Module:
         return TinyGPT(ctx=self.ctx)
 
-    def batches(self, gen: torch.Generator) -> Iterator[Any]:
-        while True:
+    def batches(self, gen: torch.Generator) -> FnStream:
+        off = torch.arange(self.ctx + 1)
+
+        def batch() -> tuple[Tensor, Tensor]:
             starts = torch.randint(0, len(self.train) - self.ctx - 1, (self.batch_size,), generator=gen)
-            off = torch.arange(self.ctx + 1)
-            w = self.train[starts[:, None] + off]
-            yield w[:, :-1], w[:, 1:]
+            w = self.train[(starts[:, None] + off).to(self.train.device)]
+            return w[:, :-1], w[:, 1:]
+
+        return FnStream(batch)
+
+    def fsdp_units(self, model: nn.Module) -> list[nn.Module]:
+        return list(model.blocks)
 
     def loss(self, model: nn.Module, batch: Any, gen: torch.Generator) -> tuple[Tensor, dict[str, Tensor]]:
         x, y = batch
@@ -131,6 +137,6 @@ class CharLMTask(Task):
 
 
 if __name__ == "__main__":
-    from .compare import main
+    from .compare import cli
 
-    main(task="charlm")
+    cli(task="charlm")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,8 @@ class Task:
     """
 
     name: str = ""
+    # where the data comes from, for the results header
+    source: str = ""
     default_steps: int = 1000
     eval_every: int = 100
     # columns of the results table filled by evaluate(), in order; the first is the headline metric
@@ -26,6 +28,9 @@ class Task:
     # per recipe name: the settings this task uses unless the command line overrides them
     # (recipes not listed here run with their own defaults)
     optimizer_defaults: dict[str, dict[str, Any]] = {}
+    # ``--fsdp`` splits each batch across processes along dim 0; a task whose loss is a mean over
+    # equal-sized, independent rows (no sampling noise drawn per row) sets this to True
+    supports_fsdp: bool = False
 
     def steps_per_epoch(self) -> int | None:
         """Steps in one pass over the training set, or None for a task without epochs."""
@@ -34,9 +39,24 @@ class Task:
     def model(self) -> nn.Module:
         raise NotImplementedError
 
-    def batches(self, gen: torch.Generator) -> Iterator[Any]:
-        """An endless stream of training batches in an order fixed by ``gen``."""
+    def batches(self, gen: torch.Generator) -> Stream:
+        """An endless stream of training batches in an order fixed by ``gen``.
+
+        Its ``state_dict()`` together with ``gen``'s state must fix the rest of the stream, so a run
+        resumed from a checkpoint sees the same batches as one that was never stopped.
+        """
         raise NotImplementedError
+
+    def fsdp_units(self, model: nn.Module) -> list[nn.Module]:
+        """Submodules that ``--fsdp`` shards one by one (the root is always sharded last)."""
+        return []
+
+    def to(self, device: torch.device) -> Task:
+        """Move the task's data tensors to ``device`` (batches and evaluation then run there)."""
+        for k, v in vars(self).items():
+            if isinstance(v, Tensor):
+                setattr(self, k, v.to(device))
+        return self
 
     def loss(self, model: nn.Module, batch: Any, gen: torch.Generator) -> tuple[Tensor, dict[str, Tensor]]:
         """The training loss (a 0-d tensor to backpropagate) and named parts to log (0-d tensors)."""
@@ -52,28 +72,73 @@ class Task:
         return []
 
 
+class Stream:
+    """An endless iterator of batches whose position can be saved and restored."""
+
+    def __iter__(self) -> Stream:
+        return self
+
+    def __next__(self) -> Any:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+class FnStream(Stream):
+    """A stream with no position of its own: each batch is ``fn()`` (which draws from the run's generator)."""
+
+    def __init__(self, fn: Callable[[], Any]) -> None:
+        self.fn = fn
+
+    def __next__(self) -> Any:
+        return self.fn()
+
+
+class EpochBatches(Stream):
+    """Batches over ``range(n)``: a fresh permutation from ``gen`` each epoch, last batch kept; each
+    batch is ``fetch(indices)``. The permutation is drawn when the epoch's first batch is taken."""
+
+    def __init__(self, n: int, batch_size: int, gen: torch.Generator, fetch: Callable[[Tensor], Any]) -> None:
+        self.n, self.batch_size, self.gen, self.fetch = n, batch_size, gen, fetch
+        self.perm: Tensor | None = None
+        self.pos = 0
+
+    def __next__(self) -> Any:
+        if self.perm is None or self.pos >= self.n:
+            self.perm = torch.randperm(self.n, generator=self.gen)
+            self.pos = 0
+        idx = self.perm[self.pos : self.pos + self.batch_size]
+        self.pos += len(idx)
+        return self.fetch(idx)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"perm": self.perm, "pos": self.pos}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.perm, self.pos = state["perm"], int(state["pos"])
+
+
 class DigitsDataTask(Task):
-    """A task on scikit-learn's digits: the fixed split, epochs of ``batch_size`` shuffled images."""
+    """A task on scikit-learn's digits: a fixed split, epochs of ``batch_size`` shuffled images."""
 
     epochs: int = 1
     batch_size: int = 128
+    val_fraction: float = 0.2
 
     def __init__(self) -> None:
-        self.x, self.y, self.x_val, self.y_val = load_digits_split()
+        self.x, self.y, self.x_val, self.y_val = load_digits_split(self.val_fraction)
         self.default_steps = self.epochs * self.steps_per_epoch()
+        self.source = f"scikit-learn digits ({len(self.y)} train / {len(self.y_val)} val)"
 
     def steps_per_epoch(self) -> int:
         return -(-len(self.y) // self.batch_size)
 
-    def batch_indices(self, gen: torch.Generator) -> Iterator[Tensor]:
-        return epoch_batches(len(self.y), self.batch_size, gen)
-
-
-def epoch_batches(n: int, batch_size: int, gen: torch.Generator) -> Iterator[Tensor]:
-    """Index batches over ``range(n)``: a fresh permutation from ``gen`` each epoch, last batch kept."""
-    while True:
-        perm = torch.randperm(n, generator=gen)
-        yield from perm.split(batch_size)
+    def epoch_batches(self, fetch: Callable[[Tensor], Any], gen: torch.Generator) -> EpochBatches:
+        return EpochBatches(len(self.y), self.batch_size, gen, fetch)
 
 
 def load_digits_split(val_fraction: float = 0.2) -> tuple[Tensor, Tensor, Tensor, Tensor]:

@@ -1,4 +1,4 @@
-"""A small CNN classifier on scikit-learn's bundled 8x8 digits (1797 images, 10 classes).
+"""A small CNN classifier on scikit-learn's bundled 8x8 digits (1797 images, 10 classes, half held out).
 
 Run alone: ``python -m recipes.digits --optimizers adamw,sgd`` (the same as
 ``python -m recipes.compare --task digits ...``).
@@ -6,14 +6,13 @@ Run alone: ``python -m recipes.digits --optimizers adamw,sgd`` (the same as
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .common import DigitsDataTask, defaults_for
+from .common import DigitsDataTask, EpochBatches, defaults_for
 
 
 class DigitsNet(nn.Module):
@@ -36,16 +35,19 @@ class DigitsTask(DigitsDataTask):
     name = "digits"
     batch_size = 64
     epochs = 20
-    eval_every = 45
+    eval_every = 30
+    # half the images for validation: with the usual 20% (360 images) the final validation loss
+    # moved by ~27% of its value between seeds (a few confident mistakes dominate it); with 898
+    # images by ~6%, so rankings between optimizers mean something
+    val_fraction = 0.5
     metrics = ("val_loss", "val_acc")
     optimizer_defaults = defaults_for(3e-3, sgd={"lr": 0.05, "momentum": 0.9})
 
     def model(self) -> nn.Module:
         return DigitsNet()
 
-    def batches(self, gen: torch.Generator) -> Iterator[Any]:
-        for idx in self.batch_indices(gen):
-            yield self.x[idx], self.y[idx]
+    def batches(self, gen: torch.Generator) -> EpochBatches:
+        return self.epoch_batches(lambda idx: (self.x[idx], self.y[idx]), gen)
 
     def loss(self, model: nn.Module, batch: Any, gen: torch.Generator) -> tuple[Tensor, dict[str, Tensor]]:
         x, y = batch
@@ -61,6 +63,6 @@ class DigitsTask(DigitsDataTask):
 
 
 if __name__ == "__main__":
-    from .compare import main
+    from .compare import cli
 
-    main(task="digits")
+    cli(task="digits")

@@ -13,7 +13,6 @@ Run alone: ``python -m recipes.vae --optimizers adamw,sgd``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .common import DigitsDataTask, defaults_for
+from .common import DigitsDataTask, EpochBatches, defaults_for
 
 
 class ConvVAE(nn.Module):
@@ -66,12 +65,12 @@ class VAETask(DigitsDataTask):
     def model(self) -> nn.Module:
         return ConvVAE()
 
-    def batches(self, gen: torch.Generator) -> Iterator[Any]:
-        for idx in self.batch_indices(gen):
-            yield self.x[idx]
+    def batches(self, gen: torch.Generator) -> EpochBatches:
+        return self.epoch_batches(lambda idx: self.x[idx], gen)
 
     def loss(self, model: nn.Module, batch: Any, gen: torch.Generator) -> tuple[Tensor, dict[str, Tensor]]:
-        eps = torch.randn(len(batch), 2, generator=gen)  # the run's generator: same noise for every optimizer
+        # the run's generator: the same noise for every optimizer
+        eps = torch.randn(len(batch), 2, generator=gen).to(batch.device)
         recon, kl = vae_terms(model, batch, eps)
         return recon + kl, {"recon": recon.detach(), "kl": kl.detach()}
 
@@ -118,6 +117,6 @@ class VAETask(DigitsDataTask):
 
 
 if __name__ == "__main__":
-    from .compare import main
+    from .compare import cli
 
-    main(task="vae")
+    cli(task="vae")
