@@ -7,8 +7,11 @@ param group, device and dtype, as lists, so each call is a handful of ``torch._f
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import copy
 import functools
+import inspect
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -17,6 +20,7 @@ import torch
 from torch import Tensor
 
 from . import ops
+from ._dtensor import replicate_like
 from .hyperparams import Hyperparam, validate
 
 Scalar = float | list
@@ -43,13 +47,23 @@ def scalar_state(param: Tensor, value: float = 0.0, dtype: torch.dtype | None = 
     Per-tensor statistics (a norm EMA, a Lagrange multiplier) computed from a DTensor are
     replicated DTensors; keeping the state in the same kind lets in-place updates mix them.
     """
-    t = torch.full((), value, dtype=dtype or compute_dtype(param.dtype), device=param.device)
-    mesh = getattr(param, "device_mesh", None)
-    if mesh is not None:
-        from torch.distributed.tensor import DTensor, Replicate
+    return replicate_like(torch.full((), value, dtype=dtype or compute_dtype(param.dtype), device=param.device),
+                          param)
 
-        t = DTensor.from_local(t, mesh, [Replicate()] * mesh.ndim, run_check=False)
-    return t
+
+# the param group a param's state is being made for (set by the optimizer around init_state)
+_INIT_GROUP: contextvars.ContextVar[Mapping[str, Any] | None] = contextvars.ContextVar("gradchain_init_group",
+                                                                                      default=None)
+
+
+@contextlib.contextmanager
+def initializing_for(group: Mapping[str, Any] | None) -> Iterator[None]:
+    """Within the block, ``init`` functions that take hyperparameters see ``group``'s values."""
+    token = _INIT_GROUP.set(group)
+    try:
+        yield
+    finally:
+        _INIT_GROUP.reset(token)
 
 
 def _is_one(s: Scalar) -> bool:
@@ -482,6 +496,8 @@ class Leaf(Transform):
         self._specs = dict(hyperparams or {})
         self._keys = {k: k for k in self._specs}
         self._init = init
+        # init(param) or init(param, hp): hp are the param's group's values (defaults outside one)
+        self._init_takes_hp = init is not None and len(inspect.signature(init).parameters) >= 2
         self._update = update
         self._scale = scale
         self._param_term = param_term
@@ -542,7 +558,13 @@ class Leaf(Transform):
     def init_state(self, param: Tensor, name: str | None = None) -> StateDict:
         if self._init is None:
             return {}
-        return {f"{self.name}.{k}": v for k, v in self._init(param).items()}
+        if self._init_takes_hp:
+            group = _INIT_GROUP.get() or {}
+            hp = {k: group.get(g, self._specs[k].default) for k, g in self._keys.items()}
+            made = self._init(param, hp)
+        else:
+            made = self._init(param)
+        return {f"{self.name}.{k}": v for k, v in made.items()}
 
     def hp(self, bucket: Bucket) -> dict[str, Any]:
         """This transform's hyperparameters for ``bucket``, by local name."""
@@ -583,6 +605,9 @@ def transform(
     **options: Any,
 ) -> Leaf:
     """Build a transform from an ``init(param) -> dict`` and an ``update(updates, state, hp, ctx)``.
+
+    ``init(param, hp)`` (two arguments) also gets the hyperparameters of the param's group, by
+    local name, for state that a group option decides (``amsgrad``).
 
     ``update`` gets the bucket's updates (a list), its state (buffer name -> list of tensors),
     the hyperparameters by name and the :class:`Bucket` as step context, and returns the new

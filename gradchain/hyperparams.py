@@ -77,6 +77,11 @@ def closed_unit_interval(value: Any) -> str | None:
     return None
 
 
+def flag(value: Any) -> str | None:
+    """A bool (a switch a param group may set, as torch's ``amsgrad``)."""
+    return None if isinstance(value, bool) else "must be a bool"
+
+
 def betas(value: Any) -> str | None:
     """A pair (beta1, beta2), each in [0, 1)."""
     if not isinstance(value, (tuple, list)) or len(value) != 2:

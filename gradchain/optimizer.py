@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import Bucket, Transform, compute_dtype, resolve_group
+from .base import Bucket, Transform, compute_dtype, initializing_for, resolve_group
 from .fused import FlatBucket, FusedChain
 from .schedules import decode_groups, encode_groups
 
@@ -121,8 +121,9 @@ class ChainOptimizer(torch.optim.Optimizer):
             raise
 
     # -- state --------------------------------------------------------------------------------
-    def _init_param_state(self, p: Tensor, name: str | None) -> dict[str, Tensor]:
-        st = self.transform.init_state(p, name)
+    def _init_param_state(self, p: Tensor, name: str | None, group: dict[str, Any]) -> dict[str, Tensor]:
+        with initializing_for(group):
+            st = self.transform.init_state(p, name)
         if self.state_dtype is not None:
             st = {k: v.to(self.state_dtype) if v.is_floating_point() and v.dim() > 0 else v for k, v in st.items()}
         st["step"] = torch.zeros((), dtype=torch.float32)
@@ -139,7 +140,7 @@ class ChainOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             for p, name in zip(group["params"], self._names(group), strict=False):
                 if not self.state.get(p):
-                    self._init_param_state(p, name)
+                    self._init_param_state(p, name, group)
                 self._init_global_state(p.device)
 
     def _init_global_state(self, device: torch.device) -> dict[str, Tensor]:
@@ -171,7 +172,7 @@ class ChainOptimizer(torch.optim.Optimizer):
                     )
                 st = self.state.get(p)
                 if not st:
-                    st = self._init_param_state(p, name)
+                    st = self._init_param_state(p, name, group)
                     self._created.append(p)
                 split[(p.device, p.dtype)].append((p, g, st, name))
             out.extend((gi, group, items) for items in split.values())
@@ -410,10 +411,11 @@ class ChainOptimizer(torch.optim.Optimizer):
             sd["state"][holder] = entry
         return sd
 
-    def _expected_state(self, p: Tensor, name: str | None) -> dict[str, Any] | None:
+    def _expected_state(self, p: Tensor, name: str | None, group: dict[str, Any]) -> dict[str, Any] | None:
         try:
             meta = torch.empty(tuple(p.shape), dtype=p.dtype, device="meta")
-            expected = dict(self.transform.init_state(meta, name))
+            with initializing_for(group):
+                expected = dict(self.transform.init_state(meta, name))
         except Exception:
             return None
         expected["step"] = torch.zeros((), device="meta")
@@ -475,10 +477,10 @@ class ChainOptimizer(torch.optim.Optimizer):
                 raise ValueError(
                     f"param group {i} has {len(g['params'])} params, the state dict's has {len(sg['params'])}"
                 )
-        id_map, name_map = {}, {}
+        id_map, name_map, group_map = {}, {}, {}
         for g, sg in zip(groups, saved_groups, strict=False):
             for pid, p, name in zip(sg["params"], g["params"], self._names(g), strict=False):
-                id_map[pid], name_map[pid] = p, name
+                id_map[pid], name_map[pid], group_map[pid] = p, name, sg
         state: defaultdict[Any, dict[str, Any]] = defaultdict(dict)
         saved_global: dict[str, Tensor] = {}
         for k, v in state_dict["state"].items():
@@ -491,7 +493,7 @@ class ChainOptimizer(torch.optim.Optimizer):
                 state[k] = deepcopy(v)
                 continue
             p = id_map[k]
-            expected = self._expected_state(p, name_map[k])
+            expected = self._expected_state(p, name_map[k], group_map[k])
             if expected is not None and set(v) != set(expected):
                 raise ValueError(
                     f"state dict is from a different chain: param {name_map[k] or k} has state "

@@ -39,7 +39,7 @@ from .transforms.momentum import ema, trace
 from .transforms.normalization import normalize
 from .transforms.orthogonal import NS_COEFFICIENTS, orthogonalize, scale_by_shape
 from .transforms.prodigy import scale_by_prodigy
-from .transforms.regularization import add_cautious_wd, add_decoupled_wd, add_l2
+from .transforms.regularization import add_cautious_wd, add_decoupled_wd, add_l2, add_switched_wd
 from .transforms.scaling import scale, scale_by_lr
 from .transforms.schedule_free import scale_by_rms, schedule_free
 from .transforms.sm3 import scale_by_sm3
@@ -93,11 +93,14 @@ def adam(
     Reference: Kingma & Ba, arXiv:1412.6980. Reproduces ``torch.optim.Adam`` (both forms).
     """
     betas = betas_pair(betas)
-    fixed = {"amsgrad": amsgrad, "decoupled_weight_decay": decoupled_weight_decay}
-    adam_ = scale_by_adam(betas, eps, amsgrad=amsgrad)
-    if decoupled_weight_decay:
-        return chain(adam_, add_decoupled_wd(weight_decay), scale_by_lr(lr), maximize=maximize, fixed=fixed)
-    return chain(add_l2(weight_decay), adam_, scale_by_lr(lr), maximize=maximize, fixed=fixed)
+    return chain(*_torch_decay(weight_decay, decoupled_weight_decay, scale_by_adam(betas, eps, amsgrad=amsgrad)),
+                 scale_by_lr(lr), maximize=maximize, share=["weight_decay", "decoupled_weight_decay"])
+
+
+def _torch_decay(weight_decay: float, decoupled: bool, core: Transform) -> list[Transform]:
+    """``core`` between torch's two decay forms, each param group choosing with ``decoupled_weight_decay``."""
+    return [add_switched_wd(weight_decay, decoupled, placement="coupled", name="l2"), core,
+            add_switched_wd(weight_decay, decoupled, placement="decoupled", name="wd")]
 
 
 def adamw(
@@ -116,8 +119,7 @@ def adamw(
     """
     betas = betas_pair(betas)
     return chain(
-        scale_by_adam(betas, eps, amsgrad=amsgrad), add_decoupled_wd(weight_decay), scale_by_lr(lr), maximize=maximize,
-        fixed={"amsgrad": amsgrad},
+        scale_by_adam(betas, eps, amsgrad=amsgrad), add_decoupled_wd(weight_decay), scale_by_lr(lr), maximize=maximize
     )
 
 
@@ -146,10 +148,8 @@ def nadam(
     default dtype, gradchain in the param's compute dtype).
     """
     betas = betas_pair(betas)
-    core = scale_by_nadam(betas, eps, momentum_decay)
-    if decoupled_weight_decay:
-        return chain(core, add_decoupled_wd(weight_decay), scale_by_lr(lr), maximize=maximize)
-    return chain(add_l2(weight_decay), core, scale_by_lr(lr), maximize=maximize)
+    return chain(*_torch_decay(weight_decay, decoupled_weight_decay, scale_by_nadam(betas, eps, momentum_decay)),
+                 scale_by_lr(lr), maximize=maximize, share=["weight_decay", "decoupled_weight_decay"])
 
 
 def adam_atan2(

@@ -145,7 +145,7 @@ def test_duplicate_names_and_conflicting_defaults() -> None:
     # two transforms reading one key: an error unless shared on purpose
     with pytest.raises(ValueError, match="share="):
         gc.chain(gc.scale_by_adam(), gc.scale_by_adam(name="adam2"))
-    gc.chain(gc.scale_by_adam(), gc.scale_by_adam(name="adam2"), share=["betas", "eps", "eps_root"])
+    gc.chain(gc.scale_by_adam(), gc.scale_by_adam(name="adam2"), share=["betas", "eps", "eps_root", "amsgrad"])
     with pytest.raises(ValueError, match="lr"):
         gc.chain(gc.scale_by_lr(0.1), gc.scale_by_lr(0.2, name="lr2"))
 
@@ -186,7 +186,11 @@ def test_load_rejects_other_chain_and_other_structure() -> None:
         ChainOptimizer(model.parameters(), recipes.sgd(momentum=0.9)).load_state_dict(sd)
     sd_no_meta = {k: v for k, v in sd.items() if k != "gradchain"}
     with pytest.raises(ValueError, match="different chain"):
-        ChainOptimizer(model.parameters(), recipes.adamw(amsgrad=True)).load_state_dict(sd_no_meta)
+        ChainOptimizer(model.parameters(), recipes.nadam()).load_state_dict(sd_no_meta)
+    # a group's options decide the state it needs: amsgrad=True without its running max is refused
+    bad = {**sd, "param_groups": [{**g, "amsgrad": True} for g in sd["param_groups"]]}
+    with pytest.raises(ValueError, match="different chain"):
+        ChainOptimizer(model.parameters(), recipes.adamw()).load_state_dict(bad)
     with pytest.raises(ValueError, match="param groups"):
         ChainOptimizer([{"params": [model.weight]}, {"params": [model.bias]}], recipes.adamw()).load_state_dict(sd)
     # a failed load leaves the optimizer as it was

@@ -43,6 +43,11 @@ REGISTRY: dict[str, Callable[[], gc.Transform] | None] = {
     ),
     # transforms that need a partner, or matrices
     "add_scheduled_wd": lambda: gc.chain(gc.scale_by_lr(0.1), gc.add_scheduled_wd(0.1)),
+    "add_switched_wd": lambda: gc.chain(
+        gc.add_switched_wd(0.1, placement="coupled", name="l2"), gc.scale_by_adam(),
+        gc.add_switched_wd(0.1, placement="decoupled", name="wd"), gc.scale_by_lr(0.1),
+        share=["weight_decay", "decoupled_weight_decay"],
+    ),
     "add_stable_wd": lambda: gc.chain(gc.scale_by_adam(), gc.add_stable_wd(0.1)),
     "orthogonalize": lambda: gc.masked(gc.orthogonalize(), _matrices),
     "scale_by_shape": lambda: gc.masked(gc.scale_by_shape(), _matrices),

@@ -82,13 +82,10 @@ class Segment:
         self._failed: set[int] = set()
         self.compile_seconds = 0.0
 
-    def keys(self, param: Tensor) -> set[str]:
-        """The state keys this segment's transforms keep for ``param``."""
-        meta = torch.empty(tuple(param.shape), dtype=param.dtype, device="meta")
-        keys: set[str] = set()
-        for t in self.transforms:
-            keys |= set(t.init_state(meta))
-        return keys
+    def keys(self, fb: FlatBucket) -> set[str]:
+        """The state keys this segment's transforms keep in ``fb`` (its group's options decide some)."""
+        names = {leaf.name for t in self.transforms for leaf in t.leaves()}
+        return {k for k in fb.states[0] if k != "step" and k.split(".", 1)[0] in names}
 
     def eager_fn(self):
         if self._eager_fn is None:
@@ -162,7 +159,7 @@ class FusedChain:
     def _run_compiled(self, seg: Segment, i: int, fb: FlatBucket, grad: Tensor, update: Tensor | None,
                       resolved: dict, tensor_hp: list, host_step: float, loss: Tensor | None,
                       dtype: torch.dtype) -> Tensor | None:
-        keys = seg.keys(fb.params[0])
+        keys = seg.keys(fb)
         state = {k: [fb.flat_state[k]] for k in keys if k in fb.flat_state}
         upd = None if update is None else [update]
         host = {k: v for k, v in resolved.items() if k in seg.static}

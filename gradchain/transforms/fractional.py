@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._dtensor import replicate_like
 from ..base import Bucket, Leaf, transform, zeros_state
 from ..hyperparams import Hyperparam
 
@@ -74,13 +75,8 @@ def _drop_mask(full_shape: torch.Size, history: int, drop: int, seed: int) -> Te
 def _like(mask: Tensor, u: Tensor) -> Tensor:
     """``mask`` (drawn over the full logical tensor) on ``u``'s device, sliced like ``u`` under FSDP2."""
     mask = mask.to(device=u.device, dtype=u.dtype)
-    mesh = getattr(u, "device_mesh", None)
-    if mesh is None:
-        return mask
-    from torch.distributed.tensor import DTensor, Replicate
-
-    full = DTensor.from_local(mask, mesh, [Replicate()] * mesh.ndim, run_check=False)
-    return full.redistribute(mesh, u.placements)
+    full = replicate_like(mask, u)
+    return full if full is mask else full.redistribute(u.device_mesh, u.placements)
 
 
 def fractional(

@@ -20,11 +20,6 @@ def _moments(p: torch.Tensor) -> dict:
     return {"exp_avg": zeros_state(p), "exp_avg_sq": zeros_state(p)}
 
 
-def _scalar(p: torch.Tensor, value: float) -> torch.Tensor:
-    # per-tensor scalar state in the param's compute dtype (fp64 params keep fp64 state)
-    return scalar_state(p, value)
-
-
 def _adam_denominator(v: list, b2: float, eps: float, ctx: Bucket) -> list:
     """``sqrt(v / (1 - b2^t)) + eps``, torch's form."""
     den = torch._foreach_sqrt(v)
@@ -58,7 +53,7 @@ def scale_by_nadam(
     def init(p: torch.Tensor) -> dict:
         st = _moments(p)
         if form == "torch":
-            st["mu_product"] = _scalar(p, 1.0)
+            st["mu_product"] = scalar_state(p, 1.0)
         return st
 
     def update(updates: list, state: dict, hp: Mapping, ctx: Bucket) -> list:
@@ -184,7 +179,7 @@ def scale_by_adanorm(
     """
 
     def init(p: torch.Tensor) -> dict:
-        return {**_moments(p), "grad_norm": _scalar(p, 0.0)}
+        return {**_moments(p), "grad_norm": scalar_state(p, 0.0)}
 
     def update(updates: list, state: dict, hp: Mapping, ctx: Bucket) -> list:
         b1, b2 = (float(b) for b in hp["betas"])

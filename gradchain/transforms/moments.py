@@ -8,7 +8,7 @@ import torch
 
 from .. import ops
 from ..base import Bucket, Leaf, transform, zeros_state
-from ..hyperparams import Hyperparam, betas_pair, nonnegative
+from ..hyperparams import Hyperparam, betas_pair, flag, nonnegative
 from ..hyperparams import betas as check_betas
 
 __all__ = ["scale_by_adam"]
@@ -25,15 +25,15 @@ def scale_by_adam(
     """Scale by Adam's bias-corrected moments.
 
     Rule: ``m = b1 m + (1-b1) g``, ``v = b2 v + (1-b2) g^2``, ``m^ = m/(1-b1^t)``,
-    ``v^ = v/(1-b2^t)`` (``max`` of all ``v`` so far with ``amsgrad``), and
+    ``v^ = v/(1-b2^t)`` (``max`` of all ``v`` so far with ``amsgrad``, a group key as in torch), and
     ``u = m^ / (sqrt(v^ + eps_root) + eps)``: ``eps`` outside the root as torch does, the optional
     ``eps_root`` inside as optax does. Reference: Kingma & Ba, arXiv:1412.6980; AMSGrad, Reddi et
     al. 2018. Peer: torch ``Adam``/``AdamW``, optax ``scale_by_adam``.
     """
 
-    def init(p: torch.Tensor) -> dict:
+    def init(p: torch.Tensor, hp: Mapping) -> dict:
         st = {"exp_avg": zeros_state(p), "exp_avg_sq": zeros_state(p)}
-        if amsgrad:
+        if hp["amsgrad"]:  # the param's group decides, as in torch
             st["max_exp_avg_sq"] = zeros_state(p)
         return st
 
@@ -43,7 +43,12 @@ def scale_by_adam(
         m, v = state["exp_avg"], state["exp_avg_sq"]
         ops.update_moment(m, updates, b1)
         ops.update_moment_per_elem_norm(v, updates, b2)
-        if amsgrad:
+        if hp["amsgrad"]:
+            if "max_exp_avg_sq" not in state:
+                raise ValueError(
+                    "amsgrad was switched on for a param group after its params' state was made; set it "
+                    "in the group before the first step (as torch, which keeps the running max from then)"
+                )
             torch._foreach_maximum_(state["max_exp_avg_sq"], v)
             v = state["max_exp_avg_sq"]
         if eps_root:
@@ -63,5 +68,7 @@ def scale_by_adam(
         "betas": Hyperparam(betas_pair(betas), check_betas),
         "eps": Hyperparam(eps, nonnegative),
         "eps_root": Hyperparam(eps_root, nonnegative),
+        "amsgrad": Hyperparam(bool(amsgrad), flag),
     }
-    return transform(name, spec, init, update, elementwise=True, static=("eps_root",), momentum_state=("exp_avg",))
+    return transform(name, spec, init, update, elementwise=True, static=("eps_root", "amsgrad"),
+                     momentum_state=("exp_avg",))

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._dtensor import plain, replicate_like
 from ..base import Bucket, StateDict, Transform, resolve_hyperparam, zeros_state
 from ..hyperparams import Hyperparam, betas_pair, nonnegative, positive, unit_interval
 from ..hyperparams import betas as check_betas
@@ -30,20 +31,12 @@ def _growth(value: Any) -> str | None:
     return None if x > 0 and not math.isnan(x) else "must be a number > 0 (inf: unbounded)"
 
 
-def _plain(t: Tensor) -> Tensor:
-    """A DTensor reduction's value as a plain tensor (one all-reduce); a plain tensor as it is."""
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
+_plain = plain
 
 
 def _like(t: Tensor, like: Tensor, dtype: torch.dtype) -> Tensor:
     """The plain 0-d ``t`` on ``like``'s device and in ``dtype``: a replicated DTensor if ``like`` is one."""
-    t = t.to(device=like.device, dtype=dtype)
-    mesh = getattr(like, "device_mesh", None)
-    if mesh is None:
-        return t
-    from torch.distributed.tensor import DTensor, Replicate
-
-    return DTensor.from_local(t, mesh, [Replicate()] * mesh.ndim, run_check=False)
+    return replicate_like(t.to(device=like.device, dtype=dtype), like)
 
 
 class Prodigy(Transform):

@@ -10,14 +10,45 @@ import torch
 
 from .. import ops
 from ..base import Bucket, Leaf, resolve_hyperparam, transform
-from ..hyperparams import Hyperparam, nonnegative
+from ..hyperparams import Hyperparam, flag, nonnegative
 
-__all__ = ["add_cautious_wd", "add_decoupled_wd", "add_l2", "add_scheduled_wd"]
+__all__ = ["add_cautious_wd", "add_decoupled_wd", "add_l2", "add_scheduled_wd", "add_switched_wd"]
 
 
 def _add_weights(name: str, weight_decay: float) -> Leaf:
     spec = {"weight_decay": Hyperparam(weight_decay, nonnegative)}
     return transform(name, spec, param_term=lambda hp, ctx: hp["weight_decay"], elementwise=True)
+
+
+class _SwitchedDecay:
+    """``weight_decay`` when the group's ``decoupled_weight_decay`` equals ``decoupled``, else 0."""
+
+    def __init__(self, decoupled: bool) -> None:
+        self.decoupled = decoupled
+
+    def __call__(self, hp: Mapping, ctx: Bucket) -> Any:
+        return hp["weight_decay"] if hp["decoupled_weight_decay"] == self.decoupled else 0.0
+
+
+def add_switched_wd(
+    weight_decay: float = 0.0, decoupled_weight_decay: bool = False, *, placement: str, name: str
+) -> Leaf:
+    """Weight decay that a param group switches between coupled L2 and decoupled, as torch's Adam.
+
+    Rule: ``u <- u + weight_decay * p`` when the group's ``decoupled_weight_decay`` matches this
+    transform's ``placement`` (``"coupled"``: put it before the preconditioner, as :func:`add_l2`;
+    ``"decoupled"``: after it, as :func:`add_decoupled_wd`), else nothing. A chain holds one of
+    each, sharing the keys ``weight_decay`` and ``decoupled_weight_decay``, so every group picks its
+    form (``torch.optim.Adam(decoupled_weight_decay=)`` / ``NAdam``). Peer: torch ``Adam``, ``NAdam``.
+    """
+    if placement not in ("coupled", "decoupled"):
+        raise ValueError(f"placement={placement!r} must be 'coupled' or 'decoupled'")
+    spec = {
+        "weight_decay": Hyperparam(weight_decay, nonnegative),
+        "decoupled_weight_decay": Hyperparam(bool(decoupled_weight_decay), flag),
+    }
+    return transform(name, spec, param_term=_SwitchedDecay(placement == "decoupled"), elementwise=True,
+                     static=("decoupled_weight_decay",))
 
 
 def add_l2(weight_decay: float = 0.0, *, name: str = "l2") -> Leaf:

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._dtensor import gather
 from ..base import Bucket, Leaf, compute_dtype, transform
 from ..hyperparams import Hyperparam, positive
 
@@ -20,14 +21,8 @@ def _as_matrix(t: Tensor) -> Tensor:
     return t.reshape(t.shape[0], -1) if t.ndim > 2 else t
 
 
-def _replicated(t: Tensor) -> Tensor:
-    """``t`` with every placement Replicate when it is a DTensor (a pending reduction is done once here)."""
-    placements = getattr(t, "placements", None)
-    if placements is None or all(p.is_replicate() for p in placements):
-        return t
-    from torch.distributed.tensor import Replicate
-
-    return t.redistribute(t.device_mesh, [Replicate()] * t.device_mesh.ndim)
+# every placement Replicate when a DTensor (a pending reduction is done once here)
+_replicated = gather
 
 
 def power_iteration(matrix: Tensor, v: Tensor, iters: int) -> tuple[Tensor, Tensor]:
