@@ -41,6 +41,18 @@ class ChainOptimizer(torch.optim.Optimizer):
     tensor). For fp16/bf16 params the state and the math are fp32; ``state_dtype`` sets another
     dtype for both (e.g. bf16 state to save memory). A param whose grad is None gets no state and
     is not touched.
+
+    ``fused=True`` runs the chain over flat buffers (params, grads and elementwise state become
+    views into one buffer per bucket) and compiles each run of elementwise transforms, final write
+    included, into one kernel with ``torch.compile``; hyperparameters and step counts enter as 0-d
+    tensors, so schedulers do not recompile. Other transforms run eagerly over views of the same
+    storage (:meth:`fused_plan`). ``zero_grad()`` then zeroes the flat grads in place.
+
+    ``atomic``: a step either completes or leaves params and state as they were. Hyperparameters
+    are always checked before anything moves; a step that raises inside a transform is rolled back
+    from a snapshot taken on the first step of each structure (``"first"``, the default: which
+    params have grads, whether a loss or batch size is given) or on every step (``"always"``, for
+    chains whose transforms may raise on values; it costs a copy of the state per step).
     """
 
     def __init__(
