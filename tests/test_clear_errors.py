@@ -24,9 +24,6 @@ from gradchain import ChainOptimizer, diagnostics, recipes, transforms
 from gradchain.diagnostics import GradientDiagnostics
 from gradchain.hyperparams import HyperparamTypeError
 
-# factories that take a pair of betas but are not found by their signature alone
-KNOWN_HOLES: set[str] = set()
-
 
 def _pair_args() -> list:
     out = []
@@ -37,9 +34,7 @@ def _pair_args() -> list:
                 continue
             for arg in inspect.signature(fn).parameters:
                 if arg == "betas" or arg.endswith("_betas"):
-                    marks = [pytest.mark.xfail(strict=True, reason="unpacks betas before checking it")] \
-                        if name in KNOWN_HOLES else []
-                    out.append(pytest.param(module, name, arg, marks=marks, id=f"{name}.{arg}"))
+                    out.append(pytest.param(module, name, arg, id=f"{name}.{arg}"))
     return out
 
 

@@ -11,6 +11,7 @@ a chain such as AdamW is one kernel that reads p, g, m, v once and writes p, m, 
 
 from __future__ import annotations
 
+import time
 import types
 import warnings
 from collections.abc import Mapping
@@ -175,15 +176,9 @@ class FusedChain:
                 fn = seg._fns[i] = torch.compile(seg.eager_fn(), fullgraph=True, dynamic=False, backend=BACKEND)
             lossv = None if loss is None else loss.detach().to(fb.device)
             try:
-                if not first:
-                    out = fn([fb.flat_params], [grad], upd, state, tensor_hp[i], host, step, lossv, dtype, True,
-                             segments)
-                else:
-                    import time
-
-                    t0 = time.perf_counter()
-                    out = fn([fb.flat_params], [grad], upd, state, tensor_hp[i], host, step, lossv, dtype, True,
-                             segments)
+                t0 = time.perf_counter()
+                out = fn([fb.flat_params], [grad], upd, state, tensor_hp[i], host, step, lossv, dtype, True, segments)
+                if first:
                     seg.compile_seconds += time.perf_counter() - t0
                 return out
             except Exception as err:  # noqa: BLE001 - any tracing failure falls back to eager below
