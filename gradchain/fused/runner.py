@@ -22,6 +22,7 @@ from torch import Tensor
 
 from ..base import Bucket, Chain, Leaf, Transform
 from .flat import FlatBucket
+from .hoist import hoisting_backend
 
 # the torch.compile backend of fused segments ("aot_eager" traces the same graph without code
 # generation: the test suite uses it to check every recipe quickly)
@@ -173,7 +174,8 @@ class FusedChain:
             fn = seg._fns.get(i)
             first = fn is None
             if first:
-                fn = seg._fns[i] = torch.compile(seg.eager_fn(), fullgraph=True, dynamic=False, backend=BACKEND)
+                fn = seg._fns[i] = torch.compile(seg.eager_fn(), fullgraph=True, dynamic=False,
+                                                       backend=hoisting_backend(BACKEND))
             lossv = None if loss is None else loss.detach().to(fb.device)
             try:
                 t0 = time.perf_counter()

@@ -1,0 +1,122 @@
+"""Scalar hoisting: a graph pass that computes a segment's 0-d math once per step, not per element.
+
+Hyperparameters and step counts reach a compiled segment as 0-d tensors, so the bias corrections,
+step sizes and decay factors of a chain (``1 - b2 ** t``, ``-lr / bc1``, ...) are tensor
+expressions in the traced graph. Inductor inlines such expressions into the consumer kernel, where
+the generated loop re-evaluates them (``pow``, ``sqrt`` in float64) for every vector of elements:
+on a 32M-element AdamW step that doubles the time of a memory-bound kernel. This pass finds every
+0-d value that depends only on unmutated 0-d inputs and routes the ones that feed per-element work
+through ``gradchain::hoist``, an opaque identity op, so that the compiler computes them in a small
+kernel of their own and the per-element kernel only loads the results.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, fx
+
+
+@torch.library.custom_op("gradchain::hoist", mutates_args=())
+def hoist(xs: list[Tensor]) -> list[Tensor]:
+    """Identity on a list of 0-d tensors, opaque to the compiler (a barrier against inlining)."""
+    return [x.clone() for x in xs]
+
+
+@hoist.register_fake
+def _(xs: list[Tensor]) -> list[Tensor]:
+    return [torch.empty_like(x) for x in xs]
+
+
+_INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ipow,
+                      operator.setitem, operator.ifloordiv, operator.imod}
+
+
+def _name(node: fx.Node) -> str:
+    t = node.target
+    return t if isinstance(t, str) else getattr(t, "__name__", "")
+
+
+def _mutated_args(node: fx.Node) -> list[Any]:
+    """The arguments a node writes in place (conservatively: the first argument of any ``*_`` op)."""
+    if node.op not in ("call_function", "call_method"):
+        return []
+    name = _name(node)
+    inplace = node.target in _INPLACE_OPERATORS or (name.endswith("_") and not name.endswith("__"))
+    out = [node.kwargs["out"]] if "out" in node.kwargs else []
+    return ([node.args[0]] if inplace and node.args else []) + out
+
+
+def _is_scalar_value(value: Any) -> bool:
+    return isinstance(value, Tensor) and value.dim() == 0
+
+
+def _nodes_in(arg: Any) -> list[fx.Node]:
+    found: list[fx.Node] = []
+    fx.map_arg(arg, found.append)
+    return found
+
+
+def _ancestors(roots: list[fx.Node]) -> set[fx.Node]:
+    seen: set[fx.Node] = set()
+    stack = list(roots)
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        stack.extend(n.all_input_nodes)
+    return seen
+
+
+def hoist_scalars(gm: fx.GraphModule) -> int:
+    """Route the graph's computed 0-d values into per-element work through one ``hoist`` call.
+
+    A node is scalar when its value is a 0-d tensor, it writes nothing, and every node it reads is
+    scalar or a 0-d input that nothing in the graph writes (conservatively: nothing written
+    depends on it). Returns the number of values hoisted.
+    """
+    graph = gm.graph
+    written = _ancestors([n for node in graph.nodes for a in _mutated_args(node) for n in _nodes_in(a)])
+    scalar: set[fx.Node] = set()
+    for node in graph.nodes:
+        value = node.meta.get("example_value", node.meta.get("val"))
+        if node in written or not _is_scalar_value(value):
+            continue
+        if node.op == "placeholder" or (node.op in ("call_function", "call_method") and not _mutated_args(node)
+                                        and all(n in scalar for n in node.all_input_nodes)):
+            scalar.add(node)
+    frontier = [n for n in graph.nodes if n in scalar and n.op != "placeholder"
+                and any(user not in scalar for user in n.users)]
+    if not frontier:
+        return 0
+    # scalar nodes read only unwritten 0-d inputs and write nothing, so they may all move ahead of
+    # the per-element work; the one hoist call then sits between the two
+    anchor = next(n for n in graph.nodes if n.op != "placeholder" and n not in scalar)
+    for node in [n for n in graph.nodes if n in scalar and n.op != "placeholder"]:
+        anchor.prepend(node)
+    with graph.inserting_before(anchor):
+        hoisted = graph.call_function(torch.ops.gradchain.hoist.default, (frontier,))
+        items = [graph.call_function(operator.getitem, (hoisted, i)) for i in range(len(frontier))]
+    for node, item in zip(frontier, items):
+        item.meta.update(node.meta)
+        node.replace_all_uses_with(item, delete_user_cb=lambda user: user not in scalar and user is not hoisted)
+    graph.lint()
+    gm.recompile()
+    return len(frontier)
+
+
+def hoisting_backend(backend: str) -> Callable:
+    """A ``torch.compile`` backend: ``hoist_scalars``, then the named backend."""
+    from torch._dynamo.backends.registry import lookup_backend
+
+    inner = lookup_backend(backend)
+
+    def compile_with_hoisting(gm: fx.GraphModule, example_inputs: list) -> Callable:
+        hoist_scalars(gm)
+        return inner(gm, example_inputs)
+
+    return compile_with_hoisting
