@@ -29,6 +29,9 @@ InitFn = Callable[[Tensor], StateDict]
 UpdateFn = Callable[[list, dict, Mapping, "Bucket"], list]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+# on the fused path, buckets of at most this many tensors reduce per tensor through one slice each
+# (fused by the compiler); larger ones through torch.segment_reduce, whose graph size is constant
+SEGMENT_UNROLL = 32
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -144,7 +147,7 @@ class Bucket:
         # hyperparameters already resolved (schedules evaluated, checked) for this step, by group key
         self.resolved = resolved
         # on the fused path: (lengths, segment ids) of the params laid out in one flat buffer
-        self.segments: tuple[Tensor, Tensor] | None = None
+        self.segments: tuple[Tensor, Tensor, tuple[int, ...]] | None = None
         self.scale: Scalar = 1.0
         self.decay: Any = 0.0
         self.divisor: list[Tensor] | None = None
@@ -191,13 +194,21 @@ class Bucket:
         if self.segments is None:
             return torch.stack(torch._foreach_norm(xs, 2, dtype=dtype)) if xs else torch.zeros(0)
         x = xs[0] if dtype is None else xs[0].to(dtype)
-        return torch.segment_reduce(x * x, "sum", lengths=self.segments[0]).sqrt()
+        return self._segment_sums(x * x).sqrt()
 
     def tensor_sums(self, xs: list[Tensor]) -> Tensor:
         """The sum of each param's tensor in ``xs``, as one vector (see :meth:`tensor_norms`)."""
         if self.segments is None:
             return torch.stack([x.sum() for x in xs]) if xs else torch.zeros(0)
-        return torch.segment_reduce(xs[0], "sum", lengths=self.segments[0])
+        return self._segment_sums(xs[0])
+
+    def _segment_sums(self, x: Tensor) -> Tensor:
+        lengths, _, numels = self.segments
+        if len(numels) <= SEGMENT_UNROLL:
+            # one reduction per slice: the compiler fuses each into the kernel that computes x,
+            # where torch.segment_reduce is an opaque call that makes x a full-size buffer
+            return torch.stack([part.sum() for part in x.split(numels)])
+        return torch.segment_reduce(x, "sum", lengths=lengths)
 
     def tensor_numels(self, xs: list[Tensor]) -> Tensor:
         """The element count of each param's tensor, as one vector of the compute dtype."""
@@ -210,7 +221,11 @@ class Bucket:
         gathered full-size tensor on the flat buffer."""
         if self.segments is None:
             return list(values.unbind(0))
-        return [values[self.segments[1]]]
+        _, ids, numels = self.segments
+        if len(numels) <= SEGMENT_UNROLL:
+            # broadcast pieces: computed from the position, where a gather reads an index per element
+            return [torch.cat([v.expand(n) for v, n in zip(values.unbind(0), numels)])]
+        return [values[ids]]
 
     # -- pending affine form ----------------------------------------------------------------
     def defer_scale(self, s: Scalar) -> None:

@@ -90,6 +90,17 @@ def test_fused_equals_eager_float32(name: str, aot_eager) -> None:
     assert_same(*a, *b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("name", ["lamb", "cautious_adamw", "nsgda"])
+def test_segment_reduce_path_equals_eager(name: str, aot_eager, monkeypatch) -> None:
+    # buckets of many tensors reduce through torch.segment_reduce rather than one slice each
+    monkeypatch.setattr(gc.base, "SEGMENT_UNROLL", 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        a = run(name, False, torch.float64)
+        b = run(name, True, torch.float64)
+    assert_same(*a, *b, rtol=1e-12, atol=1e-14)
+
+
 @pytest.mark.parametrize("name", ["adamw", "sgd", "lamb", "cautious_adamw"])
 def test_inductor_kernels_equal_eager(name: str, monkeypatch) -> None:
     monkeypatch.setattr(runner, "BACKEND", "inductor")
