@@ -439,6 +439,7 @@ class _ApplyIfFinite(_Wrapper):
         self.max_errors = m
         self._setup(inner, name)
         self._inner_names = {n for path in inner.paths() for n in path}
+        self._buffers: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
     def renamed(self, mapping: Mapping[str, str]) -> _ApplyIfFinite:
         return _ApplyIfFinite(self.inner.renamed(mapping), self.max_errors, self.name)
@@ -454,14 +455,16 @@ class _ApplyIfFinite(_Wrapper):
         if not live:
             self.inner.apply(buckets)
             return
-        # snapshot every state the inner chain may change (the step counters are undone by arithmetic)
+        # copy every state the inner chain may change into buffers kept from step to step (a fresh
+        # full-size allocation per step costs page faults on CPU); the step counters are undone by
+        # arithmetic
         snaps = []
         for b in live:
             keys = [k for k in b.state if self._owned(k)]
-            snaps.append({k: [None if t is None else t.clone() for t in b.state[k]] for k in keys})
+            snaps.append({k: [None if t is None else self._saved(t) for t in b.state[k]] for k in keys})
         gstate = live[0].shared.get("global_state")
         gstate = gstate if isinstance(gstate, dict) else {}
-        gsnap = {k: v.clone() for k, v in gstate.items() if isinstance(v, Tensor) and self._owned(k)}
+        gsnap = {k: self._saved(v) for k, v in gstate.items() if isinstance(v, Tensor) and self._owned(k)}
 
         self.inner.apply(buckets)
 
@@ -472,33 +475,49 @@ class _ApplyIfFinite(_Wrapper):
                 norms = torch._foreach_norm(u, math.inf)  # inf or nan iff some entry is
                 flags.append(plain(torch.isfinite(torch.stack(norms)).all()))
         dev = flags[0].device if flags else live[0].steps[0].device
-        ok_t = torch.stack([f.to(dev) for f in flags]).all() if flags else torch.ones((), dtype=torch.bool)
-        ok = _Like(ok_t)
-        nf = _Like((~ok_t).to(torch.float64))
+        # the one host read of a finite step: a finite step then costs nothing more
+        ok = bool(torch.stack([f.to(dev) for f in flags]).all()) if flags else True
         for b, snap in zip(live, snaps, strict=True):
-            b.updates = [torch.where(ok.like(x), x, 0.0) for x in b.updates]
+            counts = self._mine(b, "notfinite_count")
+            if ok:
+                torch._foreach_zero_(counts)
+                continue
+            b.updates = [torch.zeros_like(x) for x in b.updates]
             for k, olds in snap.items():
                 for cur, old in zip(b.state[k], olds, strict=True):
                     if cur is not None and old is not None:
-                        cur.copy_(torch.where(ok.like(cur), cur, old))
-            counts, total = self._mine(b, "notfinite_count"), self._mine(b, "total_notfinite")
-            torch._foreach_add_(total, [nf.like(x, x.dtype) for x in total])
-            torch._foreach_add_(counts, [nf.like(x, x.dtype) for x in counts])
-            torch._foreach_mul_(counts, [nf.like(x, x.dtype) for x in counts])  # 0 after a finite step
+                        cur.copy_(old)
+            torch._foreach_add_(self._mine(b, "total_notfinite"), 1.0)
+            torch._foreach_add_(counts, 1.0)
+            torch._foreach_sub_(b.steps, 1.0)
+            b.step_values = [v - 1.0 for v in b.step_values]
+        if ok:
+            return
         for k, old in gsnap.items():
-            gstate[k].copy_(torch.where(ok.like(gstate[k]), gstate[k], old))
-        # the one host read per step: the step counters live on the host, and the raise needs it
-        first = plain(self._mine(live[0], "notfinite_count")[0])
-        skipped, count = torch.stack([(~ok_t).to(torch.float64), first.to(dev, torch.float64)]).cpu().tolist()
-        for b in live:
-            torch._foreach_sub_(b.steps, skipped)
-            b.step_values = [v - skipped for v in b.step_values]
+            gstate[k].copy_(old)
+        count = float(plain(self._mine(live[0], "notfinite_count")[0]))
         if self.max_errors is not None and count > self.max_errors:
             raise RuntimeError(
                 f"apply_if_finite: {int(count)} consecutive steps had a non-finite update "
                 f"(max_consecutive_errors={self.max_errors}); params and state are those of the last "
                 "finite step"
             )
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_buffers"] = None  # workspaces, not state: a copy starts without them
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._buffers = WeakIdKeyDictionary()
+
+    def _saved(self, t: Tensor) -> Tensor:
+        """A copy of ``t`` in a buffer kept for ``t`` (weakly: it goes when ``t`` goes)."""
+        buf = self._buffers.get(t)
+        if buf is None or buf.shape != t.shape or buf.dtype != t.dtype or buf.device != t.device:
+            buf = self._buffers[t] = torch.empty_like(t)
+        return buf.copy_(t)
 
 
 def apply_if_finite(
@@ -509,7 +528,8 @@ def apply_if_finite(
     ``inner`` runs; if any entry of the final update of any param is inf or NaN, the update is
     replaced by zero and every state ``inner`` keeps (moments, loss EMAs, its step counters and
     those of the optimizer) is restored, with ``torch.where``, from a copy taken before the step
-    (cost: one copy of the inner state per step). ``notfinite_count`` counts consecutive skipped
+    (cost: one copy of the inner state per step, into buffers kept between steps; a finite step
+    then reads its update once more and nothing else). ``notfinite_count`` counts consecutive skipped
     steps (0 after a finite one), ``total_notfinite`` all of them. When ``notfinite_count``
     exceeds ``max_consecutive_errors`` (``None``: never) the step is skipped and ``RuntimeError``
     is raised. One host read per step (two numbers): the step counters are host tensors and

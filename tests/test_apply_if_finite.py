@@ -166,3 +166,21 @@ CASES = [RecipeCase("apply_if_finite_adamw", aif_adamw), RecipeCase("apply_if_fi
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.label)
 def test_harness(case: RecipeCase) -> None:
     check_recipe(case)
+
+
+def test_pickled_optimizer_keeps_skipping_exactly() -> None:
+    """The copies kept between steps are workspace, not state: a pickled optimizer goes on alike."""
+    import pickle
+
+    model = make_model()
+    opt = ChainOptimizer(model.named_parameters(), gc.apply_if_finite(recipes.adamw(lr=1e-2), 3))
+    for i in range(2):
+        _step(model, opt, i)
+    model2, opt2 = pickle.loads(pickle.dumps((model, opt)))
+    for m, o in ((model, opt), (model2, opt2)):
+        snap = _snapshot(m, o)
+        _step(m, o, 2, poison=True)
+        _assert_unchanged(m, o, snap)
+        _step(m, o, 3)
+    for a, b in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(a, b)
