@@ -227,6 +227,24 @@ class Bucket:
             return [torch.cat([v.expand(n) for v, n in zip(values.unbind(0), numels)])]
         return [values[ids]]
 
+    def state_vector(self, xs: list[Tensor]) -> Tensor:
+        """Per-param 0-d state as one vector (one entry per param, as :meth:`tensor_norms`).
+
+        On a list a new vector (write it back with :meth:`store_state_vector`); on the fused path
+        the flat vector that holds that state.
+        """
+        if self.segments is None:
+            return torch.stack(xs) if xs else torch.zeros(0)
+        return xs[0]
+
+    def store_state_vector(self, xs: list[Tensor], values: Tensor) -> None:
+        """Write ``values`` (one entry per param) into the per-param 0-d state ``xs``."""
+        if self.segments is None:
+            for x, v in zip(xs, values.unbind(0)):  # no foreach copy: it has no DTensor (FSDP2) rule
+                x.copy_(v)
+        elif values is not xs[0]:
+            xs[0].copy_(values)
+
     # -- pending affine form ----------------------------------------------------------------
     def defer_scale(self, s: Scalar) -> None:
         """Multiply the updates by ``s`` (a number, a 0-d tensor or one per tensor) lazily."""
@@ -635,8 +653,10 @@ def transform(
     like the param and does its scalar math with :mod:`gradchain.ops` (scalars may be 0-d
     tensors): the fused path then compiles it into one kernel with its neighbours.
     ``segmented=True`` declares one that reduces per tensor only through ``ctx.tensor_norms``,
-    ``ctx.tensor_sums``, ``ctx.tensor_numels`` and ``ctx.per_tensor`` (otherwise elementwise):
-    the fused path compiles it too, with segment reductions over the flat buffer.
+    ``ctx.tensor_sums``, ``ctx.tensor_numels`` and ``ctx.per_tensor`` (otherwise elementwise),
+    and reads and writes per-param 0-d state only through ``ctx.state_vector`` and
+    ``ctx.store_state_vector``: the fused path compiles it too, with segment reductions over the
+    flat buffer and that state as one vector.
     ``momentum_state=("exp_avg",)`` declares which buffers hold a momentum (Lookahead's
     momentum reset and pullback find them so).
     ``static=("key",)`` names hyperparameters the update branches on in Python (a change of

@@ -48,6 +48,12 @@ class FlatBucket:
             st["step"] = v
         self.flat_state: dict[str, Tensor] = {}
         self.state_views: dict[str, list[Tensor]] = {}
+        # per-param 0-d state (NAdam's running product): one vector, each entry a 0-d view
+        for key in self._scalar_keys():
+            vec = torch.stack([st[key].detach() for st in states])
+            self.flat_state[key], self.state_views[key] = vec, list(vec.unbind())
+            for st, v in zip(states, self.state_views[key]):
+                st[key] = v
         for key in self._flat_keys():
             dtype = states[0][key].dtype
             buf = torch.empty(total, dtype=dtype, device=p0.device)
@@ -70,10 +76,20 @@ class FlatBucket:
     def _views(self, flat: Tensor) -> list[Tensor]:
         return [flat[o : o + n].view(p.shape) for o, n, p in zip(self.offsets, self.numels, self.params)]
 
+    def _scalar_keys(self) -> list[str]:
+        keys = []
+        for key, t0 in self.states[0].items():
+            if key == "step" or not isinstance(t0, Tensor) or not t0.is_floating_point() or t0.dim() != 0:
+                continue
+            if all(isinstance(st.get(key), Tensor) and st[key].dim() == 0 and st[key].dtype == t0.dtype
+                   and st[key].device == t0.device for st in self.states):
+                keys.append(key)
+        return sorted(keys)
+
     def _flat_keys(self) -> list[str]:
         keys = []
         for key, t0 in self.states[0].items():
-            if key == "step" or not isinstance(t0, Tensor) or not t0.is_floating_point():
+            if key == "step" or not isinstance(t0, Tensor) or not t0.is_floating_point() or key in self.flat_state:
                 continue
             ok = all(
                 isinstance(st.get(key), Tensor) and st[key].shape == p.shape and st[key].dtype == t0.dtype

@@ -18,7 +18,6 @@ therefore no loss-aware variant.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -231,28 +230,35 @@ def scale_by_am_adamw(
         }
 
     def update(updates: list, state: dict, hp: Mapping, ctx: Bucket) -> list:
-        lam, hi, lo = float(hp["am_lambda"]), float(hp["beta_max"]), float(hp["beta_min"])
-        b2, eps = float(hp["beta2"]), float(hp["eps"])
+        lam, hi, lo = hp["am_lambda"], hp["beta_max"], hp["beta_min"]
+        b2 = hp["beta2"]
         d, v, prod, last = state["memory"], state["exp_avg_sq"], state["beta_prod"], state["beta"]
         ops.update_moment_per_elem_norm(v, updates, b2)
-        den = torch._foreach_sqrt(v)
-        torch._foreach_div_(den, ctx.per_step(lambda t: math.sqrt(1.0 - b2**t)))
-        torch._foreach_add_(den, eps)
-        out = []
-        # per tensor: each has its own beta_t (three reductions), so no foreach across tensors
-        for g, di, pi, s, bi in zip(updates, d, prod, last, den):
-            P = bi.mul_(1.0 - hi * pi)
-            q = 1.0 + lam * P
-            diff = di - g
-            dq = diff * diff / q
-            num = (g * g / P).sum() - lam * dq.sum()
-            den_b = (dq / P).sum()
-            beta = torch.where(den_b > 0, num / den_b, hi).clamp(min=lo, max=hi)
-            di.mul_(lam * P + beta).add_(g * (1.0 - beta)).div_(q)
-            out.append(di / P)
-            pi.mul_(beta)
-            s.copy_(beta)
-        return out
+        P = torch._foreach_sqrt(v)
+        ops.div_(P, ctx.per_step(lambda t: ops.sqrt(ops.bias_correction(b2, t))))
+        ops.add_(P, hp["eps"])
+        # each tensor has its own beta_t: per-tensor sums, and per-tensor factors as vectors
+        pv = ctx.state_vector(prod)
+        torch._foreach_mul_(P, ctx.per_tensor(1.0 - hi * pv))
+        q = torch._foreach_mul(P, lam)
+        torch._foreach_add_(q, 1.0)
+        dq = torch._foreach_sub(d, updates)
+        torch._foreach_mul_(dq, dq)
+        torch._foreach_div_(dq, q)
+        gg = torch._foreach_mul(updates, updates)
+        torch._foreach_div_(gg, P)
+        num = ctx.tensor_sums(gg) - lam * ctx.tensor_sums(dq)
+        torch._foreach_div_(dq, P)
+        den_b = ctx.tensor_sums(dq)
+        beta = torch.where(den_b > 0, num / den_b, hi).clamp(min=lo, max=hi)
+        coef = torch._foreach_mul(P, lam)
+        torch._foreach_add_(coef, ctx.per_tensor(beta))
+        torch._foreach_mul_(d, coef)
+        torch._foreach_addcmul_(d, updates, ctx.per_tensor(1.0 - beta))
+        torch._foreach_div_(d, q)
+        ctx.store_state_vector(prod, pv * beta)
+        ctx.store_state_vector(last, beta)
+        return torch._foreach_div(d, P)
 
     spec = {
         "am_lambda": Hyperparam(am_lambda, nonnegative),
@@ -261,4 +267,4 @@ def scale_by_am_adamw(
         "beta2": Hyperparam(beta2, unit_interval),
         "eps": Hyperparam(eps, positive),
     }
-    return transform(name, spec, init, update, check=_check_beta_range)
+    return transform(name, spec, init, update, segmented=True, check=_check_beta_range)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 
 import torch
@@ -65,18 +64,19 @@ def scale_by_adam_atan2(
     inside = m_correction == "inside"
 
     def update(updates: list, state: dict, hp: Mapping, ctx: Bucket) -> list:
-        b1, b2 = (float(x) for x in hp["betas"])
-        a_, b_ = float(hp["a"]), float(hp["b"])
+        # scalars are floats on the eager path and 0-d tensors on the fused one: only ops' math
+        b1, b2 = hp["betas"]
+        a_, b_ = hp["a"], hp["b"]
         m, v = _update_moments(updates, state, b1, b2)
         # the second-moment correction changes the argument of atan2 in both forms
         den = torch._foreach_sqrt(v)
-        torch._foreach_mul_(den, ctx.per_step(lambda t: b_ / math.sqrt(1.0 - b2**t)))
+        ops.mul_(den, ctx.per_step(lambda t: b_ / ops.sqrt(ops.bias_correction(b2, t))))
         if inside:
-            num = torch._foreach_div(m, ctx.per_step(lambda t: 1.0 - b1**t))
+            num = torch._foreach_div(m, ctx.per_step(lambda t: ops.bias_correction(b1, t)))
             scale = a_
         else:
             num = [x.clone() for x in m]
-            scale = ctx.per_step(lambda t: a_ / (1.0 - b1**t))
+            scale = ctx.per_step(lambda t: a_ / ops.bias_correction(b1, t))
         for n, d in zip(num, den):
             n.atan2_(d)
         # atan2(inf, inf) = pi/4 is finite: an inf gradient would sit in m and v unseen by
@@ -92,7 +92,7 @@ def scale_by_adam_atan2(
         "a": Hyperparam(a, positive),
         "b": Hyperparam(b, positive),
     }
-    return transform(name, spec, _adam_moments, update, momentum_state=("exp_avg",))
+    return transform(name, spec, _adam_moments, update, elementwise=True, momentum_state=("exp_avg",))
 
 
 def scale_by_adam_softplus(
@@ -113,15 +113,17 @@ def scale_by_adam_softplus(
     """
 
     def update(updates: list, state: dict, hp: Mapping, ctx: Bucket) -> list:
-        b1, b2 = (float(x) for x in hp["betas"])
+        b1, b2 = hp["betas"]
+        # static: F.softplus takes its sharpness only as a Python number
         beta = float(hp["softplus_beta"])
         m, v = _update_moments(updates, state, b1, b2)
-        den = torch._foreach_div(v, ctx.per_step(lambda t: 1.0 - b2**t))
+        den = torch._foreach_div(v, ctx.per_step(lambda t: ops.bias_correction(b2, t)))
         torch._foreach_sqrt_(den)
         # torch has no foreach softplus; it is elementwise, so one call per tensor
         den = [F.softplus(d, beta=beta, threshold=20.0) for d in den]
-        ctx.defer_scale(ctx.per_step(lambda t: 1.0 / (1.0 - b1**t)))
+        ctx.defer_scale(ctx.per_step(lambda t: 1.0 / ops.bias_correction(b1, t)))
         return torch._foreach_div(m, den)
 
     spec = {"betas": Hyperparam(betas_pair(betas), check_betas), "softplus_beta": Hyperparam(softplus_beta, positive)}
-    return transform(name, spec, _adam_moments, update, momentum_state=("exp_avg",))
+    return transform(name, spec, _adam_moments, update, elementwise=True, static=("softplus_beta",),
+                     momentum_state=("exp_avg",))

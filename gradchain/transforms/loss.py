@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .. import ops
 from .._dtensor import replicate_like
 from ..base import Bucket, Leaf, StateDict, Transform, transform, zeros_state
 from ..hyperparams import Hyperparam, betas, betas_pair, nonnegative, positive, unit_interval
@@ -87,12 +88,22 @@ def loss_gated_ema(
     def update(updates: list, state: dict, hp: Mapping, ctx: Bucket) -> list:
         _, finite = _step_loss(ctx, name, sync_loss)
         p0 = ctx.params[0]
-        w = finite.to(device=p0.device, dtype=ctx.dtype) * (1.0 - _decay(hp["decay"], entry))
+        decay = hp["decay"] if entry is None else hp["decay"][entry]
+        w = finite.to(device=p0.device, dtype=ctx.dtype) * (1.0 - decay)
+        if w.dtype != ctx.dtype:
+            # a 0-d float64 decay (fused path) promotes the product; lerp takes the buffers' dtype
+            w = w.to(ctx.dtype)
         w = replicate_like(w, p0)
-        torch._foreach_lerp_(state["ema"], updates, [w] * len(updates))
+        if ctx.tensor_scalars:
+            # one flat buffer: a plain lerp, which inductor fuses (it runs _foreach_lerp_ with a
+            # list of tensor weights as a separate kernel)
+            ops.lerp_(state["ema"], updates, w)
+        else:
+            torch._foreach_lerp_(state["ema"], updates, [w] * len(updates))
         return ctx.lend(list(state["ema"]))
 
-    return transform(name, {"decay": _decay_spec(decay, entry, "decay")}, init, update, momentum_state=("ema",))
+    return transform(name, {"decay": _decay_spec(decay, entry, "decay")}, init, update, elementwise=True,
+                     momentum_state=("ema",))
 
 
 class _LossEMA(Declared):

@@ -28,6 +28,12 @@ def _adam_denominator(v: list, b2: float, eps: float, ctx: Bucket) -> list:
     return den
 
 
+def _vector(ctx: Bucket, fn, like: torch.Tensor) -> torch.Tensor:
+    """``fn(step)`` for each param as a vector like ``like`` (the steps may differ on the eager path)."""
+    s = ctx.per_step(fn)
+    return like.new_tensor(s) if isinstance(s, list) else s
+
+
 def scale_by_nadam(
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
@@ -57,33 +63,26 @@ def scale_by_nadam(
         return st
 
     def update(updates: list, state: dict, hp: Mapping, ctx: Bucket) -> list:
-        b1, b2 = (float(b) for b in hp["betas"])
-        eps, psi = float(hp["eps"]), float(hp["momentum_decay"])
+        b1, b2 = hp["betas"]
+        psi = hp["momentum_decay"]
         m, v = state["exp_avg"], state["exp_avg_sq"]
         ops.update_moment(m, updates, b1)
         ops.update_moment_per_elem_norm(v, updates, b2)
-        den = _adam_denominator(v, b2, eps, ctx)
+        den = _adam_denominator(v, b2, hp["eps"], ctx)
         if form == "optax":
-            cg = ctx.per_step(lambda t: (1.0 - b1) / (1.0 - b1**t))
-            cm = ctx.per_step(lambda t: b1 / (1.0 - b1 ** (t + 1)))
-            out = torch._foreach_mul(updates, cg)
-            torch._foreach_add_(out, torch._foreach_mul(m, cm))
+            cg = ctx.per_step(lambda t: (1.0 - b1) / ops.bias_correction(b1, t))
+            cm = ctx.per_step(lambda t: b1 / ops.bias_correction(b1, t + 1))
         else:
             mu = lambda t: b1 * (1.0 - 0.5 * 0.96 ** (t * psi))  # noqa: E731
             prod = state["mu_product"]
-            torch._foreach_mul_(prod, ctx.per_step(mu))
-            # the coefficients depend on the stored product: 0-d tensors, no host sync
-            one_minus = torch._foreach_neg(prod)
-            torch._foreach_add_(one_minus, 1.0)
-            cg = torch._foreach_reciprocal(one_minus)
-            torch._foreach_mul_(cg, ctx.per_step(lambda t: 1.0 - mu(t)))
-            nxt = torch._foreach_mul(prod, ctx.per_step(lambda t: mu(t + 1)))
-            torch._foreach_neg_(nxt)
-            torch._foreach_add_(nxt, 1.0)
-            cm = torch._foreach_reciprocal(nxt)
-            torch._foreach_mul_(cm, ctx.per_step(lambda t: mu(t + 1)))
-            out = torch._foreach_mul(updates, cg)
-            torch._foreach_add_(out, torch._foreach_mul(m, cm))
+            ops.mul_(prod, ctx.per_step(mu))
+            # the coefficients depend on the stored product (one per tensor): a vector, no host sync
+            pv = ctx.state_vector(prod)
+            cg = ctx.per_tensor((1.0 - pv).reciprocal() * _vector(ctx, lambda t: 1.0 - mu(t), pv))
+            mu_next = _vector(ctx, lambda t: mu(t + 1), pv)
+            cm = ctx.per_tensor((1.0 - pv * mu_next).reciprocal() * mu_next)
+        out = torch._foreach_mul(updates, cg)
+        torch._foreach_add_(out, torch._foreach_mul(m, cm))
         torch._foreach_div_(out, den)
         return out
 
@@ -92,7 +91,7 @@ def scale_by_nadam(
         "eps": Hyperparam(eps, nonnegative),
         "momentum_decay": Hyperparam(momentum_decay, nonnegative),
     }
-    return transform(name, spec, init, update, momentum_state=("exp_avg",))
+    return transform(name, spec, init, update, segmented=True, momentum_state=("exp_avg",))
 
 
 def scale_by_adamomentum(
@@ -182,21 +181,22 @@ def scale_by_adanorm(
         return {**_moments(p), "grad_norm": scalar_state(p, 0.0)}
 
     def update(updates: list, state: dict, hp: Mapping, ctx: Bucket) -> list:
-        b1, b2 = (float(b) for b in hp["betas"])
-        eps, r = float(hp["eps"]), float(hp["norm_decay"])
-        cap = hp["max_ratio"]
+        b1, b2 = hp["betas"]
+        r, cap = hp["norm_decay"], hp["max_ratio"]
         m, v, e = state["exp_avg"], state["exp_avg_sq"], state["grad_norm"]
-        norms = [u.norm() for u in updates]
-        torch._foreach_lerp_(e, norms, 1.0 - r)
-        ratios = []
-        for e_i, n_i in zip(e, norms):
-            ratio = torch.where((e_i > n_i) & (n_i > 0), e_i / n_i, torch.ones_like(e_i))
-            ratios.append(ratio if cap is None else ratio.clamp(max=float(cap)))
+        # per-tensor scalars as one vector: a list of 0-d tensors eagerly, the flat vector fused
+        norms = ctx.tensor_norms(updates)
+        ev = ctx.state_vector(e)
+        ops.lerp_([ev], [norms], 1.0 - r)
+        ctx.store_state_vector(e, ev)
+        ratio = torch.where((ev > norms) & (norms > 0), ev / norms, torch.ones_like(ev))
+        if cap is not None:
+            ratio = ratio.clamp(max=cap)
         ops.update_moment_per_elem_norm(v, updates, b2)
-        torch._foreach_mul_(m, b1)
-        torch._foreach_addcmul_(m, updates, ratios, 1.0 - b1)
-        ctx.defer_scale(ctx.per_step(lambda t: 1.0 / (1.0 - b1**t)))
-        return torch._foreach_div(m, _adam_denominator(v, b2, eps, ctx))
+        ops.mul_(m, b1)
+        ops.addcmul_(m, updates, ctx.per_tensor(ratio), 1.0 - b1)
+        ctx.defer_scale(ctx.per_step(lambda t: 1.0 / ops.bias_correction(b1, t)))
+        return torch._foreach_div(m, _adam_denominator(v, b2, hp["eps"], ctx))
 
     spec = {
         "betas": Hyperparam(betas_pair(betas), check_betas),
@@ -204,4 +204,4 @@ def scale_by_adanorm(
         "norm_decay": Hyperparam(norm_decay, unit_interval),
         "max_ratio": Hyperparam(max_ratio, _none_or_positive),
     }
-    return transform(name, spec, init, update, momentum_state=("exp_avg",))
+    return transform(name, spec, init, update, segmented=True, static=("max_ratio",), momentum_state=("exp_avg",))

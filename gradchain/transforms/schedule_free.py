@@ -192,13 +192,14 @@ def scale_by_rms(
         return {"exp_avg_sq": zeros_state(p)}
 
     def update(updates: list, state: dict, hp: Mapping, ctx: Bucket) -> list:
-        b2 = float(hp["betas"][1]) if betas is not None else float(hp["beta2"])
+        # floats on the eager path, 0-d tensors on the fused one (no host read: see gradchain.ops)
+        b2 = hp["betas"][1] if betas is not None else hp["beta2"]
         v = state["exp_avg_sq"]
         ops.update_moment_per_elem_norm(v, updates, b2)
-        denom = torch._foreach_div(v, ctx.per_step(lambda t: 1.0 - b2**t))
+        denom = torch._foreach_div(v, ctx.per_step(lambda t: ops.bias_correction(b2, t)))
         torch._foreach_sqrt_(denom)
-        torch._foreach_add_(denom, float(hp["eps"]))
+        ops.add_(denom, hp["eps"])
         ctx.defer_divide(denom)
         return updates
 
-    return Leaf(name, specs, init, update)
+    return Leaf(name, specs, init, update, elementwise=True)
