@@ -88,7 +88,7 @@ def axpy_(xs: list[Tensor], ys: Sequence[Tensor], alpha: Scalar = 1.0) -> None:
     """``x <- x + alpha * y``."""
     if _is_tensor(alpha):
         for x, y, a in zip(xs, ys, _each(alpha, len(xs))):
-            x.add_(y * a)
+            x.addcmul_(y, a)  # a 0-d factor broadcasts: no full-size temporary
     elif isinstance(alpha, list):
         torch._foreach_add_(xs, torch._foreach_mul(list(ys), alpha))
     else:

@@ -81,9 +81,10 @@ def scale_by_nadam(
             cg = ctx.per_tensor((1.0 - pv).reciprocal() * _vector(ctx, lambda t: 1.0 - mu(t), pv))
             mu_next = _vector(ctx, lambda t: mu(t + 1), pv)
             cm = ctx.per_tensor((1.0 - pv * mu_next).reciprocal() * mu_next)
-        out = torch._foreach_mul(updates, cg)
-        torch._foreach_add_(out, torch._foreach_mul(m, cm))
-        torch._foreach_div_(out, den)
+        out = torch._foreach_mul(m, cm)
+        ops.axpy_(out, updates, cg)
+        # u = out / den, left for the final write to fuse into one addcdiv (as torch's NAdam)
+        ctx.defer_divide(den)
         return out
 
     spec = {
