@@ -148,8 +148,11 @@ def scale_by_factored_rms(
             if not torch_compat:
                 torch._foreach_add_(q, eps1)
             torch._foreach_lerp_(v, q, w)
-            denom = torch._foreach_clamp_min(v, eps1 * eps1) if torch_compat else list(v)
-            r = torch._foreach_rsqrt(denom)
+            if torch_compat:
+                r = torch._foreach_clamp_min(v, eps1 * eps1)
+                torch._foreach_rsqrt_(r)
+            else:
+                r = torch._foreach_rsqrt(v)
             torch._foreach_mul_(r, g)
             for j, i in enumerate(flat):
                 out[i] = r[j]
@@ -158,18 +161,18 @@ def scale_by_factored_rms(
                 continue
             rows, cols = dims(ctx.params[i])  # type: ignore[misc]
             w = weights[i] ** decay
-            q = g * g
-            if not torch_compat:
-                q.add_(eps1)
+            # g^2 + eps1 in one pass (one rounding, not two: equal but where eps1 is within an ulp of g^2)
+            q = g * g if torch_compat else torch.addcmul(g.new_full((), eps1), g, g)
             row, col = state["row"][i], state["col"][i]
             row.lerp_(_mean(q, cols), w)
             col.lerp_(_mean(q, rows), w)
+            # q is spent: the update is written into it (one full-size buffer per tensor, not three)
             if torch_compat:
-                v = row * col
-                v.div_(_mean(row, rows).clamp_(min=eps1))
-                out[i] = v.clamp_(min=eps1 * eps1).rsqrt_().mul_(g)
+                torch.mul(row, col, out=q)
+                q.div_(_mean(row, rows).clamp_(min=eps1))
+                out[i] = q.clamp_(min=eps1 * eps1).rsqrt_().mul_(g)
             else:
-                out[i] = g * torch.rsqrt(row / _mean(row, rows)) * torch.rsqrt(col)
+                out[i] = torch.mul(g, torch.rsqrt(row / _mean(row, rows)), out=q).mul_(torch.rsqrt(col))
         return out
 
     spec = {
@@ -214,9 +217,11 @@ def clip_by_block_rms(d: float = 1.0, *, min_d: float | None = None, name: str =
         factors = [
             torch.clamp(n / (math.sqrt(max(u.numel(), 1)) * d), min=1.0) for n, u in zip(norms, updates, strict=False)
         ]
-        return torch._foreach_div(updates, factors)
+        torch._foreach_div_(updates, factors)
+        return updates
 
-    return transform(name, {"d": Hyperparam(d, _threshold(min_d))}, None, update)
+    # in place: the bucket hands over updates it owns (a gradient or state buffer is copied first)
+    return transform(name, {"d": Hyperparam(d, _threshold(min_d))}, None, update, inplace=True)
 
 
 def scale_by_relative_step(lr: float = 1e-2, *, warmup_init: bool = False, name: str = "relative_step") -> Leaf:
@@ -254,9 +259,10 @@ def scale_by_param_rms(eps: Any = 1e-3, *, name: str = "param_rms") -> Leaf:
             torch.clamp(n / math.sqrt(max(p.numel(), 1)), min=eps2)
             for n, p, u in zip(norms, ctx.params, updates, strict=False)
         ]
-        return torch._foreach_mul(updates, scales)
+        torch._foreach_mul_(updates, scales)
+        return updates
 
-    return transform(name, {"eps": Hyperparam(eps, _eps_check(eps))}, None, update)
+    return transform(name, {"eps": Hyperparam(eps, _eps_check(eps))}, None, update, inplace=True)
 
 
 def add_lr_scaled_wd(weight_decay: float = 0.0, lr: float = 1e-2, *, name: str = "wd") -> Leaf:

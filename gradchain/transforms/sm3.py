@@ -24,7 +24,7 @@ def scale_by_sm3(b2: float = 1.0, eps: float = 1e-8, *, name: str = "sm3") -> Le
     Rule, for a tensor with axes a = 0..k-1 and accumulators ``mu_a`` (kept broadcastable, size
     ``n_a`` along axis a): ``nu = min_a mu_a + g^2`` (with ``b2 < 1``:
     ``nu = b2 min_a mu_a + (1 - b2) g^2``, the EMA variant); ``mu_a <- max of nu over all axes
-    but a``; ``u = g * rsqrt(nu + eps)``, and 0 where ``nu = 0`` (there ``g = 0``; with ``eps = 0``
+    but a``; ``u = g / sqrt(nu + eps)``, and 0 where ``nu = 0`` (there ``g = 0``; with ``eps = 0``
     the formula would give 0/0). A NaN or inf gradient entry makes its ``u`` non-finite, so
     ``apply_if_finite`` skips the step before the accumulators keep it. Tensors with ndim <= 1 keep one
     full accumulator (Adagrad). Memory: sum of the dims (~0x). Momentum is not included: chain
@@ -45,27 +45,40 @@ def scale_by_sm3(b2: float = 1.0, eps: float = 1e-8, *, name: str = "sm3") -> Le
 
     def update(updates: list, state: dict, hp: Mapping, ctx: Bucket) -> list:
         b2, eps = float(hp["b2"]), float(hp["eps"])
-        out = []
+        denoms = []
         for i, g in enumerate(updates):
             if not g.numel():  # an empty tensor has nothing to scale (and amax has no value)
-                out.append(g)
+                denoms.append(g)
                 continue
             n = g.dim()
             accs = [state[f"acc_{a}"][i] for a in range(max(n, 1))]
-            low = accs[0]
-            for acc in accs[1:]:
-                low = torch.minimum(low, acc)
-            nu = g * g if b2 == 1.0 else torch.lerp(low, g * g, 1.0 - b2)
-            if b2 == 1.0:
-                nu.add_(low)
+            # nu lives in one fresh buffer, later turned into the divisor in place: on a memory-bound
+            # step each further full-size temporary costs more than the arithmetic
+            if n <= 1:
+                nu = torch.addcmul(accs[0], g, g) if b2 == 1.0 else torch.lerp(accs[0], g * g, 1.0 - b2)
+            else:
+                low = accs[0]
+                for acc in accs[1:-1]:
+                    low = torch.minimum(low, acc)  # smaller than the param: the last axis is still 1
+                nu = torch.minimum(low, accs[-1])
+                if b2 == 1.0:
+                    nu.addcmul_(g, g)
+                else:
+                    nu.lerp_(g * g, 1.0 - b2)
             if n <= 1:
                 accs[0].copy_(nu)
             else:
                 for a, acc in enumerate(accs):
                     acc.copy_(settle(nu.amax(dim=_others(n, a), keepdim=True)))
-            # == 0, not > 0: a NaN nu must reach the update, or the NaN stays in the accumulators unseen
-            out.append(torch.where(nu == 0, 0.0, g * torch.rsqrt(nu + eps)))
-        return out
+            if eps >= torch.finfo(nu.dtype).tiny:
+                # nu >= 0, so the divisor is > 0 and nu = 0 (where g = 0) gives 0 with no test
+                denoms.append(nu.add_(eps).sqrt_())
+            else:
+                # == 0, not > 0: a NaN nu must reach the update, or the NaN stays in the accumulators unseen
+                denoms.append(torch.where(nu == 0, float("inf"), nu.add_(eps).sqrt_()))
+        # u = g / sqrt(nu + eps), left for the final write to fuse into one addcdiv
+        ctx.defer_divide(denoms)
+        return list(updates)
 
     spec = {"b2": Hyperparam(b2, closed_unit_interval), "eps": Hyperparam(eps, nonnegative)}
     return transform(name, spec, init, update)

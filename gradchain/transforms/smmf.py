@@ -25,22 +25,24 @@ def square_shape(numel: int) -> tuple[int, int]:
 
 def pack_signs(mask: Tensor) -> Tensor:
     """Pack a bool tensor into uint8, 8 elements per byte (element 8k+j is bit j of byte k)."""
-    flat = mask.reshape(-1).to(torch.uint8)
+    flat = mask.reshape(-1).view(torch.uint8)  # a bool is one byte holding 0 or 1: no copy
     pad = (-flat.numel()) % 8
     if pad:
         flat = torch.nn.functional.pad(flat, (0, pad))
-    bits = flat.view(-1, 8)
-    packed = bits[:, 0].clone()
-    # over bit positions, not elements; * and + because DTensor (torch 2.13) ignores << and >> by a Python int
-    for j in range(1, 8):
-        packed += bits[:, j] * (1 << j)
-    return packed
+    weights = 1 << torch.arange(8, dtype=torch.uint8, device=flat.device)
+    return (flat.view(-1, 8) * weights).sum(dim=1, dtype=torch.uint8)
 
 
 def unpack_signs(packed: Tensor, numel: int) -> Tensor:
     """Inverse of :func:`pack_signs`: the first ``numel`` bits as a flat bool tensor."""
-    bits = torch.stack([(packed & (1 << j)) != 0 for j in range(8)], dim=1)
-    return bits.reshape(-1)[:numel]
+    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
+    bits = (packed.unsqueeze(1) >> shifts).bitwise_and_(1)
+    return bits.view(torch.bool).reshape(-1)[:numel]
+
+
+def _local(t: Tensor) -> Tensor:
+    # a replicated DTensor's local tensor is its whole value (a view: in-place writes reach it)
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def _zeros(p: Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
@@ -102,22 +104,26 @@ def scale_by_smmf(
         for i, g in enumerate(updates):
             t = ctx.step_values[i]
             shape = square_shape(g.numel())
-            gm = gather(g).reshape(shape)
-            sign = state["sign"][i]
-            m_row, m_col, v_row, v_col = (state[k][i] for k in ("m_row", "m_col", "v_row", "v_col"))
-            mag = torch.outer(m_row, m_col)
+            # the math runs on plain tensors: under FSDP2 the gathered gradient and the state are
+            # replicated, so each rank holds their whole value
+            gm = _local(gather(g)).reshape(shape)
+            sign, m_row, m_col, v_row, v_col = (
+                _local(state[k][i]) for k in ("sign", "m_row", "m_col", "v_row", "v_col"))
             pos = unpack_signs(sign, g.numel()).reshape(shape)
-            m = torch.where(pos, mag, -mag)
+            # sign * (m_row m_col^T) as (+-m_col) * m_row: the same products, one full-size buffer
+            m = torch.where(pos, m_col, -m_col).mul_(m_row.unsqueeze(1))
             v = torch.outer(v_row, v_col)
             b1 = beta * growth ** (t - 1.0)
             b2 = 1.0 - t**decay
             m.mul_(b1).add_(gm, alpha=1.0 - b1)
             v.mul_(b2).addcmul_(gm, gm, value=1.0 - b2)
-            u = m / (v.sqrt() + eps)
+            # compress V before its buffer becomes the update; M's after its signs are taken
+            new_v = _nnmf(v)
+            u = torch.div(m, v.sqrt_().add_(eps), out=v)
             sign.copy_(pack_signs(m > 0))
-            for vec, new in zip((m_row, m_col, v_row, v_col), (*_nnmf(m.abs()), *_nnmf(v)), strict=False):
+            for vec, new in zip((m_row, m_col, v_row, v_col), (*_nnmf(m.abs_()), *new_v), strict=False):
                 vec.copy_(new)
-            out.append(_like_param(u.reshape(g.shape), g))
+            out.append(_like_param(replicate_like(u.reshape(g.shape), g), g))
         return out
 
     spec = {
