@@ -13,17 +13,18 @@ from torch._inductor.utils import run_and_get_code
 import gradchain as gc
 from gradchain import recipes
 from gradchain.fused import runner
+from gradchain.fused import hoist
 from gradchain.fused.hoist import hoist_scalars
 
 
-def compile_recording(fn):
-    """``fn`` compiled with hoisting then aot_eager; the list receives the hoisted count per graph."""
+def compile_recording(fn, graph_pass=hoist_scalars):
+    """``fn`` compiled with a pass then aot_eager; the list receives the pass's count per graph."""
     from torch._dynamo.backends.registry import lookup_backend
 
     counts: list[int] = []
 
     def backend(gm, example_inputs):
-        counts.append(hoist_scalars(gm))
+        counts.append(graph_pass(gm))
         return lookup_backend("aot_eager")(gm, example_inputs)
 
     torch._dynamo.reset()
@@ -70,6 +71,40 @@ def test_written_scalars_stay_in_place() -> None:
         assert counts and not any(counts), f.__name__
         torch.testing.assert_close(out, expected, rtol=0, atol=0)
         assert s1.item() == s2.item()
+
+
+def scaled_then_written(x, b, t):
+    out = x * (1 - b**t)
+    out.add_(1.0)  # a write to a fresh intermediate: the scalars it was made from stay movable
+    return out
+
+
+def test_writes_to_fresh_values_do_not_block_hoisting() -> None:
+    fn, counts = compile_recording(scaled_then_written)
+    x = torch.randn(9, dtype=torch.float64)
+    b, t = torch.tensor(0.9, dtype=torch.float64), torch.tensor(4.0, dtype=torch.float64)
+    torch.testing.assert_close(fn(x, b, t), scaled_then_written(x, b, t), rtol=0, atol=0)
+    assert counts and all(c == 1 for c in counts)
+
+
+def per_segment_scale(x, v, w):
+    norms = torch.stack([part.norm() for part in x.split([3000, 2 * hoist.SMALL])])
+    ratio = w / norms  # a fresh per-tensor vector: realized once
+    y = x * torch.cat([ratio[0].expand(3000), ratio[1].expand(2 * hoist.SMALL)])
+    v.mul_(2.0)
+    return y + v[:1]  # a view of a written input: left alone
+
+
+def test_small_fresh_vectors_are_realized_once_and_views_are_not() -> None:
+    fn, counts = compile_recording(per_segment_scale, hoist.realize_small_values)
+    n = 3000 + 2 * hoist.SMALL
+    x, v = torch.randn(n, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
+    v2, w = v.clone(), torch.tensor([0.5, 2.0], dtype=torch.float64)
+    out = fn(x, v, w)
+    torch.testing.assert_close(out, per_segment_scale(x, v2, w), rtol=0, atol=0)
+    torch.testing.assert_close(v, v2, rtol=0, atol=0)
+    # the ratio only: norms feed nothing large but it, and v[:1] is a view of a written input
+    assert counts and all(c == 1 for c in counts)
 
 
 def test_adamw_kernel_does_not_evaluate_step_scalars_per_element(monkeypatch) -> None:

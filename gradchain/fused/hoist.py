@@ -22,7 +22,7 @@ from torch import Tensor, fx
 
 @torch.library.custom_op("gradchain::hoist", mutates_args=())
 def hoist(xs: list[Tensor]) -> list[Tensor]:
-    """Identity on a list of 0-d tensors, opaque to the compiler (a barrier against inlining)."""
+    """Identity on a list of small tensors, opaque to the compiler (a barrier against inlining)."""
     return [x.clone() for x in xs]
 
 
@@ -60,31 +60,41 @@ def _nodes_in(arg: Any) -> list[fx.Node]:
     return found
 
 
-def _ancestors(roots: list[fx.Node]) -> set[fx.Node]:
-    seen: set[fx.Node] = set()
-    stack = list(roots)
-    while stack:
-        n = stack.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        stack.extend(n.all_input_nodes)
-    return seen
+def _value(node: fx.Node) -> Any:
+    return node.meta.get("example_value", node.meta.get("val"))
+
+
+def _storage(t: Tensor) -> Any:
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    return StorageWeakRef(t.untyped_storage())
+
+
+def _tensors(value: Any) -> list[Tensor]:
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors(v)]
+    return [value] if isinstance(value, Tensor) else []
+
+
+def _written_storages(graph: fx.Graph) -> set:
+    """The storages of everything the graph writes in place (a view's write reaches its base)."""
+    return {_storage(t) for node in graph.nodes for a in _mutated_args(node) for n in _nodes_in(a)
+            for t in _tensors(_value(n))}
 
 
 def hoist_scalars(gm: fx.GraphModule) -> int:
     """Route the graph's computed 0-d values into per-element work through one ``hoist`` call.
 
-    A node is scalar when its value is a 0-d tensor, it writes nothing, and every node it reads is
-    scalar or a 0-d input that nothing in the graph writes (conservatively: nothing written
-    depends on it). Returns the number of values hoisted.
+    A node is scalar when its value is a 0-d tensor whose storage nothing in the graph writes, it
+    writes nothing, and every node it reads is scalar or such a 0-d input. Returns the number of
+    values hoisted.
     """
     graph = gm.graph
-    written = _ancestors([n for node in graph.nodes for a in _mutated_args(node) for n in _nodes_in(a)])
+    written = _written_storages(graph)
     scalar: set[fx.Node] = set()
     for node in graph.nodes:
-        value = node.meta.get("example_value", node.meta.get("val"))
-        if node in written or not _is_scalar_value(value):
+        value = _value(node)
+        if not _is_scalar_value(value) or _storage(value) in written:
             continue
         if node.op == "placeholder" or (node.op in ("call_function", "call_method") and not _mutated_args(node)
                                         and all(n in scalar for n in node.all_input_nodes)):
@@ -109,14 +119,67 @@ def hoist_scalars(gm: fx.GraphModule) -> int:
     return len(frontier)
 
 
+# a value of at most this many elements is "small": a per-tensor vector (norms, trust ratios), not
+# a flat buffer
+SMALL = 1 << 16
+_VIEWS = {"unbind", "getitem", "select", "view", "reshape", "expand", "unsqueeze", "squeeze", "__getitem__",
+          "flatten", "t", "permute", "contiguous", "to", "type_as"}
+
+
+def _big(value: Any) -> bool:
+    if isinstance(value, (list, tuple)):
+        return any(_big(v) for v in value)
+    return isinstance(value, Tensor) and value.numel() > SMALL
+
+
+def realize_small_values(gm: fx.GraphModule) -> int:
+    """Compute each small fresh value that feeds per-element work once, through ``hoist``.
+
+    A per-tensor vector (NAdam's coefficients from its per-param running product) is otherwise
+    re-derived from its inputs for every element that reads it. Only values that are neither views
+    nor written, and share no storage with an input, are realized, where they stand in the graph
+    (nothing moves). Returns the number realized.
+    """
+    graph = gm.graph
+    # neither a view of an input nor anything written: a fresh value, safe to copy where it stands
+    aliased = _written_storages(graph) | {_storage(t) for n in graph.nodes if n.op == "placeholder"
+                                          for t in _tensors(_value(n))}
+
+    def feeds_big(node: fx.Node) -> bool:
+        return any(_big(_value(user)) or (_name(user) in _VIEWS and feeds_big(user)) for user in node.users)
+
+    count = 0
+    for node in list(graph.nodes):
+        v = _value(node)
+        if (node.op not in ("call_function", "call_method") or not isinstance(v, Tensor) or v.dim() == 0
+                or v.numel() > SMALL or _name(node) in _VIEWS or _mutated_args(node)
+                or node.target is torch.ops.gradchain.hoist.default
+                or _storage(v) in aliased or not feeds_big(node)):
+            continue
+        users = list(node.users)
+        with graph.inserting_after(node):
+            hoisted = graph.call_function(torch.ops.gradchain.hoist.default, ([node],))
+        with graph.inserting_after(hoisted):
+            item = graph.call_function(operator.getitem, (hoisted, 0))
+        item.meta.update(node.meta)
+        for user in users:
+            user.replace_input_with(node, item)
+        count += 1
+    if count:
+        graph.lint()
+        gm.recompile()
+    return count
+
+
 def hoisting_backend(backend: str) -> Callable:
-    """A ``torch.compile`` backend: ``hoist_scalars``, then the named backend."""
+    """A ``torch.compile`` backend: ``hoist_scalars`` and ``realize_small_values``, then the named backend."""
     from torch._dynamo.backends.registry import lookup_backend
 
     inner = lookup_backend(backend)
 
     def compile_with_hoisting(gm: fx.GraphModule, example_inputs: list) -> Callable:
         hoist_scalars(gm)
+        realize_small_values(gm)
         return inner(gm, example_inputs)
 
     return compile_with_hoisting
