@@ -12,8 +12,7 @@ from torch._inductor.utils import run_and_get_code
 
 import gradchain as gc
 from gradchain import recipes
-from gradchain.fused import runner
-from gradchain.fused import hoist
+from gradchain.fused import hoist, runner
 from gradchain.fused.hoist import hoist_scalars
 
 
