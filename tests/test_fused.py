@@ -46,7 +46,7 @@ def set_grads(named: list, step: int, dtype: torch.dtype) -> None:
 
 def run(name: str, fused: bool, dtype: torch.dtype, steps: int = 6, **kw):
     named = make_params(dtype)
-    factory = FACTORIES.get(name, getattr(recipes, name))
+    factory = FACTORIES[name] if name in FACTORIES else getattr(recipes, name)
     opt = gc.ChainOptimizer(named, factory(), fused=fused, **kw)
     for i in range(steps):
         set_grads(named, i, dtype)
@@ -88,6 +88,21 @@ def test_fused_equals_eager_float32(name: str, aot_eager) -> None:
         b = run(name, True, torch.float32)
     # fp32: a few ulps of difference from the order of scalar products, over 6 steps
     assert_same(*a, *b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("pullback", ["none", "reset", "pullback"])
+def test_lookahead_compiles_its_inner_chain(pullback: str, aot_eager) -> None:
+    FACTORIES["lookahead_pb"] = lambda: recipes.lookahead(recipes.adamw(lr=0.1), k=3, alpha=0.5,
+                                                          pullback_momentum=pullback)
+    try:
+        a = run("lookahead_pb", False, torch.float64, steps=8)
+        b = run("lookahead_pb", True, torch.float64, steps=8)
+    finally:
+        del FACTORIES["lookahead_pb"]
+    # the inner AdamW is one kernel; the sync every k steps runs over the flat buffers
+    assert b[1].fused_plan() == [("compiled", ["adam", "wd", "lr"]), ("eager", ["lookahead"])]
+    assert b[1].compile_seconds > 0
+    assert_same(*a, *b, rtol=1e-12, atol=1e-14)
 
 
 @pytest.mark.parametrize("name", ["lamb", "cautious_adamw", "nsgda"])

@@ -99,6 +99,11 @@ class FusedChain:
     """A chain cut into segments, run over flat buckets."""
 
     def __init__(self, transform: Transform, compile: bool = True) -> None:
+        # a wrapper that acts on the params after its inner chain's step (Lookahead's sync) lets the
+        # inner chain be cut into segments; its own part runs after them, eagerly
+        self.wrapper = transform if hasattr(transform, "sync_flat") else None
+        if self.wrapper is not None:
+            transform = self.wrapper.inner
         top = transform.children if isinstance(transform, Chain) else [transform]
         runs: list[tuple[bool, list[Transform]]] = []
         for t in top:
@@ -131,7 +136,8 @@ class FusedChain:
 
     def describe(self) -> list[tuple[str, list[str]]]:
         """``("compiled" | "eager", [transform names])`` per segment: what the fused path fuses."""
-        return [("compiled" if s.compiled else "eager", [t.name for t in s.transforms]) for s in self.segments]
+        plan = [("compiled" if s.compiled else "eager", [t.name for t in s.transforms]) for s in self.segments]
+        return plan + ([("eager", [self.wrapper.name])] if self.wrapper is not None else [])
 
     # -- one step over every flat bucket --------------------------------------------------------
     def step(
@@ -157,6 +163,9 @@ class FusedChain:
             else:
                 updates = self._run_eager(seg, flats, groups, grads, updates, resolved, host_steps, loss, shared,
                                           dtypes)
+        if self.wrapper is not None:
+            for fb, res, step in zip(flats, resolved, host_steps):
+                self.wrapper.sync_flat(fb, res, step)
 
     def _run_compiled(self, seg: Segment, i: int, fb: FlatBucket, grad: Tensor, update: Tensor | None,
                       resolved: dict, tensor_hp: list, host_step: float, loss: Tensor | None,

@@ -122,6 +122,32 @@ class Lookahead(Declared):
             if idx:
                 self._sync(b, idx, alpha)
 
+    def sync_flat(self, fb: Any, resolved: Mapping[str, Any], step: float) -> None:
+        """The sync on the fused path, after the inner chain wrote the fast weights into ``fb``.
+
+        ``phi <- phi + alpha (theta - phi)``, ``theta <- phi``: one pass over the flat buffers every
+        ``k`` steps, the inner chain compiled in between.
+        """
+        k, alpha = int(resolved[self.group_key("k")]), float(resolved[self.group_key("alpha")])
+        if int(step) % k:
+            return
+        slow = fb.flat_state[self.slow_key]
+        p = fb.flat_params
+        slow.lerp_(p if p.dtype == slow.dtype else p.to(slow.dtype), alpha)
+        p.copy_(slow)
+        if self.pullback_momentum == "none":
+            return
+        state = {key: fb.state_views.get(key) or [st[key] for st in fb.states] for key in fb.states[0]}
+        for key in self._momentum_keys(state):
+            bufs = state[key]
+            if self.pullback_momentum == "reset":
+                torch._foreach_zero_(bufs)
+            else:
+                slow_m = state[f"{self.name}.slow_{key}"]
+                torch._foreach_lerp_(bufs, slow_m, 1.0 - alpha)
+                for m, sm in zip(slow_m, bufs):
+                    m.copy_(sm)
+
     def _sync(self, b: Bucket, idx: list[int], alpha: float) -> None:
         """phi <- phi + alpha (theta_fast - phi); the update becomes ``phi - p`` so the write lands on phi."""
         b.materialize()
