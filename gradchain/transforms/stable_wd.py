@@ -72,7 +72,11 @@ class _StableWD(Declared):
             # > 0, so a NaN v_bar shows in the update
             coef = torch.where(vbar == 0, torch.zeros_like(vbar), wd / vbar.sqrt())
             coef = coef.to(device=b.params[0].device, dtype=b.dtype)
-            params = b.params if b.params[0].dtype == b.dtype else [p.to(b.dtype) for p in b.params]
+            if b.params[0].dtype == b.dtype:
+                # a param term of the pending form: folded into the final write, no pass of its own
+                b.add_param_term(coef)
+                continue
+            params = [p.to(b.dtype) for p in b.params]
             b.materialize()
             b.ensure_owned()
             torch._foreach_add_(b.updates, torch._foreach_mul(params, coef))
