@@ -21,6 +21,7 @@ from torch import Tensor
 
 from . import ops
 from ._dtensor import replicate_like
+from ._segments import segment_norms
 from .hyperparams import Hyperparam, validate
 
 Scalar = float | list
@@ -194,7 +195,9 @@ class Bucket:
         if self.segments is None:
             return torch.stack(torch._foreach_norm(xs, 2, dtype=dtype)) if xs else torch.zeros(0)
         x = xs[0] if dtype is None else xs[0].to(dtype)
-        return self._segment_sums(x * x).sqrt()
+        if len(self.segments[2]) <= SEGMENT_UNROLL:
+            return self._segment_sums(x * x).sqrt()
+        return segment_norms(x, list(self.segments[2]))
 
     def tensor_sums(self, xs: list[Tensor]) -> Tensor:
         """The sum of each param's tensor in ``xs``, as one vector (see :meth:`tensor_norms`)."""

@@ -116,6 +116,17 @@ def test_segment_reduce_path_equals_eager(name: str, aot_eager, monkeypatch) -> 
     assert_same(*a, *b, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("name", ["lamb", "adanorm"])
+def test_inductor_segment_norms_equal_eager(name: str, monkeypatch) -> None:
+    # many tensors: norms through the opaque per-tensor norm op, sums through segment_reduce
+    monkeypatch.setattr(runner, "BACKEND", "inductor")
+    monkeypatch.setattr(gc.base, "SEGMENT_UNROLL", 0)
+    a = run(name, False, torch.float32, steps=4)
+    b = run(name, True, torch.float32, steps=4)
+    assert b[1].fused_plan()[0][0] == "compiled" and b[1].compile_seconds > 0
+    assert_same(*a, *b, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("name", ["adamw", "sgd", "lamb", "cautious_adamw"])
 def test_inductor_kernels_equal_eager(name: str, monkeypatch) -> None:
     monkeypatch.setattr(runner, "BACKEND", "inductor")
