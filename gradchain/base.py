@@ -358,8 +358,12 @@ class Bucket:
         if self.divisor is not None:
             ops.addcdiv_(self.params, self.updates, self.divisor, self.scale)
         elif isinstance(self.scale, list) and not self.tensor_scalars:
-            scaled = torch._foreach_mul(self.updates, self.scale)
-            torch._foreach_add_(self.params, scaled)
+            # one pass per tensor and no full-size temporary (a fresh one costs page faults on CPU)
+            for p, u, s in zip(self.params, self.updates, self.scale, strict=True):
+                if isinstance(s, Tensor):
+                    p.addcmul_(u, s)
+                else:
+                    p.add_(u, alpha=s)
         elif not _is_zero(self.scale):
             ops.axpy_(self.params, self.updates, self.scale)
 

@@ -44,7 +44,9 @@ def scale_by_trust_ratio(max_weight_norm: float | None = None, *, name: str = "t
         phi = w if c is None else w.clamp(max=c)
         # where, not a host branch: the zero cases stay right under FSDP2 and torch.compile
         ratio = torch.where((w > 0) & (q > 0), phi / q, 1.0)
-        return torch._foreach_mul(updates, ctx.per_tensor(ratio))
+        # pending, not applied: the final write multiplies, with no full-size product of its own
+        ctx.defer_scale(ctx.per_tensor(ratio))
+        return updates
 
     spec = {"max_weight_norm": Hyperparam(max_weight_norm, _none_or_positive)}
     return transform(name, spec, update=update, segmented=True)
