@@ -1,4 +1,4 @@
-"""Transforms ported to the fused path: AdaLo's loss-gated EMA and schedule-free AdamW's second moment.
+"""Transforms ported to the fused path: AdaLo's loss-gated EMA, schedule-free's rms and averaging.
 
 Each ported transform runs in a compiled segment, and its recipe's fused trajectory equals the
 eager one in float32 (the float64 check of every recipe is in ``test_fused.py``). The ``aot_eager``
@@ -16,7 +16,25 @@ from gradchain import recipes
 from gradchain.fused import runner
 
 # recipe -> the transform of it that now compiles
-PORTED = {"adalo": "ema", "schedule_free_adamw": "rms"}
+PORTED = {"adalo": "ema", "schedule_free_adamw": "schedule_free", "schedule_free_sgd": "schedule_free"}
+
+
+@pytest.mark.parametrize("name", ["schedule_free_adamw", "schedule_free_sgd"])
+def test_schedule_free_compiles_whole_with_warmup(name: str) -> None:
+    # lr_max and weight_sum are one vector per bucket; the warmup's branch is a where
+    def build():
+        return getattr(recipes, name)(warmup_steps=3)
+
+    runs = []
+    for fused in (False, True):
+        named = make_params(torch.float64)
+        opt = gc.ChainOptimizer(named, build(), fused=fused)
+        for i in range(7):
+            set_grads(named, i, torch.float64)
+            opt.step()
+        runs.append((named, opt))
+    assert runs[1][1].fused_plan() == [("compiled", [t.name for t in runs[1][1].transform.leaves()])]
+    assert_same(*runs[0], *runs[1], rtol=1e-12, atol=1e-14)
 
 
 @pytest.mark.parametrize("name", sorted(PORTED))

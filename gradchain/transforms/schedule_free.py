@@ -103,7 +103,8 @@ def schedule_free(
     that a second-moment transform before it (:func:`scale_by_rms`) shares the key, as in
     ``AdamWScheduleFree``. Group keys: ``lr``, ``momentum`` (or ``betas``), ``warmup_steps``, ``r``,
     ``weight_lr_power``. State: ``z`` (1x the params) and two float64 host scalars per param,
-    ``lr_max`` and ``weight_sum`` (checkpointed, so a resumed run is bit-exact). They count per
+    ``lr_max`` and ``weight_sum`` (checkpointed, so a resumed run is bit-exact; one vector per bucket
+    on the fused path, which compiles the whole rule). They count per
     param, as the step count does: a param whose grad is None on a step skips it, where the
     official optimizer advances its group's sums anyway.
 
@@ -128,7 +129,32 @@ def schedule_free(
         z.copy_(p.detach())
         return {"z": z, "lr_max": _host_scalar(-1.0), "weight_sum": _host_scalar(0.0)}
 
+    def update_tensors(updates: list, state: dict, hp: Mapping, ctx: Bucket) -> list:
+        # the same rule with the per-param sums as one vector and every scalar a tensor: the fused
+        # path's compiled kernel (and traced steps), where no host value exists
+        beta = hp["betas"][0] if betas is not None else hp["momentum"]
+        lr, warmup, r_, power = hp["lr"], hp["warmup_steps"], hp["r"], hp["weight_lr_power"]
+        lr_max_v, wsum_v = ctx.state_vector(state["lr_max"]), ctx.state_vector(state["weight_sum"])
+        t = torch.as_tensor(ctx.per_step(lambda s: s), dtype=torch.float64, device=lr_max_v.device)
+        lr_t = lr * torch.where(t - 1 < warmup, t / warmup, torch.ones_like(t))
+        lr_max_v = torch.maximum(lr_max_v, lr_t)
+        weight = t**r_ * lr_max_v**power
+        wsum_v = wsum_v + weight
+        ckp1 = torch.where(wsum_v != 0, weight / wsum_v, torch.zeros_like(wsum_v))
+        alpha = lr_t * (beta * (1.0 - ckp1) - 1.0)
+        ctx.store_state_vector(state["lr_max"], lr_max_v)
+        ctx.store_state_vector(state["weight_sum"], wsum_v)
+        z = state["z"]
+        params = [p if p.dtype == ctx.dtype else p.to(ctx.dtype) for p in ctx.params]
+        dev, dtype = z[0].device, z[0].dtype
+        out = torch._foreach_mul(updates, ctx.per_tensor(alpha.to(dev, dtype)))
+        torch._foreach_add_(out, torch._foreach_mul(torch._foreach_sub(z, params), ctx.per_tensor(ckp1.to(dev, dtype))))
+        torch._foreach_sub_(z, torch._foreach_mul(updates, ctx.per_tensor(lr_t.expand_as(ckp1).to(dev, dtype))))
+        return out
+
     def update(updates: list, state: dict, hp: Mapping, ctx: Bucket) -> list:
+        if ctx.tensor_scalars or ctx.segments is not None:
+            return update_tensors(updates, state, hp, ctx)
         beta = float(hp["betas"][0]) if betas is not None else float(hp["momentum"])
         base_lr, warmup = float(hp["lr"]), float(hp["warmup_steps"])
         r_, power = float(hp["r"]), float(hp["weight_lr_power"])
@@ -163,7 +189,7 @@ def schedule_free(
         torch._foreach_sub_(z, torch._foreach_mul(updates, lrs))
         return out
 
-    sf = ScheduleFree(name, specs, init, update)
+    sf = ScheduleFree(name, specs, init, update, segmented=True)
     sf.beta_key, sf.beta_index = beta_key, beta_index
     return sf
 
