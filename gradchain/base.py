@@ -148,7 +148,8 @@ class Bucket:
         # hyperparameters already resolved (schedules evaluated, checked) for this step, by group key
         self.resolved = resolved
         # on the fused path: (lengths, segment ids) of the params laid out in one flat buffer
-        self.segments: tuple[Tensor, Tensor, tuple[int, ...]] | None = None
+        # on the fused path's flat buffer: FlatBucket.segments() (lengths, ids, numels, names, shapes)
+        self.segments: tuple | None = None
         self.scale: Scalar = 1.0
         self.decay: Any = 0.0
         self.divisor: list[Tensor] | None = None
@@ -206,7 +207,7 @@ class Bucket:
         return self._segment_sums(xs[0])
 
     def _segment_sums(self, x: Tensor) -> Tensor:
-        lengths, _, numels = self.segments
+        lengths, numels = self.segments[0], self.segments[2]
         if len(numels) <= SEGMENT_UNROLL:
             # one reduction per slice: the compiler fuses each into the kernel that computes x,
             # where torch.segment_reduce is an opaque call that makes x a full-size buffer
@@ -219,12 +220,18 @@ class Bucket:
             return torch.tensor([float(x.numel()) for x in xs], dtype=self.dtype, device=xs[0].device)
         return self.segments[0].to(self.dtype)
 
+    def tensor_info(self) -> list[tuple[str | None, tuple[int, ...]]]:
+        """``(name, shape)`` of each param, in the order of the per-tensor vectors."""
+        if self.segments is None:
+            return [(n, tuple(p.shape)) for n, p in zip(self.names, self.params, strict=False)]
+        return list(zip(self.segments[3], self.segments[4], strict=True))
+
     def per_tensor(self, values: Tensor) -> list[Tensor]:
         """One entry per param of ``values`` as factors for a list op: 0-d tensors on a list, a
         gathered full-size tensor on the flat buffer."""
         if self.segments is None:
             return list(values.unbind(0))
-        _, ids, numels = self.segments
+        ids, numels = self.segments[1], self.segments[2]
         if len(numels) <= SEGMENT_UNROLL:
             # broadcast pieces: computed from the position, where a gather reads an index per element
             return [torch.cat([v.expand(n) for v, n in zip(values.unbind(0), numels)])]

@@ -29,7 +29,7 @@ class FlatBucket:
             total += n
         p0 = params[0]
         self.device, self.dtype = p0.device, p0.dtype
-        self._segments: tuple[Tensor, Tensor, tuple[int, ...]] | None = None
+        self._segments: tuple | None = None
         self.flat_params = torch.empty(total, dtype=p0.dtype, device=p0.device)
         self.flat_grads = torch.zeros(total, dtype=p0.dtype, device=p0.device)
         self.param_views = self._views(self.flat_params)
@@ -63,14 +63,16 @@ class FlatBucket:
                 st[key] = v
             self.flat_state[key], self.state_views[key] = buf, views
 
-    def segments(self) -> tuple[Tensor, Tensor, tuple[int, ...]]:
-        """``(lengths, ids, numels)``: each param's element count (a tensor), each element's param
-        index, and the element counts as Python ints (static in the compiled graph)."""
+    def segments(self) -> tuple:
+        """``(lengths, ids, numels, names, shapes)``: each param's element count (a tensor), each
+        element's param index, and, static in the compiled graph, the element counts as Python
+        ints, the param names and shapes."""
         if self._segments is None:
             lengths = torch.tensor(self.numels, dtype=torch.int64, device=self.device)
             ids = torch.repeat_interleave(torch.arange(len(self.numels), dtype=torch.int32, device=self.device),
                                           lengths)
-            self._segments = (lengths, ids, tuple(self.numels))
+            self._segments = (lengths, ids, tuple(self.numels), tuple(self.names),
+                              tuple(tuple(p.shape) for p in self.params))
         return self._segments
 
     def _views(self, flat: Tensor) -> list[Tensor]:

@@ -1,9 +1,11 @@
-"""Adam-atan2, Sadam, NAdam, AdaNorm and AM-AdamW on the fused path: one compiled kernel, the same trajectory as eager.
+"""Recipes that compile whole on the fused path: one kernel, the same trajectory as eager.
 
-Their transforms are ``elementwise``: the whole chain (moments, atan2 or softplus denominator,
-decoupled decay, lr) must be one compiled segment, and its float32 trajectory must match the eager
-path's to a few ulps (the eager trajectory itself is checked against peers and float64 references
-in test_adam_atan2.py and test_adam_variants.py).
+Adam-atan2 and Sadam (elementwise); NAdam, AdaNorm, AM-AdamW and Amos (per-tensor sums and
+per-param 0-d state as one vector per bucket).
+
+The whole chain (moments, denominator, decay, lr) must be one compiled segment, and its float32
+trajectory must match the eager path's to a few ulps (the eager trajectories themselves are
+checked against peers and float64 references in their families' test files).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ FACTORIES = {
     "nadam": lambda: recipes.nadam(lr=1e-2, weight_decay=0.1),
     "adanorm": lambda: recipes.adanorm(lr=1e-2, weight_decay=0.1),
     "am_adamw": lambda: recipes.am_adamw(lr=1e-2, weight_decay=0.1),
+    "amos": lambda: recipes.amos(lr=1e-2),
 }
 
 
