@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .base import Bucket, Transform, compute_dtype, initializing_for, resolve_group
-from .fused import FlatBucket, FusedChain
+from .fused import FlatBucket, FusedRoutes, fused_chain
 from .schedules import decode_groups, encode_groups
 
 __all__ = ["ChainOptimizer"]
@@ -95,7 +95,7 @@ class ChainOptimizer(torch.optim.Optimizer):
 
     def _init_runtime(self) -> None:
         # not part of the optimizer's state: rebuilt after a load, a copy or unpickling
-        self._fused_chain = FusedChain(self.transform)
+        self._fused_chain = fused_chain(self.transform)
         self._flats: dict[tuple, FlatBucket] = {}
         self._warned: set = set()
         self._proven: set = set()
@@ -330,26 +330,13 @@ class ChainOptimizer(torch.optim.Optimizer):
     # -- the fused path ------------------------------------------------------------------------
     def _step_fused(self, loss: Tensor | None) -> bool:
         """One step over flat buffers; False (nothing done) when a bucket cannot take it this step."""
-        flats, groups, resolved, host_steps, dtypes = [], [], [], [], []
-        for gi, group, items in self._collect():
-            params = [x[0] for x in items]
-            key = (gi, params[0].device, params[0].dtype)
-            fb = self._flats.get(key)
-            if fb is None or len(fb.params) != len(params) or any(a is not b for a, b in zip(fb.params, params)) \
-                    or not fb.intact():
-                fb = self._flatten(key, items)
-                if fb is None:
+        flats, groups, resolved, host_steps, dtypes, labels = [], [], [], [], [], []
+        routes = self._fused_chain if isinstance(self._fused_chain, FusedRoutes) else None
+        for gi, group, bucket in self._collect():
+            for label, items in self._by_label(routes, bucket):
+                if not self._add_flat(gi, group, label, items, flats, groups, dtypes):
                     return False
-            if not fb.gather_grads():
-                return False
-            if fb.step_host is None:
-                fb.step_host = fb.uniform_step()
-                if fb.step_host is None:
-                    self._warn_eager(key, "its params have taken different numbers of steps (one had no grad)")
-                    return False
-            flats.append(fb)
-            groups.append(group)
-            dtypes.append(self.state_dtype or compute_dtype(params[0].dtype))
+                labels.append(label)
         if not flats:
             return True
         for fb, group in zip(flats, groups):
@@ -359,7 +346,45 @@ class ChainOptimizer(torch.optim.Optimizer):
             fb.flat_steps.add_(1.0)
             fb.step_host += 1.0
         shared = {"global_state": self._init_global_state(flats[0].device)}
-        self._fused_chain.step(flats, groups, resolved, host_steps, loss, shared, dtypes)
+        chains = {None: self._fused_chain} if routes is None else routes.chains
+        for label, chain in chains.items():
+            idx = [i for i, x in enumerate(labels) if x == label]
+            if idx:
+                chain.step(*([v[i] for i in idx] for v in (flats, groups, resolved, host_steps)), loss, shared,
+                           [dtypes[i] for i in idx])
+        return True
+
+    @staticmethod
+    def _by_label(routes: FusedRoutes | None, items: list) -> list[tuple[Any, list]]:
+        """A bucket's items per partition label (one part, label None, without a partition)."""
+        if routes is None:
+            return [(None, items)]
+        parts: dict[Any, list] = {}
+        for x in items:
+            parts.setdefault(routes.label(x[3], x[0]), []).append(x)
+        return list(parts.items())
+
+    def _add_flat(self, gi: int, group: dict, label: Any, items: list, flats: list, groups: list,
+                  dtypes: list) -> bool:
+        """Find or make the flat bucket of ``items``; False if it cannot take a fused step now."""
+        params = [x[0] for x in items]
+        key = (gi, params[0].device, params[0].dtype, label)
+        fb = self._flats.get(key)
+        if fb is None or len(fb.params) != len(params) or any(a is not b for a, b in zip(fb.params, params)) \
+                or not fb.intact():
+            fb = self._flatten(key, items)
+            if fb is None:
+                return False
+        if not fb.gather_grads():
+            return False
+        if fb.step_host is None:
+            fb.step_host = fb.uniform_step()
+            if fb.step_host is None:
+                self._warn_eager(key, "its params have taken different numbers of steps (one had no grad)")
+                return False
+        flats.append(fb)
+        groups.append(group)
+        dtypes.append(self.state_dtype or compute_dtype(params[0].dtype))
         return True
 
     def _flatten(self, key: tuple, items: list) -> FlatBucket | None:

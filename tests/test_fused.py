@@ -105,6 +105,43 @@ def test_lookahead_compiles_its_inner_chain(pullback: str, aot_eager) -> None:
     assert_same(*a, *b, rtol=1e-12, atol=1e-14)
 
 
+def test_renamed_static_hyperparameters_compile(aot_eager) -> None:
+    # static keys reach the kernel by their group key, also after a rename (adamw_eps_root)
+    FACTORIES["renamed"] = lambda: recipes.adamw(amsgrad=True).renamed({"eps_root": "a_eps_root", "amsgrad": "a_ams"})
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # a fallback to eager fails the test
+            a = run("renamed", False, torch.float64)
+            b = run("renamed", True, torch.float64)
+    finally:
+        del FACTORIES["renamed"]
+    assert b[1].compile_seconds > 0 and "adam.max_exp_avg_sq" in b[1].state[b[0][0][1]]
+    assert_same(*a, *b, rtol=1e-12, atol=1e-14)
+
+
+def test_partition_compiles_each_label(aot_eager) -> None:
+    # Muon: the matrices and the rest are flat buckets of their own, each with its compiled segments
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a fallback to eager fails the test
+        a = run("muon", False, torch.float32)
+        b = run("muon", True, torch.float32)
+    plan = b[1].fused_plan()
+    assert ("compiled", ["adamw/adam", "adamw/wd", "adamw/lr"]) in plan and ("compiled", ["muon/momentum"]) in plan
+    assert b[1].compile_seconds > 0
+    assert_same(*a, *b, rtol=1e-5, atol=1e-6)
+    # a checkpoint of the fused run resumes on the eager path
+    named = make_params(torch.float32)
+    eager = gc.ChainOptimizer(named, recipes.muon())
+    eager.load_state_dict(b[1].state_dict())
+    for (_, p), (_, q) in zip(named, b[0]):
+        p.data.copy_(q.detach())
+        p.grad = torch.ones_like(p)
+        q.grad = torch.ones_like(q)
+    eager.step()
+    b[1].step()
+    assert_same(b[0], b[1], named, eager, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("name", ["lamb", "cautious_adamw", "nsgda"])
 def test_segment_reduce_path_equals_eager(name: str, aot_eager, monkeypatch) -> None:
     # buckets of many tensors reduce through torch.segment_reduce rather than one slice each

@@ -5,6 +5,6 @@ A second way to run the same chain, never a second copy of its math: see
 """
 
 from .flat import FlatBucket
-from .runner import FusedChain
+from .runner import FusedChain, FusedRoutes, fused_chain
 
-__all__ = ["FlatBucket", "FusedChain"]
+__all__ = ["FlatBucket", "FusedChain", "FusedRoutes", "fused_chain"]

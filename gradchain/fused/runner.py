@@ -19,8 +19,10 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ..base import Bucket, Chain, Leaf, Transform
+from ..combinators import _Partition
 from .flat import FlatBucket
 from .hoist import hoisting_backend
 
@@ -77,7 +79,9 @@ class Segment:
         self.transforms = transforms
         self.compiled = compiled
         self.last = False
-        self.static = frozenset().union(*(getattr(t, "static", frozenset()) for t in transforms))
+        # group keys, which a renamed transform's differ from its local names (adamw_eps_root)
+        self.static = frozenset(g for t in transforms for k, g in getattr(t, "_keys", {}).items()
+                                if k in getattr(t, "static", ()))
         self.segmented = any(getattr(t, "segmented", False) for t in transforms)
         self._fns: dict[int, Any] = {}
         self._eager_fn = None
@@ -244,3 +248,36 @@ class FusedChain:
             else:
                 out.append(torch.cat([u.reshape(-1) for u in ups]) if ups else grads[i].new_empty(0))
         return out
+
+
+class FusedRoutes:
+    """A chain that is one ``partition``: a :class:`FusedChain` per label, each over flat buckets
+    of its own params (Muon's matrices and the AdamW rest are two buckets, each compiled)."""
+
+    def __init__(self, partition: _Partition) -> None:
+        self.partition = partition
+        self.chains = {label: FusedChain(child) for label, child in partition.children.items()}
+        self.all_eager = all(c.all_eager for c in self.chains.values())
+        self._labels: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+    def label(self, name: str | None, param: Tensor) -> Any:
+        """The param's label (asked of the partition once per param: labels do not change)."""
+        label = self._labels.get(param)
+        if label is None:
+            label = self._labels[param] = self.partition._route(name, param)
+        return label
+
+    @property
+    def compile_seconds(self) -> float:
+        return sum(c.compile_seconds for c in self.chains.values())
+
+    def describe(self) -> list[tuple[str, list[str]]]:
+        """Each label's segments, the transform names prefixed with ``label/``."""
+        return [(kind, [f"{label}/{n}" for n in names]) for label, c in self.chains.items()
+                for kind, names in c.describe()]
+
+
+def fused_chain(transform: Transform) -> FusedChain | FusedRoutes:
+    """The fused form of a chain: per label when it is one ``partition``, else one :class:`FusedChain`."""
+    inner = transform.children[0] if isinstance(transform, Chain) and len(transform.children) == 1 else transform
+    return FusedRoutes(inner) if isinstance(inner, _Partition) else FusedChain(transform)
