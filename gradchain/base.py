@@ -31,7 +31,8 @@ UpdateFn = Callable[[list, dict, Mapping, "Bucket"], list]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 # on the fused path, buckets of at most this many tensors reduce per tensor through one slice each
-# (fused by the compiler); larger ones through torch.segment_reduce, whose graph size is constant
+# (fused by the compiler); larger ones, whose graphs would grow with the count, through one opaque
+# foreach norm (norms) or torch.segment_reduce (sums)
 SEGMENT_UNROLL = 32
 
 
@@ -147,7 +148,6 @@ class Bucket:
         self.step_values: list = step_values
         # hyperparameters already resolved (schedules evaluated, checked) for this step, by group key
         self.resolved = resolved
-        # on the fused path: (lengths, segment ids) of the params laid out in one flat buffer
         # on the fused path's flat buffer: FlatBucket.segments() (lengths, ids, numels, names, shapes)
         self.segments: tuple | None = None
         self.scale: Scalar = 1.0
