@@ -45,8 +45,10 @@ class ChainOptimizer(torch.optim.Optimizer):
     ``fused=True`` runs the chain over flat buffers (params, grads and elementwise state become
     views into one buffer per bucket) and compiles each run of elementwise transforms, final write
     included, into one kernel with ``torch.compile``; hyperparameters and step counts enter as 0-d
-    tensors, so schedulers do not recompile. Other transforms run eagerly over views of the same
-    storage (:meth:`fused_plan`). ``zero_grad()`` then zeroes the flat grads in place.
+    tensors, so schedulers do not recompile. Transforms declared ``segmented`` (per-tensor
+    reductions and state) compile too; a chain that is one ``partition`` compiles per label. Other
+    transforms run eagerly over views of the same storage (:meth:`fused_plan`). ``zero_grad()``
+    then zeroes the flat grads in place.
 
     ``atomic``: a step either completes or leaves params and state as they were. Hyperparameters
     are always checked before anything moves; a step that raises inside a transform is rolled back

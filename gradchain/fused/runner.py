@@ -1,12 +1,15 @@
 """The fused step: a chain's runs of elementwise transforms compiled into one kernel per flat bucket.
 
-The chain is cut into segments. A run of consecutive ``elementwise`` transforms is one segment:
-its transforms' own update functions are traced by ``torch.compile`` over the flat buffers (a list
-of one tensor each), with hyperparameters and the step count as 0-d tensors, so neither an LR
-scheduler nor the next step recompiles. Any other transform (a per-tensor reduction, a
-combinator, a global norm) is a segment of its own, run eagerly over per-tensor views of the same
-flat storage. The final write ``p += u`` happens in the last segment; when that one is compiled,
-a chain such as AdamW is one kernel that reads p, g, m, v once and writes p, m, v once.
+The chain is cut into segments. A run of consecutive ``elementwise`` or ``segmented`` transforms
+is one segment: its transforms' own update functions are traced by ``torch.compile`` over the flat
+buffers (a list of one tensor each), with hyperparameters and the step count as 0-d tensors, so
+neither an LR scheduler nor the next step recompiles (and a graph pass, ``hoist``, computes their
+scalar math once per step). Any other transform (factored statistics, a combinator, a reduction
+over every bucket) is a segment of its own, run eagerly over per-tensor views of the same flat
+storage. The final write ``p += u`` happens in the last segment; when that one is compiled, a
+chain such as AdamW is one kernel that reads p, g, m, v once and writes p, m, v once. A wrapper
+with a ``sync_flat`` (Lookahead) runs after its inner chain's segments; a chain that is one
+``partition`` gets a :class:`FusedChain` per label (:class:`FusedRoutes`).
 """
 
 from __future__ import annotations
