@@ -159,9 +159,13 @@ class Prodigy(Transform):
         dot_sum: Tensor | None = None
         l1_sum: Tensor | None = None
         grads: list[list[Tensor] | None] = []
+        # one scratch buffer per tensor, reused for every temporary of the step: each fresh
+        # model-sized temporary costs page faults on CPU, and the results keep their bits
+        scratch: list[list[Tensor] | None] = []
         for b, hp in zip(live, hps, strict=True):
             if float(hp["lr"]) == 0.0:
                 grads.append(None)
+                scratch.append(None)
                 continue
             g = b.materialize()
             params = [p if p.dtype == b.dtype else p.to(b.dtype) for p in b.params]
@@ -172,6 +176,11 @@ class Prodigy(Transform):
             p0, s, v = b.state[pre + "p0"], b.state[pre + "s"], b.state[pre + "exp_avg_sq"]
             p_sl, g_sl = [self._sliced(p) for p in params], [self._sliced(x) for x in g]
             diffs = torch._foreach_sub(p0, p_sl)
+            # out= into the scratch: plain tensors only (DTensor has no rule for it); with slice_p == 1
+            # the scratch has the params' shapes and serves pass 2 too
+            reuse = not hasattr(params[0], "device_mesh") if params else False
+            full = reuse and self.slice_p == 1
+            scratch.append(diffs if full else None)
             for x, y in zip(g_sl, diffs, strict=True):
                 dot = (x * y).sum() if hasattr(x, "device_mesh") else torch.dot(x.reshape(-1), y.reshape(-1))
                 # term by term, in the official order: the estimate is a ratio of sums that cancel
@@ -186,11 +195,16 @@ class Prodigy(Transform):
                 torch._foreach_mul_(m, b1)
                 torch._foreach_addcmul_(m, g, [_like(d * (1.0 - b1), like, b.dtype)] * n)
             torch._foreach_mul_(v, b2)
-            torch._foreach_addcmul_(v, torch._foreach_mul(g, _like(d * d * (1.0 - b2), like, b.dtype)), g)
+            c2 = _like(d * d * (1.0 - b2), like, b.dtype)
+            if full:
+                for vi, gi, w in zip(v, g, diffs, strict=True):
+                    vi.addcmul_(torch.mul(gi, c2, out=w), gi)
+            else:
+                torch._foreach_addcmul_(v, torch._foreach_mul(g, c2), g)
             torch._foreach_mul_(s, b3)
             torch._foreach_addcmul_(s, g_sl, [_like(s_coef, like, b.dtype)] * n)
-            for x in s:
-                n1 = _plain(x.abs().sum()).to(device=d.device, dtype=dt)
+            for x, w in zip(s, diffs, strict=True):  # s has the sliced shape, as the differences
+                n1 = _plain((torch.abs(x, out=w) if reuse else x.abs()).sum()).to(device=d.device, dtype=dt)
                 l1_sum = n1 if l1_sum is None else l1_sum + n1
 
         # the estimate: d_hat = d_coef * numerator / |s|_1, d only grows (at most by growth_rate)
@@ -213,13 +227,16 @@ class Prodigy(Transform):
         step = torch.where(go, -dlr, torch.zeros_like(dlr))
 
         # pass 2: the step, with the old d in the step size and the new d in eps
-        for b, hp, g in zip(live, hps, grads, strict=True):
+        for b, hp, g, w in zip(live, hps, grads, scratch, strict=True):
             if g is None:
                 b.updates = [torch.zeros_like(u) for u in b.materialize()]
                 continue
             params = [p if p.dtype == b.dtype else p.to(b.dtype) for p in b.params]
             like = params[0]
-            denom = torch._foreach_sqrt(b.state[pre + "exp_avg_sq"])
+            if w is None:
+                denom = torch._foreach_sqrt(b.state[pre + "exp_avg_sq"])
+            else:
+                denom = [torch.sqrt(v, out=x) for v, x in zip(b.state[pre + "exp_avg_sq"], w, strict=True)]
             torch._foreach_add_(denom, _like(d_next * float(hp["eps"]), like, b.dtype))
             if b1 > 0:
                 out = torch._foreach_mul(b.state[pre + "exp_avg"], _like(step, like, b.dtype))
