@@ -202,6 +202,14 @@ def _threshold(min_d: float | None) -> Any:
     return positive if min_d is None else _AtLeast(min_d)
 
 
+def _clamped_ratios(norms: list[Tensor], divisors: list[float], low: float) -> list[Tensor]:
+    """``max(norm_i / divisor_i, low)`` per tensor: one vector op, not one op per tensor."""
+    if not norms or hasattr(norms[0], "device_mesh"):  # FSDP2: DTensor norms stay per tensor
+        return [torch.clamp(n / c, min=low) for n, c in zip(norms, divisors, strict=True)]
+    # each divisor rounds once to the norms' dtype, as the Python number did in n / c
+    return list((torch.stack(norms) / norms[0].new_tensor(divisors)).clamp_(min=low).unbind(0))
+
+
 def clip_by_block_rms(d: float = 1.0, *, min_d: float | None = None, name: str = "clip_rms") -> Leaf:
     """Clip each tensor's update by its RMS: ``u <- u / max(1, RMS(u) / d)``.
 
@@ -214,10 +222,8 @@ def clip_by_block_rms(d: float = 1.0, *, min_d: float | None = None, name: str =
     def update(updates: list, state: dict, hp: Mapping, ctx: Bucket) -> list:
         d = float(hp["d"])
         norms = torch._foreach_norm(updates)
-        factors = [
-            torch.clamp(n / (math.sqrt(max(u.numel(), 1)) * d), min=1.0) for n, u in zip(norms, updates, strict=False)
-        ]
-        torch._foreach_div_(updates, factors)
+        limits = [math.sqrt(max(u.numel(), 1)) * d for u in updates]
+        torch._foreach_div_(updates, _clamped_ratios(norms, limits, 1.0))
         return updates
 
     # in place: the bucket hands over updates it owns (a gradient or state buffer is copied first)
@@ -255,11 +261,8 @@ def scale_by_param_rms(eps: Any = 1e-3, *, name: str = "param_rms") -> Leaf:
     def update(updates: list, state: dict, hp: Mapping, ctx: Bucket) -> list:
         eps2 = float(_pick(hp["eps"], 1))
         norms = torch._foreach_norm(ctx.params, 2, dtype=ctx.dtype)
-        scales = [
-            torch.clamp(n / math.sqrt(max(p.numel(), 1)), min=eps2)
-            for n, p, u in zip(norms, ctx.params, updates, strict=False)
-        ]
-        torch._foreach_mul_(updates, scales)
+        roots = [math.sqrt(max(p.numel(), 1)) for p in ctx.params]
+        torch._foreach_mul_(updates, _clamped_ratios(norms, roots, eps2))
         return updates
 
     return transform(name, {"eps": Hyperparam(eps, _eps_check(eps))}, None, update, inplace=True)
