@@ -13,9 +13,8 @@ huge one at the last step). The properties, for every draw:
 - ``Transform.update`` used alone returns tensors that share no memory with a state buffer or a
   gradient.
 
-The draws are derandomized, so a failure is the same failure on every run. A property that fails
-because of a bug in a transform is marked ``xfail(strict=True)`` naming the bug: the suite stays
-green, and the mark must go when the bug is fixed.
+The draws are derandomized, so a failure is the same failure on every run. Every transform must
+hold every property: none is exempt.
 """
 
 from __future__ import annotations
@@ -40,12 +39,6 @@ TINY = {torch.float64: 1e-30, torch.float32: 1e-30, torch.bfloat16: 1e-30, torch
 # draw is reported as drawn (shrinking a slow chain costs minutes)
 PROPERTY = settings(max_examples=12, deadline=None, derandomize=True, database=None,
                     phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
-
-
-def _xfail(names: dict[str, str]) -> list:
-    """NAMES, with the ones in ``names`` marked as a known bug (strict: an XPASS fails)."""
-    return [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=names[n])) if n in names else n
-            for n in NAMES]
 
 
 def _grad(shape: tuple, dtype: torch.dtype, kind: str, gen: torch.Generator) -> torch.Tensor:
@@ -100,10 +93,7 @@ draw_seed = st.integers(0, 2**16)
 
 
 # -- finite in, finite out ------------------------------------------------------------------------
-FINITE_BUGS: dict[str, str] = {}
-
-
-@pytest.mark.parametrize("name", _xfail(FINITE_BUGS))
+@pytest.mark.parametrize("name", NAMES)
 @PROPERTY
 @given(shapes=draw_shapes, dtype=draw_dtype, kind=draw_kind, steps=draw_steps, seed=draw_seed)
 @example(shapes=[(), (2, 3, 2, 2), (3, 4)], dtype=torch.float16, kind="huge", steps=3, seed=0)
@@ -117,10 +107,7 @@ def test_finite_grads_give_finite_params_and_state(name, shapes, dtype, kind, st
 
 
 # -- zero-size params -----------------------------------------------------------------------------
-ZERO_SIZE_BUGS: dict[str, str] = {}
-
-
-@pytest.mark.parametrize("name", _xfail(ZERO_SIZE_BUGS))
+@pytest.mark.parametrize("name", NAMES)
 @PROPERTY
 @given(shapes=draw_shapes, empty=draw_empty, dtype=draw_dtype, steps=draw_steps, seed=draw_seed)
 @example(shapes=[(3, 4), ()], empty=[(0, 4), (4, 0)], dtype=torch.float32, steps=2, seed=0)
@@ -135,10 +122,7 @@ def test_zero_size_params_are_taken_and_left_alone(name, shapes, empty, dtype, s
 
 
 # -- state shapes and dtypes ----------------------------------------------------------------------
-STATE_BUGS: dict[str, str] = {}
-
-
-@pytest.mark.parametrize("name", _xfail(STATE_BUGS))
+@pytest.mark.parametrize("name", NAMES)
 @PROPERTY
 @given(shapes=draw_shapes, dtype=draw_dtype, kind=draw_kind, seed=draw_seed)
 @example(shapes=[(), (2, 3, 2, 2), (3, 4)], dtype=torch.bfloat16, kind="mixed", seed=0)
@@ -157,14 +141,11 @@ def test_state_keeps_its_shapes_and_dtypes(name, shapes, dtype, kind, seed) -> N
 
 
 # -- standalone update ----------------------------------------------------------------------------
-STANDALONE_BUGS: dict[str, str] = {}
-
-
 def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.numel() > 0 and b.numel() > 0 and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
-@pytest.mark.parametrize("name", _xfail(STANDALONE_BUGS))
+@pytest.mark.parametrize("name", NAMES)
 @PROPERTY
 @given(shapes=draw_shapes, dtype=draw_dtype, seed=draw_seed)
 @example(shapes=[(), (5,), (3, 4), (2, 3, 2, 2)], dtype=torch.float32, seed=0)
