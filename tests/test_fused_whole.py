@@ -1,7 +1,7 @@
 """Recipes that compile whole on the fused path: one kernel, the same trajectory as eager.
 
-Adam-atan2 and Sadam (elementwise); NAdam, AdaNorm, AM-AdamW and Amos (per-tensor sums and
-per-param 0-d state as one vector per bucket).
+Adam-atan2 and Sadam (elementwise); NAdam, AdaNorm, AM-AdamW, Amos and schedule-free AdamW/SGD
+(per-tensor sums and per-param 0-d state as one vector per bucket).
 
 The whole chain (moments, denominator, decay, lr) must be one compiled segment, and its float32
 trajectory must match the eager path's to a few ulps (the eager trajectories themselves are
@@ -30,6 +30,9 @@ FACTORIES = {
     "adanorm": lambda: recipes.adanorm(lr=1e-2, weight_decay=0.1),
     "am_adamw": lambda: recipes.am_adamw(lr=1e-2, weight_decay=0.1),
     "amos": lambda: recipes.amos(lr=1e-2),
+    # per-param host sums as vectors; the warmup's branch is a where
+    "schedule_free_adamw": lambda: recipes.schedule_free_adamw(warmup_steps=3),
+    "schedule_free_sgd": lambda: recipes.schedule_free_sgd(warmup_steps=3),
 }
 
 
@@ -54,12 +57,13 @@ def test_plan_is_fully_compiled(name: str) -> None:
     assert opt.fused_plan() == [("compiled", [t.name for t in opt.transform.leaves()])]
 
 
+@pytest.mark.parametrize("dtype, rtol, atol", [(torch.float32, 1e-5, 1e-6), (torch.float64, 1e-12, 1e-14)])
 @pytest.mark.parametrize("name", sorted(FACTORIES))
-def test_fused_equals_eager_float32(name: str) -> None:
-    a = _run(name, False, torch.float32)
-    b = _run(name, True, torch.float32)
+def test_fused_equals_eager(name: str, dtype: torch.dtype, rtol: float, atol: float) -> None:
+    a = _run(name, False, dtype)
+    b = _run(name, True, dtype)
     assert b[1].compile_seconds > 0  # the compiled kernel ran, not the eager fallback
-    assert_same(*a, *b, rtol=1e-5, atol=1e-6)
+    assert_same(*a, *b, rtol=rtol, atol=atol)
 
 
 def test_sadam_new_softplus_beta_is_honoured_fused() -> None:
@@ -74,7 +78,7 @@ def test_sadam_new_softplus_beta_is_honoured_fused() -> None:
     assert not torch.allclose(a[0][1][1], c[0][1][1])  # the change did move the trajectory
 
 
-@pytest.mark.parametrize("name", ["adam_atan2", "sadam"])
+@pytest.mark.parametrize("name", ["adam_atan2", "sadam", "schedule_free_adamw", "schedule_free_sgd"])
 def test_inductor_kernels_equal_eager(name: str, monkeypatch) -> None:
     monkeypatch.setattr(runner, "BACKEND", "inductor")
     a = _run(name, False, torch.float32, steps=4)

@@ -1,8 +1,10 @@
-"""Transforms ported to the fused path: AdaLo's loss-gated EMA, schedule-free's rms and averaging.
+"""AdaLo on the fused path: its loss-gated EMA compiles, its loss EMA (one scalar for the whole
+optimizer) runs eagerly after it.
 
-Each ported transform runs in a compiled segment, and its recipe's fused trajectory equals the
-eager one in float32 (the float64 check of every recipe is in ``test_fused.py``). The ``aot_eager``
-backend traces the graphs (conftest.py); one test compiles the real inductor kernels.
+The compiled part runs in a compiled segment, and the fused trajectory equals the eager one in
+float32, non-finite losses included (the float64 check of every recipe is in ``test_fused.py``;
+recipes that compile whole are in ``test_fused_whole.py``). The ``aot_eager`` backend traces the
+graphs (conftest.py); one test compiles the real inductor kernels.
 """
 
 from __future__ import annotations
@@ -16,25 +18,7 @@ from gradchain import recipes
 from gradchain.fused import runner
 
 # recipe -> the transform of it that now compiles
-PORTED = {"adalo": "ema", "schedule_free_adamw": "schedule_free", "schedule_free_sgd": "schedule_free"}
-
-
-@pytest.mark.parametrize("name", ["schedule_free_adamw", "schedule_free_sgd"])
-def test_schedule_free_compiles_whole_with_warmup(name: str) -> None:
-    # lr_max and weight_sum are one vector per bucket; the warmup's branch is a where
-    def build():
-        return getattr(recipes, name)(warmup_steps=3)
-
-    runs = []
-    for fused in (False, True):
-        named = make_params(torch.float64)
-        opt = gc.ChainOptimizer(named, build(), fused=fused)
-        for i in range(7):
-            set_grads(named, i, torch.float64)
-            opt.step()
-        runs.append((named, opt))
-    assert runs[1][1].fused_plan() == [("compiled", [t.name for t in runs[1][1].transform.leaves()])]
-    assert_same(*runs[0], *runs[1], rtol=1e-12, atol=1e-14)
+PORTED = {"adalo": "ema"}
 
 
 @pytest.mark.parametrize("name", sorted(PORTED))
