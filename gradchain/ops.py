@@ -126,6 +126,16 @@ def addcdiv_(xs: list[Tensor], a: Sequence[Tensor], b: Sequence[Tensor], s: Scal
         torch._foreach_addcdiv_(xs, list(a), list(b), s)
 
 
+def sigmoid_(xs: list[Tensor]) -> None:
+    """``x <- sigmoid(x)``: one op per tensor while compiling, where the compiler has no foreach
+    sigmoid (it would be a call of its own, with full-size buffers around it)."""
+    if torch.compiler.is_compiling():
+        for x in xs:
+            x.sigmoid_()
+    else:
+        torch._foreach_sigmoid_(xs)
+
+
 def update_moment(m: list[Tensor], u: Sequence[Tensor], decay: Scalar) -> None:
     """First-moment EMA in place: ``m <- decay * m + (1 - decay) * u``. Peer: optax ``update_moment``."""
     lerp_(m, u, 1.0 - decay)

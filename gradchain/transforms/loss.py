@@ -89,17 +89,10 @@ def loss_gated_ema(
         _, finite = _step_loss(ctx, name, sync_loss)
         p0 = ctx.params[0]
         decay = hp["decay"] if entry is None else hp["decay"][entry]
-        w = finite.to(device=p0.device, dtype=ctx.dtype) * (1.0 - decay)
-        if w.dtype != ctx.dtype:
-            # a 0-d float64 decay (fused path) promotes the product; lerp takes the buffers' dtype
-            w = w.to(ctx.dtype)
-        w = replicate_like(w, p0)
-        if ctx.tensor_scalars:
-            # one flat buffer: a plain lerp, which inductor fuses (it runs _foreach_lerp_ with a
-            # list of tensor weights as a separate kernel)
-            ops.lerp_(state["ema"], updates, w)
-        else:
-            torch._foreach_lerp_(state["ema"], updates, [w] * len(updates))
+        # a tensor weight (the gate): ops.lerp_ takes it in the buffers' dtype, one lerp per tensor,
+        # which the compiler fuses (a foreach lerp with tensor weights would stay a call of its own)
+        w = replicate_like(finite.to(device=p0.device, dtype=ctx.dtype) * (1.0 - decay), p0)
+        ops.lerp_(state["ema"], updates, w)
         return ctx.lend(list(state["ema"]))
 
     return transform(name, {"decay": _decay_spec(decay, entry, "decay")}, init, update, elementwise=True,

@@ -144,11 +144,7 @@ def scale_by_diffgrad(
         ops.update_moment_per_elem_norm(v, updates, b2)
         xi = torch._foreach_sub(prev, updates)
         torch._foreach_abs_(xi)
-        if ctx.tensor_scalars:
-            for x in xi:  # the compiler has no _foreach_sigmoid: it would leave the kernel as a call
-                x.sigmoid_()
-        else:
-            torch._foreach_sigmoid_(xi)
+        ops.sigmoid_(xi)
         for q, u in zip(prev, updates):  # DTensor has no sharding rule for _foreach_copy_
             q.copy_(u)
         torch._foreach_mul_(xi, m)
