@@ -22,7 +22,6 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.weak import WeakIdKeyDictionary
 
 from ..base import Bucket, Chain, Leaf, Transform
 from ..combinators import _Partition
@@ -261,14 +260,10 @@ class FusedRoutes:
         self.partition = partition
         self.chains = {label: FusedChain(child) for label, child in partition.children.items()}
         self.all_eager = all(c.all_eager for c in self.chains.values())
-        self._labels: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
     def label(self, name: str | None, param: Tensor) -> Any:
-        """The param's label (asked of the partition once per param: labels do not change)."""
-        label = self._labels.get(param)
-        if label is None:
-            label = self._labels[param] = self.partition._route(name, param)
-        return label
+        """The param's label, from the partition's own cache (as its eager apply routes)."""
+        return self.partition._cached_route(name, param)
 
     @property
     def compile_seconds(self) -> float:
