@@ -63,6 +63,10 @@ def assert_same(a_named, a_opt, b_named, b_opt, rtol: float, atol: float) -> Non
             if isinstance(sa[k], torch.Tensor):
                 torch.testing.assert_close(sb[k], sa[k], rtol=rtol, atol=atol,
                                            msg=lambda m, n=n, k=k: f"{n} {k}: {m}")
+    # optimizer-level state (Prodigy's d and its sums)
+    assert set(a_opt.global_state) == set(b_opt.global_state)
+    for k, v in a_opt.global_state.items():
+        torch.testing.assert_close(b_opt.global_state[k], v, rtol=rtol, atol=atol, msg=lambda m, k=k: f"{k}: {m}")
 
 
 @pytest.fixture

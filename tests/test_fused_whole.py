@@ -1,7 +1,8 @@
 """Recipes that compile whole on the fused path: one kernel, the same trajectory as eager.
 
 Adam-atan2 and Sadam (elementwise); NAdam, AdaNorm, AM-AdamW, Amos and schedule-free AdamW/SGD
-(per-tensor sums and per-param 0-d state as one vector per bucket).
+(per-tensor sums and per-param 0-d state as one vector per bucket); Prodigy (a reduction over every
+bucket between two compiled passes).
 
 The whole chain (moments, denominator, decay, lr) must be one compiled segment, and its float32
 trajectory must match the eager path's to a few ulps (the eager trajectories themselves are
@@ -33,6 +34,10 @@ FACTORIES = {
     # per-param host sums as vectors; the warmup's branch is a where
     "schedule_free_adamw": lambda: recipes.schedule_free_adamw(warmup_steps=3),
     "schedule_free_sgd": lambda: recipes.schedule_free_sgd(warmup_steps=3),
+    # a reduction over every bucket: two compiled passes around one estimate of d
+    "prodigy": lambda: recipes.prodigy(weight_decay=0.1, use_bias_correction=True),
+    "prodigy_coupled_no_momentum": lambda: recipes.prodigy(betas=(0.0, 0.99), weight_decay=0.1, decouple=False,
+                                                           safeguard_warmup=True),
 }
 
 
@@ -78,10 +83,45 @@ def test_sadam_new_softplus_beta_is_honoured_fused() -> None:
     assert not torch.allclose(a[0][1][1], c[0][1][1])  # the change did move the trajectory
 
 
-@pytest.mark.parametrize("name", ["adam_atan2", "sadam", "schedule_free_adamw", "schedule_free_sgd"])
+@pytest.mark.parametrize("name", ["adam_atan2", "sadam", "schedule_free_adamw", "schedule_free_sgd", "prodigy"])
 def test_inductor_kernels_equal_eager(name: str, monkeypatch) -> None:
     monkeypatch.setattr(runner, "BACKEND", "inductor")
     a = _run(name, False, torch.float32, steps=4)
     b = _run(name, True, torch.float32, steps=4)
     assert b[1].compile_seconds > 0
     assert_same(*a, *b, rtol=1e-5, atol=1e-6)
+
+
+def _prodigy_groups(fused: bool, frozen: bool, steps: int = 6):
+    # three groups, hence three flat buckets whose sums make one estimate: per-group decay, and a
+    # last group frozen with lr 0 (it must neither move nor count)
+    named = make_params(torch.float64)
+    ps = [p for _, p in named]
+    groups = [{"params": ps[:2]}, {"params": ps[2:4], "weight_decay": 0.3}, {"params": ps[4:]}]
+    if frozen:
+        groups[2]["lr"] = 0.0
+    opt = gc.ChainOptimizer(groups, recipes.prodigy(weight_decay=0.05), fused=fused)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        for i in range(steps):
+            set_grads(named, i, torch.float64)
+            opt.step()
+    return named, opt
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_prodigy_estimate_over_groups_fused_equals_eager(frozen: bool) -> None:
+    start = [p.detach().clone() for _, p in make_params(torch.float64)]
+    a = _prodigy_groups(False, frozen)
+    b = _prodigy_groups(True, frozen)
+    assert b[1].compile_seconds > 0
+    assert_same(*a, *b, rtol=1e-12, atol=1e-14)
+    moved = [not torch.equal(p.detach(), s) for (_, p), s in zip(b[0], start)]
+    assert moved == [True] * 4 + [not frozen] * (len(moved) - 4)
+
+
+def test_prodigy_slice_p_runs_eagerly_on_the_fused_path() -> None:
+    # slice_p > 1 keeps strided per-tensor slices, which a flat buffer does not hold
+    named = make_params(torch.float32)
+    opt = gc.ChainOptimizer(named, recipes.prodigy(slice_p=3), fused=True)
+    assert opt.fused_plan() == [("eager", ["prodigy"])]

@@ -57,6 +57,31 @@ def _segment(leaves: list[Leaf], last: bool):
     return types.FunctionType(run.__code__.replace(), run.__globals__, "fused_segment", None, run.__closure__)
 
 
+def _phase(transform: Transform, name: str, last: bool):
+    """One per-bucket pass of a transform that reduces over every bucket (``fused_phases``: pass 1
+    ``accumulate``, one eager ``estimate``, pass 2 ``finish``), as a function over a flat bucket."""
+
+    def run(params, grads, updates, state, hp, flags, coefs, acc, dtype):
+        b = Bucket(params, grads, dict(state), [], [None], {}, None, {}, dtype, step_values=[], tensor_scalars=True)
+        if updates is not None:
+            b.updates = list(updates)
+        if name == "accumulate":
+            out = transform.accumulate(b, hp, flags, coefs, acc, reuse=False)[0]
+        else:
+            transform.finish(b, hp, flags, coefs, None)
+        for key, lst in b.state.items():
+            if lst[0] is not state[key][0]:
+                state[key][0].copy_(lst[0])
+        if name == "accumulate":
+            return out
+        if last:
+            b.write()
+            return None
+        return b.materialize()[0]
+
+    return types.FunctionType(run.__code__.replace(), run.__globals__, f"fused_{name}", None, run.__closure__)
+
+
 def _tensorize(value: Any, device: torch.device) -> Any:
     if isinstance(value, bool) or value is None or isinstance(value, str):
         return value
@@ -85,9 +110,12 @@ class Segment:
         self.static = frozenset(g for t in transforms for k, g in getattr(t, "_keys", {}).items()
                                 if k in getattr(t, "static", ()))
         self.segmented = any(getattr(t, "segmented", False) for t in transforms)
-        self._fns: dict[int, Any] = {}
+        # a transform whose two passes compile around one reduction over every bucket (Prodigy)
+        self.phased = transforms[0] if len(transforms) == 1 and getattr(transforms[0], "fused_phases", False) \
+            else None
+        self._fns: dict[Any, Any] = {}
         self._eager_fn = None
-        self._failed: set[int] = set()
+        self._failed: set[Any] = set()
         self.compile_seconds = 0.0
 
     def keys(self, fb: FlatBucket) -> set[str]:
@@ -112,9 +140,10 @@ class FusedChain:
             transform = self.wrapper.inner
         top = transform.children if isinstance(transform, Chain) else [transform]
         runs: list[tuple[bool, list[Transform]]] = []
+        phased = {id(t) for t in top if getattr(t, "fused_phases", False)}
         for t in top:
             fusable = isinstance(t, Leaf) and (t.elementwise or t.segmented)
-            if runs and runs[-1][0] == fusable:
+            if runs and runs[-1][0] == fusable and not phased.intersection({id(t), id(runs[-1][1][-1])}):
                 runs[-1][1].append(t)
             else:
                 runs.append((fusable, [t]))
@@ -124,11 +153,11 @@ class FusedChain:
             runs = [(fusable and not all(_deferred(t) for t in ts), ts) for fusable, ts in runs]
         merged: list[tuple[bool, list[Transform]]] = []
         for fusable, ts in runs:
-            if merged and merged[-1][0] == fusable:
+            if merged and merged[-1][0] == fusable and not phased.intersection({id(ts[0]), id(merged[-1][1][-1])}):
                 merged[-1][1].extend(ts)
             else:
                 merged.append((fusable, list(ts)))
-        self.segments = [Segment(ts, compiled=fusable) for fusable, ts in merged]
+        self.segments = [Segment(ts, compiled=fusable or id(ts[0]) in phased) for fusable, ts in merged]
         if self.segments:
             self.segments[-1].last = True
         # nothing to compile: the fused step is the eager step (over the same flat storage)
@@ -162,7 +191,10 @@ class FusedChain:
         updates: list[Tensor | None] = [None] * len(flats)
         tensor_hp = [None] * len(flats)
         for seg in self.segments:
-            if seg.compiled:
+            if seg.phased is not None:
+                updates = self._run_phased(seg, flats, groups, grads, updates, resolved, host_steps, loss, shared,
+                                           dtypes)
+            elif seg.compiled:
                 for i, fb in enumerate(flats):
                     updates[i] = self._run_compiled(seg, i, fb, grads[i], updates[i], resolved[i], tensor_hp,
                                                     host_steps[i], loss, dtypes[i])
@@ -214,6 +246,67 @@ class FusedChain:
                                    [dtype])[0]
         return seg.eager_fn()([fb.flat_params], [grad], upd, state, resolved, resolved, host_step, loss, dtype,
                               False, segments)
+
+    def _run_phased(self, seg: Segment, flats: list[FlatBucket], groups: list, grads: list[Tensor],
+                    updates: list[Tensor | None], resolved: list[dict], host_steps: list[float],
+                    loss: Tensor | None, shared: dict, dtypes: list[torch.dtype]) -> list[Tensor | None]:
+        t = seg.phased
+        keys = [seg.keys(fb) for fb in flats]
+        if any(k not in fb.flat_state for fb, ks in zip(flats, keys) for k in ks):
+            return self._run_eager(seg, flats, groups, grads, updates, resolved, host_steps, loss, shared, dtypes)
+        gstate = shared["global_state"]
+        hps = [{k: r[g] for k, g in t._keys.items()} for r in resolved]
+        c = t.prepare(hps, gstate)
+        flags = [t.bucket_flags(hp) for hp in hps]
+        live = [] if c is None else [i for i, f in enumerate(flags) if not f["frozen"]]
+        if live:
+            device = c["d"].device
+            thp = [{k: _tensorize(v, fb.device) for k, v in hp.items()} for hp, fb in zip(hps, flats)]
+            acc = (torch.zeros_like(c["d"]), torch.zeros_like(c["d"]))
+            coefs = {k: _tensorize(v, device) for k, v in c.items()}
+            for i in live:
+                acc = self._call_phase(seg, "accumulate", i, flats[i], keys[i], grads[i], updates[i], thp[i],
+                                       flags[i], coefs, acc, dtypes[i])
+            c = t.estimate(c, acc, gstate)
+            coefs = {k: _tensorize(v, device) for k, v in c.items()}
+        out: list[Tensor | None] = []
+        for i, fb in enumerate(flats):
+            if i in live:
+                out.append(self._call_phase(seg, "finish", i, fb, keys[i], grads[i], updates[i], thp[i], flags[i],
+                                            coefs, None, dtypes[i]))
+            else:  # a frozen group (lr 0): nothing moves
+                out.append(None if seg.last else torch.zeros_like(grads[i], dtype=dtypes[i]))
+        return out
+
+    def _call_phase(self, seg: Segment, name: str, i: int, fb: FlatBucket, keys: set[str], grad: Tensor,
+                    update: Tensor | None, hp: dict, flags: dict, coefs: dict, acc: Any, dtype: torch.dtype) -> Any:
+        state = {k: [fb.flat_state[k]] for k in keys}
+        args = ([fb.flat_params], [grad], None if update is None else [update], state, hp, flags, coefs, acc, dtype)
+        fns = seg._fns.setdefault(name, {})
+        if self.compile and (name, i) not in seg._failed:
+            fn = fns.get(i)
+            first = fn is None
+            if first:
+                fn = fns[i] = torch.compile(_phase(seg.phased, name, seg.last), fullgraph=True, dynamic=False,
+                                            backend=hoisting_backend(BACKEND))
+            try:
+                t0 = time.perf_counter()
+                out = fn(*args)
+                if first:
+                    seg.compile_seconds += time.perf_counter() - t0
+                return out
+            except Exception as err:  # noqa: BLE001 - a tracing failure runs the same pass uncompiled
+                if not first:
+                    raise
+                seg._failed.add((name, i))
+                warnings.warn(
+                    f"gradchain fused path: could not compile {seg.phased.name}.{name} "
+                    f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); it runs eagerly "
+                    "over the flat buffers instead",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+        return _phase(seg.phased, name, seg.last)(*args)
 
     @staticmethod
     def _run_eager(seg: Segment, flats: list[FlatBucket], groups: list, grads: list[Tensor],

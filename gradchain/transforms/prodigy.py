@@ -124,6 +124,144 @@ class Prodigy(Transform):
             )
         return {**first, "lr": lrs[-1]}
 
+    # -- the step: pass 1 per bucket, one estimate of d, pass 2 per bucket -----------------------
+    # The fused path compiles the two passes over each flat bucket (with ``reuse=False`` and 0-d
+    # tensor hyperparameters) and runs ``prepare`` and ``estimate``, host checks and 0-d math, once.
+    fused_phases = property(lambda self: self.slice_p == 1)
+
+    def prepare(self, hps: list[dict[str, Any]], gstate: StateDict) -> dict[str, Any] | None:
+        """The coefficients of this step from every group's hyperparameters (host numbers) and the old
+        d; None when every group is frozen (lr 0)."""
+        shared = self._shared_hp(hps)
+        lr = float(shared["lr"])
+        b1, b2 = (float(x) for x in shared["betas"])
+        b3 = math.sqrt(b2) if shared["beta3"] is None else float(shared["beta3"])
+        if b1 > 0 and not self.momentum:
+            raise ValueError(f"{self.name}: built with betas[0] = 0 (no first moment kept); a group sets betas[0]={b1}")
+        if lr == 0.0:  # every group frozen: nothing moves, not even the estimate
+            return None
+        d, k = gstate[self.name + ".d"], gstate[self.name + ".k"]
+        if self.use_bias_correction:
+            dlr = d * lr * ((1.0 - b2 ** (k + 1.0)).sqrt() / (1.0 - b1 ** (k + 1.0)))
+        else:
+            dlr = d * lr
+        ratio = d / self.d0  # d / d0 keeps the numerator and s from becoming tiny
+        num_coef = ratio * dlr
+        return {"b1": b1, "b2": b2, "b3": b3, "use_m": b1 > 0, "d": d, "dlr": dlr, "num_coef": num_coef,
+                "s_coef": ratio * d if self.safeguard_warmup else num_coef,
+                "d_coef": float(shared["d_coef"]), "growth": float(shared["growth_rate"])}
+
+    def bucket_flags(self, hp: dict[str, Any]) -> dict[str, bool]:
+        """Host branches of one group: frozen (lr 0), and which form its weight decay takes."""
+        wd = float(hp["weight_decay"])
+        return {"frozen": float(hp["lr"]) == 0.0, "coupled_wd": wd != 0.0 and not self.decouple,
+                "decoupled_wd": wd != 0.0 and self.decouple}
+
+    def _direction(self, b: Bucket, hp: dict[str, Any], flags: dict[str, bool]) -> tuple[list[Tensor], list[Tensor]]:
+        g = b.materialize()
+        params = [p if p.dtype == b.dtype else p.to(b.dtype) for p in b.params]
+        if flags["coupled_wd"]:
+            wd = hp["weight_decay"]
+            g = ([torch.addcmul(x, p, wd) for x, p in zip(g, params, strict=True)] if isinstance(wd, Tensor)
+                 else torch._foreach_add(g, params, alpha=float(wd)))
+        return g, params
+
+    def accumulate(self, b: Bucket, hp: dict[str, Any], flags: dict[str, bool], c: dict[str, Any],
+                   acc: tuple[Tensor, Tensor], reuse: bool) -> tuple[tuple[Tensor, Tensor], Any]:
+        """Pass 1 over one bucket: m, v and s with the old d; adds the bucket's terms of the
+        numerator's increment and of ``|s|_1`` to ``acc``. Returns the new sums and what pass 2 may
+        reuse (the direction and, with ``reuse``, scratch buffers)."""
+        pre = self.name + "."
+        g, params = self._direction(b, hp, flags)
+        d = c["d"]
+        dt = d.dtype
+        p0, s, v = b.state[pre + "p0"], b.state[pre + "s"], b.state[pre + "exp_avg_sq"]
+        p_sl, g_sl = [self._sliced(p) for p in params], [self._sliced(x) for x in g]
+        diffs = torch._foreach_sub(p0, p_sl)
+        # one scratch buffer per tensor, reused for every temporary of the step: each fresh
+        # model-sized temporary costs page faults on CPU, and the results keep their bits. out= takes
+        # plain tensors only (DTensor has no rule for it); with slice_p == 1 the scratch has the
+        # params' shapes and serves pass 2 too
+        reuse = reuse and bool(params) and not hasattr(params[0], "device_mesh")
+        full = reuse and self.slice_p == 1
+        dot_sum, l1_sum = acc
+        for x, y in zip(g_sl, diffs, strict=True):
+            dot = (x * y).sum() if hasattr(x, "device_mesh") else torch.dot(x.reshape(-1), y.reshape(-1))
+            # term by term, in the official order: the estimate is a ratio of sums that cancel
+            dot_sum = dot_sum + c["num_coef"] * _plain(dot).to(device=d.device, dtype=dt)
+        like = params[0]
+        n = len(g)
+        b1, b2 = c["b1"], c["b2"]
+        # addcmul with a 0-d coefficient is the fused multiply-add of the official add_(g, alpha=c):
+        # the same bits, which matter because p0 - p is tiny in the first steps
+        if self.momentum:
+            m = b.state[pre + "exp_avg"]
+            torch._foreach_mul_(m, b1)
+            torch._foreach_addcmul_(m, g, [_like(d * (1.0 - b1), like, b.dtype)] * n)
+        torch._foreach_mul_(v, b2)
+        c2 = _like(d * d * (1.0 - b2), like, b.dtype)
+        if full:
+            for vi, gi, w in zip(v, g, diffs, strict=True):
+                vi.addcmul_(torch.mul(gi, c2, out=w), gi)
+        else:
+            torch._foreach_addcmul_(v, torch._foreach_mul(g, c2), g)
+        torch._foreach_mul_(s, c["b3"])
+        torch._foreach_addcmul_(s, g_sl, [_like(c["s_coef"], like, b.dtype)] * n)
+        for x, w in zip(s, diffs, strict=True):  # s has the sliced shape, as the differences
+            n1 = _plain((torch.abs(x, out=w) if reuse else x.abs()).sum()).to(device=d.device, dtype=dt)
+            l1_sum = l1_sum + n1
+        return (dot_sum, l1_sum), (g, diffs if full else None)
+
+    def estimate(self, c: dict[str, Any], acc: tuple[Tensor, Tensor], gstate: StateDict) -> dict[str, Any]:
+        """d from the sums over every bucket: ``d_hat = d_coef N / |s|_1``, d only grows (at most by
+        growth_rate). Updates the optimizer-level state; returns ``c`` with pass 2's step and new d."""
+        pre = self.name + "."
+        d, d_max, num, k = (gstate[pre + x] for x in ("d", "d_max", "d_numerator", "k"))
+        dot_sum, l1_sum = acc
+        new_num = num * c["b3"] + dot_sum
+        d_hat = c["d_coef"] * new_num / l1_sum
+        new_d = torch.where(d == self.d0, torch.maximum(d, d_hat), d)
+        new_d_max = torch.maximum(d_max, d_hat)
+        new_d = torch.minimum(new_d_max, new_d * c["growth"])
+        # no gradient signal at all (|s|_1 = 0): the official optimizer returns before the step
+        go = l1_sum > 0
+        d_next = torch.where(go, new_d, d)
+        num.copy_(torch.where(go, new_num, num))
+        d_max.copy_(torch.where(go, new_d_max, d_max))
+        k.add_(go.to(d.dtype))
+        step = torch.where(go, -c["dlr"], torch.zeros_like(c["dlr"]))
+        d.copy_(d_next)
+        return {**c, "step": step, "d_next": d_next}
+
+    def finish(self, b: Bucket, hp: dict[str, Any], flags: dict[str, bool], c: dict[str, Any], carry: Any) -> None:
+        """Pass 2 over one bucket: the update, with the old d in the step size and the new d in eps."""
+        pre = self.name + "."
+        if carry is None:
+            g, scratch = self._direction(b, hp, flags)[0], None
+        else:
+            g, scratch = carry
+        params = [p if p.dtype == b.dtype else p.to(b.dtype) for p in b.params]
+        like = params[0]
+        step, d_next = c["step"], c["d_next"]
+        v = b.state[pre + "exp_avg_sq"]
+        denom = (torch._foreach_sqrt(v) if scratch is None
+                 else [torch.sqrt(x, out=w) for x, w in zip(v, scratch, strict=True)])
+        torch._foreach_add_(denom, _like(d_next * hp["eps"], like, b.dtype))
+        if c["use_m"]:
+            out = torch._foreach_mul(b.state[pre + "exp_avg"], _like(step, like, b.dtype))
+        else:
+            out = torch._foreach_mul(g, _like(step * d_next, like, b.dtype))
+        torch._foreach_div_(out, denom)
+        if flags["decoupled_wd"]:
+            # the official optimizer decays p, then steps (two roundings): form that target and
+            # return target - p, which the final write turns back into the target's bits
+            decay = _like(step * hp["weight_decay"], like, b.dtype)
+            target = torch._foreach_addcmul(params, params, [decay] * len(params))
+            torch._foreach_add_(target, out)
+            torch._foreach_sub_(target, params)
+            out = target
+        b.updates = out
+
     def apply(self, buckets: list[Bucket]) -> None:
         live = [b for b in buckets if len(b)]
         if not live:
@@ -131,127 +269,25 @@ class Prodigy(Transform):
         gstate = live[0].shared.get("global_state")
         if gstate is None:
             raise RuntimeError(f"{self.name}: Prodigy keeps optimizer-level state; run it in a ChainOptimizer")
-        pre = self.name + "."
         hps = [self._hp(b) for b in live]
-        shared = self._shared_hp(hps)
-        lr = float(shared["lr"])
-        b1, b2 = (float(x) for x in shared["betas"])
-        b3 = math.sqrt(b2) if shared["beta3"] is None else float(shared["beta3"])
-        d_coef, growth = float(shared["d_coef"]), float(shared["growth_rate"])
-        if b1 > 0 and not self.momentum:
-            raise ValueError(f"{self.name}: built with betas[0] = 0 (no first moment kept); a group sets betas[0]={b1}")
-        if lr == 0.0:  # every group frozen: nothing moves, not even the estimate
+        c = self.prepare(hps, gstate)
+        flags = [self.bucket_flags(hp) for hp in hps]
+        carries: dict[int, Any] = {}
+        if c is not None:
+            acc = (torch.zeros_like(c["d"]), torch.zeros_like(c["d"]))
+            for i, b in enumerate(live):
+                if not flags[i]["frozen"]:
+                    acc, carries[i] = self.accumulate(b, hps[i], flags[i], c, acc, reuse=True)
+        if c is None or not carries:  # only frozen groups have grads
             for b in live:
                 b.updates = [torch.zeros_like(u) for u in b.materialize()]
             return
-        d, d_max, num, k = (gstate[pre + x] for x in ("d", "d_max", "d_numerator", "k"))
-        dt = d.dtype
-        if self.use_bias_correction:
-            bc = (1.0 - b2 ** (k + 1.0)).sqrt() / (1.0 - b1 ** (k + 1.0))
-            dlr = d * lr * bc
-        else:
-            dlr = d * lr
-        ratio = d / self.d0  # d / d0 keeps the numerator and s from becoming tiny
-        num_coef = ratio * dlr
-        s_coef = ratio * d if self.safeguard_warmup else num_coef
-
-        # pass 1: the moments and s with the old d; the numerator's increment and |s|_1
-        dot_sum: Tensor | None = None
-        l1_sum: Tensor | None = None
-        grads: list[list[Tensor] | None] = []
-        # one scratch buffer per tensor, reused for every temporary of the step: each fresh
-        # model-sized temporary costs page faults on CPU, and the results keep their bits
-        scratch: list[list[Tensor] | None] = []
-        for b, hp in zip(live, hps, strict=True):
-            if float(hp["lr"]) == 0.0:
-                grads.append(None)
-                scratch.append(None)
-                continue
-            g = b.materialize()
-            params = [p if p.dtype == b.dtype else p.to(b.dtype) for p in b.params]
-            wd = float(hp["weight_decay"])
-            if wd != 0.0 and not self.decouple:
-                g = torch._foreach_add(g, params, alpha=wd)
-            grads.append(g)
-            p0, s, v = b.state[pre + "p0"], b.state[pre + "s"], b.state[pre + "exp_avg_sq"]
-            p_sl, g_sl = [self._sliced(p) for p in params], [self._sliced(x) for x in g]
-            diffs = torch._foreach_sub(p0, p_sl)
-            # out= into the scratch: plain tensors only (DTensor has no rule for it); with slice_p == 1
-            # the scratch has the params' shapes and serves pass 2 too
-            reuse = not hasattr(params[0], "device_mesh") if params else False
-            full = reuse and self.slice_p == 1
-            scratch.append(diffs if full else None)
-            for x, y in zip(g_sl, diffs, strict=True):
-                dot = (x * y).sum() if hasattr(x, "device_mesh") else torch.dot(x.reshape(-1), y.reshape(-1))
-                # term by term, in the official order: the estimate is a ratio of sums that cancel
-                term = num_coef * _plain(dot).to(device=d.device, dtype=dt)
-                dot_sum = term if dot_sum is None else dot_sum + term
-            like = params[0]
-            n = len(g)
-            # addcmul with a 0-d coefficient is the fused multiply-add of the official add_(g, alpha=c):
-            # the same bits, which matter because p0 - p is tiny in the first steps
-            if self.momentum:
-                m = b.state[pre + "exp_avg"]
-                torch._foreach_mul_(m, b1)
-                torch._foreach_addcmul_(m, g, [_like(d * (1.0 - b1), like, b.dtype)] * n)
-            torch._foreach_mul_(v, b2)
-            c2 = _like(d * d * (1.0 - b2), like, b.dtype)
-            if full:
-                for vi, gi, w in zip(v, g, diffs, strict=True):
-                    vi.addcmul_(torch.mul(gi, c2, out=w), gi)
+        c = self.estimate(c, acc, gstate)
+        for i, b in enumerate(live):
+            if i in carries:
+                self.finish(b, hps[i], flags[i], c, carries[i])
             else:
-                torch._foreach_addcmul_(v, torch._foreach_mul(g, c2), g)
-            torch._foreach_mul_(s, b3)
-            torch._foreach_addcmul_(s, g_sl, [_like(s_coef, like, b.dtype)] * n)
-            for x, w in zip(s, diffs, strict=True):  # s has the sliced shape, as the differences
-                n1 = _plain((torch.abs(x, out=w) if reuse else x.abs()).sum()).to(device=d.device, dtype=dt)
-                l1_sum = n1 if l1_sum is None else l1_sum + n1
-
-        # the estimate: d_hat = d_coef * numerator / |s|_1, d only grows (at most by growth_rate)
-        if l1_sum is None:  # only frozen groups have grads
-            for b in live:
                 b.updates = [torch.zeros_like(u) for u in b.materialize()]
-            return
-        assert dot_sum is not None
-        new_num = num * b3 + dot_sum
-        d_hat = d_coef * new_num / l1_sum
-        new_d = torch.where(d == self.d0, torch.maximum(d, d_hat), d)
-        new_d_max = torch.maximum(d_max, d_hat)
-        new_d = torch.minimum(new_d_max, new_d * growth)
-        # no gradient signal at all (|s|_1 = 0): the official optimizer returns before the step
-        go = l1_sum > 0
-        d_next = torch.where(go, new_d, d)
-        num.copy_(torch.where(go, new_num, num))
-        d_max.copy_(torch.where(go, new_d_max, d_max))
-        k.add_(go.to(dt))
-        step = torch.where(go, -dlr, torch.zeros_like(dlr))
-
-        # pass 2: the step, with the old d in the step size and the new d in eps
-        for b, hp, g, w in zip(live, hps, grads, scratch, strict=True):
-            if g is None:
-                b.updates = [torch.zeros_like(u) for u in b.materialize()]
-                continue
-            params = [p if p.dtype == b.dtype else p.to(b.dtype) for p in b.params]
-            like = params[0]
-            if w is None:
-                denom = torch._foreach_sqrt(b.state[pre + "exp_avg_sq"])
-            else:
-                denom = [torch.sqrt(v, out=x) for v, x in zip(b.state[pre + "exp_avg_sq"], w, strict=True)]
-            torch._foreach_add_(denom, _like(d_next * float(hp["eps"]), like, b.dtype))
-            if b1 > 0:
-                out = torch._foreach_mul(b.state[pre + "exp_avg"], _like(step, like, b.dtype))
-            else:
-                out = torch._foreach_mul(g, _like(step * d_next, like, b.dtype))
-            torch._foreach_div_(out, denom)
-            wd = float(hp["weight_decay"])
-            if wd != 0.0 and self.decouple:
-                # the official optimizer decays p, then steps (two roundings): form that target and
-                # return target - p, which the final write turns back into the target's bits
-                target = torch._foreach_addcmul(params, params, [_like(step * wd, like, b.dtype)] * len(params))
-                torch._foreach_add_(target, out)
-                out = torch._foreach_sub_(target, params) or target
-            b.updates = out
-        d.copy_(d_next)
 
 
 def scale_by_prodigy(
