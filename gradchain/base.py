@@ -143,9 +143,10 @@ class Bucket:
         else:
             self.updates = list(grads)
         self.tensor_scalars = tensor_scalars
-        if step_values is None:
-            step_values = list(steps) if tensor_scalars else (torch.stack(steps).tolist() if steps else [])
-        self.step_values: list = step_values
+        if step_values is None and tensor_scalars:
+            step_values = list(steps)
+        # host step numbers, read from ``steps`` when first asked for (most chains never ask)
+        self._step_values: list | None = step_values
         # hyperparameters already resolved (schedules evaluated, checked) for this step, by group key
         self.resolved = resolved
         # on the fused path's flat buffer: FlatBucket.segments() (lengths, ids, numels, names, shapes)
@@ -159,6 +160,17 @@ class Bucket:
         return len(self.params)
 
     # -- the step count -------------------------------------------------------------------
+    @property
+    def step_values(self) -> list:
+        """Each tensor's step number (this step included): floats on the eager path, 0-d tensors traced."""
+        if self._step_values is None:
+            self._step_values = torch.stack(self.steps).tolist() if self.steps else []
+        return self._step_values
+
+    @step_values.setter
+    def step_values(self, values: list) -> None:
+        self._step_values = values
+
     @property
     def step(self) -> Any:
         """The step number (1-based, this step included) if it is the same for every tensor.

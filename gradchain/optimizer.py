@@ -101,6 +101,8 @@ class ChainOptimizer(torch.optim.Optimizer):
         self._flats: dict[tuple, FlatBucket] = {}
         self._warned: set = set()
         self._proven: set = set()
+        # per bucket: one vector of step counts whose 0-d views are the state["step"] tensors
+        self._step_vectors: dict[tuple, tuple[Tensor, list[Tensor]]] = {}
         self._created: list = []
 
     # -- groups -------------------------------------------------------------------------------
@@ -195,21 +197,24 @@ class ChainOptimizer(torch.optim.Optimizer):
     def _resolve(self, group: dict, step: int) -> dict[str, Any]:
         return resolve_group(self.transform, group, step)
 
-    def _buckets(self, loss: Tensor | None, batch_size: Any = None) -> tuple[list[Bucket], list[list[dict]]]:
+    def _buckets(self, loss: Tensor | None, batch_size: Any = None,
+                 collected: list | None = None) -> tuple[list[Bucket], list[list[dict]]]:
         shared: dict[str, Any] = {}
         compiling = torch.compiler.is_compiling()
         plans = []
         # every hyperparameter (schedules included) is resolved and checked before any state moves
-        for _, group, items in self._collect():
+        for gi, group, items in self._collect() if collected is None else collected:
             sts = [x[2] for x in items]
             steps = [st["step"] for st in sts]
             if compiling:
-                plans.append((group, items, steps, None, None))
+                plans.append((gi, group, items, steps, None))
                 continue
-            values = [v + 1.0 for v in torch.stack(steps).tolist()]
-            plans.append((group, items, steps, values, self._resolve(group, int(max(values)))))
+            # the host step count (one read of every step tensor) only for a schedule to evaluate
+            scheduled = any(callable(group[k]) and not isinstance(group[k], Tensor) for k in self.transform.hyperparams)
+            step = int(max(torch.stack(steps).tolist())) + 1 if scheduled else 0
+            plans.append((gi, group, items, steps, self._resolve(group, step)))
         buckets, states = [], []
-        for group, items, steps, values, resolved in plans:
+        for gi, group, items, steps, resolved in plans:
             params = [x[0] for x in items]
             grads = [x[1] for x in items]
             if group["maximize"]:
@@ -217,7 +222,10 @@ class ChainOptimizer(torch.optim.Optimizer):
             sts = [x[2] for x in items]
             keys = {k for st in sts for k in st if k != "step"}
             lists = {k: [st.get(k) for st in sts] for k in keys}
-            torch._foreach_add_(steps, 1.0)
+            if compiling:
+                torch._foreach_add_(steps, 1.0)
+            else:
+                steps = self._advance_steps((gi, items[0][0].device, items[0][0].dtype), sts, steps)
             if compiling:
                 # a traced step: step counts stay tensors, so the graph does not depend on their values
                 resolved = {k: group[k] for k in self.transform.hyperparams}
@@ -226,7 +234,7 @@ class ChainOptimizer(torch.optim.Optimizer):
                 Bucket(params, grads, lists, steps, [x[3] for x in items], group, loss, shared, self.state_dtype,
                        batch_size=batch_size, tensor_scalars=compiling,
                        # traced: float64 step tensors, so bias corrections keep the eager path's precision
-                       step_values=[t.to(torch.float64) for t in steps] if compiling else values,
+                       step_values=[t.to(torch.float64) for t in steps] if compiling else None,
                        resolved=resolved)
             )
             states.append(sts)
@@ -234,8 +242,25 @@ class ChainOptimizer(torch.optim.Optimizer):
             shared["global_state"] = self._init_global_state(buckets[0].params[0].device)
         return buckets, states
 
-    def _step_eager(self, loss: Tensor | None, batch_size: Any) -> None:
-        buckets, states = self._buckets(loss, batch_size)
+    def _advance_steps(self, key: tuple, sts: list[dict], steps: list[Tensor]) -> list[Tensor]:
+        """Add 1 to every step count of a bucket: one add over a vector whose 0-d views are the
+        ``state["step"]`` tensors (made so at the first step), rather than a small op per tensor."""
+        cached = self._step_vectors.get(key)
+        if cached is None or len(cached[1]) != len(steps) or any(a is not b for a, b in zip(cached[1], steps)):
+            t0 = steps[0]
+            if any(t.dim() or t.dtype != t0.dtype or t.device != t0.device or hasattr(t, "device_mesh")
+                   for t in steps):
+                torch._foreach_add_(steps, 1.0)
+                return steps
+            vec = torch.stack([t.detach() for t in steps])
+            cached = self._step_vectors[key] = (vec, list(vec.unbind()))
+            for st, v in zip(sts, cached[1], strict=True):
+                st["step"] = v
+        cached[0].add_(1.0)
+        return cached[1]
+
+    def _step_eager(self, loss: Tensor | None, batch_size: Any, collected: list | None = None) -> None:
+        buckets, states = self._buckets(loss, batch_size, collected)
         if not buckets:
             return
         self.transform.apply(buckets)
@@ -280,13 +305,15 @@ class ChainOptimizer(torch.optim.Optimizer):
             self._step_eager(loss_t, batch_size)
             return loss
         self._created = []
-        key = self._structure(loss_t, batch_size)
-        guard = self.atomic == "always" or key not in self._proven
-        snapshot = self._snapshot() if guard else None
+        snapshot = None
         try:
+            collected = self._collect()
+            key = self._structure(loss_t, batch_size, collected)
+            guard = self.atomic == "always" or key not in self._proven
+            snapshot = self._snapshot(collected) if guard else None
             fused = self.fused and batch_size is None and not self._fused_chain.all_eager
-            if not (fused and self._step_fused(loss_t)):
-                self._step_eager(loss_t, batch_size)
+            if not (fused and self._step_fused(loss_t, collected)):
+                self._step_eager(loss_t, batch_size, collected)
         except BaseException:
             self._rollback(snapshot)
             raise
@@ -294,17 +321,21 @@ class ChainOptimizer(torch.optim.Optimizer):
         return loss
 
     # -- all or nothing ------------------------------------------------------------------------
-    def _structure(self, loss: Tensor | None, batch_size: Any) -> tuple:
-        sizes = tuple(sum(p.grad is not None for p in g["params"]) for g in self.param_groups)
-        return (loss is None, batch_size is None, sizes, tuple(len(g["params"]) for g in self.param_groups))
+    def _structure(self, loss: Tensor | None, batch_size: Any, collected: list) -> tuple:
+        sizes = [0] * len(self.param_groups)
+        for gi, _, items in collected:
+            sizes[gi] += len(items)
+        return (loss is None, batch_size is None, tuple(sizes), tuple(len(g["params"]) for g in self.param_groups))
 
-    def _snapshot(self) -> dict[str, Any]:
-        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+    def _snapshot(self, collected: list) -> dict[str, Any]:
+        params = [x[0] for _, _, items in collected for x in items]
+        # state made by this step's _collect is dropped on rollback, not restored
+        created = set(map(id, self._created))
         return {
             "params": [(p, p.detach().clone()) for p in params],
             "state": {p: (dict(self.state[p]), {k: v.detach().clone() for k, v in self.state[p].items()
                                                 if isinstance(v, Tensor)})
-                      for p in params if self.state.get(p)},
+                      for p in params if id(p) not in created and self.state.get(p)},
             "global": (dict(self.global_state), {k: v.clone() for k, v in self.global_state.items()}),
         }
 
@@ -330,11 +361,11 @@ class ChainOptimizer(torch.optim.Optimizer):
             fb.step_host = None
 
     # -- the fused path ------------------------------------------------------------------------
-    def _step_fused(self, loss: Tensor | None) -> bool:
+    def _step_fused(self, loss: Tensor | None, collected: list) -> bool:
         """One step over flat buffers; False (nothing done) when a bucket cannot take it this step."""
         flats, groups, resolved, host_steps, dtypes, labels = [], [], [], [], [], []
         routes = self._fused_chain if isinstance(self._fused_chain, FusedRoutes) else None
-        for gi, group, bucket in self._collect():
+        for gi, group, bucket in collected:
             for label, items in self._by_label(routes, bucket):
                 if not self._add_flat(gi, group, label, items, flats, groups, dtypes):
                     return False

@@ -44,7 +44,9 @@ def trace(momentum: float = 0.9, dampening: float = 0.0, nesterov: bool = False,
         # torch's b_1 = g: the buffer is still zero at a tensor's first step, and no dampening applies
         # then, nor without momentum
         ops.mul_(buf, mu)
-        ops.axpy_(buf, updates, ctx.per_step(lambda t: 1.0 - damp * (t > 1) * (mu != 0)))
+        # no dampening: the same 1.0 at every step, without reading the step counts to the host
+        no_damp = isinstance(damp, (int, float)) and damp == 0
+        ops.axpy_(buf, updates, 1.0 if no_damp else ctx.per_step(lambda t: 1.0 - damp * (t > 1) * (mu != 0)))
         if hp["nesterov"]:
             out = [u.clone() for u in updates] if ctx.tensor_scalars else torch._foreach_add(updates, buf, alpha=mu)
             if ctx.tensor_scalars:

@@ -56,11 +56,13 @@ class _StableWD(Declared):
         for b in live:
             v = self._second_moments(b)
             b2 = float(self._group_value(b, self._betas_key)[1])
+            sharded = hasattr(v[0], "device_mesh")
             # sum() stays a Partial DTensor under FSDP2 through the divisions and additions below:
-            # the whole mean then costs one all-reduce
-            sums = [t.sum() for t in v]
+            # the whole mean then costs one all-reduce. Plain v >= 0: its L1 norms are its sums, one
+            # call for the bucket rather than a small op per tensor
+            sums = [t.sum() for t in v] if sharded else list(torch._foreach_norm(v, 1))
             torch._foreach_div_(sums, b.per_step(lambda t, b2=b2: 1.0 - b2**t))
-            for s in sums:
+            for s in sums if sharded else [torch.stack(sums).sum()]:
                 s = s.to(device=live[0].params[0].device)
                 total = s if total is None else total + s
             count += sum(t.numel() for t in v)
