@@ -239,6 +239,36 @@ def test_uneven_step_counts_match_torch_adam() -> None:
         torch.testing.assert_close(p, q, rtol=0, atol=1e-13)
 
 
+def test_step_counts_are_views_of_one_vector_and_survive_a_checkpoint() -> None:
+    """The eager path advances a bucket's step counts with one add: state["step"] are 0-d views of
+    one vector. A param that misses a step keeps its count, and a loaded checkpoint continues."""
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(4)) for _ in range(5)]
+    opt = ChainOptimizer(params, recipes.adam(lr=0.1))
+    for i in range(3):
+        for j, p in enumerate(params):
+            p.grad = None if (i == 1 and j == 0) else torch.randn(4)
+        opt.step()
+    steps = [opt.state[p]["step"] for p in params]
+    assert [float(t) for t in steps] == [2.0, 3.0, 3.0, 3.0, 3.0]
+    assert len({t.untyped_storage().data_ptr() for t in steps}) == 1 and all(t.dim() == 0 for t in steps)
+    steps[2].fill_(7.0)  # a user's in-place edit of one count is that param's count
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    other = ChainOptimizer(copies, recipes.adam(lr=0.1))
+    other.load_state_dict(torch.load(io.BytesIO(buf.getvalue())))
+    for q, p in zip(copies, params):
+        q.grad = torch.ones(4)
+        p.grad = torch.ones(4)
+    opt.step()
+    other.step()
+    assert [float(other.state[q]["step"]) for q in copies] == [3.0, 4.0, 8.0, 4.0, 4.0]
+    for p, q in zip(params, copies):
+        torch.testing.assert_close(q, p, rtol=0, atol=0)
+        assert float(opt.state[p]["step"]) == float(other.state[q]["step"])
+
+
 def test_grad_none_param_untouched_and_sparse_error() -> None:
     used, unused = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2))
     opt = ChainOptimizer([used, unused], recipes.adamw(lr=0.1))
