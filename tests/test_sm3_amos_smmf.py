@@ -112,6 +112,22 @@ def test_sm3_state_and_edges() -> None:
     _close([x.double() for x in got], ref_sm3([g.bfloat16().double() for g in gs]), rtol=1e-5)
 
 
+@pytest.mark.parametrize("eps", [1e-8, 0.0])
+def test_sm3_mixed_bucket_equals_one_tensor_at_a_time(eps: float) -> None:
+    # the vectors of a bucket take list ops together, the other tensors a loop: neither may see the other
+    shapes = [(4, 3), (5,), (), (0,), (4, 3, 2), (7,)]
+    gss = [_grads(s, 3, seed) for seed, s in enumerate(shapes)]
+    for gs in gss:
+        gs[1] = gs[1] * 0  # a zero gradient (with eps = 0: 0, not 0/0)
+    t = gc.scale_by_sm3(eps=eps)
+    ps = [torch.zeros(s, dtype=torch.float64) for s in shapes]
+    state = t.init(ps)
+    together = [t.update([gs[k] for gs in gss], state, ps) for k in range(3)]
+    for j, gs in enumerate(gss):
+        for k, alone in enumerate(_run(t, gs)):
+            assert torch.equal(together[k][j], alone)
+
+
 # -- Amos (docs/families/amos.md, jestimator's rule) ------------------------------------------------------
 def ref_amos(gs, theta, xi, eta, beta=0.999, zeta=0.25, fr=1.0, eps=2.0**-125, per_unit=False):
     """Returns the sequence of params; v, b scalars (or per row of dim 0)."""

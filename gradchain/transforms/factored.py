@@ -145,17 +145,24 @@ def scale_by_factored_rms(
             w = ctx.per_step(lambda t: t**decay)
             w = [w[i] for i in flat] if isinstance(w, list) else w
             q = torch._foreach_mul(g, g)
-            if not torch_compat:
+            if not torch_compat and g[0].is_cpu and not hasattr(g[0], "device_mesh"):
+                # on CPU a list op runs tensor by tensor and would wrap a Python number anew for each:
+                # one 0-d tensor is cheaper, same result (alpha= selects that overload, as torch.optim does)
+                torch._foreach_add_(q, torch.tensor(eps1, dtype=torch.float64), alpha=1.0)
+            elif not torch_compat:
                 torch._foreach_add_(q, eps1)
             torch._foreach_lerp_(v, q, w)
+            # freed before the next full-size buffers are made, which then reuse its memory: with q
+            # still alive they would grow the heap, and each step would page-fault it in anew
+            del q
             if torch_compat:
                 r = torch._foreach_clamp_min(v, eps1 * eps1)
                 torch._foreach_rsqrt_(r)
             else:
                 r = torch._foreach_rsqrt(v)
             torch._foreach_mul_(r, g)
-            for j, i in enumerate(flat):
-                out[i] = r[j]
+            for i, u in zip(flat, r, strict=True):
+                out[i] = u
         for i, g in enumerate(updates):
             if out[i] is not None:
                 continue

@@ -45,37 +45,48 @@ def scale_by_sm3(b2: float = 1.0, eps: float = 1e-8, *, name: str = "sm3") -> Le
 
     def update(updates: list, state: dict, hp: Mapping, ctx: Bucket) -> list:
         b2, eps = float(hp["b2"]), float(hp["eps"])
-        denoms = []
+        # nu >= 0, so with eps > 0 the divisor is > 0 and nu = 0 (where g = 0) gives 0 with no test
+        eps_positive = eps >= torch.finfo(updates[0].dtype).tiny
+        denoms: list[Tensor | None] = [None] * len(updates)
+        # ndim <= 1 (Adagrad): the accumulator is nu itself, so all of them take list ops in place;
+        # many small tensors are bound by per-op overhead, not by the arithmetic
+        flat = [i for i, g in enumerate(updates) if g.dim() <= 1]
+        if flat:
+            g = [updates[i] for i in flat]
+            acc = [state["acc_0"][i] for i in flat]
+            if b2 == 1.0:
+                torch._foreach_addcmul_(acc, g, g)
+            else:
+                torch._foreach_lerp_(acc, torch._foreach_mul(g, g), 1.0 - b2)
+            nu = torch._foreach_add(acc, eps)
+            torch._foreach_sqrt_(nu)
+            for i, a, d in zip(flat, acc, nu, strict=True):
+                denoms[i] = d if eps_positive else torch.where(a == 0, float("inf"), d)
         for i, g in enumerate(updates):
+            if denoms[i] is not None:
+                continue
             if not g.numel():  # an empty tensor has nothing to scale (and amax has no value)
-                denoms.append(g)
+                denoms[i] = g
                 continue
             n = g.dim()
-            accs = [state[f"acc_{a}"][i] for a in range(max(n, 1))]
+            accs = [state[f"acc_{a}"][i] for a in range(n)]
             # nu lives in one fresh buffer, later turned into the divisor in place: on a memory-bound
             # step each further full-size temporary costs more than the arithmetic
-            if n <= 1:
-                nu = torch.addcmul(accs[0], g, g) if b2 == 1.0 else torch.lerp(accs[0], g * g, 1.0 - b2)
+            low = accs[0]
+            for acc in accs[1:-1]:
+                low = torch.minimum(low, acc)  # smaller than the param: the last axis is still 1
+            nu = torch.minimum(low, accs[-1])
+            if b2 == 1.0:
+                nu.addcmul_(g, g)
             else:
-                low = accs[0]
-                for acc in accs[1:-1]:
-                    low = torch.minimum(low, acc)  # smaller than the param: the last axis is still 1
-                nu = torch.minimum(low, accs[-1])
-                if b2 == 1.0:
-                    nu.addcmul_(g, g)
-                else:
-                    nu.lerp_(g * g, 1.0 - b2)
-            if n <= 1:
-                accs[0].copy_(nu)
-            else:
-                for a, acc in enumerate(accs):
-                    acc.copy_(settle(nu.amax(dim=_others(n, a), keepdim=True)))
-            if eps >= torch.finfo(nu.dtype).tiny:
-                # nu >= 0, so the divisor is > 0 and nu = 0 (where g = 0) gives 0 with no test
-                denoms.append(nu.add_(eps).sqrt_())
+                nu.lerp_(g * g, 1.0 - b2)
+            for a, acc in enumerate(accs):
+                acc.copy_(settle(nu.amax(dim=_others(n, a), keepdim=True)))
+            if eps_positive:
+                denoms[i] = nu.add_(eps).sqrt_()
             else:
                 # == 0, not > 0: a NaN nu must reach the update, or the NaN stays in the accumulators unseen
-                denoms.append(torch.where(nu == 0, float("inf"), nu.add_(eps).sqrt_()))
+                denoms[i] = torch.where(nu == 0, float("inf"), nu.add_(eps).sqrt_())
         # u = g / sqrt(nu + eps), left for the final write to fuse into one addcdiv
         ctx.defer_divide(denoms)
         return list(updates)
