@@ -197,6 +197,13 @@ class ChainOptimizer(torch.optim.Optimizer):
     def _resolve(self, group: dict, step: int) -> dict[str, Any]:
         return resolve_group(self.transform, group, step)
 
+    def _validate_across_groups(self, resolved: list[dict[str, Any]]) -> None:
+        """Checks that span param groups (Prodigy's one estimate needs one beta), before any state moves."""
+        for leaf in self.transform.leaves():
+            check = getattr(leaf, "validate_groups", None)
+            if check is not None and resolved:
+                check(resolved)
+
     def _buckets(self, loss: Tensor | None, batch_size: Any = None,
                  collected: list | None = None) -> tuple[list[Bucket], list[list[dict]]]:
         shared: dict[str, Any] = {}
@@ -213,6 +220,8 @@ class ChainOptimizer(torch.optim.Optimizer):
             scheduled = any(callable(group[k]) and not isinstance(group[k], Tensor) for k in self.transform.hyperparams)
             step = int(max(torch.stack(steps).tolist())) + 1 if scheduled else 0
             plans.append((gi, group, items, steps, self._resolve(group, step)))
+        if not compiling:
+            self._validate_across_groups([x[4] for x in plans])
         buckets, states = [], []
         for gi, group, items, steps, resolved in plans:
             params = [x[0] for x in items]
@@ -375,6 +384,7 @@ class ChainOptimizer(torch.optim.Optimizer):
         for fb, group in zip(flats, groups):
             resolved.append(self._resolve(group, int(fb.step_host) + 1))
             host_steps.append(fb.step_host + 1.0)
+        self._validate_across_groups(resolved)
         for fb in flats:
             fb.flat_steps.add_(1.0)
             fb.step_host += 1.0

@@ -11,6 +11,7 @@ checked against peers and float64 references in their families' test files).
 
 from __future__ import annotations
 
+import io
 import warnings
 
 import pytest
@@ -125,3 +126,51 @@ def test_prodigy_slice_p_runs_eagerly_on_the_fused_path() -> None:
     named = make_params(torch.float32)
     opt = gc.ChainOptimizer(named, recipes.prodigy(slice_p=3), fused=True)
     assert opt.fused_plan() == [("eager", ["prodigy"])]
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_prodigy_groups_that_disagree_are_refused_before_anything_moves(fused: bool) -> None:
+    named = make_params(torch.float64)
+    ps = [p for _, p in named]
+    opt = gc.ChainOptimizer([{"params": ps[:3]}, {"params": ps[3:]}], recipes.prodigy(), fused=fused)
+    set_grads(named, 0, torch.float64)
+    opt.step()
+    before = [p.detach().clone() for p in ps]
+    state = [{k: v.clone() for k, v in opt.state[p].items()} for p in ps]
+    glob = {k: v.clone() for k, v in opt.global_state.items()}
+    opt.param_groups[1]["betas"] = (0.8, 0.999)  # one estimate of d needs one beta
+    set_grads(named, 1, torch.float64)
+    with pytest.raises(ValueError, match="betas"):
+        opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(ps, before))
+    for p, st in zip(ps, state):
+        assert all(torch.equal(opt.state[p][k], v) for k, v in st.items()), "state (step counts too) moved"
+    assert all(torch.equal(opt.global_state[k], v) for k, v in glob.items())
+
+
+def test_prodigy_fused_lr_schedule_does_not_recompile_and_checkpoints_cross_paths(monkeypatch) -> None:
+    # plain Prodigy: its estimate of d grows within these steps
+    monkeypatch.setitem(FACTORIES, "prodigy", lambda: recipes.prodigy(weight_decay=0.1))
+    a = _run("prodigy", False, torch.float64, steps=3)
+    buf = io.BytesIO()
+    torch.save(a[1].state_dict(), buf)
+    named = make_params(torch.float64)
+    for (_, p), (_, q) in zip(named, a[0]):
+        p.data.copy_(q.detach())
+    opt = gc.ChainOptimizer(named, FACTORIES["prodigy"](), fused=True)
+    buf.seek(0)
+    opt.load_state_dict(torch.load(buf, weights_only=True))
+    scheds = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1.0 / (1 + s)) for o in (a[1], opt)]
+    for i in range(3, 8):
+        set_grads(named, i, torch.float64)
+        set_grads(a[0], i, torch.float64)
+        opt.step()
+        a[1].step()
+        if i == 3:
+            graphs, seconds = torch._dynamo.utils.counters["stats"]["unique_graphs"], opt.compile_seconds
+        for s in scheds:
+            s.step()
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+    assert opt.compile_seconds == seconds > 0
+    assert float(opt.global_state["prodigy.d"]) > 1e-6  # the estimate moved
+    assert_same(*a, named, opt, rtol=1e-12, atol=1e-14)

@@ -122,12 +122,19 @@ class Prodigy(Transform):
                 f"{self.name}: Prodigy's step size is one for the optimizer, but param groups set "
                 f"{self._keys['lr']} to {lrs}; give every group the same lr (or 0 to freeze a group)"
             )
+        b1 = float(first["betas"][0])
+        if b1 > 0 and not self.momentum:
+            raise ValueError(f"{self.name}: built with betas[0] = 0 (no first moment kept); a group sets betas[0]={b1}")
         return {**first, "lr": lrs[-1]}
 
     # -- the step: pass 1 per bucket, one estimate of d, pass 2 per bucket -----------------------
     # The fused path compiles the two passes over each flat bucket (with ``reuse=False`` and 0-d
     # tensor hyperparameters) and runs ``prepare`` and ``estimate``, host checks and 0-d math, once.
     fused_phases = property(lambda self: self.slice_p == 1)
+
+    def validate_groups(self, resolved: list[Mapping[str, Any]]) -> None:
+        """The one-per-optimizer hyperparameters agree across groups (by group key, host values)."""
+        self._shared_hp([{k: r[g] for k, g in self._keys.items()} for r in resolved])
 
     def prepare(self, hps: list[dict[str, Any]], gstate: StateDict) -> dict[str, Any] | None:
         """The coefficients of this step from every group's hyperparameters (host numbers) and the old
@@ -136,8 +143,6 @@ class Prodigy(Transform):
         lr = float(shared["lr"])
         b1, b2 = (float(x) for x in shared["betas"])
         b3 = math.sqrt(b2) if shared["beta3"] is None else float(shared["beta3"])
-        if b1 > 0 and not self.momentum:
-            raise ValueError(f"{self.name}: built with betas[0] = 0 (no first moment kept); a group sets betas[0]={b1}")
         if lr == 0.0:  # every group frozen: nothing moves, not even the estimate
             return None
         d, k = gstate[self.name + ".d"], gstate[self.name + ".k"]
