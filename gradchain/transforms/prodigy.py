@@ -128,9 +128,12 @@ class Prodigy(Transform):
         return {**first, "lr": lrs[-1]}
 
     # -- the step: pass 1 per bucket, one estimate of d, pass 2 per bucket -----------------------
-    # The fused path compiles the two passes over each flat bucket (with ``reuse=False`` and 0-d
-    # tensor hyperparameters) and runs ``prepare`` and ``estimate``, host checks and 0-d math, once.
-    fused_phases = property(lambda self: self.slice_p == 1)
+    @property
+    def fused_phases(self) -> bool:
+        """The fused path compiles ``accumulate`` and ``finish`` over each flat bucket (``reuse=False``,
+        0-d tensor hyperparameters) and runs ``prepare`` and ``estimate`` once in between; not with
+        ``slice_p > 1``, whose per-tensor strided slices a flat buffer does not hold."""
+        return self.slice_p == 1
 
     def validate_groups(self, resolved: list[Mapping[str, Any]]) -> None:
         """The one-per-optimizer hyperparameters agree across groups (by group key, host values)."""
