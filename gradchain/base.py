@@ -21,7 +21,6 @@ from torch import Tensor
 
 from . import ops
 from ._dtensor import replicate_like
-from ._segments import segment_norms
 from .hyperparams import Hyperparam, validate
 
 Scalar = float | list
@@ -31,8 +30,8 @@ UpdateFn = Callable[[list, dict, Mapping, "Bucket"], list]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 # on the fused path, buckets of at most this many tensors reduce per tensor through one slice each
-# (fused by the compiler); larger ones, whose graphs would grow with the count, through one opaque
-# foreach norm (norms) or torch.segment_reduce (sums)
+# (fused by the compiler); larger ones, whose graphs would grow with the count, are laid out in rows
+# (FlatBucket.chunked) and reduce through row sums, also fused
 SEGMENT_UNROLL = 32
 
 
@@ -208,9 +207,7 @@ class Bucket:
         if self.segments is None:
             return torch.stack(torch._foreach_norm(xs, 2, dtype=dtype)) if xs else torch.zeros(0)
         x = xs[0] if dtype is None else xs[0].to(dtype)
-        if len(self.segments[2]) <= SEGMENT_UNROLL:
-            return self._segment_sums(x * x).sqrt()
-        return segment_norms(x, list(self.segments[2]))
+        return self._segment_sums(x * x).sqrt()
 
     def tensor_sums(self, xs: list[Tensor]) -> Tensor:
         """The sum of each param's tensor in ``xs``, as one vector (see :meth:`tensor_norms`)."""
@@ -219,12 +216,18 @@ class Bucket:
         return self._segment_sums(xs[0])
 
     def _segment_sums(self, x: Tensor) -> Tensor:
-        lengths, numels = self.segments[0], self.segments[2]
-        if len(numels) <= SEGMENT_UNROLL:
+        rows, numels = self.segments[1], self.segments[2]
+        if rows is None:
             # one reduction per slice: the compiler fuses each into the kernel that computes x,
-            # where torch.segment_reduce is an opaque call that makes x a full-size buffer
+            # where torch.segment_reduce over x is an opaque call that makes x a full-size buffer
             return torch.stack([part.sum() for part in x.split(numels)])
-        return torch.segment_reduce(x, "sum", lengths=lengths)
+        # a chunked bucket: row sums fused into that kernel (the gaps between params masked out),
+        # then a sum of each param's few rows
+        row_ids, per_param, valid = rows
+        width = x.numel() // row_ids.numel()
+        inside = torch.arange(width, device=x.device) < valid.unsqueeze(1)
+        sums = torch.where(inside, x.view(-1, width), 0).sum(1)
+        return torch.segment_reduce(sums, "sum", lengths=per_param)
 
     def tensor_numels(self, xs: list[Tensor]) -> Tensor:
         """The element count of each param's tensor, as one vector of the compute dtype."""
@@ -243,11 +246,14 @@ class Bucket:
         gathered full-size tensor on the flat buffer."""
         if self.segments is None:
             return list(values.unbind(0))
-        ids, numels = self.segments[1], self.segments[2]
-        if len(numels) <= SEGMENT_UNROLL:
+        rows, numels = self.segments[1], self.segments[2]
+        if rows is None:
             # broadcast pieces: computed from the position, where a gather reads an index per element
             return [torch.cat([v.expand(n) for v, n in zip(values.unbind(0), numels)])]
-        return [values[ids]]
+        # a chunked bucket: one value per row (a load per row, not an index per element)
+        row_ids = rows[0]
+        width = self.params[0].numel() // row_ids.numel()
+        return [values[row_ids].unsqueeze(1).expand(-1, width).reshape(-1)]
 
     def state_vector(self, xs: list[Tensor]) -> Tensor:
         """Per-param 0-d state as one vector (one entry per param, as :meth:`tensor_norms`).

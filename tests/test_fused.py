@@ -18,6 +18,7 @@ from torch import nn
 import gradchain as gc
 from gradchain import recipes
 from gradchain.fused import runner
+from gradchain.fused.flat import CHUNK
 
 RECIPES = sorted(n for n in recipes.__all__ if n != "muon_hidden_matrix")
 # recipes that wrap another
@@ -74,8 +75,11 @@ def aot_eager(monkeypatch):
     monkeypatch.setattr(runner, "BACKEND", "aot_eager")
 
 
+@pytest.mark.parametrize("chunked", [False, True])
 @pytest.mark.parametrize("name", RECIPES)
-def test_every_recipe_fused_equals_eager_float64(name: str, aot_eager) -> None:
+def test_every_recipe_fused_equals_eager_float64(name: str, chunked: bool, aot_eager, monkeypatch) -> None:
+    if chunked:  # the layout of buckets past SEGMENT_UNROLL tensors: params on rows, gaps between
+        monkeypatch.setattr(gc.base, "SEGMENT_UNROLL", 0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         a = run(name, False, torch.float64)
@@ -147,19 +151,30 @@ def test_partition_compiles_each_label(aot_eager) -> None:
 
 
 @pytest.mark.parametrize("name", ["lamb", "cautious_adamw", "nsgda"])
-def test_segment_reduce_path_equals_eager(name: str, aot_eager, monkeypatch) -> None:
-    # buckets of many tensors reduce through torch.segment_reduce rather than one slice each
+def test_chunked_bucket_gaps_never_reach_the_params(name: str, aot_eager, monkeypatch) -> None:
+    # many tensors: each param starts a row of CHUNK elements; the gaps between them are masked
+    # out of every per-tensor reduction, so even NaN written there changes nothing
     monkeypatch.setattr(gc.base, "SEGMENT_UNROLL", 0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        a = run(name, False, torch.float64)
-        b = run(name, True, torch.float64)
-    assert_same(*a, *b, rtol=1e-12, atol=1e-14)
+    a = run(name, False, torch.float64)
+    named = make_params(torch.float64)
+    opt = gc.ChainOptimizer(named, recipes.__dict__[name](), fused=True)
+    for i in range(6):
+        set_grads(named, i, torch.float64)
+        opt.step(loss=torch.tensor(1.0 / (i + 2)))
+        (fb,) = opt._flats.values()
+        assert fb.chunked and fb.total % CHUNK == 0 and fb.total > sum(fb.numels)
+        gaps = torch.ones(fb.total, dtype=torch.bool)
+        for o, n in zip(fb.offsets, fb.numels):
+            gaps[o : o + n] = False
+        for buf in (fb.flat_params, fb.flat_grads, *fb.flat_state.values()):
+            if buf.numel() == fb.total:
+                buf[gaps] = float("nan")
+    assert_same(*a, named, opt, rtol=1e-12, atol=1e-14)
 
 
-@pytest.mark.parametrize("name", ["lamb", "adanorm"])
-def test_inductor_segment_norms_equal_eager(name: str, monkeypatch) -> None:
-    # many tensors: norms through the opaque per-tensor norm op, sums through segment_reduce
+@pytest.mark.parametrize("name", ["lamb", "adanorm", "cautious_adamw"])
+def test_inductor_chunked_reductions_equal_eager(name: str, monkeypatch) -> None:
+    # many tensors: per-tensor norms, sums and factors through the rows of a chunked bucket
     monkeypatch.setattr(runner, "BACKEND", "inductor")
     monkeypatch.setattr(gc.base, "SEGMENT_UNROLL", 0)
     a = run(name, False, torch.float32, steps=4)

@@ -13,6 +13,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .. import base
+
+# elements per row of a chunked bucket (see FlatBucket.chunked)
+CHUNK = 256
+
 
 class FlatBucket:
     """The flat buffers of one bucket (the params of one group, device and dtype that have grads)."""
@@ -22,15 +27,22 @@ class FlatBucket:
         self.states = states
         self.names = names
         self.numels = [p.numel() for p in params]
+        # past SEGMENT_UNROLL tensors each param starts a row of CHUNK elements: a per-tensor reduction
+        # is then row sums of a (rows, CHUNK) view fused into the kernel (plus a sum of a few rows per
+        # tensor), and a per-tensor factor is one load per row. The gaps (under CHUNK elements per
+        # param) belong to no param; the reductions mask them out.
+        self.chunked = len(params) > base.SEGMENT_UNROLL
+        align = CHUNK if self.chunked else 1
         self.offsets = []
         total = 0
         for n in self.numels:
             self.offsets.append(total)
-            total += n
+            total += -(-n // align) * align
+        self.total = total
         p0 = params[0]
         self.device, self.dtype = p0.device, p0.dtype
         self._segments: tuple | None = None
-        self.flat_params = torch.empty(total, dtype=p0.dtype, device=p0.device)
+        self.flat_params = torch.zeros(total, dtype=p0.dtype, device=p0.device)
         self.flat_grads = torch.zeros(total, dtype=p0.dtype, device=p0.device)
         self.param_views = self._views(self.flat_params)
         self.grad_views = self._views(self.flat_grads)
@@ -56,7 +68,7 @@ class FlatBucket:
                 st[key] = v
         for key in self._flat_keys():
             dtype = states[0][key].dtype
-            buf = torch.empty(total, dtype=dtype, device=p0.device)
+            buf = torch.zeros(total, dtype=dtype, device=p0.device)
             views = self._views(buf)
             for st, v in zip(states, views):
                 v.copy_(st[key])
@@ -64,16 +76,30 @@ class FlatBucket:
             self.flat_state[key], self.state_views[key] = buf, views
 
     def segments(self) -> tuple:
-        """``(lengths, ids, numels, names, shapes)``: each param's element count (a tensor), each
-        element's param index, and, static in the compiled graph, the element counts as Python
-        ints, the param names and shapes."""
+        """``(lengths, rows, numels, names, shapes)``: each param's element count (a tensor); for a
+        chunked bucket ``(row_ids, rows_per_param, valid_per_row)`` (tensors), else None; and,
+        static in the compiled graph, the element counts as Python ints, the param names and shapes."""
         if self._segments is None:
             lengths = torch.tensor(self.numels, dtype=torch.int64, device=self.device)
-            ids = torch.repeat_interleave(torch.arange(len(self.numels), dtype=torch.int32, device=self.device),
-                                          lengths)
-            self._segments = (lengths, ids, tuple(self.numels), tuple(self.names),
+            rows = None
+            if self.chunked:
+                counts = [-(-n // CHUNK) for n in self.numels]
+                per_param = torch.tensor(counts, dtype=torch.int64, device=self.device)
+                row_ids = torch.repeat_interleave(torch.arange(len(counts), device=self.device), per_param)
+                valid = [min(CHUNK, n - r * CHUNK) for n, c in zip(self.numels, counts) for r in range(c)]
+                rows = (row_ids, per_param, torch.tensor(valid, dtype=torch.int64, device=self.device))
+            self._segments = (lengths, rows, tuple(self.numels), tuple(self.names),
                               tuple(tuple(p.shape) for p in self.params))
         return self._segments
+
+    def join(self, tensors: list[Tensor]) -> Tensor:
+        """One flat tensor laid out like the params (gaps of a chunked bucket zero)."""
+        if not self.chunked:
+            return torch.cat([t.reshape(-1) for t in tensors])
+        out = torch.zeros(self.total, dtype=tensors[0].dtype, device=self.device)
+        for v, t in zip(self._views(out), tensors, strict=True):
+            v.copy_(t)
+        return out
 
     def _views(self, flat: Tensor) -> list[Tensor]:
         return [flat[o : o + n].view(p.shape) for o, n, p in zip(self.offsets, self.numels, self.params)]

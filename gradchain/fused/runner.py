@@ -341,7 +341,7 @@ class FusedChain:
             if updates[i] is not None and all(u is v for u, v in zip(ups, inputs[i])):
                 out.append(updates[i])  # changed in place: the flat update already holds them
             else:
-                out.append(torch.cat([u.reshape(-1) for u in ups]) if ups else grads[i].new_empty(0))
+                out.append(fb.join(ups) if ups else grads[i].new_empty(0))
         return out
 
 
