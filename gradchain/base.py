@@ -33,6 +33,8 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 # (fused by the compiler); larger ones, whose graphs would grow with the count, are laid out in rows
 # (FlatBucket.chunked) and reduce through row sums, also fused
 SEGMENT_UNROLL = 32
+# elements per row of such a chunked bucket
+SEGMENT_ROW = 256
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -148,7 +150,7 @@ class Bucket:
         self._step_values: list | None = step_values
         # hyperparameters already resolved (schedules evaluated, checked) for this step, by group key
         self.resolved = resolved
-        # on the fused path's flat buffer: FlatBucket.segments() (lengths, ids, numels, names, shapes)
+        # on the fused path's flat buffer: FlatBucket.segments() (lengths, rows, numels, names, shapes)
         self.segments: tuple | None = None
         self.scale: Scalar = 1.0
         self.decay: Any = 0.0
@@ -224,9 +226,8 @@ class Bucket:
         # a chunked bucket: row sums fused into that kernel (the gaps between params masked out),
         # then a sum of each param's few rows
         row_ids, per_param, valid = rows
-        width = x.numel() // row_ids.numel()
-        inside = torch.arange(width, device=x.device) < valid.unsqueeze(1)
-        sums = torch.where(inside, x.view(-1, width), 0).sum(1)
+        inside = torch.arange(SEGMENT_ROW, device=x.device) < valid.unsqueeze(1)
+        sums = torch.where(inside, x.view(-1, SEGMENT_ROW), 0).sum(1)
         return torch.segment_reduce(sums, "sum", lengths=per_param)
 
     def tensor_numels(self, xs: list[Tensor]) -> Tensor:
@@ -251,9 +252,7 @@ class Bucket:
             # broadcast pieces: computed from the position, where a gather reads an index per element
             return [torch.cat([v.expand(n) for v, n in zip(values.unbind(0), numels)])]
         # a chunked bucket: one value per row (a load per row, not an index per element)
-        row_ids = rows[0]
-        width = self.params[0].numel() // row_ids.numel()
-        return [values[row_ids].unsqueeze(1).expand(-1, width).reshape(-1)]
+        return [values[rows[0]].unsqueeze(1).expand(-1, SEGMENT_ROW).reshape(-1)]
 
     def state_vector(self, xs: list[Tensor]) -> Tensor:
         """Per-param 0-d state as one vector (one entry per param, as :meth:`tensor_norms`).

@@ -347,3 +347,25 @@ def test_compiled_user_step_has_no_graph_break() -> None:
             step()
         results.append((named, opt))
     assert_same(*results[0], *results[1], rtol=1e-12, atol=1e-14)
+
+
+def test_chunked_bucket_with_empty_params(aot_eager, monkeypatch) -> None:
+    # a param with no elements has no row: its norm is 0 and nothing divides by its row count
+    monkeypatch.setattr(gc.base, "SEGMENT_UNROLL", 0)
+    results = []
+    for fused in (False, True):
+        torch.manual_seed(0)
+        params = [nn.Parameter(torch.randn(s, dtype=torch.float64)) for s in [(0,), (3, 4), (0, 5), (300,)]]
+        opt = gc.ChainOptimizer(params, recipes.lamb(lr=0.1, weight_decay=0.1), fused=fused)
+        for i in range(3):
+            for p in params:
+                p.grad = torch.full_like(p, 0.5 + i)
+            opt.step()
+        results.append(params)
+    for a, b in zip(*results):
+        torch.testing.assert_close(b.detach(), a.detach(), rtol=1e-12, atol=1e-14)
+    params = [nn.Parameter(torch.zeros(0, dtype=torch.float64)) for _ in range(3)]
+    opt = gc.ChainOptimizer(params, recipes.lamb(), fused=True)
+    for p in params:
+        p.grad = torch.zeros(0, dtype=torch.float64)
+    opt.step()  # only empty params: no rows at all

@@ -14,9 +14,7 @@ import torch
 from torch import Tensor
 
 from .. import base
-
-# elements per row of a chunked bucket (see FlatBucket.chunked)
-CHUNK = 256
+from ..base import SEGMENT_ROW as CHUNK
 
 
 class FlatBucket:
