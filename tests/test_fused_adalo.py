@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_fused import assert_same, make_params, run, set_grads
+from test_fused import assert_same, check_inductor_equals_eager, make_params, run, set_grads
 
 import gradchain as gc
 from gradchain import recipes
-from gradchain.fused import runner
 
 # recipe -> the transform of it that now compiles
 PORTED = {"adalo": "ema"}
@@ -60,8 +59,4 @@ def test_adalo_nonfinite_loss_holds_the_compiled_ema() -> None:
 
 @pytest.mark.parametrize("name", sorted(PORTED))
 def test_inductor_kernels_equal_eager(name: str, monkeypatch) -> None:
-    monkeypatch.setattr(runner, "BACKEND", "inductor")
-    a = run(name, False, torch.float32, steps=3)
-    b = run(name, True, torch.float32, steps=3)
-    assert b[1].compile_seconds > 0
-    assert_same(*a, *b, rtol=1e-5, atol=1e-6)
+    check_inductor_equals_eager(run, name, monkeypatch, steps=3)

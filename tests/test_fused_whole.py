@@ -11,16 +11,14 @@ checked against peers and float64 references in their families' test files).
 
 from __future__ import annotations
 
-import io
 import warnings
 
 import pytest
 import torch
-from test_fused import assert_same, make_params, set_grads
+from test_fused import assert_same, check_inductor_equals_eager, make_params, resume, saved, set_grads
 
 import gradchain as gc
 from gradchain import recipes
-from gradchain.fused import runner
 
 FACTORIES = {
     "adam_atan2": lambda: recipes.adam_atan2(lr=1e-2, weight_decay=0.1),
@@ -86,11 +84,7 @@ def test_sadam_new_softplus_beta_is_honoured_fused() -> None:
 
 @pytest.mark.parametrize("name", ["adam_atan2", "sadam", "schedule_free_adamw", "schedule_free_sgd", "prodigy"])
 def test_inductor_kernels_equal_eager(name: str, monkeypatch) -> None:
-    monkeypatch.setattr(runner, "BACKEND", "inductor")
-    a = _run(name, False, torch.float32, steps=4)
-    b = _run(name, True, torch.float32, steps=4)
-    assert b[1].compile_seconds > 0
-    assert_same(*a, *b, rtol=1e-5, atol=1e-6)
+    check_inductor_equals_eager(_run, name, monkeypatch, steps=4)
 
 
 def _prodigy_groups(fused: bool, frozen: bool, steps: int = 6):
@@ -152,14 +146,7 @@ def test_prodigy_fused_lr_schedule_does_not_recompile_and_checkpoints_cross_path
     # plain Prodigy: its estimate of d grows within these steps
     monkeypatch.setitem(FACTORIES, "prodigy", lambda: recipes.prodigy(weight_decay=0.1))
     a = _run("prodigy", False, torch.float64, steps=3)
-    buf = io.BytesIO()
-    torch.save(a[1].state_dict(), buf)
-    named = make_params(torch.float64)
-    for (_, p), (_, q) in zip(named, a[0]):
-        p.data.copy_(q.detach())
-    opt = gc.ChainOptimizer(named, FACTORIES["prodigy"](), fused=True)
-    buf.seek(0)
-    opt.load_state_dict(torch.load(buf, weights_only=True))
+    named, opt = resume(a[0], saved(a[1]), FACTORIES["prodigy"], fused=True)
     scheds = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1.0 / (1 + s)) for o in (a[1], opt)]
     for i in range(3, 8):
         set_grads(named, i, torch.float64)

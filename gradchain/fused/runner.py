@@ -213,34 +213,15 @@ class FusedChain:
         upd = None if update is None else [update]
         host = {k: v for k, v in resolved.items() if k in seg.static}
         segments = fb.segments() if seg.segmented else None
-        use_compile = self.compile and i not in seg._failed and len(state) == len(keys)
-        if use_compile:
+        if self.compile and len(state) == len(keys):
             if tensor_hp[i] is None:
                 tensor_hp[i] = {k: _tensorize(v, fb.device) for k, v in resolved.items()}
-            step = fb.flat_steps[0]
-            fn = seg._fns.get(i)
-            first = fn is None
-            if first:
-                fn = seg._fns[i] = torch.compile(seg.eager_fn(), fullgraph=True, dynamic=False,
-                                                       backend=hoisting_backend(BACKEND))
             lossv = None if loss is None else loss.detach().to(fb.device)
-            try:
-                t0 = time.perf_counter()
-                out = fn([fb.flat_params], [grad], upd, state, tensor_hp[i], host, step, lossv, dtype, True, segments)
-                if first:
-                    seg.compile_seconds += time.perf_counter() - t0
+            args = ([fb.flat_params], [grad], upd, state, tensor_hp[i], host, fb.flat_steps[0], lossv, dtype, True,
+                    segments)
+            ok, out = self._try_compiled(seg, i, seg.eager_fn, args, str([t.name for t in seg.transforms]))
+            if ok:
                 return out
-            except Exception as err:  # noqa: BLE001 - any tracing failure falls back to eager below
-                if not first:
-                    raise
-                seg._failed.add(i)
-                warnings.warn(
-                    f"gradchain fused path: could not compile {[t.name for t in seg.transforms]} "
-                    f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); they run eagerly "
-                    "over the flat buffers instead",
-                    RuntimeWarning,
-                    stacklevel=4,
-                )
         if len(state) != len(keys):
             return self._run_eager(seg, [fb], [None], [grad], [update], [resolved], [host_step], loss, {},
                                    [dtype])[0]
@@ -282,31 +263,44 @@ class FusedChain:
                     update: Tensor | None, hp: dict, flags: dict, coefs: dict, acc: Any, dtype: torch.dtype) -> Any:
         state = {k: [fb.flat_state[k]] for k in keys}
         args = ([fb.flat_params], [grad], None if update is None else [update], state, hp, flags, coefs, acc, dtype)
-        fns = seg._fns.setdefault(name, {})
-        if self.compile and (name, i) not in seg._failed:
-            fn = fns.get(i)
-            first = fn is None
-            if first:
-                fn = fns[i] = torch.compile(_phase(seg.phased, name, seg.last), fullgraph=True, dynamic=False,
-                                            backend=hoisting_backend(BACKEND))
-            try:
-                t0 = time.perf_counter()
-                out = fn(*args)
-                if first:
-                    seg.compile_seconds += time.perf_counter() - t0
+        def make():
+            return _phase(seg.phased, name, seg.last)
+
+        if self.compile:
+            ok, out = self._try_compiled(seg, (name, i), make, args, f"{seg.phased.name}.{name}")
+            if ok:
                 return out
-            except Exception as err:  # noqa: BLE001 - a tracing failure runs the same pass uncompiled
-                if not first:
-                    raise
-                seg._failed.add((name, i))
-                warnings.warn(
-                    f"gradchain fused path: could not compile {seg.phased.name}.{name} "
-                    f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); it runs eagerly "
-                    "over the flat buffers instead",
-                    RuntimeWarning,
-                    stacklevel=4,
-                )
-        return _phase(seg.phased, name, seg.last)(*args)
+        return make()(*args)
+
+    @staticmethod
+    def _try_compiled(seg: Segment, key: Any, make: Any, args: tuple, what: str) -> tuple[bool, Any]:
+        """Run the compiled form of ``make()`` for ``key`` (compiled at its first call). ``(False, None)``
+        if that first tracing failed (warned once): the caller runs the same function uncompiled."""
+        if key in seg._failed:
+            return False, None
+        fn = seg._fns.get(key)
+        first = fn is None
+        if first:
+            fn = seg._fns[key] = torch.compile(make(), fullgraph=True, dynamic=False,
+                                               backend=hoisting_backend(BACKEND))
+        try:
+            t0 = time.perf_counter()
+            out = fn(*args)
+        except Exception as err:  # noqa: BLE001 - any tracing failure falls back to the uncompiled run
+            if not first:
+                raise
+            seg._failed.add(key)
+            warnings.warn(
+                f"gradchain fused path: could not compile {what} "
+                f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); it runs eagerly "
+                "over the flat buffers instead",
+                RuntimeWarning,
+                stacklevel=5,
+            )
+            return False, None
+        if first:
+            seg.compile_seconds += time.perf_counter() - t0
+        return True, out
 
     @staticmethod
     def _run_eager(seg: Segment, flats: list[FlatBucket], groups: list, grads: list[Tensor],
