@@ -321,7 +321,9 @@ class Bucket:
         return tensors
 
     def _foreign(self, i: int, u: Tensor) -> bool:
-        if u is self.grads[i] or id(u) in self._borrowed:
+        # id() only when something is borrowed: traced, id() of an input guards on that object,
+        # and the next step's fresh update would recompile the kernel
+        if u is self.grads[i] or (self._borrowed and id(u) in self._borrowed):
             return True
         # a transform returns its own buffer (or a view of it) for the same tensor: compare the
         # index-aligned entries, by identity and, on the eager path, by storage
@@ -549,6 +551,7 @@ class Leaf(Transform):
         check: Callable[[Mapping], None] | None = None,
         elementwise: bool = False,
         segmented: bool = False,
+        elementwise_for: Callable[[tuple[int, ...]], bool] | None = None,
         static: Sequence[str] = (),
         momentum_state: Sequence[str] = (),
     ) -> None:
@@ -574,6 +577,9 @@ class Leaf(Transform):
         # segmented: reduces per tensor only through the bucket's tensor_norms / tensor_sums /
         # per_tensor helpers, which the fused path computes as segment reductions of a flat buffer
         self.segmented = segmented
+        # elementwise for the params whose shape passes this test (Adafactor's unfactored tensors):
+        # the fused path gives those params flat buckets of their own, where it compiles the update
+        self.elementwise_for = elementwise_for
         self.momentum_state = tuple(momentum_state)
         self.static = frozenset(static)
         unknown_static = self.static - set(self._specs)
@@ -688,6 +694,10 @@ def transform(
     and reads and writes per-param 0-d state only through ``ctx.state_vector`` and
     ``ctx.store_state_vector``: the fused path compiles it too, with segment reductions over the
     flat buffer and that state as one vector.
+    ``elementwise_for=fn(shape) -> bool`` declares an update that is elementwise (as above) for
+    the params whose shape passes ``fn`` only (Adafactor factors matrices, not vectors): the fused
+    path gives those params flat buckets of their own and compiles the update there; over the
+    others it runs eagerly. Its state for the passing shapes must be shaped like the param.
     ``momentum_state=("exp_avg",)`` declares which buffers hold a momentum (Lookahead's
     momentum reset and pullback find them so).
     ``static=("key",)`` names hyperparameters the update branches on in Python (a change of

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..base import Bucket, Chain, Leaf, Transform
+from ..base import Bucket, Chain, Leaf, Transform, _storage
 from ..combinators import _Partition
 from .flat import FlatBucket
 from .hoist import hoisting_backend
@@ -132,7 +132,8 @@ class Segment:
 class FusedChain:
     """A chain cut into segments, run over flat buckets."""
 
-    def __init__(self, transform: Transform, compile: bool = True) -> None:
+    def __init__(self, transform: Transform, compile: bool = True, *, shapes_pass: bool = False) -> None:
+        # shapes_pass: every param of this chain's buckets passes its transforms' ``elementwise_for``
         # a wrapper that acts on the params after its inner chain's step (Lookahead's sync) lets the
         # inner chain be cut into segments; its own part runs after them, eagerly
         self.wrapper = transform if hasattr(transform, "sync_flat") else None
@@ -142,7 +143,8 @@ class FusedChain:
         runs: list[tuple[bool, list[Transform]]] = []
         phased = {id(t) for t in top if getattr(t, "fused_phases", False)}
         for t in top:
-            fusable = isinstance(t, Leaf) and (t.elementwise or t.segmented)
+            fusable = isinstance(t, Leaf) and (t.elementwise or t.segmented
+                                               or (shapes_pass and t.elementwise_for is not None))
             if runs and runs[-1][0] == fusable and not phased.intersection({id(t), id(runs[-1][1][-1])}):
                 runs[-1][1].append(t)
             else:
@@ -151,6 +153,12 @@ class FusedChain:
             # a run of scales and decays alone is free on the eager path (folded into the final
             # write); compiled between eager segments it would cost a pass and a copy of its own
             runs = [(fusable and not all(_deferred(t) for t in ts), ts) for fusable, ts in runs]
+            # likewise a stateless run after an eager one: the eager updates would first be copied
+            # into a flat buffer, and the kernel saves no more than that copy costs
+            for j in range(1, len(runs)):
+                after_eager = not runs[j - 1][0] and id(runs[j - 1][1][-1]) not in phased
+                if runs[j][0] and after_eager and not any(t._init is not None for t in runs[j][1]):
+                    runs[j] = (False, runs[j][1])
         merged: list[tuple[bool, list[Transform]]] = []
         for fusable, ts in runs:
             if merged and merged[-1][0] == fusable and not phased.intersection({id(ts[0]), id(merged[-1][1][-1])}):
@@ -334,35 +342,82 @@ class FusedChain:
             ups = b.materialize()
             if updates[i] is not None and all(u is v for u, v in zip(ups, inputs[i])):
                 out.append(updates[i])  # changed in place: the flat update already holds them
+            elif len(ups) == 1 and not fb.chunked and ups[0].is_contiguous() and _fresh(ups[0], fb, grads[i], b):
+                out.append(ups[0].view(-1))  # one param: its update is already flat, no copy
             else:
                 out.append(fb.join(ups) if ups else grads[i].new_empty(0))
         return out
 
 
+def _shape_tests(transform: Transform) -> list:
+    """The ``elementwise_for`` tests of a chain's top-level transforms (those the fused path cuts)."""
+    inner = transform.inner if hasattr(transform, "sync_flat") else transform
+    top = inner.children if isinstance(inner, Chain) else [inner]
+    return [t.elementwise_for for t in top if getattr(t, "elementwise_for", None) is not None]
+
+
+def _fresh(u: Tensor, fb: FlatBucket, grad: Tensor, b: Bucket) -> bool:
+    """Whether ``u`` shares no storage with the bucket's params, grad or state (a later compiled
+    segment may then write into it)."""
+    kept = [fb.flat_params, grad, *fb.flat_state.values()]
+    kept += [t for lst in b.state.values() for t in lst if isinstance(t, Tensor)]
+    return _storage(u) not in {_storage(t) for t in kept}
+
+
 class FusedRoutes:
-    """A chain that is one ``partition``: a :class:`FusedChain` per label, each over flat buckets
-    of its own params (Muon's matrices and the AdamW rest are two buckets, each compiled)."""
+    """Params routed to flat buckets of their own, a :class:`FusedChain` each.
 
-    def __init__(self, partition: _Partition) -> None:
-        self.partition = partition
-        self.chains = {label: FusedChain(child) for label, child in partition.children.items()}
+    A chain that is one ``partition`` routes by label (Muon's matrices and the AdamW rest are two
+    buckets, each compiled). A chain with ``elementwise_for`` transforms routes by shape: params
+    that pass every test get a chain in which those transforms compile, the others one in which
+    they run eagerly. A route is ``(label, passes)``; either part is None where it does not apply.
+    """
+
+    def __init__(self, transform: Transform) -> None:
+        inner = transform.children[0] if isinstance(transform, Chain) and len(transform.children) == 1 else transform
+        self.partition = inner if isinstance(inner, _Partition) else None
+        children = dict(self.partition.children) if self.partition is not None else {None: transform}
+        self.tests = {label: _shape_tests(child) for label, child in children.items()}
+        self.chains: dict[tuple, FusedChain] = {}
+        for label, child in children.items():
+            for passes in ((True, False) if self.tests[label] else (None,)):
+                self.chains[(label, passes)] = FusedChain(child, shapes_pass=bool(passes))
         self.all_eager = all(c.all_eager for c in self.chains.values())
+        self._passes: dict[tuple, bool] = {}
 
-    def label(self, name: str | None, param: Tensor) -> Any:
-        """The param's label, from the partition's own cache (as its eager apply routes)."""
-        return self.partition._cached_route(name, param)
+    def label(self, name: str | None, param: Tensor) -> tuple:
+        """The param's route: its partition label (from the partition's own cache, as its eager
+        apply routes) and whether its shape passes the ``elementwise_for`` tests."""
+        label = self.partition._cached_route(name, param) if self.partition is not None else None
+        tests = self.tests.get(label)
+        if not tests:
+            return (label, None)
+        shape = tuple(param.shape)
+        key = (label, shape)
+        passes = self._passes.get(key)
+        if passes is None:
+            passes = self._passes[key] = all(test(shape) for test in tests)
+        return (label, passes)
 
     @property
     def compile_seconds(self) -> float:
         return sum(c.compile_seconds for c in self.chains.values())
 
     def describe(self) -> list[tuple[str, list[str]]]:
-        """Each label's segments, the transform names prefixed with ``label/``."""
-        return [(kind, [f"{label}/{n}" for n in names]) for label, c in self.chains.items()
-                for kind, names in c.describe()]
+        """Each route's segments, the transform names prefixed with ``label/`` (a partition) and
+        ``[shape]`` (the params that pass the ``elementwise_for`` tests, compiled there) or
+        ``[other]``."""
+        plan = []
+        for (label, passes), c in self.chains.items():
+            prefix = ("" if label is None else f"{label}/") + {None: "", True: "[shape]", False: "[other]"}[passes]
+            plan += [(kind, [prefix + n for n in names]) for kind, names in c.describe()]
+        return plan
 
 
 def fused_chain(transform: Transform) -> FusedChain | FusedRoutes:
-    """The fused form of a chain: per label when it is one ``partition``, else one :class:`FusedChain`."""
+    """The fused form of a chain: routed (:class:`FusedRoutes`) when it is one ``partition`` or has
+    ``elementwise_for`` transforms, else one :class:`FusedChain`."""
     inner = transform.children[0] if isinstance(transform, Chain) and len(transform.children) == 1 else transform
-    return FusedRoutes(inner) if isinstance(inner, _Partition) else FusedChain(transform)
+    if isinstance(inner, _Partition) or _shape_tests(transform):
+        return FusedRoutes(transform)
+    return FusedChain(transform)

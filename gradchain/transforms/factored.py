@@ -117,8 +117,11 @@ def scale_by_factored_rms(
         factored, min_dim_size_to_factor = "last_two", 0
     factored_dims((1, 1), factored, 0)  # validates the rule name now
 
+    def dims_of(shape: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+        return factored_dims(shape, factored, min_dim_size_to_factor)
+
     def dims(p: Tensor) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
-        return factored_dims(tuple(p.shape), factored, min_dim_size_to_factor)
+        return dims_of(tuple(p.shape))
 
     def init(p: Tensor) -> dict:
         fd = dims(p)
@@ -130,11 +133,14 @@ def scale_by_factored_rms(
         return {"row": settle(z.sum(dim=cols, keepdim=True)), "col": settle(z.sum(dim=rows, keepdim=True))}
 
     def update(updates: list, state: dict, hp: Mapping, ctx: Bucket) -> list:
-        decay = float(hp["beta2_decay"])
+        decay = hp["beta2_decay"]
         eps1 = _pick(hp["eps"], 0)
         if eps1 is None:
             eps1 = torch.finfo(ctx.params[0].dtype).eps if torch_compat else 1e-30
-        eps1 = float(eps1)
+        if ctx.tensor_scalars:  # compiled over a flat buffer of unfactored params (elementwise_for)
+            return [_unfactored_traced(g, v, ctx.per_step(lambda t: t**decay), eps1, torch_compat)
+                    for g, v in zip(updates, state["v"], strict=True)]
+        decay, eps1 = float(decay), float(eps1)
         weights = ctx.step_values
         out: list[Tensor | None] = [None] * len(updates)
         vs = state.get("v", [None] * len(updates))
@@ -186,7 +192,16 @@ def scale_by_factored_rms(
         "beta2_decay": Hyperparam(beta2_decay, _check_beta2_decay),
         "eps": Hyperparam(eps, _eps_check(eps)),
     }
-    return transform(name, spec, init, update)
+    return transform(name, spec, init, update, elementwise_for=lambda shape: dims_of(shape) is None)
+
+
+def _unfactored_traced(g: Tensor, v: Tensor, w: Any, eps1: Any, torch_compat: bool) -> Tensor:
+    """The unfactored rule with tensor scalars (the fused path's flat buffer): ``v <- lerp(v, g^2 + eps1, w)``,
+    ``u = g rsqrt(v)`` (torch's form: ``v <- lerp(v, g^2, w)``, ``u = g rsqrt(max(v, eps1^2))``)."""
+    q = g * g if torch_compat else torch.addcmul(torch.as_tensor(eps1, dtype=g.dtype), g, g)
+    v.lerp_(q, w.to(v.dtype))
+    r = torch.clamp_min(v, eps1 * eps1) if torch_compat else v
+    return torch.rsqrt(r) * g
 
 
 def _rms(x: Tensor) -> Tensor:
@@ -227,6 +242,10 @@ def clip_by_block_rms(d: float = 1.0, *, min_d: float | None = None, name: str =
     """
 
     def update(updates: list, state: dict, hp: Mapping, ctx: Bucket) -> list:
+        if ctx.segments is not None:  # the fused path's flat buffer: segment reductions
+            rms = ctx.tensor_norms(updates) / ctx.tensor_numels(updates).clamp(min=1.0).sqrt()
+            torch._foreach_div_(updates, ctx.per_tensor((rms / hp["d"]).clamp(min=1.0)))
+            return updates
         d = float(hp["d"])
         norms = torch._foreach_norm(updates)
         limits = [math.sqrt(max(u.numel(), 1)) * d for u in updates]
@@ -234,7 +253,7 @@ def clip_by_block_rms(d: float = 1.0, *, min_d: float | None = None, name: str =
         return updates
 
     # in place: the bucket hands over updates it owns (a gradient or state buffer is copied first)
-    return transform(name, {"d": Hyperparam(d, _threshold(min_d))}, None, update, inplace=True)
+    return transform(name, {"d": Hyperparam(d, _threshold(min_d))}, None, update, inplace=True, segmented=True)
 
 
 def scale_by_relative_step(lr: float = 1e-2, *, warmup_init: bool = False, name: str = "relative_step") -> Leaf:
@@ -248,12 +267,20 @@ def scale_by_relative_step(lr: float = 1e-2, *, warmup_init: bool = False, name:
     """
 
     def rho(hp: Mapping, ctx: Bucket) -> Any:
-        cap = float(hp["lr"])
+        cap = hp["lr"]
+        if isinstance(cap, Tensor):  # tensor scalars (the fused path): no host value, no recompile
+            def traced(t: Tensor) -> Tensor:
+                t = t.to(cap.dtype)
+                r = torch.minimum(cap, 1.0 / t.sqrt())
+                return torch.minimum(r, 1e-6 * t) if warmup_init else r
+
+            return ctx.per_step(traced)
+        cap = float(cap)
         if warmup_init:
             return ctx.per_step(lambda t: min(cap, 1e-6 * t, 1.0 / math.sqrt(t)))
         return ctx.per_step(lambda t: min(cap, 1.0 / math.sqrt(t)))
 
-    return transform(name, {"lr": Hyperparam(lr, nonnegative)}, scale=rho)
+    return transform(name, {"lr": Hyperparam(lr, nonnegative)}, scale=rho, elementwise=True)
 
 
 def scale_by_param_rms(eps: Any = 1e-3, *, name: str = "param_rms") -> Leaf:
@@ -266,13 +293,23 @@ def scale_by_param_rms(eps: Any = 1e-3, *, name: str = "param_rms") -> Leaf:
     """
 
     def update(updates: list, state: dict, hp: Mapping, ctx: Bucket) -> list:
+        if ctx.segments is not None:  # the fused path's flat buffer: segment reductions
+            rms = ctx.tensor_norms(ctx.params, ctx.dtype) / ctx.tensor_numels(updates).clamp(min=1.0).sqrt()
+            torch._foreach_mul_(updates, ctx.per_tensor(rms.clamp(min=_pick(hp["eps"], 1))))
+            return updates
         eps2 = float(_pick(hp["eps"], 1))
         norms = torch._foreach_norm(ctx.params, 2, dtype=ctx.dtype)
         roots = [math.sqrt(max(p.numel(), 1)) for p in ctx.params]
         torch._foreach_mul_(updates, _clamped_ratios(norms, roots, eps2))
         return updates
 
-    return transform(name, {"eps": Hyperparam(eps, _eps_check(eps))}, None, update, inplace=True)
+    return transform(name, {"eps": Hyperparam(eps, _eps_check(eps))}, None, update, inplace=True, segmented=True)
+
+
+def _lr_times_wd(hp: Mapping, ctx: Bucket) -> Any:
+    if ctx.tensor_scalars:  # 0-d tensors on the fused path: a new lr does not recompile
+        return hp["lr"] * hp["weight_decay"]
+    return float(hp["lr"]) * float(hp["weight_decay"])
 
 
 def add_lr_scaled_wd(weight_decay: float = 0.0, lr: float = 1e-2, *, name: str = "wd") -> Leaf:
@@ -283,4 +320,4 @@ def add_lr_scaled_wd(weight_decay: float = 0.0, lr: float = 1e-2, *, name: str =
     Reference: Loshchilov & Hutter, arXiv:1711.05101. Peer: ``torch.optim.Adafactor(weight_decay)``.
     """
     spec = {"weight_decay": Hyperparam(weight_decay, nonnegative), "lr": Hyperparam(lr, nonnegative)}
-    return transform(name, spec, param_term=lambda hp, ctx: float(hp["lr"]) * float(hp["weight_decay"]))
+    return transform(name, spec, param_term=_lr_times_wd, elementwise=True)

@@ -92,4 +92,6 @@ def scale_by_sm3(b2: float = 1.0, eps: float = 1e-8, *, name: str = "sm3") -> Le
         return list(updates)
 
     spec = {"b2": Hyperparam(b2, closed_unit_interval), "eps": Hyperparam(eps, nonnegative)}
-    return transform(name, spec, init, update)
+    # vectors keep one accumulator shaped like the param (Adagrad): elementwise, compiled on the
+    # fused path; b2 and eps choose the code in Python
+    return transform(name, spec, init, update, elementwise_for=lambda shape: len(shape) <= 1, static=("b2", "eps"))

@@ -1,0 +1,136 @@
+"""Shape routes of the fused path: ``elementwise_for`` transforms (Adafactor's factored second
+moment, SM3) compile over the params whose shape makes them elementwise, and run eagerly over
+the others, in flat buckets of their own."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from test_fused import assert_same, resume, saved
+from torch import nn
+
+import gradchain as gc
+from gradchain import recipes
+from gradchain.fused import runner
+
+
+class Mixed(nn.Module):
+    """A factored matrix (both sides >= 128), a small matrix, a conv kernel, vectors and a scalar."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.big = nn.Linear(130, 128)
+        self.norm = nn.LayerNorm(128)
+        self.head = nn.Linear(128, 7)
+        self.conv = nn.Conv2d(2, 3, 3)
+        self.gain = nn.Parameter(torch.tensor(1.5))
+
+
+def make(dtype: torch.dtype) -> list:
+    torch.manual_seed(0)
+    return list(Mixed().to(dtype).named_parameters())
+
+
+def grads(named: list, step: int, dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(50 + step)
+    for _, p in named:
+        p.grad = torch.randn(p.shape, generator=g, dtype=torch.float64).to(dtype)
+
+
+def run(build, fused: bool, dtype: torch.dtype, steps: int = 5, named=None, opt=None):
+    named = make(dtype) if named is None else named
+    opt = gc.ChainOptimizer(named, build(), fused=fused) if opt is None else opt
+    sched = torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a fallback to eager fails the test
+        for i in range(steps):
+            grads(named, i, dtype)
+            opt.step()
+            sched.step()  # a new lr each step: never recompiles
+    return named, opt
+
+
+BUILDS = {
+    "adafactor": recipes.adafactor,
+    "adafactor_torch": lambda: recipes.adafactor(torch_compat=True, weight_decay=0.1),
+    "adafactor_momentum": lambda: recipes.adafactor(momentum=0.9, warmup_init=True, eps=(1e-30, 1e-3)),
+    "sm3": lambda: recipes.sm3(momentum=0.9),
+    "sm3_ema": lambda: recipes.sm3(b2=0.99, eps=0.0),
+}
+
+
+@pytest.fixture
+def aot_eager(monkeypatch):
+    monkeypatch.setattr(runner, "BACKEND", "aot_eager")
+
+
+@pytest.mark.parametrize("name", sorted(BUILDS))
+def test_shape_routes_equal_eager(name: str, aot_eager) -> None:
+    for dtype, tol in ((torch.float64, (1e-12, 1e-14)), (torch.float32, (1e-5, 1e-6))):
+        a = run(BUILDS[name], False, dtype)
+        b = run(BUILDS[name], True, dtype)
+        assert_same(*a, *b, rtol=tol[0], atol=tol[1])
+    plan = b[1].fused_plan()
+    first = BUILDS[name]().leaves().__next__().name
+    # the passing shapes compile the whole chain; the others keep the transform eager
+    assert plan[0] == ("compiled", [f"[shape]{t.name}" for t in b[1].transform.leaves()])
+    assert ("eager", [f"[other]{first}"]) in plan or plan[1][1][0] == f"[other]{first}"
+    assert len(b[1]._flats) == 2
+    factored = b[1].state[dict(b[0])["big.weight"]]
+    assert "factored.row" in factored or "sm3.acc_1" in factored  # the big matrix keeps its factored state
+
+
+def test_new_lr_and_steps_do_not_recompile(aot_eager) -> None:
+    named, opt = run(recipes.adafactor, True, torch.float32, steps=2)
+    graphs, seconds = torch._dynamo.utils.counters["stats"]["unique_graphs"], opt.compile_seconds
+    run(recipes.adafactor, True, torch.float32, steps=4, named=named, opt=opt)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+    assert opt.compile_seconds == seconds
+
+
+@pytest.mark.parametrize("name", ["adafactor", "sm3"])
+def test_shape_route_checkpoints_cross_paths(name: str, aot_eager, monkeypatch) -> None:
+    monkeypatch.setattr("test_fused.make_params", make)
+    a = run(BUILDS[name], False, torch.float64, steps=3)
+    b = run(BUILDS[name], True, torch.float64, steps=3)
+    for source, fused in ((a, True), (b, False), (b, True)):
+        named, opt = resume(source[0], saved(source[1]), BUILDS[name], fused)
+        ref_named, ref_opt = resume(a[0], saved(a[1]), BUILDS[name], False)
+        for i in range(3, 5):
+            grads(named, i, torch.float64)
+            grads(ref_named, i, torch.float64)
+            opt.step()
+            ref_opt.step()
+        assert_same(ref_named, ref_opt, named, opt, rtol=1e-12, atol=1e-14)
+
+
+def test_inductor_shape_routes_equal_eager(monkeypatch) -> None:
+    monkeypatch.setattr(runner, "BACKEND", "inductor")
+    for name in ("adafactor", "sm3"):
+        a = run(BUILDS[name], False, torch.float32, steps=3)
+        b = run(BUILDS[name], True, torch.float32, steps=3)
+        assert b[1].compile_seconds > 0
+        assert_same(*a, *b, rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_segment_after_an_eager_one_does_not_recompile(aot_eager) -> None:
+    # the eager segment's updates are a fresh flat tensor each step; the in-place clip that
+    # follows must not guard on that tensor's identity (it recompiled every step, then failed)
+    build = lambda: gc.chain(gc.centralize(), gc.clip_by_block_rms(1.0), gc.scale_by_adam(),  # noqa: E731
+                             gc.scale_by_lr(1e-2))
+    named = make(torch.float64)
+    assert gc.ChainOptimizer(named, build(), fused=True).fused_plan() == [
+        ("eager", ["centralize"]), ("compiled", ["clip_rms", "adam", "lr"])]
+    a = run(build, False, torch.float64, steps=12)
+    b = run(build, True, torch.float64, steps=12)
+    assert_same(*a, *b, rtol=1e-12, atol=1e-14)
+
+
+def test_stateless_run_after_an_eager_one_stays_eager() -> None:
+    # Adafactor's factored matrices: the clip, the param scale and the write stay with the eager
+    # factored statistics rather than pay a copy of the updates into a flat buffer
+    named = make(torch.float32)
+    plan = gc.ChainOptimizer(named, recipes.adafactor(), fused=True).fused_plan()
+    assert plan[1] == ("eager", [f"[other]{t.name}" for t in recipes.adafactor().leaves()])
