@@ -66,23 +66,34 @@ def aot_eager(monkeypatch):
     monkeypatch.setattr(runner, "BACKEND", "aot_eager")
 
 
+@pytest.mark.parametrize("per_tensor", [False, True])
 @pytest.mark.parametrize("name", sorted(BUILDS))
-def test_shape_routes_equal_eager(name: str, aot_eager) -> None:
+def test_shape_routes_equal_eager(name: str, per_tensor: bool, aot_eager, monkeypatch) -> None:
+    # per_tensor: every matrix is "large", so each compiles alone (a kernel per shape)
+    monkeypatch.setattr(runner, "PER_TENSOR_MIN_NUMEL", 0 if per_tensor else 1 << 40)
     for dtype, tol in ((torch.float64, (1e-12, 1e-14)), (torch.float32, (1e-5, 1e-6))):
         a = run(BUILDS[name], False, dtype)
         b = run(BUILDS[name], True, dtype)
         assert_same(*a, *b, rtol=tol[0], atol=tol[1])
+    names = [t.name for t in b[1].transform.leaves()]
     plan = b[1].fused_plan()
-    first = BUILDS[name]().leaves().__next__().name
-    # the passing shapes compile the whole chain; the others keep the transform eager
-    assert plan[0] == ("compiled", [f"[shape]{t.name}" for t in b[1].transform.leaves()])
-    assert ("eager", [f"[other]{first}"]) in plan or plan[1][1][0] == f"[other]{first}"
-    assert len(b[1]._flats) == 2
+    # the passing shapes compile the whole chain over one flat buffer; large failing ones compile
+    # it a param at a time; the rest keep the transform eager
+    assert plan[0] == ("compiled", [f"[flat]{n}" for n in names])
+    assert plan[1] == ("compiled", [f"[tensor]{n}" for n in names])
+    assert plan[2][0] == "eager" and plan[2][1][0] == f"[eager]{names[0]}"
+    routes = {key[3][1] for key in b[1]._flats}
+    assert routes == ({"flat", "tensor"} if per_tensor else {"flat", "eager"})
+    if per_tensor:  # a kernel per shape, each compiled once
+        seg = b[1]._fused_chain.chains[(None, "tensor")].segments[0]
+        shapes = {tuple(p.shape) for n, p in b[0] if p.dim() >= 2 and not n.startswith("norm")}
+        assert {k[1] for k in seg._fns} <= shapes and not seg._failed
     factored = b[1].state[dict(b[0])["big.weight"]]
     assert "factored.row" in factored or "sm3.acc_1" in factored  # the big matrix keeps its factored state
 
 
-def test_new_lr_and_steps_do_not_recompile(aot_eager) -> None:
+def test_new_lr_and_steps_do_not_recompile(aot_eager, monkeypatch) -> None:
+    monkeypatch.setattr(runner, "PER_TENSOR_MIN_NUMEL", 0)  # flat and per-tensor kernels both
     named, opt = run(recipes.adafactor, True, torch.float32, steps=2)
     graphs, seconds = torch._dynamo.utils.counters["stats"]["unique_graphs"], opt.compile_seconds
     run(recipes.adafactor, True, torch.float32, steps=4, named=named, opt=opt)
@@ -108,6 +119,7 @@ def test_shape_route_checkpoints_cross_paths(name: str, aot_eager, monkeypatch) 
 
 def test_inductor_shape_routes_equal_eager(monkeypatch) -> None:
     monkeypatch.setattr(runner, "BACKEND", "inductor")
+    monkeypatch.setattr(runner, "PER_TENSOR_MIN_NUMEL", 1000)  # the factored matrix compiles alone
     for name in ("adafactor", "sm3"):
         a = run(BUILDS[name], False, torch.float32, steps=3)
         b = run(BUILDS[name], True, torch.float32, steps=3)
@@ -133,4 +145,15 @@ def test_stateless_run_after_an_eager_one_stays_eager() -> None:
     # factored statistics rather than pay a copy of the updates into a flat buffer
     named = make(torch.float32)
     plan = gc.ChainOptimizer(named, recipes.adafactor(), fused=True).fused_plan()
-    assert plan[1] == ("eager", [f"[other]{t.name}" for t in recipes.adafactor().leaves()])
+    assert plan[2] == ("eager", [f"[eager]{t.name}" for t in recipes.adafactor().leaves()])
+
+
+def test_per_tensor_shapes_are_capped(aot_eager, monkeypatch) -> None:
+    # past the cap a shape stays eager rather than cost one more compile
+    monkeypatch.setattr(runner, "PER_TENSOR_MIN_NUMEL", 0)
+    monkeypatch.setattr(runner, "PER_TENSOR_MAX_SHAPES", 1)
+    a = run(BUILDS["sm3"], False, torch.float64)
+    b = run(BUILDS["sm3"], True, torch.float64)
+    assert_same(*a, *b, rtol=1e-12, atol=1e-14)
+    routes = b[1]._fused_chain._routes
+    assert sorted(r for (_, shape), r in routes.items() if len(shape) >= 2) == ["eager", "eager", "tensor"]

@@ -31,6 +31,10 @@ from .hoist import hoisting_backend
 # the torch.compile backend of fused segments ("aot_eager" traces the same graph without code
 # generation: the test suite uses it to check every recipe quickly)
 BACKEND = "inductor"
+# a param that fails an elementwise_for test compiles alone (one kernel per shape) when it is this
+# large, so that the call costs little beside its work; at most this many shapes per route do
+PER_TENSOR_MIN_NUMEL = 1 << 18
+PER_TENSOR_MAX_SHAPES = 16
 
 
 def _segment(leaves: list[Leaf], last: bool):
@@ -107,6 +111,8 @@ class Segment:
         self.compiled = compiled
         self.last = False
         # group keys, which a renamed transform's differ from its local names (adamw_eps_root)
+        self.per_tensor = False  # compiled one param at a time (a kernel per shape), not over the flat buffer
+        self.names = {leaf.name for t in transforms for leaf in t.leaves()}
         self.static = frozenset(g for t in transforms for k, g in getattr(t, "_keys", {}).items()
                                 if k in getattr(t, "static", ()))
         self.segmented = any(getattr(t, "segmented", False) for t in transforms)
@@ -120,8 +126,11 @@ class Segment:
 
     def keys(self, fb: FlatBucket) -> set[str]:
         """The state keys this segment's transforms keep in ``fb`` (its group's options decide some)."""
-        names = {leaf.name for t in self.transforms for leaf in t.leaves()}
-        return {k for k in fb.states[0] if k != "step" and k.split(".", 1)[0] in names}
+        return self.keys_of(fb.states[0])
+
+    def keys_of(self, state: Mapping[str, Any]) -> set[str]:
+        """The state keys this segment's transforms keep in one param's ``state``."""
+        return {k for k in state if k != "step" and k.split(".", 1)[0] in self.names}
 
     def eager_fn(self):
         if self._eager_fn is None:
@@ -132,8 +141,10 @@ class Segment:
 class FusedChain:
     """A chain cut into segments, run over flat buckets."""
 
-    def __init__(self, transform: Transform, compile: bool = True, *, shapes_pass: bool = False) -> None:
-        # shapes_pass: every param of this chain's buckets passes its transforms' ``elementwise_for``
+    def __init__(self, transform: Transform, compile: bool = True, *, shapes: str | None = None) -> None:
+        # shapes: which params of this chain's buckets are (FusedRoutes): "flat", those that pass its
+        # transforms' ``elementwise_for`` tests; "tensor", large ones that fail them, compiled one
+        # param at a time; "eager", the others
         # a wrapper that acts on the params after its inner chain's step (Lookahead's sync) lets the
         # inner chain be cut into segments; its own part runs after them, eagerly
         self.wrapper = transform if hasattr(transform, "sync_flat") else None
@@ -144,7 +155,7 @@ class FusedChain:
         phased = {id(t) for t in top if getattr(t, "fused_phases", False)}
         for t in top:
             fusable = isinstance(t, Leaf) and (t.elementwise or t.segmented
-                                               or (shapes_pass and t.elementwise_for is not None))
+                                               or (shapes in ("flat", "tensor") and t.elementwise_for is not None))
             if runs and runs[-1][0] == fusable and not phased.intersection({id(t), id(runs[-1][1][-1])}):
                 runs[-1][1].append(t)
             else:
@@ -166,6 +177,9 @@ class FusedChain:
             else:
                 merged.append((fusable, list(ts)))
         self.segments = [Segment(ts, compiled=fusable or id(ts[0]) in phased) for fusable, ts in merged]
+        for seg in self.segments:
+            seg.per_tensor = shapes == "tensor" and seg.compiled and any(
+                getattr(t, "elementwise_for", None) is not None for t in seg.transforms)
         if self.segments:
             self.segments[-1].last = True
         # nothing to compile: the fused step is the eager step (over the same flat storage)
@@ -199,7 +213,11 @@ class FusedChain:
         updates: list[Tensor | None] = [None] * len(flats)
         tensor_hp = [None] * len(flats)
         for seg in self.segments:
-            if seg.phased is not None:
+            if seg.per_tensor:
+                for i, fb in enumerate(flats):
+                    updates[i] = self._run_per_tensor(seg, i, fb, grads[i], updates[i], resolved[i], tensor_hp,
+                                                      loss, dtypes[i])
+            elif seg.phased is not None:
                 updates = self._run_phased(seg, flats, groups, grads, updates, resolved, host_steps, loss, shared,
                                            dtypes)
             elif seg.compiled:
@@ -218,6 +236,8 @@ class FusedChain:
                       dtype: torch.dtype) -> Tensor | None:
         keys = seg.keys(fb)
         state = {k: [fb.flat_state[k]] for k in keys if k in fb.flat_state}
+        if isinstance(update, list):  # per-param updates of a segment run per tensor
+            update = fb.join(update)
         upd = None if update is None else [update]
         host = {k: v for k, v in resolved.items() if k in seg.static}
         segments = fb.segments() if seg.segmented else None
@@ -227,7 +247,9 @@ class FusedChain:
             lossv = None if loss is None else loss.detach().to(fb.device)
             args = ([fb.flat_params], [grad], upd, state, tensor_hp[i], host, fb.flat_steps[0], lossv, dtype, True,
                     segments)
-            ok, out = self._try_compiled(seg, i, seg.eager_fn, args, str([t.name for t in seg.transforms]))
+            # a function of its own per bucket: buckets of other sizes never recompile another's
+            ok, out = self._try_compiled(seg, i, lambda: _segment(seg.transforms, seg.last), args,
+                                         str([t.name for t in seg.transforms]))
             if ok:
                 return out
         if len(state) != len(keys):
@@ -236,10 +258,39 @@ class FusedChain:
         return seg.eager_fn()([fb.flat_params], [grad], upd, state, resolved, resolved, host_step, loss, dtype,
                               False, segments)
 
+    def _run_per_tensor(self, seg: Segment, i: int, fb: FlatBucket, grad: Tensor, update: Tensor | list | None,
+                        resolved: dict, tensor_hp: list, loss: Tensor | None,
+                        dtype: torch.dtype) -> list[Tensor] | None:
+        """A segment compiled for one param at a time (a kernel per shape) over per-param views:
+        transforms that are elementwise for other shapes only (Adafactor's factored matrices)."""
+        if tensor_hp[i] is None:
+            tensor_hp[i] = {k: _tensorize(v, fb.device) for k, v in resolved.items()}
+        host = {k: v for k, v in resolved.items() if k in seg.static}
+        lossv = None if loss is None else loss.detach().to(fb.device)
+        grads = fb.split(grad)
+        ups = update if update is None or isinstance(update, list) else fb.split(update)
+        out = []
+        for j, p in enumerate(fb.param_views):
+            st = fb.states[j]
+            state = {k: [st[k]] for k in seg.keys_of(st)}
+            args = ([p], [grads[j]], None if ups is None else [ups[j]], state, tensor_hp[i], host, fb.flat_steps[0],
+                    lossv, dtype, True, None)
+            make = lambda: _segment(seg.transforms, seg.last)  # noqa: E731
+            ok, res = (False, None)
+            if self.compile:
+                ok, res = self._try_compiled(seg, ("tensor", tuple(p.shape), p.dtype), make, args,
+                                             f"{[t.name for t in seg.transforms]} for shape {tuple(p.shape)}")
+            if not ok:
+                res = make()(*args)
+            out.append(res)
+        fb.resync_state()
+        return None if seg.last else out
+
     def _run_phased(self, seg: Segment, flats: list[FlatBucket], groups: list, grads: list[Tensor],
                     updates: list[Tensor | None], resolved: list[dict], host_steps: list[float],
                     loss: Tensor | None, shared: dict, dtypes: list[torch.dtype]) -> list[Tensor | None]:
         t = seg.phased
+        updates = [fb.join(u) if isinstance(u, list) else u for fb, u in zip(flats, updates)]
         keys = [seg.keys(fb) for fb in flats]
         if any(k not in fb.flat_state for fb, ks in zip(flats, keys) for k in ks):
             return self._run_eager(seg, flats, groups, grads, updates, resolved, host_steps, loss, shared, dtypes)
@@ -323,7 +374,7 @@ class FusedChain:
             b = Bucket(fb.param_views, fb.split(grads[i]), state, fb.step_views, fb.names, group, loss, shared,
                        dtypes[i], step_values=[host_steps[i]] * len(fb.params), resolved=resolved[i])
             if updates[i] is not None:
-                b.updates = fb.split(updates[i])
+                b.updates = list(updates[i]) if isinstance(updates[i], list) else fb.split(updates[i])
             inputs.append(list(b.updates))
             buckets.append(b)
         for t in seg.transforms:
@@ -369,8 +420,10 @@ class FusedRoutes:
 
     A chain that is one ``partition`` routes by label (Muon's matrices and the AdamW rest are two
     buckets, each compiled). A chain with ``elementwise_for`` transforms routes by shape: params
-    that pass every test get a chain in which those transforms compile, the others one in which
-    they run eagerly. A route is ``(label, passes)``; either part is None where it does not apply.
+    that pass every test go where those transforms compile over the flat buffer ("flat"); large
+    ones that fail go where they compile one param at a time, a kernel per shape ("tensor"); the
+    rest go where they run eagerly ("eager"). A route is ``(label, shapes)``; either part is None
+    where it does not apply.
     """
 
     def __init__(self, transform: Transform) -> None:
@@ -380,24 +433,31 @@ class FusedRoutes:
         self.tests = {label: _shape_tests(child) for label, child in children.items()}
         self.chains: dict[tuple, FusedChain] = {}
         for label, child in children.items():
-            for passes in ((True, False) if self.tests[label] else (None,)):
-                self.chains[(label, passes)] = FusedChain(child, shapes_pass=bool(passes))
+            for shapes in (("flat", "tensor", "eager") if self.tests[label] else (None,)):
+                self.chains[(label, shapes)] = FusedChain(child, shapes=shapes)
         self.all_eager = all(c.all_eager for c in self.chains.values())
-        self._passes: dict[tuple, bool] = {}
+        self._routes: dict[tuple, str] = {}
+        self._tensor_shapes: dict[Any, int] = {}
 
     def label(self, name: str | None, param: Tensor) -> tuple:
         """The param's route: its partition label (from the partition's own cache, as its eager
-        apply routes) and whether its shape passes the ``elementwise_for`` tests."""
+        apply routes) and, for ``elementwise_for`` transforms, where its shape goes."""
         label = self.partition._cached_route(name, param) if self.partition is not None else None
         tests = self.tests.get(label)
         if not tests:
             return (label, None)
-        shape = tuple(param.shape)
-        key = (label, shape)
-        passes = self._passes.get(key)
-        if passes is None:
-            passes = self._passes[key] = all(test(shape) for test in tests)
-        return (label, passes)
+        key = (label, param.shape)
+        route = self._routes.get(key)
+        if route is None:
+            if all(test(tuple(param.shape)) for test in tests):
+                route = "flat"
+            elif param.numel() >= PER_TENSOR_MIN_NUMEL and self._tensor_shapes.get(label, 0) < PER_TENSOR_MAX_SHAPES:
+                route = "tensor"
+                self._tensor_shapes[label] = self._tensor_shapes.get(label, 0) + 1
+            else:
+                route = "eager"
+            self._routes[key] = route
+        return (label, route)
 
     @property
     def compile_seconds(self) -> float:
@@ -405,11 +465,10 @@ class FusedRoutes:
 
     def describe(self) -> list[tuple[str, list[str]]]:
         """Each route's segments, the transform names prefixed with ``label/`` (a partition) and
-        ``[shape]`` (the params that pass the ``elementwise_for`` tests, compiled there) or
-        ``[other]``."""
+        ``[flat]``, ``[tensor]`` or ``[eager]`` (where params go by shape)."""
         plan = []
-        for (label, passes), c in self.chains.items():
-            prefix = ("" if label is None else f"{label}/") + {None: "", True: "[shape]", False: "[other]"}[passes]
+        for (label, shapes), c in self.chains.items():
+            prefix = ("" if label is None else f"{label}/") + ("" if shapes is None else f"[{shapes}]")
             plan += [(kind, [prefix + n for n in names]) for kind, names in c.describe()]
         return plan
 

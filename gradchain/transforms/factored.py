@@ -28,7 +28,7 @@ _RULES = ("two_largest", "last_two", "unit")
 def _mean(x: Tensor, dims: tuple[int, ...]) -> Tensor:
     # sum / count, not .mean(): DTensor's Partial(avg) is wrong on uneven shards
     # max(., 1): the mean over no entries (an empty param) is 0, not 0/0
-    count = max(math.prod(x.shape[d] for d in dims), 1)
+    count = max(math.prod([x.shape[d] for d in dims]), 1)
     return settle(x.sum(dim=dims, keepdim=True) / count)
 
 
@@ -54,7 +54,7 @@ def factored_dims(
         rows, cols = (n - 2,), (n - 1,)
     else:
         rows, cols = (0,), tuple(range(1, n))
-    if min(math.prod(shape[d] for d in rows), math.prod(shape[d] for d in cols)) < min_dim_size_to_factor:
+    if min(math.prod([shape[d] for d in rows]), math.prod([shape[d] for d in cols])) < min_dim_size_to_factor:
         return None
     return rows, cols
 
@@ -137,9 +137,14 @@ def scale_by_factored_rms(
         eps1 = _pick(hp["eps"], 0)
         if eps1 is None:
             eps1 = torch.finfo(ctx.params[0].dtype).eps if torch_compat else 1e-30
-        if ctx.tensor_scalars:  # compiled over a flat buffer of unfactored params (elementwise_for)
-            return [_unfactored_traced(g, v, ctx.per_step(lambda t: t**decay), eps1, torch_compat)
-                    for g, v in zip(updates, state["v"], strict=True)]
+        if ctx.tensor_scalars:
+            # compiled: over a flat buffer of unfactored params (elementwise_for), or one large
+            # factored param at a time
+            w = ctx.per_step(lambda t: t**decay)
+            if "v" in state:
+                return [_unfactored_traced(g, v, w, eps1, torch_compat) for g, v in zip(updates, state["v"], strict=True)]
+            return [_factored_traced(g, row, col, dims(p), w, eps1, torch_compat)  # type: ignore[arg-type]
+                    for g, row, col, p in zip(updates, state["row"], state["col"], ctx.params, strict=True)]
         decay, eps1 = float(decay), float(eps1)
         weights = ctx.step_values
         out: list[Tensor | None] = [None] * len(updates)
@@ -204,6 +209,20 @@ def _unfactored_traced(g: Tensor, v: Tensor, w: Any, eps1: Any, torch_compat: bo
     return torch.rsqrt(r) * g
 
 
+def _factored_traced(g: Tensor, row: Tensor, col: Tensor, dims: tuple, w: Tensor, eps1: Any,
+                     torch_compat: bool) -> Tensor:
+    """The factored rule with tensor scalars, one param: the statistics, then ``u`` as the eager
+    form computes it (the same products in the same order)."""
+    rows, cols = dims
+    q = g * g if torch_compat else torch.addcmul(torch.as_tensor(eps1, dtype=g.dtype), g, g)
+    row.lerp_(_mean(q, cols), w.to(row.dtype))
+    col.lerp_(_mean(q, rows), w.to(col.dtype))
+    if torch_compat:
+        v = row * col / torch.clamp_min(_mean(row, rows), eps1)
+        return torch.rsqrt(torch.clamp_min(v, eps1 * eps1)) * g
+    return g * torch.rsqrt(row / _mean(row, rows)) * torch.rsqrt(col)
+
+
 def _rms(x: Tensor) -> Tensor:
     return torch.linalg.vector_norm(x) / math.sqrt(max(x.numel(), 1))
 
@@ -242,7 +261,7 @@ def clip_by_block_rms(d: float = 1.0, *, min_d: float | None = None, name: str =
     """
 
     def update(updates: list, state: dict, hp: Mapping, ctx: Bucket) -> list:
-        if ctx.segments is not None:  # the fused path's flat buffer: segment reductions
+        if ctx.tensor_scalars:  # the fused path: segment reductions of a flat buffer, or traced per tensor
             rms = ctx.tensor_norms(updates) / ctx.tensor_numels(updates).clamp(min=1.0).sqrt()
             torch._foreach_div_(updates, ctx.per_tensor((rms / hp["d"]).clamp(min=1.0)))
             return updates
@@ -293,7 +312,7 @@ def scale_by_param_rms(eps: Any = 1e-3, *, name: str = "param_rms") -> Leaf:
     """
 
     def update(updates: list, state: dict, hp: Mapping, ctx: Bucket) -> list:
-        if ctx.segments is not None:  # the fused path's flat buffer: segment reductions
+        if ctx.tensor_scalars:  # the fused path: segment reductions of a flat buffer, or traced per tensor
             rms = ctx.tensor_norms(ctx.params, ctx.dtype) / ctx.tensor_numels(updates).clamp(min=1.0).sqrt()
             torch._foreach_mul_(updates, ctx.per_tensor(rms.clamp(min=_pick(hp["eps"], 1))))
             return updates
