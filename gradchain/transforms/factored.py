@@ -142,7 +142,8 @@ def scale_by_factored_rms(
             # factored param at a time
             w = ctx.per_step(lambda t: t**decay)
             if "v" in state:
-                return [_unfactored_traced(g, v, w, eps1, torch_compat) for g, v in zip(updates, state["v"], strict=True)]
+                return [_unfactored_traced(g, v, w, eps1, torch_compat)
+                        for g, v in zip(updates, state["v"], strict=True)]
             return [_factored_traced(g, row, col, dims(p), w, eps1, torch_compat)  # type: ignore[arg-type]
                     for g, row, col, p in zip(updates, state["row"], state["col"], ctx.params, strict=True)]
         decay, eps1 = float(decay), float(eps1)
