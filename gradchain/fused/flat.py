@@ -40,6 +40,7 @@ class FlatBucket:
         p0 = params[0]
         self.device, self.dtype = p0.device, p0.dtype
         self._segments: tuple | None = None
+        self._workspaces: dict[torch.dtype, list[Tensor]] = {}
         self.flat_params = torch.zeros(total, dtype=p0.dtype, device=p0.device)
         self.flat_grads = torch.zeros(total, dtype=p0.dtype, device=p0.device)
         self.param_views = self._views(self.flat_params)
@@ -72,6 +73,20 @@ class FlatBucket:
                 v.copy_(st[key])
                 st[key] = v
             self.flat_state[key], self.state_views[key] = buf, views
+
+    def workspace(self, dtype: torch.dtype, avoid: Any = None) -> Tensor:
+        """A flat buffer of ``dtype`` kept from step to step, for updates passed between segments (on
+        CPU a fresh full-size buffer costs page faults every step). Two are kept: the one returned
+        never shares storage with ``avoid`` (the segment's input, a flat tensor or per-param views)."""
+        first = avoid[0] if isinstance(avoid, list) and avoid else avoid
+        taken = first.untyped_storage().data_ptr() if isinstance(first, Tensor) else None
+        spaces = self._workspaces.setdefault(dtype, [])
+        for ws in spaces:
+            if ws.untyped_storage().data_ptr() != taken:
+                return ws
+        ws = torch.zeros(self.total, dtype=dtype, device=self.device)
+        spaces.append(ws)
+        return ws
 
     def segments(self) -> tuple:
         """``(lengths, rows, numels, names, shapes)``: each param's element count (a tensor); for a

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch._inductor.config as inductor_config
 from torch import Tensor, fx
 
 
@@ -171,6 +172,10 @@ def realize_small_values(gm: fx.GraphModule) -> int:
     return count
 
 
+# how many buffers a value used twice may read before inductor stores it (its default is 4)
+REALIZE_READS = 64
+
+
 def hoisting_backend(backend: str) -> Callable:
     """A ``torch.compile`` backend: ``hoist_scalars`` and ``realize_small_values``, then the named backend."""
     from torch._dynamo.backends.registry import lookup_backend
@@ -180,6 +185,15 @@ def hoisting_backend(backend: str) -> Callable:
     def compile_with_hoisting(gm: fx.GraphModule, example_inputs: list) -> Callable:
         hoist_scalars(gm)
         realize_small_values(gm)
-        return inner(gm, example_inputs)
+        if backend != "inductor":
+            return inner(gm, example_inputs)
+        # an update read by a per-tensor reduction and by the write (LAMB's trust ratio, the
+        # cautious mask) is computed again in the write's kernel, not stored: inductor stores a
+        # value used twice once it reads more than a few buffers, and here those reads are mostly
+        # 0-d hyperparameters. A full-size buffer costs a write and a read of its own, and on CPU
+        # page faults on every step; recomputing it costs arithmetic, which is cheap here. Values
+        # with heavy ops or long formulas are still stored (inductor's other thresholds).
+        with inductor_config.patch(realize_reads_threshold=REALIZE_READS):
+            return inner(gm, example_inputs)
 
     return compile_with_hoisting

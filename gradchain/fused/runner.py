@@ -38,7 +38,7 @@ PER_TENSOR_MAX_SHAPES = 16
 
 
 def _segment(leaves: list[Leaf], last: bool):
-    def run(params, grads, updates, state, resolved, host, step, loss, dtype, tensor_scalars, segments):
+    def run(params, grads, updates, state, resolved, host, step, loss, dtype, tensor_scalars, segments, out=None):
         shared = {"host_hyperparams": host}
         b = Bucket(params, grads, dict(state), [step] if tensor_scalars else [], [None], {}, loss, shared, dtype,
                    step_values=[step], tensor_scalars=tensor_scalars, resolved=resolved)
@@ -54,11 +54,15 @@ def _segment(leaves: list[Leaf], last: bool):
         if last:
             b.write()
             return None
+        if out is not None:  # a buffer kept from step to step: no fresh full-size allocation
+            out.copy_(b.materialize()[0])
+            return None
         return b.materialize()[0]
 
     # a fresh code object per segment: torch.compile keeps one cache per code object, so one
     # optimizer's graphs never evict another's
-    return types.FunctionType(run.__code__.replace(), run.__globals__, "fused_segment", None, run.__closure__)
+    return types.FunctionType(run.__code__.replace(), run.__globals__, "fused_segment", run.__defaults__,
+                              run.__closure__)
 
 
 def _phase(transform: Transform, name: str, last: bool):
@@ -245,13 +249,15 @@ class FusedChain:
             if tensor_hp[i] is None:
                 tensor_hp[i] = {k: _tensorize(v, fb.device) for k, v in resolved.items()}
             lossv = None if loss is None else loss.detach().to(fb.device)
+            # the updates for the next segment go into a buffer of the bucket's, not a fresh one
+            ws = None if seg.last else fb.workspace(dtype, avoid=update)
             args = ([fb.flat_params], [grad], upd, state, tensor_hp[i], host, fb.flat_steps[0], lossv, dtype, True,
-                    segments)
+                    segments, ws)
             # a function of its own per bucket: buckets of other sizes never recompile another's
             ok, out = self._try_compiled(seg, i, lambda: _segment(seg.transforms, seg.last), args,
                                          str([t.name for t in seg.transforms]))
             if ok:
-                return out
+                return ws if ws is not None else out
         if len(state) != len(keys):
             return self._run_eager(seg, [fb], [None], [grad], [update], [resolved], [host_step], loss, {},
                                    [dtype])[0]
@@ -269,12 +275,13 @@ class FusedChain:
         lossv = None if loss is None else loss.detach().to(fb.device)
         grads = fb.split(grad)
         ups = update if update is None or isinstance(update, list) else fb.split(update)
+        ws = None if seg.last else fb.split(fb.workspace(dtype, avoid=update))
         out = []
         for j, p in enumerate(fb.param_views):
             st = fb.states[j]
             state = {k: [st[k]] for k in seg.keys_of(st)}
             args = ([p], [grads[j]], None if ups is None else [ups[j]], state, tensor_hp[i], host, fb.flat_steps[0],
-                    lossv, dtype, True, None)
+                    lossv, dtype, True, None, None if ws is None else ws[j])
             make = lambda: _segment(seg.transforms, seg.last)  # noqa: E731
             ok, res = (False, None)
             if self.compile:
@@ -282,7 +289,7 @@ class FusedChain:
                                              f"{[t.name for t in seg.transforms]} for shape {tuple(p.shape)}")
             if not ok:
                 res = make()(*args)
-            out.append(res)
+            out.append(res if ws is None else ws[j])
         fb.resync_state()
         return None if seg.last else out
 

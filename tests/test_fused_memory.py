@@ -1,0 +1,81 @@
+"""What the fused path allocates per step: updates passed between segments go into buffers kept
+from step to step, and an update read twice in a kernel (a norm, then the write) is computed
+twice rather than stored in a fresh full-size buffer (on CPU each one costs page faults, every step)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_fused import assert_same
+from torch import nn
+from torch._inductor.utils import run_and_get_code
+
+import gradchain as gc
+from gradchain import recipes
+from gradchain.fused import runner
+from gradchain.fused.flat import FlatBucket
+
+
+def params(dtype: torch.dtype, shapes=((6, 5), (4, 3), (7,))) -> list:
+    torch.manual_seed(0)
+    return [nn.Parameter(torch.randn(s, dtype=dtype)) for s in shapes]
+
+
+def steps(ps: list, opt: gc.ChainOptimizer, n: int) -> None:
+    for i in range(n):
+        g = torch.Generator().manual_seed(i)
+        for p in ps:
+            p.grad = torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype)
+        opt.step()
+
+
+def chain() -> gc.Transform:
+    # compiled, eager in place, compiled with state, eager last: the second compiled segment reads
+    # the first one's buffer, so it must write its own into the other
+    return gc.chain(gc.scale_by_adam(), gc.add_norm_loss(0.1), gc.ema(0.5), gc.centralize(),
+                    gc.scale_by_lr(0.1))
+
+
+def test_segments_pass_updates_through_kept_buffers(monkeypatch) -> None:
+    monkeypatch.setattr(runner, "BACKEND", "aot_eager")
+    seen = []
+    original = FlatBucket.workspace
+
+    def workspace(self, dtype, avoid=None):
+        ws = original(self, dtype, avoid=avoid)
+        seen.append((None if avoid is None else avoid.untyped_storage().data_ptr(), ws.untyped_storage().data_ptr()))
+        return ws
+
+    monkeypatch.setattr(FlatBucket, "workspace", workspace)
+    a, b = params(torch.float64), params(torch.float64)
+    oa = gc.ChainOptimizer(a, chain())
+    ob = gc.ChainOptimizer(b, chain(), fused=True)
+    assert [k for k, _ in ob.fused_plan()] == ["compiled", "eager", "compiled", "eager"]
+    steps(a, oa, 5)
+    steps(b, ob, 5)
+    assert_same(list(zip("abc", a)), oa, list(zip("abc", b)), ob, rtol=1e-12, atol=1e-14)
+    (fb,) = ob._flats.values()
+    kept = {ws.untyped_storage().data_ptr() for ws in fb._workspaces[torch.float64]}
+    assert len(kept) == 2 and {out for _, out in seen} == kept  # two buffers, the same ones every step
+    assert all(out != avoid for avoid, out in seen)
+    assert any(avoid in kept for avoid, _ in seen)  # the eager norm loss handed the first buffer on
+
+
+@pytest.mark.parametrize("name", ["lamb", "cautious_adamw", "adams"])
+def test_inductor_stores_no_full_size_update(name: str, monkeypatch) -> None:
+    monkeypatch.setattr(runner, "BACKEND", "inductor")
+    torch._dynamo.reset()
+    n = 4099  # a size of its own, so the kernel compiles here (no cache hit)
+    ps = params(torch.float32, shapes=((n,),))
+    opt = gc.ChainOptimizer(ps, getattr(recipes, name)(), fused=True)
+    ps[0].grad = torch.randn(n)
+    _, codes = run_and_get_code(opt.step)
+    assert codes, "nothing was compiled"
+    # LAMB's and the cautious update are read by a reduction and by the write: computed in both
+    # kernels, never stored; AdamS hands its update to the eager decay in a kept buffer
+    assert not any(f"(({n}, ), (1, ), torch.float32)" in code for code in codes)
+    ref = params(torch.float32, shapes=((n,),))
+    eager = gc.ChainOptimizer(ref, getattr(recipes, name)())
+    ref[0].grad = ps[0].grad.clone()
+    eager.step()
+    torch.testing.assert_close(ps[0].detach(), ref[0].detach(), rtol=1e-5, atol=1e-6)
