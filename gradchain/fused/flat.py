@@ -105,11 +105,14 @@ class FlatBucket:
                               tuple(tuple(p.shape) for p in self.params))
         return self._segments
 
-    def join(self, tensors: list[Tensor]) -> Tensor:
-        """One flat tensor laid out like the params (gaps of a chunked bucket zero)."""
+    def join(self, tensors: list[Tensor], out: Tensor | None = None) -> Tensor:
+        """One flat tensor laid out like the params (into ``out`` if given; the gaps of a chunked
+        bucket are zero in a new tensor, left as they are in ``out``)."""
         if not self.chunked:
-            return torch.cat([t.reshape(-1) for t in tensors])
-        out = torch.zeros(self.total, dtype=tensors[0].dtype, device=self.device)
+            flat = [t.reshape(-1) for t in tensors]
+            return torch.cat(flat) if out is None else torch.cat(flat, out=out)
+        if out is None:
+            out = torch.zeros(self.total, dtype=tensors[0].dtype, device=self.device)
         for v, t in zip(self._views(out), tensors, strict=True):
             v.copy_(t)
         return out

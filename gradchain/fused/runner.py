@@ -403,7 +403,9 @@ class FusedChain:
             elif len(ups) == 1 and not fb.chunked and ups[0].is_contiguous() and _fresh(ups[0], fb, grads[i], b):
                 out.append(ups[0].view(-1))  # one param: its update is already flat, no copy
             else:
-                out.append(fb.join(ups) if ups else grads[i].new_empty(0))
+                # into a buffer the bucket keeps (not the one it came in)
+                out.append(fb.join(ups, out=fb.workspace(ups[0].dtype, avoid=updates[i])) if ups
+                           else grads[i].new_empty(0))
         return out
 
 
