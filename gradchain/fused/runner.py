@@ -31,10 +31,11 @@ from .hoist import hoisting_backend
 # the torch.compile backend of fused segments ("aot_eager" traces the same graph without code
 # generation: the test suite uses it to check every recipe quickly)
 BACKEND = "inductor"
-# a param that fails an elementwise_for test compiles alone (one kernel per shape) when it is this
-# large, so that the call costs little beside its work; at most this many shapes per route do
+# a param that fails an elementwise_for test compiles alone when it is this large, so that the call
+# costs little beside its work: one kernel per shape for the first few shapes of a bucket, then one
+# kernel with symbolic sizes for all the others (a little slower, but compiled once)
 PER_TENSOR_MIN_NUMEL = 1 << 18
-PER_TENSOR_MAX_SHAPES = 16
+PER_TENSOR_STATIC_SHAPES = 6
 
 
 def _segment(leaves: list[Leaf], last: bool):
@@ -90,6 +91,10 @@ def _phase(transform: Transform, name: str, last: bool):
     return types.FunctionType(run.__code__.replace(), run.__globals__, f"fused_{name}", None, run.__closure__)
 
 
+# what a failed trace raises (a new size under a kernel with symbolic sizes), as opposed to a kernel's run
+_TRACING_ERRORS = (torch._dynamo.exc.TorchDynamoException, torch._dynamo.exc.FailOnRecompileLimitHit)
+
+
 def _tensorize(value: Any, device: torch.device) -> Any:
     if isinstance(value, bool) or value is None or isinstance(value, str):
         return value
@@ -116,6 +121,7 @@ class Segment:
         self.last = False
         # group keys, which a renamed transform's differ from its local names (adamw_eps_root)
         self.per_tensor = False  # compiled one param at a time (a kernel per shape), not over the flat buffer
+        self.static_shapes: set[tuple[int, ...]] = set()
         self.names = {leaf.name for t in transforms for leaf in t.leaves()}
         self.static = frozenset(g for t in transforms for k, g in getattr(t, "_keys", {}).items()
                                 if k in getattr(t, "static", ()))
@@ -285,8 +291,14 @@ class FusedChain:
             make = lambda: _segment(seg.transforms, seg.last)  # noqa: E731
             ok, res = (False, None)
             if self.compile:
-                ok, res = self._try_compiled(seg, ("tensor", tuple(p.shape), p.dtype), make, args,
-                                             f"{[t.name for t in seg.transforms]} for shape {tuple(p.shape)}")
+                shape = tuple(p.shape)
+                if shape in seg.static_shapes or len(seg.static_shapes) < PER_TENSOR_STATIC_SHAPES:
+                    seg.static_shapes.add(shape)
+                    key, dynamic = ("tensor", shape, p.dtype), False
+                else:
+                    key, dynamic = ("tensor", p.dim(), p.dtype), True
+                ok, res = self._try_compiled(seg, key, make, args,
+                                             f"{[t.name for t in seg.transforms]} for shape {shape}", dynamic=dynamic)
             if not ok:
                 res = make()(*args)
             out.append(res if ws is None else ws[j])
@@ -339,21 +351,24 @@ class FusedChain:
         return make()(*args)
 
     @staticmethod
-    def _try_compiled(seg: Segment, key: Any, make: Any, args: tuple, what: str) -> tuple[bool, Any]:
+    def _try_compiled(seg: Segment, key: Any, make: Any, args: tuple, what: str,
+                      dynamic: bool = False) -> tuple[bool, Any]:
         """Run the compiled form of ``make()`` for ``key`` (compiled at its first call). ``(False, None)``
-        if that first tracing failed (warned once): the caller runs the same function uncompiled."""
+        if that first tracing failed (warned once): the caller runs the same function uncompiled.
+        With ``dynamic`` (sizes symbolic), a new size may trace again; if that fails, likewise."""
         if key in seg._failed:
             return False, None
         fn = seg._fns.get(key)
         first = fn is None
         if first:
-            fn = seg._fns[key] = torch.compile(make(), fullgraph=True, dynamic=False,
+            fn = seg._fns[key] = torch.compile(make(), fullgraph=True, dynamic=dynamic,
                                                backend=hoisting_backend(BACKEND))
         try:
             t0 = time.perf_counter()
             out = fn(*args)
         except Exception as err:  # noqa: BLE001 - any tracing failure falls back to the uncompiled run
-            if not first:
+            # tracing a new size again (dynamic): a guard failed and nothing has run yet
+            if not first and not (dynamic and isinstance(err, _TRACING_ERRORS)):
                 raise
             seg._failed.add(key)
             warnings.warn(
@@ -430,8 +445,8 @@ class FusedRoutes:
     A chain that is one ``partition`` routes by label (Muon's matrices and the AdamW rest are two
     buckets, each compiled). A chain with ``elementwise_for`` transforms routes by shape: params
     that pass every test go where those transforms compile over the flat buffer ("flat"); large
-    ones that fail go where they compile one param at a time, a kernel per shape ("tensor"); the
-    rest go where they run eagerly ("eager"). A route is ``(label, shapes)``; either part is None
+    ones that fail go where they compile one param at a time ("tensor"); the rest go where they
+    run eagerly ("eager"). A route is ``(label, shapes)``; either part is None
     where it does not apply.
     """
 
@@ -446,7 +461,6 @@ class FusedRoutes:
                 self.chains[(label, shapes)] = FusedChain(child, shapes=shapes)
         self.all_eager = all(c.all_eager for c in self.chains.values())
         self._routes: dict[tuple, str] = {}
-        self._tensor_shapes: dict[Any, int] = {}
 
     def label(self, name: str | None, param: Tensor) -> tuple:
         """The param's route: its partition label (from the partition's own cache, as its eager
@@ -460,9 +474,8 @@ class FusedRoutes:
         if route is None:
             if all(test(tuple(param.shape)) for test in tests):
                 route = "flat"
-            elif param.numel() >= PER_TENSOR_MIN_NUMEL and self._tensor_shapes.get(label, 0) < PER_TENSOR_MAX_SHAPES:
+            elif param.numel() >= PER_TENSOR_MIN_NUMEL:
                 route = "tensor"
-                self._tensor_shapes[label] = self._tensor_shapes.get(label, 0) + 1
             else:
                 route = "eager"
             self._routes[key] = route

@@ -48,8 +48,14 @@ def factored_dims(
     if n < 2:
         return None
     if rule == "two_largest":
-        order = sorted(range(n), key=lambda d: (shape[d], d))
-        rows, cols = (order[-2],), (order[-1],)
+        # by explicit comparisons, not sorted(): traceable when the sizes are symbolic
+        largest, second = 0, None
+        for d in range(1, n):
+            if shape[d] >= shape[largest]:
+                largest, second = d, largest
+            elif second is None or shape[d] >= shape[second]:
+                second = d
+        rows, cols = (second,), (largest,)
     elif rule == "last_two":
         rows, cols = (n - 2,), (n - 1,)
     else:
