@@ -342,12 +342,13 @@ def test_failed_step_leaves_everything_as_before(aot_eager) -> None:
     assert all(torch.equal(opt.state[named[0][1]][k], v) for k, v in state.items())
 
 
-def test_compiled_user_step_has_no_graph_break() -> None:
+@pytest.mark.parametrize("name", ["adamw", "lamb", "adafactor"])
+def test_compiled_user_step_has_no_graph_break(name: str) -> None:
     # torch.compile of a step that calls opt.step(): the common path traces as one graph
     results = []
     for compiled in (False, True):
         named = make_params(torch.float64)
-        opt = gc.ChainOptimizer(named, recipes.adamw())
+        opt = gc.ChainOptimizer(named, getattr(recipes, name)())
         set_grads(named, 0, torch.float64)
         opt.step()  # state exists before tracing, as torch's own optimizers need
         step = torch.compile(opt.step, fullgraph=True, backend="eager") if compiled else opt.step

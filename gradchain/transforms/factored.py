@@ -146,12 +146,18 @@ def scale_by_factored_rms(
         if ctx.tensor_scalars:
             # compiled: over a flat buffer of unfactored params (elementwise_for), or one large
             # factored param at a time
+            # (also a whole training step under torch.compile: a list of both kinds)
             w = ctx.per_step(lambda t: t**decay)
-            if "v" in state:
-                return [_unfactored_traced(g, v, w, eps1, torch_compat)
-                        for g, v in zip(updates, state["v"], strict=True)]
-            return [_factored_traced(g, row, col, dims(p), w, eps1, torch_compat)  # type: ignore[arg-type]
-                    for g, row, col, p in zip(updates, state["row"], state["col"], ctx.params, strict=True)]
+            out_t = []
+            for i, g in enumerate(updates):
+                wi = w[i] if isinstance(w, list) else w
+                v = state["v"][i] if "v" in state else None
+                if v is not None:
+                    out_t.append(_unfactored_traced(g, v, wi, eps1, torch_compat))
+                else:
+                    out_t.append(_factored_traced(g, state["row"][i], state["col"][i], dims(ctx.params[i]), wi, eps1,
+                                                  torch_compat))  # type: ignore[arg-type]
+            return out_t
         decay, eps1 = float(decay), float(eps1)
         weights = ctx.step_values
         out: list[Tensor | None] = [None] * len(updates)
@@ -207,11 +213,16 @@ def scale_by_factored_rms(
     return transform(name, spec, init, update, elementwise_for=lambda shape: dims_of(shape) is None)
 
 
+def _weight(w: Any, x: Tensor) -> Any:
+    # lerp takes a tensor weight only in the tensor's own dtype
+    return w.to(x.dtype) if isinstance(w, Tensor) else w
+
+
 def _unfactored_traced(g: Tensor, v: Tensor, w: Any, eps1: Any, torch_compat: bool) -> Tensor:
     """The unfactored rule with tensor scalars (the fused path's flat buffer): ``v <- lerp(v, g^2 + eps1, w)``,
     ``u = g rsqrt(v)`` (torch's form: ``v <- lerp(v, g^2, w)``, ``u = g rsqrt(max(v, eps1^2))``)."""
     q = g * g if torch_compat else torch.addcmul(torch.as_tensor(eps1, dtype=g.dtype), g, g)
-    v.lerp_(q, w.to(v.dtype))
+    v.lerp_(q, _weight(w, v))
     r = torch.clamp_min(v, eps1 * eps1) if torch_compat else v
     return torch.rsqrt(r) * g
 
@@ -222,8 +233,8 @@ def _factored_traced(g: Tensor, row: Tensor, col: Tensor, dims: tuple, w: Tensor
     form computes it (the same products in the same order)."""
     rows, cols = dims
     q = g * g if torch_compat else torch.addcmul(torch.as_tensor(eps1, dtype=g.dtype), g, g)
-    row.lerp_(_mean(q, cols), w.to(row.dtype))
-    col.lerp_(_mean(q, rows), w.to(col.dtype))
+    row.lerp_(_mean(q, cols), _weight(w, row))
+    col.lerp_(_mean(q, rows), _weight(w, col))
     if torch_compat:
         v = row * col / torch.clamp_min(_mean(row, rows), eps1)
         return torch.rsqrt(torch.clamp_min(v, eps1 * eps1)) * g
@@ -294,10 +305,10 @@ def scale_by_relative_step(lr: float = 1e-2, *, warmup_init: bool = False, name:
 
     def rho(hp: Mapping, ctx: Bucket) -> Any:
         cap = hp["lr"]
-        if isinstance(cap, Tensor):  # tensor scalars (the fused path): no host value, no recompile
+        if ctx.tensor_scalars:  # 0-d step counts (and lr) on the fused path: no host value, no recompile
             def traced(t: Tensor) -> Tensor:
-                t = t.to(cap.dtype)
-                r = torch.minimum(cap, 1.0 / t.sqrt())
+                t = t.to(torch.float64)
+                r = torch.clamp(1.0 / t.sqrt(), max=cap)
                 return torch.minimum(r, 1e-6 * t) if warmup_init else r
 
             return ctx.per_step(traced)
