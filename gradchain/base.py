@@ -33,6 +33,8 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 # (fused by the compiler); larger ones, whose graphs would grow with the count, are laid out in rows
 # (FlatBucket.chunked) and reduce through row sums, also fused
 SEGMENT_UNROLL = 32
+# elements: a divisor at least this large takes the quotient in place (Bucket._divide)
+_DIVIDE_IN_PLACE = 1 << 16
 # elements per row of such a chunked bucket
 SEGMENT_ROW = 256
 
@@ -307,7 +309,7 @@ class Bucket:
     def materialize(self) -> list[Tensor]:
         """Fold the pending divisor, scale and param term into ``updates``."""
         if self.divisor is not None:
-            self.updates = list(torch._foreach_div(self.updates, self.divisor))
+            self.updates = self._divide(self.updates, self.divisor)
             self.divisor = None
         if _is_one(self.scale) and _is_zero(self.decay):
             return self.updates
@@ -318,6 +320,39 @@ class Bucket:
             ops.axpy_(self.updates, self.params, self.decay)
         self.scale, self.decay = 1.0, 0.0
         return self.updates
+
+    def _divide(self, updates: list[Tensor], divisors: list[Tensor]) -> list[Tensor]:
+        """``u / d`` per tensor. Eagerly, a large quotient goes into its divisor when this step made
+        that buffer (a preconditioner's denominator, dead after the division): on CPU every fresh
+        model-sized buffer costs page faults, every step. The same division, the same bits."""
+        big = [] if self.tensor_scalars else self._dead_divisors(divisors)
+        if not big:
+            return list(torch._foreach_div(updates, divisors))
+        out = list(updates)
+        for i in big:
+            out[i] = torch.div(updates[i], divisors[i], out=divisors[i])
+        rest = [i for i in range(len(updates)) if i not in big]
+        if rest:
+            for i, q in zip(rest, torch._foreach_div([updates[i] for i in rest], [divisors[i] for i in rest])):
+                out[i] = q
+        return out
+
+    def _dead_divisors(self, divisors: list[Tensor]) -> set[int]:
+        """Indices of large divisors this step made: no param, gradient, update or state buffer of
+        the bucket shares their storage, nor another divisor, and none is lent."""
+        large = [i for i, d in enumerate(divisors) if d.numel() >= _DIVIDE_IN_PLACE
+                 and d.dtype == self.updates[i].dtype and d.shape == self.updates[i].shape
+                 and not hasattr(d, "device_mesh") and id(d) not in self._borrowed]
+        if not large:
+            return set()
+        kept = [*self.params, *self.grads, *self.updates]
+        kept += [t for lst in self.state.values() for t in lst if isinstance(t, Tensor)]
+        taken = {_storage(t) for t in kept}
+        seen: dict[Any, int] = {}
+        for d in divisors:
+            ptr = _storage(d)
+            seen[ptr] = seen.get(ptr, 0) + 1
+        return {i for i in large if (ptr := _storage(divisors[i])) is not None and ptr not in taken and seen[ptr] == 1}
 
     # -- ownership: in-place writes must never reach p.grad or a state buffer -----------------
     def lend(self, tensors: list[Tensor]) -> list[Tensor]:

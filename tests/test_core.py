@@ -325,3 +325,44 @@ def test_hyperparam_spec_validates_defaults() -> None:
         gc.ema(decay=1.5)
     with pytest.raises(ValueError, match="exactly one"):
         gc.transform("x", {"a": Hyperparam(1.0)})
+
+
+def test_eager_division_reuses_only_buffers_the_step_made(monkeypatch) -> None:
+    # a large quotient goes into its divisor when the step made that buffer (no fresh model-sized
+    # buffer); a divisor that is state, a gradient or shared by two tensors is never written
+    n = gc.base._DIVIDE_IN_PLACE
+
+    def init(p):
+        return {"d": torch.full_like(p, 2.0)}
+
+    def by_state(updates, state, hp, ctx):
+        ctx.defer_divide(state["d"])  # a state buffer: must survive the division
+        return updates
+
+    def by_grad(updates, state, hp, ctx):
+        ctx.defer_divide([g.abs() + 1.0 for g in ctx.grads][:1] + [ctx.grads[1]])  # fresh, then the grad
+        return updates
+
+    def by_shared(updates, state, hp, ctx):
+        d = torch.full_like(updates[0], 4.0)
+        ctx.defer_divide([d, d])  # one buffer for two tensors
+        return updates
+
+    for rule, keep in ((by_state, "state"), (by_grad, "grad"), (by_shared, "shared")):
+        results = []
+        for limit in (1 << 62, n):  # never in place, then in place where it may
+            monkeypatch.setattr(gc.base, "_DIVIDE_IN_PLACE", limit)
+            torch.manual_seed(0)
+            ps = [torch.nn.Parameter(torch.randn(n)) for _ in range(2)]
+            t = gc.transform("div", {}, init if keep == "state" else None, rule)
+            opt = gc.ChainOptimizer(ps, gc.chain(t, gc.clip_by_block_rms(0.5), gc.scale_by_lr(0.1)))
+            for i in range(3):
+                for p in ps:
+                    p.grad = torch.full_like(p, 0.5 + i)
+                grads = [p.grad.clone() for p in ps]
+                opt.step()
+                assert all(torch.equal(p.grad, g) for p, g in zip(ps, grads))  # grads untouched
+            if keep == "state":
+                assert all(torch.equal(opt.state[p]["div.d"], torch.full_like(p, 2.0)) for p in ps)
+            results.append([p.detach().clone() for p in ps])
+        assert all(torch.equal(a, b) for a, b in zip(*results)), keep  # the same bits either way
