@@ -162,3 +162,17 @@ def test_past_a_few_shapes_one_kernel_takes_any_size(aot_eager, monkeypatch) -> 
         keys = sorted(str(k[1]) for k in seg._fns)
         assert len(seg.static_shapes) == 1 and not seg._failed
         assert any(k.isdigit() for k in keys) and any(not k.isdigit() for k in keys), keys
+
+
+def test_per_tensor_segment_hands_its_updates_to_an_eager_one(aot_eager, monkeypatch) -> None:
+    # the per-tensor kernels write each update into the bucket's kept buffer; the eager segment
+    # after them reads it
+    monkeypatch.setattr(runner, "PER_TENSOR_MIN_NUMEL", 0)
+    build = lambda: gc.chain(gc.scale_by_sm3(), gc.centralize(), gc.ema(0.5), gc.scale_by_lr(0.1))  # noqa: E731
+    a = run(build, False, torch.float64)
+    b = run(build, True, torch.float64)
+    assert_same(*a, *b, rtol=1e-12, atol=1e-14)
+    tensor_route = b[1]._fused_chain.chains[(None, "tensor")]
+    assert [s.per_tensor for s in tensor_route.segments] == [True, False, False]
+    assert b[1].fused_plan()[3:6] == [("compiled", ["[tensor]sm3"]), ("eager", ["[tensor]centralize"]),
+                                       ("compiled", ["[tensor]ema", "[tensor]lr"])]

@@ -77,9 +77,8 @@ class FlatBucket:
     def workspace(self, dtype: torch.dtype, avoid: Any = None) -> Tensor:
         """A flat buffer of ``dtype`` kept from step to step, for updates passed between segments (on
         CPU a fresh full-size buffer costs page faults every step). Two are kept: the one returned
-        never shares storage with ``avoid`` (the segment's input, a flat tensor or per-param views)."""
-        first = avoid[0] if isinstance(avoid, list) and avoid else avoid
-        taken = first.untyped_storage().data_ptr() if isinstance(first, Tensor) else None
+        never shares storage with ``avoid`` (the segment's input)."""
+        taken = avoid.untyped_storage().data_ptr() if isinstance(avoid, Tensor) else None
         spaces = self._workspaces.setdefault(dtype, [])
         for ws in spaces:
             if ws.untyped_storage().data_ptr() != taken:

@@ -119,10 +119,10 @@ class Segment:
         self.transforms = transforms
         self.compiled = compiled
         self.last = False
-        # group keys, which a renamed transform's differ from its local names (adamw_eps_root)
         self.per_tensor = False  # compiled one param at a time (a kernel per shape), not over the flat buffer
         self.static_shapes: set[tuple[int, ...]] = set()
         self.names = {leaf.name for t in transforms for leaf in t.leaves()}
+        # group keys, which a renamed transform's differ from its local names (adamw_eps_root)
         self.static = frozenset(g for t in transforms for k, g in getattr(t, "_keys", {}).items()
                                 if k in getattr(t, "static", ()))
         self.segmented = any(getattr(t, "segmented", False) for t in transforms)
@@ -246,8 +246,6 @@ class FusedChain:
                       dtype: torch.dtype) -> Tensor | None:
         keys = seg.keys(fb)
         state = {k: [fb.flat_state[k]] for k in keys if k in fb.flat_state}
-        if isinstance(update, list):  # per-param updates of a segment run per tensor
-            update = fb.join(update)
         upd = None if update is None else [update]
         host = {k: v for k, v in resolved.items() if k in seg.static}
         segments = fb.segments() if seg.segmented else None
@@ -270,26 +268,29 @@ class FusedChain:
         return seg.eager_fn()([fb.flat_params], [grad], upd, state, resolved, resolved, host_step, loss, dtype,
                               False, segments)
 
-    def _run_per_tensor(self, seg: Segment, i: int, fb: FlatBucket, grad: Tensor, update: Tensor | list | None,
-                        resolved: dict, tensor_hp: list, loss: Tensor | None,
-                        dtype: torch.dtype) -> list[Tensor] | None:
+    def _run_per_tensor(self, seg: Segment, i: int, fb: FlatBucket, grad: Tensor, update: Tensor | None,
+                        resolved: dict, tensor_hp: list, loss: Tensor | None, dtype: torch.dtype) -> Tensor | None:
         """A segment compiled for one param at a time (a kernel per shape) over per-param views:
-        transforms that are elementwise for other shapes only (Adafactor's factored matrices)."""
+        transforms that are elementwise for other shapes only (Adafactor's factored matrices).
+        Each param's update goes into its view of a kept flat buffer, which is returned."""
         if tensor_hp[i] is None:
             tensor_hp[i] = {k: _tensorize(v, fb.device) for k, v in resolved.items()}
         host = {k: v for k, v in resolved.items() if k in seg.static}
         lossv = None if loss is None else loss.detach().to(fb.device)
         grads = fb.split(grad)
-        ups = update if update is None or isinstance(update, list) else fb.split(update)
-        ws = None if seg.last else fb.split(fb.workspace(dtype, avoid=update))
-        out = []
+        ups = None if update is None else fb.split(update)
+        flat_out = None if seg.last else fb.workspace(dtype, avoid=update)
+        outs = None if flat_out is None else fb.split(flat_out)
+
+        def make():
+            return _segment(seg.transforms, seg.last)
+
         for j, p in enumerate(fb.param_views):
             st = fb.states[j]
             state = {k: [st[k]] for k in seg.keys_of(st)}
             args = ([p], [grads[j]], None if ups is None else [ups[j]], state, tensor_hp[i], host, fb.flat_steps[0],
-                    lossv, dtype, True, None, None if ws is None else ws[j])
-            make = lambda: _segment(seg.transforms, seg.last)  # noqa: E731
-            ok, res = (False, None)
+                    lossv, dtype, True, None, None if outs is None else outs[j])
+            ok = False
             if self.compile:
                 shape = tuple(p.shape)
                 if shape in seg.static_shapes or len(seg.static_shapes) < PER_TENSOR_STATIC_SHAPES:
@@ -297,19 +298,16 @@ class FusedChain:
                     key, dynamic = ("tensor", shape, p.dtype), False
                 else:
                     key, dynamic = ("tensor", p.dim(), p.dtype), True
-                ok, res = self._try_compiled(seg, key, make, args,
-                                             f"{[t.name for t in seg.transforms]} for shape {shape}", dynamic=dynamic)
+                ok, _ = self._try_compiled(seg, key, make, args,
+                                           f"{[t.name for t in seg.transforms]} for shape {shape}", dynamic=dynamic)
             if not ok:
-                res = make()(*args)
-            out.append(res if ws is None else ws[j])
-        fb.resync_state()
-        return None if seg.last else out
+                make()(*args)
+        return flat_out
 
     def _run_phased(self, seg: Segment, flats: list[FlatBucket], groups: list, grads: list[Tensor],
                     updates: list[Tensor | None], resolved: list[dict], host_steps: list[float],
                     loss: Tensor | None, shared: dict, dtypes: list[torch.dtype]) -> list[Tensor | None]:
         t = seg.phased
-        updates = [fb.join(u) if isinstance(u, list) else u for fb, u in zip(flats, updates)]
         keys = [seg.keys(fb) for fb in flats]
         if any(k not in fb.flat_state for fb, ks in zip(flats, keys) for k in ks):
             return self._run_eager(seg, flats, groups, grads, updates, resolved, host_steps, loss, shared, dtypes)
@@ -396,7 +394,7 @@ class FusedChain:
             b = Bucket(fb.param_views, fb.split(grads[i]), state, fb.step_views, fb.names, group, loss, shared,
                        dtypes[i], step_values=[host_steps[i]] * len(fb.params), resolved=resolved[i])
             if updates[i] is not None:
-                b.updates = list(updates[i]) if isinstance(updates[i], list) else fb.split(updates[i])
+                b.updates = fb.split(updates[i])
             inputs.append(list(b.updates))
             buckets.append(b)
         for t in seg.transforms:
