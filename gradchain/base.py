@@ -337,6 +337,12 @@ class Bucket:
                 out[i] = q
         return out
 
+    def kept_storages(self) -> set:
+        """The storages of the bucket's params, gradients and state buffers: what a step must not
+        write as scratch."""
+        kept = [*self.params, *self.grads, *(t for lst in self.state.values() for t in lst if isinstance(t, Tensor))]
+        return {_storage(t) for t in kept}
+
     def _dead_divisors(self, divisors: list[Tensor]) -> set[int]:
         """Indices of large divisors this step made: no param, gradient, update or state buffer of
         the bucket shares their storage, nor another divisor, and none is lent."""
@@ -345,9 +351,7 @@ class Bucket:
                  and not hasattr(d, "device_mesh") and id(d) not in self._borrowed]
         if not large:
             return set()
-        kept = [*self.params, *self.grads, *self.updates]
-        kept += [t for lst in self.state.values() for t in lst if isinstance(t, Tensor)]
-        taken = {_storage(t) for t in kept}
+        taken = self.kept_storages() | {_storage(u) for u in self.updates}
         seen: dict[Any, int] = {}
         for d in divisors:
             ptr = _storage(d)

@@ -413,7 +413,8 @@ class FusedChain:
             ups = b.materialize()
             if updates[i] is not None and all(u is v for u, v in zip(ups, inputs[i])):
                 out.append(updates[i])  # changed in place: the flat update already holds them
-            elif len(ups) == 1 and not fb.chunked and ups[0].is_contiguous() and _fresh(ups[0], fb, grads[i], b):
+            elif (len(ups) == 1 and not fb.chunked and ups[0].is_contiguous()
+                  and _storage(ups[0]) not in b.kept_storages()):
                 out.append(ups[0].view(-1))  # one param: its update is already flat, no copy
             else:
                 # into a buffer the bucket keeps (not the one it came in)
@@ -427,14 +428,6 @@ def _shape_tests(transform: Transform) -> list:
     inner = transform.inner if hasattr(transform, "sync_flat") else transform
     top = inner.children if isinstance(inner, Chain) else [inner]
     return [t.elementwise_for for t in top if getattr(t, "elementwise_for", None) is not None]
-
-
-def _fresh(u: Tensor, fb: FlatBucket, grad: Tensor, b: Bucket) -> bool:
-    """Whether ``u`` shares no storage with the bucket's params, grad or state (a later compiled
-    segment may then write into it)."""
-    kept = [fb.flat_params, grad, *fb.flat_state.values()]
-    kept += [t for lst in b.state.values() for t in lst if isinstance(t, Tensor)]
-    return _storage(u) not in {_storage(t) for t in kept}
 
 
 class FusedRoutes:

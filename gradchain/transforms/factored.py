@@ -155,8 +155,8 @@ def scale_by_factored_rms(
                 if v is not None:
                     out_t.append(_unfactored_traced(g, v, wi, eps1, torch_compat))
                 else:
-                    out_t.append(_factored_traced(g, state["row"][i], state["col"][i], dims(ctx.params[i]), wi, eps1,
-                                                  torch_compat))  # type: ignore[arg-type]
+                    out_t.append(_factored(g, state["row"][i], state["col"][i], dims(ctx.params[i]), wi, eps1,
+                                           torch_compat))  # type: ignore[arg-type]
             return out_t
         decay, eps1 = float(decay), float(eps1)
         weights = ctx.step_values
@@ -188,22 +188,9 @@ def scale_by_factored_rms(
             for i, u in zip(flat, r, strict=True):
                 out[i] = u
         for i, g in enumerate(updates):
-            if out[i] is not None:
-                continue
-            rows, cols = dims(ctx.params[i])  # type: ignore[misc]
-            w = weights[i] ** decay
-            # g^2 + eps1 in one pass (one rounding, not two: equal but where eps1 is within an ulp of g^2)
-            q = g * g if torch_compat else torch.addcmul(g.new_full((), eps1), g, g)
-            row, col = state["row"][i], state["col"][i]
-            row.lerp_(_mean(q, cols), w)
-            col.lerp_(_mean(q, rows), w)
-            # q is spent: the update is written into it (one full-size buffer per tensor, not three)
-            if torch_compat:
-                torch.mul(row, col, out=q)
-                q.div_(_mean(row, rows).clamp_(min=eps1))
-                out[i] = q.clamp_(min=eps1 * eps1).rsqrt_().mul_(g)
-            else:
-                out[i] = torch.mul(g, torch.rsqrt(row / _mean(row, rows)), out=q).mul_(torch.rsqrt(col))
+            if out[i] is None:
+                out[i] = _factored(g, state["row"][i], state["col"][i], dims(ctx.params[i]), weights[i] ** decay, eps1,
+                                   torch_compat)  # type: ignore[arg-type]
         return out
 
     spec = {
@@ -227,18 +214,20 @@ def _unfactored_traced(g: Tensor, v: Tensor, w: Any, eps1: Any, torch_compat: bo
     return torch.rsqrt(r) * g
 
 
-def _factored_traced(g: Tensor, row: Tensor, col: Tensor, dims: tuple, w: Tensor, eps1: Any,
-                     torch_compat: bool) -> Tensor:
-    """The factored rule with tensor scalars, one param: the statistics, then ``u`` as the eager
-    form computes it (the same products in the same order)."""
+def _factored(g: Tensor, row: Tensor, col: Tensor, dims: tuple, w: Any, eps1: Any, torch_compat: bool) -> Tensor:
+    """The factored rule for one param (scalars numbers eagerly, 0-d tensors traced): the row and
+    column statistics, then ``u``, written into ``g^2``'s buffer (one full-size buffer, not three)."""
     rows, cols = dims
-    q = g * g if torch_compat else torch.addcmul(torch.as_tensor(eps1, dtype=g.dtype), g, g)
+    # g^2 + eps1 in one pass (one rounding, not two: equal but where eps1 is within an ulp of g^2)
+    eps = eps1.to(g.dtype) if isinstance(eps1, Tensor) else g.new_full((), eps1)
+    q = g * g if torch_compat else torch.addcmul(eps, g, g)
     row.lerp_(_mean(q, cols), _weight(w, row))
     col.lerp_(_mean(q, rows), _weight(w, col))
     if torch_compat:
-        v = row * col / torch.clamp_min(_mean(row, rows), eps1)
-        return torch.rsqrt(torch.clamp_min(v, eps1 * eps1)) * g
-    return g * torch.rsqrt(row / _mean(row, rows)) * torch.rsqrt(col)
+        torch.mul(row, col, out=q)
+        q.div_(_mean(row, rows).clamp_(min=eps1))
+        return q.clamp_(min=eps1 * eps1).rsqrt_().mul_(g)
+    return torch.mul(g, torch.rsqrt(row / _mean(row, rows)), out=q).mul_(torch.rsqrt(col))
 
 
 def _rms(x: Tensor) -> Tensor:
