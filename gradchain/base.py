@@ -384,34 +384,68 @@ class Bucket:
         self.updates = [u.clone() if self._foreign(i, u) else u for i, u in enumerate(self.updates)]
         return self.updates
 
-    # -- sub-buckets, for combinators ---------------------------------------------------------
-    def subset(self, indices: Sequence[int]) -> Bucket:
-        """A bucket over the tensors at ``indices`` (updates materialized), sharing this step."""
-        self.materialize()
+    # -- sub-buckets, for combinators and the eager step in pieces -----------------------------
+    def subset(self, indices: Sequence[int], slices: Sequence[slice | None] | None = None,
+               keys: Iterable[str] | None = None, *, carry_pending: bool = False) -> Bucket:
+        """A bucket over the tensors at ``indices`` (updates materialized), sharing this step.
+
+        ``slices`` (one per index, None for the whole tensor) takes part of a contiguous tensor:
+        the sub-bucket then holds 1-d views of that slice of its param, gradient, update and state
+        (``keys``, every key by default; state of another shape comes whole). Whatever this bucket may not
+        write in place (a gradient, a lent tensor), the sub-bucket may not write either.
+        ``carry_pending`` gives the sub-bucket this bucket's pending form instead: the caller then
+        owns that form.
+        """
+        if not carry_pending:
+            self.materialize()
+        slices = [None] * len(indices) if slices is None else list(slices)
+        part = lambda x, s: x if s is None or x is None else x.view(-1)[s]  # noqa: E731
         sub = Bucket.__new__(Bucket)
+        sub.params = [part(self.params[i], s) for i, s in zip(indices, slices, strict=True)]
+        sub.grads = [part(self.grads[i], s) for i, s in zip(indices, slices, strict=True)]
+        # the gradient's own view where the update is the gradient: the in-place check is by identity
+        sub.updates = [g if self.updates[i] is self.grads[i] else part(self.updates[i], s)
+                       for i, s, g in zip(indices, slices, sub.grads, strict=True)]
+        sub._borrowed = set(self._borrowed)
+        sub._borrowed.update(id(u) for i, u in zip(indices, sub.updates, strict=True)
+                             if id(self.updates[i]) in self._borrowed)
+        # state shaped like its param is sliced alike; other state (0-d) comes whole
+        sub.state = {k: [part(x, s) if x is None or x.shape == self.params[i].shape else x
+                         for i, s in zip(indices, slices, strict=True) for x in (self.state[k][i],)]
+                     for k in (self.state if keys is None else keys)}
         pick = lambda xs: [xs[i] for i in indices]  # noqa: E731
-        sub.params, sub.grads, sub.steps, sub.names = (
-            pick(self.params), pick(self.grads), pick(self.steps), pick(self.names))
-        sub.state = {k: pick(v) for k, v in self.state.items()}
+        sub.steps, sub.names = pick(self.steps), pick(self.names)
         sub.group, sub.loss, sub.shared, sub.dtype = self.group, self.loss, self.shared, self.dtype
         sub.batch_size = self.batch_size
-        sub.updates = pick(self.updates)
         sub.step_values = pick(self.step_values)
         sub.tensor_scalars, sub.resolved, sub.segments = self.tensor_scalars, self.resolved, None
         sub.scale, sub.decay, sub.divisor = 1.0, 0.0, None
-        sub._borrowed = set(self._borrowed)
+        if carry_pending:
+            sub.scale, sub.decay = (x if not isinstance(x, list) else pick(x) for x in (self.scale, self.decay))
+            if self.divisor is not None:
+                sub.divisor = [part(self.divisor[i], s) for i, s in zip(indices, slices, strict=True)]
         return sub
 
-    def absorb(self, sub: Bucket, indices: Sequence[int]) -> None:
-        """Write a sub-bucket's updates and state back at ``indices``."""
-        sub.materialize()
+    def absorb(self, sub: Bucket, indices: Sequence[int], slices: Sequence[slice | None] | None = None,
+               *, updates: bool = True) -> None:
+        """Write a sub-bucket's updates (unless ``updates=False``: it wrote its params) and state back
+        at ``indices``. A slice's state rebound to a new tensor is copied into the slice."""
+        if updates:
+            sub.materialize()
+        slices = [None] * len(indices) if slices is None else list(slices)
         self._borrowed |= sub._borrowed
-        for j, i in enumerate(indices):
-            self.updates[i] = sub.updates[j]
+        if updates:
+            for j, i in enumerate(indices):
+                if slices[j] is not None:
+                    raise ValueError("a sliced sub-bucket writes its params; absorb it with updates=False")
+                self.updates[i] = sub.updates[j]
         for k, v in sub.state.items():
             mine = self.state.setdefault(k, [None] * len(self.params))
             for j, i in enumerate(indices):
-                mine[i] = v[j]
+                if slices[j] is None or mine[i].shape != self.params[i].shape:
+                    mine[i] = v[j]
+                elif v[j] is not None and v[j].data_ptr() != (view := mine[i].view(-1)[slices[j]]).data_ptr():
+                    view.copy_(v[j])
 
     # -- the final write ----------------------------------------------------------------------
     def write(self) -> None:
@@ -596,6 +630,7 @@ class Leaf(Transform):
         elementwise: bool = False,
         segmented: bool = False,
         elementwise_for: Callable[[tuple[int, ...]], bool] | None = None,
+        step_scalars: bool = False,
         static: Sequence[str] = (),
         momentum_state: Sequence[str] = (),
     ) -> None:
@@ -624,6 +659,10 @@ class Leaf(Transform):
         # elementwise for the params whose shape passes this test (Adafactor's unfactored tensors):
         # the fused path gives those params flat buckets of their own, where it compiles the update
         self.elementwise_for = elementwise_for
+        # step_scalars: segmented only for per-tensor 0-d state that the step and the hyperparameters
+        # advance alone (NAdam's running product), never the tensor's values: the update is
+        # elementwise given that state, so the eager step in pieces may run it on slices of a tensor
+        self.step_scalars = step_scalars
         self.momentum_state = tuple(momentum_state)
         self.static = frozenset(static)
         unknown_static = self.static - set(self._specs)
@@ -742,6 +781,10 @@ def transform(
     the params whose shape passes ``fn`` only (Adafactor factors matrices, not vectors): the fused
     path gives those params flat buckets of their own and compiles the update there; over the
     others it runs eagerly. Its state for the passing shapes must be shaped like the param.
+    ``step_scalars=True`` (with ``segmented``) declares that its only per-tensor values are 0-d
+    state advanced by the step and the hyperparameters alone, never by the tensor's values
+    (NAdam's running product): the eager step in pieces (:mod:`gradchain.pieces`) then runs it on
+    slices of a large tensor, each slice from the same 0-d state, as it runs ``elementwise`` ones.
     ``momentum_state=("exp_avg",)`` declares which buffers hold a momentum (Lookahead's
     momentum reset and pullback find them so).
     ``static=("key",)`` names hyperparameters the update branches on in Python (a change of

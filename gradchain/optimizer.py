@@ -12,8 +12,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import pieces
 from .base import Bucket, Transform, compute_dtype, initializing_for, resolve_group
 from .fused import FlatBucket, FusedRoutes, fused_chain
+from .pieces import PiecewiseChain
 from .schedules import decode_groups, encode_groups
 
 __all__ = ["ChainOptimizer"]
@@ -98,6 +100,9 @@ class ChainOptimizer(torch.optim.Optimizer):
     def _init_runtime(self) -> None:
         # not part of the optimizer's state: rebuilt after a load, a copy or unpickling
         self._fused_chain = fused_chain(self.transform)
+        # the eager step on a CPU, in cache-sized pieces (gradchain.pieces)
+        in_pieces = PiecewiseChain(self.transform)
+        self._pieces = in_pieces if in_pieces.useful else None
         self._flats: dict[tuple, FlatBucket] = {}
         self._warned: set = set()
         self._proven: set = set()
@@ -272,9 +277,15 @@ class ChainOptimizer(torch.optim.Optimizer):
         buckets, states = self._buckets(loss, batch_size, collected)
         if not buckets:
             return
-        self.transform.apply(buckets)
+        # in cache-sized pieces on a CPU; on a GPU each piece would only add kernel launches
+        if (self._pieces is not None and pieces.PIECE_NUMEL > 0 and not torch.compiler.is_compiling()
+                and all(b.params[0].device.type == "cpu" for b in buckets)):
+            self._pieces.step(buckets)
+        else:
+            self.transform.apply(buckets)
+            for b in buckets:
+                b.write()
         for b, sts in zip(buckets, states, strict=False):
-            b.write()
             for k, lst in b.state.items():
                 for st, t in zip(sts, lst, strict=False):
                     if t is not None and st.get(k) is not t:

@@ -92,7 +92,7 @@ def scale_by_nadam(
         "eps": Hyperparam(eps, nonnegative),
         "momentum_decay": Hyperparam(momentum_decay, nonnegative),
     }
-    return transform(name, spec, init, update, segmented=True, momentum_state=("exp_avg",))
+    return transform(name, spec, init, update, segmented=True, step_scalars=True, momentum_state=("exp_avg",))
 
 
 def scale_by_adamomentum(

@@ -189,7 +189,7 @@ def schedule_free(
         torch._foreach_sub_(z, torch._foreach_mul(updates, lrs))
         return out
 
-    sf = ScheduleFree(name, specs, init, update, segmented=True)
+    sf = ScheduleFree(name, specs, init, update, segmented=True, step_scalars=True)
     sf.beta_key, sf.beta_index = beta_key, beta_index
     return sf
 

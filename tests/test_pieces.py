@@ -1,0 +1,180 @@
+"""The eager step in cache-sized pieces (``gradchain.pieces``).
+
+Every recipe stepped in pieces (pieces made small here, so that small tensors are cut into
+slices and grouped) leaves the same params and state, bit for bit, as the same recipe stepped
+over whole buckets; gradients and lent tensors are never written; a transform that rebinds its
+state writes into the slice; only what may be cut is cut.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import gradchain as gc
+from gradchain import pieces, recipes
+from gradchain.base import Bucket
+
+RECIPES = sorted(n for n in recipes.__all__ if n != "muon_hidden_matrix")
+FACTORIES = {"lookahead": lambda: recipes.lookahead(recipes.adamw())}
+# sizes that cut into several slices with a short last one, small tensors that group, a 0-d gain
+SHAPES = [(40, 30), (17,), (300,), (64, 64), (5, 7, 9), (), (3, 200)]
+
+
+@pytest.fixture
+def small_pieces(monkeypatch: pytest.MonkeyPatch) -> int:
+    monkeypatch.setattr(pieces, "PIECE_NUMEL", 256)
+    return 256
+
+
+def _params(dtype: torch.dtype, transposed: bool = False) -> list[tuple[str, nn.Parameter]]:
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for i, s in enumerate(SHAPES):
+        t = torch.randn(s, generator=g, dtype=torch.float64).to(dtype)
+        if transposed and len(s) == 2:
+            t = t.t().contiguous().t()  # a non-contiguous param: stepped whole
+        out.append((f"p{i}", nn.Parameter(t)))
+    return out
+
+
+def _run(name: str, in_pieces: bool, dtype: torch.dtype = torch.float32, steps: int = 4, transposed: bool = False,
+         skip: int | None = None, **kw):
+    named = _params(dtype, transposed)
+    factory = FACTORIES.get(name, getattr(recipes, name))
+    opt = gc.ChainOptimizer(named, factory(), **kw)
+    if not in_pieces:
+        opt._pieces = None
+    for k in range(steps):
+        g = torch.Generator().manual_seed(100 + k)
+        for j, (_, p) in enumerate(named):
+            p.grad = torch.randn(p.shape, generator=g, dtype=torch.float64).to(dtype)
+            if k == 1 and j == skip:
+                p.grad = None  # this param skips a step: its step count differs from its neighbours'
+        opt.step(loss=torch.tensor(1.0 / (k + 2)))
+    return named, opt
+
+
+def _assert_identical(a, b, rounding: bool = False) -> None:
+    (a_named, a_opt), (b_named, b_opt) = a, b
+    for (n, x), (_, y) in zip(a_named, b_named, strict=True):
+        if rounding:
+            torch.testing.assert_close(y.detach(), x.detach(), rtol=2e-6, atol=1e-6)
+            continue
+        assert torch.equal(x.detach(), y.detach()), f"param {n} differs by {(x - y).abs().max().item()}"
+        sa, sb = a_opt.state[x], b_opt.state[y]
+        assert sorted(sa) == sorted(sb), n
+        for k in sa:
+            va, vb = sa[k], sb[k]
+            if isinstance(va, torch.Tensor) and rounding:
+                torch.testing.assert_close(vb, va, rtol=2e-6, atol=1e-6)
+            elif isinstance(va, torch.Tensor):
+                assert va.shape == vb.shape and torch.equal(va, vb), f"state {k} of {n} differs"  # noqa: PT018
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_every_recipe_same_bits_in_pieces(name: str, small_pieces: int) -> None:
+    _assert_identical(_run(name, False), _run(name, True))
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_same_bits_when_step_counts_differ(name: str, small_pieces: int) -> None:
+    # schedule-free takes a cheaper form of its rule when every tensor of its bucket has one step
+    # count: a piece of tensors that agree takes it where the whole bucket does not (fp32 rounding)
+    rounding = name.startswith("schedule_free")
+    _assert_identical(_run(name, False, skip=2), _run(name, True, skip=2), rounding)
+
+
+@pytest.mark.parametrize("name", ["adamw", "nadam", "lamb", "schedule_free_adamw", "adafactor"])
+def test_bf16_params_and_non_contiguous(name: str, small_pieces: int) -> None:
+    _assert_identical(_run(name, False, torch.bfloat16), _run(name, True, torch.bfloat16))
+    _assert_identical(_run(name, False, transposed=True), _run(name, True, transposed=True))
+
+
+def _record(monkeypatch: pytest.MonkeyPatch) -> list:
+    seen: list = []
+    subset = Bucket.subset
+
+    def spy(self, indices, slices=None, keys=None, **kw):
+        seen.append((list(indices), list(slices or [None] * len(indices))))
+        return subset(self, indices, slices, keys, **kw)
+
+    monkeypatch.setattr(Bucket, "subset", spy)
+    return seen
+
+
+def test_what_is_cut(small_pieces: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = _record(monkeypatch)
+    _run("adamw", True, steps=1)
+    sliced = [(i, s) for idx, sl in seen for i, s in zip(idx, sl) if s is not None]
+    # (40, 30) is 1200 elements: slices of 256, the last one short; (3, 200) likewise
+    assert [s for i, s in sliced if i == 0] == [slice(a, min(a + 256, 1200)) for a in range(0, 1200, 256)]
+    assert {i for i, _ in sliced} == {i for i, s in enumerate(SHAPES) if torch.Size(s).numel() > 256}
+    assert all(sum(torch.Size(SHAPES[i]).numel() for i in idx) <= 256 for idx, sl in seen if sl == [None] * len(idx)
+               if len(idx) > 1)
+    # LAMB's trust ratio is a norm per tensor: its run keeps whole tensors
+    seen.clear()
+    _run("lamb", True, steps=1)
+    assert seen and all(s is None for _, sl in seen for s in sl)
+
+
+def _inplace_double() -> gc.Transform:
+    def update(updates, state, hp, ctx):
+        for u in updates:
+            u.mul_(2.0)  # in place: the bucket must hand over a tensor it owns
+        return updates
+
+    return gc.transform("double", {}, None, update, inplace=True, elementwise=True)
+
+
+def _rebinding_ema() -> gc.Transform:
+    def init(p):
+        return {"ema": torch.zeros_like(p)}
+
+    def update(updates, state, hp, ctx):
+        state["ema"] = [0.5 * e + 0.5 * u for e, u in zip(state["ema"], updates)]  # new tensors, not in place
+        return list(state["ema"])
+
+    return gc.transform("ema", {}, init, update, elementwise=True)
+
+
+def test_gradients_never_written(small_pieces: int) -> None:
+    named = _params(torch.float32)
+    opt = gc.ChainOptimizer(named, gc.chain(_inplace_double(), gc.scale_by_lr(0.1)))
+    assert opt._pieces is not None
+    grads = []
+    for _, p in named:
+        p.grad = torch.randn_like(p)
+        grads.append(p.grad.clone())
+    before = [p.detach().clone() for _, p in named]
+    opt.step()
+    for (_, p), g, p0 in zip(named, grads, before):
+        assert torch.equal(p.grad, g)
+        torch.testing.assert_close(p.detach(), p0 - 0.2 * g, rtol=0, atol=1e-6)
+
+
+def test_rebound_state_goes_into_the_slice(small_pieces: int) -> None:
+    def run(in_pieces: bool):
+        named = _params(torch.float32)
+        opt = gc.ChainOptimizer(named, gc.chain(_rebinding_ema(), gc.scale_by_lr(0.1)))
+        if not in_pieces:
+            opt._pieces = None
+        for k in range(3):
+            g = torch.Generator().manual_seed(k)
+            for _, p in named:
+                p.grad = torch.randn(p.shape, generator=g)
+            opt.step()
+        return named, opt
+
+    _assert_identical(run(False), run(True))
+    named, opt = run(True)
+    big = named[0][1]
+    assert opt.state[big]["ema.ema"].shape == big.shape
+
+
+def test_not_on_gpu_or_for_non_chains() -> None:
+    # a wrapper (Lookahead) or a partition (Muon) keeps the whole-bucket step
+    assert not pieces.PiecewiseChain(recipes.lookahead(recipes.adamw())).useful
+    assert not pieces.PiecewiseChain(recipes.muon()).useful
+    assert pieces.PiecewiseChain(recipes.adamw()).useful
