@@ -230,11 +230,17 @@ class Bucket:
             # one reduction per slice: the compiler fuses each into the kernel that computes x,
             # where torch.segment_reduce over x is an opaque call that makes x a full-size buffer
             return torch.stack([part.sum() for part in x.split(numels)])
-        # a chunked bucket: row sums fused into that kernel (the gaps between params masked out),
-        # then a sum of each param's few rows
+        # a chunked bucket: row sums fused into that kernel, then a sum of each param's few rows.
+        # Only a param's last row reaches into the gap after it: that row is summed again with the
+        # gap masked out and replaces the plain sum (so whatever the gap holds, NaN included, stays
+        # out), where masking every row costs an index compare per element
         row_ids, per_param, valid = rows
-        inside = torch.arange(SEGMENT_ROW, device=x.device) < valid.unsqueeze(1)
-        sums = torch.where(inside, x.view(-1, SEGMENT_ROW), 0).sum(1)
+        view = x.view(-1, SEGMENT_ROW)
+        sums = view.sum(1)
+        if sums.numel():
+            last = per_param.cumsum(0) - 1  # a param without elements points at a neighbour's row: the same value
+            inside = torch.arange(SEGMENT_ROW, device=x.device) < valid[last].unsqueeze(1)
+            sums = sums.index_put((last,), torch.where(inside, view[last], 0).sum(1))
         return torch.segment_reduce(sums, "sum", lengths=per_param)
 
     def tensor_numels(self, xs: list[Tensor]) -> Tensor:

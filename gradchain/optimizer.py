@@ -146,7 +146,14 @@ class ChainOptimizer(torch.optim.Optimizer):
         with initializing_for(group):
             st = self.transform.init_state(p, name)
         if self.state_dtype is not None:
-            st = {k: v.to(self.state_dtype) if v.is_floating_point() and v.dim() > 0 else v for k, v in st.items()}
+            shaped = {k for k, v in st.items() if v.dim() > 0}
+            if p.dim() == 0:
+                # a 0-d param's buffers are 0-d like its per-tensor scalars (NAdam's running product,
+                # kept as they are): the buffers are what a 1-element vector of the same kind gets
+                with initializing_for(group):
+                    probe = self.transform.init_state(torch.zeros(1, dtype=p.dtype, device=p.device), name)
+                shaped = {k for k, v in probe.items() if v.dim() > 0}
+            st = {k: v.to(self.state_dtype) if v.is_floating_point() and k in shaped else v for k, v in st.items()}
         st["step"] = torch.zeros((), dtype=torch.float32)
         self.state[p] = st
         return st

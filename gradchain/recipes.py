@@ -641,7 +641,7 @@ def adams(
     """AdamS: Adam with stable weight decay, normalised by one global mean of ``v^``.
 
     Rule: ``v_bar = mean of v^ over every element of every param`` (all groups);
-    ``p <- p (1 - lr wd / (sqrt(v_bar) + eps)) - lr m^/(sqrt(v^) + eps)``. Defaults are
+    ``p <- p (1 - lr wd / sqrt(v_bar)) - lr m^/(sqrt(v^) + eps)``. Defaults are
     pytorch_optimizer ``AdamS``'s (lr 1e-3, betas (0.9, 0.999), weight_decay 1e-4, eps 1e-8).
     Reference: Xie et al., arXiv:2011.11152 (SWD). Matches pytorch_optimizer 4.1.0 ``AdamS`` in
     float64 lockstep (see ``add_stable_wd``).

@@ -219,6 +219,23 @@ def test_named_parameters_deepcopy_state_dtype_and_init_state() -> None:
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("name", ["adamw", "nadam", "schedule_free_adamw"])
+def test_state_dtype_covers_a_scalar_param(name: str) -> None:
+    # a 0-d param (a learnable gain) gets its buffers in state_dtype too; per-tensor scalars keep theirs
+    gain, w = torch.nn.Parameter(torch.tensor(1.5)), torch.nn.Parameter(torch.randn(3, 2))
+    opt = ChainOptimizer([gain, w], getattr(recipes, name)(), state_dtype=torch.bfloat16)
+    for _ in range(2):
+        gain.grad, w.grad = torch.tensor(0.3), torch.ones(3, 2)
+        opt.step()
+    for p in (gain, w):
+        st = opt.state[p]
+        for k, v in st.items():
+            plain = ChainOptimizer([torch.nn.Parameter(torch.zeros(1))], getattr(recipes, name)()).transform
+            vector_kind = plain.init_state(torch.zeros(1))[k].dim() > 0 if k != "step" else False
+            assert v.dtype == (torch.bfloat16 if vector_kind else opt.state[w][k].dtype), (name, k)
+    assert torch.isfinite(gain) and torch.isfinite(w).all()
+
+
 def test_uneven_step_counts_match_torch_adam() -> None:
     """A param that misses steps (grad None) keeps its own count: per-tensor bias corrections."""
     torch.manual_seed(0)

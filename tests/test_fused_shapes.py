@@ -92,6 +92,19 @@ def test_shape_routes_equal_eager(name: str, per_tensor: bool, aot_eager, monkey
     assert "factored.row" in factored or "sm3.acc_1" in factored  # the big matrix keeps its factored state
 
 
+def test_a_reduction_over_every_bucket_keeps_shapes_together(aot_eager, monkeypatch) -> None:
+    # the global norm must see every param: routed by shape, each route would clip by its own norm
+    monkeypatch.setattr(runner, "PER_TENSOR_MIN_NUMEL", 0)
+
+    def build():
+        return gc.chain(gc.scale_by_factored_rms(), gc.clip_by_global_norm(0.01), gc.scale_by_lr(0.1))
+
+    for dtype, tol in ((torch.float64, (1e-12, 1e-14)), (torch.float32, (1e-5, 1e-6))):
+        assert_same(*run(build, False, dtype), *run(build, True, dtype), rtol=tol[0], atol=tol[1])
+    plan = run(build, True, torch.float32, steps=1)[1].fused_plan()
+    assert not any(n.startswith("[") for _, names in plan for n in names)
+
+
 def test_new_lr_and_steps_do_not_recompile(aot_eager, monkeypatch) -> None:
     monkeypatch.setattr(runner, "PER_TENSOR_MIN_NUMEL", 0)  # flat and per-tensor kernels both
     named, opt = run(recipes.adafactor, True, torch.float32, steps=2)

@@ -66,29 +66,78 @@ def _segment(leaves: list[Leaf], last: bool):
                               run.__closure__)
 
 
-def _phase(transform: Transform, name: str, last: bool):
+def _phase(transform: Transform, tail: list[Leaf], name: str, last: bool):
     """One per-bucket pass of a transform that reduces over every bucket (``fused_phases``: pass 1
-    ``accumulate``, one eager ``estimate``, pass 2 ``finish``), as a function over a flat bucket."""
+    ``accumulate``, one eager ``estimate``, pass 2 ``finish``), as a function over a flat bucket.
+    ``finish`` is followed by the elementwise leaves after the transform (``tail``) and the final
+    write; ``frozen`` is that pass for a bucket the transform leaves alone (zero updates)."""
 
-    def run(params, grads, updates, state, hp, flags, coefs, acc, dtype):
-        b = Bucket(params, grads, dict(state), [], [None], {}, None, {}, dtype, step_values=[], tensor_scalars=True)
+    def run(params, grads, updates, state, hp, flags, coefs, acc, dtype, step, resolved, host, loss, segments,
+            out=None):
+        # the bucket's one step count (a 0-d tensor): bias corrections of the state it reads
+        b = Bucket(params, grads, dict(state), [step], [None], {}, loss, {"host_hyperparams": host}, dtype,
+                   step_values=[step], tensor_scalars=True, resolved=resolved)
+        b.segments = segments
         if updates is not None:
             b.updates = list(updates)
         if name == "accumulate":
-            out = transform.accumulate(b, hp, flags, coefs, acc, reuse=False)[0]
+            sums = transform.accumulate(b, hp, flags, coefs, acc, reuse=False)[0]
+        elif name == "frozen":
+            b.updates = [torch.zeros_like(u) for u in b.materialize()]
         else:
             transform.finish(b, hp, flags, coefs, None)
+        if name != "accumulate":
+            for leaf in tail:
+                leaf.apply([b])
         for key, lst in b.state.items():
             if lst[0] is not state[key][0]:
                 state[key][0].copy_(lst[0])
         if name == "accumulate":
-            return out
+            return sums
         if last:
             b.write()
             return None
+        if out is not None:  # a buffer kept from step to step: no fresh full-size allocation
+            out.copy_(b.materialize()[0])
+            return None
         return b.materialize()[0]
 
-    return types.FunctionType(run.__code__.replace(), run.__globals__, f"fused_{name}", None, run.__closure__)
+    return types.FunctionType(run.__code__.replace(), run.__globals__, f"fused_{name}", run.__defaults__,
+                              run.__closure__)
+
+
+def _forget_specialized_floats() -> None:
+    """Empty torch's global set of float inputs to specialize, after a compile.
+
+    Compiling a graph whose inputs include 0-d float64 tensors (the phases' coefficients) may
+    restart its tracing with some of them specialized; torch (2.13) records them by symbol name
+    (``zf28``: a hash of the input's source, modulo 100) in a set that it does not empty when that
+    compile ends. A later compile of any other function then specializes its own float input that
+    got the same name, and can lose an in-place update of it (seen: ``v.lerp_`` of a 0-d state in
+    a ``torch.compile``d training step). The set is only meant for one compile's restarts."""
+    state = getattr(getattr(torch._dynamo, "symbolic_convert", None), "TensorifyState", None)
+    if state is not None and hasattr(state, "clear"):
+        state.clear()
+
+
+def _phase_hyperparams(t: Transform, resolved: Mapping[str, Any]) -> dict[str, Any]:
+    """A phased transform's hyperparameters for one bucket, by local name: its own declared ones,
+    or what its ``phase_hyperparams(resolved)`` takes from the group (another transform's betas)."""
+    take = getattr(t, "phase_hyperparams", None)
+    if take is not None:
+        return take(resolved)
+    return {k: resolved[g] for k, g in t._keys.items()}
+
+
+def _coefs(c: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
+    """A step's coefficients for the compiled passes: numbers as float64 0-d tensors (a new value
+    does not recompile), tensors as they are (on ``device``), flags as flags."""
+    return {k: v.to(device) if isinstance(v, Tensor) else _tensorize(v, device) for k, v in c.items()}
+
+
+def _tail_ok(t: Transform) -> bool:
+    """Whether ``t`` can follow a phased transform in its compiled ``finish`` pass."""
+    return isinstance(t, Leaf) and (t.elementwise or t.segmented) and t.elementwise_for is None
 
 
 # what a failed trace raises (a new size under a kernel with symbolic sizes), as opposed to a kernel's run
@@ -122,13 +171,16 @@ class Segment:
         self.per_tensor = False  # compiled one param at a time (a kernel per shape), not over the flat buffer
         self.static_shapes: set[tuple[int, ...]] = set()
         self.names = {leaf.name for t in transforms for leaf in t.leaves()}
+        # transforms whose state these read (declared in ``reads_state``: AdamS reads Adam's v)
+        self.reads = {k.split(".", 1)[0] for t in transforms for k in getattr(t, "reads_state", ())}
         # group keys, which a renamed transform's differ from its local names (adamw_eps_root)
         self.static = frozenset(g for t in transforms for k, g in getattr(t, "_keys", {}).items()
                                 if k in getattr(t, "static", ()))
         self.segmented = any(getattr(t, "segmented", False) for t in transforms)
-        # a transform whose two passes compile around one reduction over every bucket (Prodigy)
-        self.phased = transforms[0] if len(transforms) == 1 and getattr(transforms[0], "fused_phases", False) \
-            else None
+        # a transform whose two passes compile around one reduction over every bucket (Prodigy,
+        # AdamS's decay), followed in its second pass by the elementwise leaves after it (``tail``)
+        self.phased = transforms[0] if getattr(transforms[0], "fused_phases", False) else None
+        self.tail: list[Leaf] = list(transforms[1:]) if self.phased is not None else []
         self._fns: dict[Any, Any] = {}
         self._eager_fn = None
         self._failed: set[Any] = set()
@@ -139,8 +191,9 @@ class Segment:
         return self.keys_of(fb.states[0])
 
     def keys_of(self, state: Mapping[str, Any]) -> set[str]:
-        """The state keys this segment's transforms keep in one param's ``state``."""
-        return {k for k in state if k != "step" and k.split(".", 1)[0] in self.names}
+        """The state keys this segment's transforms keep (or read, of a transform they declare in
+        ``reads_state``) in one param's ``state``."""
+        return {k for k in state if k != "step" and k.split(".", 1)[0] in self.names | self.reads}
 
     def eager_fn(self):
         if self._eager_fn is None:
@@ -161,32 +214,39 @@ class FusedChain:
         if self.wrapper is not None:
             transform = self.wrapper.inner
         top = transform.children if isinstance(transform, Chain) else [transform]
-        runs: list[tuple[bool, list[Transform]]] = []
-        phased = {id(t) for t in top if getattr(t, "fused_phases", False)}
+        # a run is compiled (True), eager (False) or "phased": a transform that reduces over every
+        # bucket in two compiled passes (fused_phases), with the elementwise leaves after it, which
+        # its second pass runs before the write (AdamS: the decay, then the lr, then p += u)
+        runs: list[tuple[Any, list[Transform]]] = []
         for t in top:
-            fusable = isinstance(t, Leaf) and (t.elementwise or t.segmented
-                                               or (shapes in ("flat", "tensor") and t.elementwise_for is not None))
-            if runs and runs[-1][0] == fusable and not phased.intersection({id(t), id(runs[-1][1][-1])}):
+            if getattr(t, "fused_phases", False):
+                runs.append(("phased", [t]))
+                continue
+            if runs and runs[-1][0] == "phased" and _tail_ok(t):
+                runs[-1][1].append(t)
+                continue
+            fusable = isinstance(t, Leaf) and bool(t.elementwise or t.segmented or (
+                shapes in ("flat", "tensor") and t.elementwise_for is not None))
+            if runs and runs[-1][0] == fusable:
                 runs[-1][1].append(t)
             else:
                 runs.append((fusable, [t]))
-        if any(not fusable for fusable, _ in runs):
+        if any(kind is not True for kind, _ in runs):
             # a run of scales and decays alone is free on the eager path (folded into the final
             # write); compiled between eager segments it would cost a pass and a copy of its own
-            runs = [(fusable and not all(_deferred(t) for t in ts), ts) for fusable, ts in runs]
+            runs = [(False if kind is True and all(_deferred(t) for t in ts) else kind, ts) for kind, ts in runs]
             # likewise a stateless run after an eager one: the eager updates would first be copied
             # into a flat buffer, and the kernel saves no more than that copy costs
             for j in range(1, len(runs)):
-                after_eager = not runs[j - 1][0] and id(runs[j - 1][1][-1]) not in phased
-                if runs[j][0] and after_eager and not any(t._init is not None for t in runs[j][1]):
+                if runs[j][0] is True and runs[j - 1][0] is False and not any(t._init is not None for t in runs[j][1]):
                     runs[j] = (False, runs[j][1])
-        merged: list[tuple[bool, list[Transform]]] = []
-        for fusable, ts in runs:
-            if merged and merged[-1][0] == fusable and not phased.intersection({id(ts[0]), id(merged[-1][1][-1])}):
+        merged: list[tuple[Any, list[Transform]]] = []
+        for kind, ts in runs:
+            if merged and merged[-1][0] == kind and kind != "phased":
                 merged[-1][1].extend(ts)
             else:
-                merged.append((fusable, list(ts)))
-        self.segments = [Segment(ts, compiled=fusable or id(ts[0]) in phased) for fusable, ts in merged]
+                merged.append((kind, list(ts)))
+        self.segments = [Segment(ts, compiled=kind is not False) for kind, ts in merged]
         for seg in self.segments:
             seg.per_tensor = shapes == "tensor" and seg.compiled and any(
                 getattr(t, "elementwise_for", None) is not None for t in seg.transforms)
@@ -228,8 +288,8 @@ class FusedChain:
                     updates[i] = self._run_per_tensor(seg, i, fb, grads[i], updates[i], resolved[i], tensor_hp,
                                                       loss, dtypes[i])
             elif seg.phased is not None:
-                updates = self._run_phased(seg, flats, groups, grads, updates, resolved, host_steps, loss, shared,
-                                           dtypes)
+                updates = self._run_phased(seg, flats, groups, grads, updates, resolved, tensor_hp, host_steps,
+                                           loss, shared, dtypes)
             elif seg.compiled:
                 for i, fb in enumerate(flats):
                     updates[i] = self._run_compiled(seg, i, fb, grads[i], updates[i], resolved[i], tensor_hp,
@@ -305,48 +365,62 @@ class FusedChain:
         return flat_out
 
     def _run_phased(self, seg: Segment, flats: list[FlatBucket], groups: list, grads: list[Tensor],
-                    updates: list[Tensor | None], resolved: list[dict], host_steps: list[float],
+                    updates: list[Tensor | None], resolved: list[dict], tensor_hp: list, host_steps: list[float],
                     loss: Tensor | None, shared: dict, dtypes: list[torch.dtype]) -> list[Tensor | None]:
+        """A phased transform (and its tail): ``prepare`` once, ``accumulate`` compiled per flat
+        bucket, ``estimate`` once, ``finish`` with the tail and the write compiled per flat bucket."""
         t = seg.phased
         keys = [seg.keys(fb) for fb in flats]
         if any(k not in fb.flat_state for fb, ks in zip(flats, keys) for k in ks):
             return self._run_eager(seg, flats, groups, grads, updates, resolved, host_steps, loss, shared, dtypes)
         gstate = shared["global_state"]
-        hps = [{k: r[g] for k, g in t._keys.items()} for r in resolved]
+        hps = [_phase_hyperparams(t, r) for r in resolved]
         c = t.prepare(hps, gstate)
         flags = [t.bucket_flags(hp) for hp in hps]
         live = [] if c is None else [i for i, f in enumerate(flags) if not f["frozen"]]
+        thp = [{k: _tensorize(v, fb.device) for k, v in hp.items()} for hp, fb in zip(hps, flats)]
+        for i, fb in enumerate(flats):
+            if tensor_hp[i] is None:
+                tensor_hp[i] = {k: _tensorize(v, fb.device) for k, v in resolved[i].items()}
+        lossv = None if loss is None else loss.detach().to(flats[0].device)
+        coefs: dict[str, Any] = {}
         if live:
-            device = c["d"].device
-            thp = [{k: _tensorize(v, fb.device) for k, v in hp.items()} for hp, fb in zip(hps, flats)]
-            acc = (torch.zeros_like(c["d"]), torch.zeros_like(c["d"]))
-            coefs = {k: _tensorize(v, device) for k, v in c.items()}
+            device = flats[live[0]].device
+            coefs = _coefs(c, device)
+            acc = t.init_accumulators(c, device)
             for i in live:
                 acc = self._call_phase(seg, "accumulate", i, flats[i], keys[i], grads[i], updates[i], thp[i],
-                                       flags[i], coefs, acc, dtypes[i])
-            c = t.estimate(c, acc, gstate)
-            coefs = {k: _tensorize(v, device) for k, v in c.items()}
+                                       flags[i], coefs, acc, dtypes[i], tensor_hp[i], resolved[i], lossv)
+            coefs = _coefs(t.estimate(c, acc, gstate), device)
         out: list[Tensor | None] = []
         for i, fb in enumerate(flats):
-            if i in live:
-                out.append(self._call_phase(seg, "finish", i, fb, keys[i], grads[i], updates[i], thp[i], flags[i],
-                                            coefs, None, dtypes[i]))
-            else:  # a frozen group (lr 0): nothing moves
+            if i in live or seg.tail:
+                # a frozen bucket (Prodigy's lr 0) gets zero updates; the leaves after it still run
+                name = "finish" if i in live else "frozen"
+                out.append(self._call_phase(seg, name, i, fb, keys[i], grads[i], updates[i], thp[i], flags[i],
+                                            coefs, None, dtypes[i], tensor_hp[i], resolved[i], lossv))
+            else:  # a frozen bucket (lr 0): nothing moves
                 out.append(None if seg.last else torch.zeros_like(grads[i], dtype=dtypes[i]))
         return out
 
     def _call_phase(self, seg: Segment, name: str, i: int, fb: FlatBucket, keys: set[str], grad: Tensor,
-                    update: Tensor | None, hp: dict, flags: dict, coefs: dict, acc: Any, dtype: torch.dtype) -> Any:
+                    update: Tensor | None, hp: dict, flags: dict, coefs: dict, acc: Any, dtype: torch.dtype,
+                    tensor_hp: dict, resolved: dict, loss: Tensor | None) -> Any:
         state = {k: [fb.flat_state[k]] for k in keys}
-        args = ([fb.flat_params], [grad], None if update is None else [update], state, hp, flags, coefs, acc, dtype)
-        def make():
-            return _phase(seg.phased, name, seg.last)
+        host = {k: v for k, v in resolved.items() if k in seg.static}
+        # the updates for the next segment go into a buffer of the bucket's, not a fresh one
+        ws = None if seg.last or name == "accumulate" else fb.workspace(dtype, avoid=update)
+        args = ([fb.flat_params], [grad], None if update is None else [update], state, hp, flags, coefs, acc, dtype,
+                fb.flat_steps[0], tensor_hp, host, loss, fb.segments(), ws)
 
-        if self.compile:
-            ok, out = self._try_compiled(seg, (name, i), make, args, f"{seg.phased.name}.{name}")
-            if ok:
-                return out
-        return make()(*args)
+        def make():
+            return _phase(seg.phased, seg.tail, name, seg.last)
+
+        ok, out = (self._try_compiled(seg, (name, i), make, args, f"{seg.phased.name}.{name}") if self.compile
+                   else (False, None))
+        if not ok:
+            out = make()(*args)
+        return ws if ws is not None else out
 
     @staticmethod
     def _try_compiled(seg: Segment, key: Any, make: Any, args: tuple, what: str,
@@ -363,7 +437,11 @@ class FusedChain:
                                                backend=hoisting_backend(BACKEND))
         try:
             t0 = time.perf_counter()
-            out = fn(*args)
+            try:
+                out = fn(*args)
+            finally:
+                if first:
+                    _forget_specialized_floats()
         except Exception as err:  # noqa: BLE001 - any tracing failure falls back to the uncompiled run
             # tracing a new size again (dynamic): a guard failed and nothing has run yet
             if not first and not (dynamic and isinstance(err, _TRACING_ERRORS)):
@@ -424,9 +502,13 @@ class FusedChain:
 
 
 def _shape_tests(transform: Transform) -> list:
-    """The ``elementwise_for`` tests of a chain's top-level transforms (those the fused path cuts)."""
+    """The ``elementwise_for`` tests of a chain's top-level transforms (those the fused path cuts);
+    none when a transform of the chain may reduce over every bucket (a global norm, AdamS's mean):
+    routed apart, params of other shapes would be left out of its reduction."""
     inner = transform.inner if hasattr(transform, "sync_flat") else transform
     top = inner.children if isinstance(inner, Chain) else [inner]
+    if not all(isinstance(t, Leaf) for t in top):  # a Leaf maps each bucket alone
+        return []
     return [t.elementwise_for for t in top if getattr(t, "elementwise_for", None) is not None]
 
 

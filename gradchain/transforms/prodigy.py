@@ -165,6 +165,10 @@ class Prodigy(Transform):
         return {"frozen": float(hp["lr"]) == 0.0, "coupled_wd": wd != 0.0 and not self.decouple,
                 "decoupled_wd": wd != 0.0 and self.decouple}
 
+    def init_accumulators(self, c: dict[str, Any], device: torch.device) -> tuple[Tensor, Tensor]:
+        """The sums of pass 1 before any bucket: the numerator's increment and ``|s|_1``, 0-d like d."""
+        return torch.zeros_like(c["d"]), torch.zeros_like(c["d"])
+
     def _direction(self, b: Bucket, hp: dict[str, Any], flags: dict[str, bool]) -> tuple[list[Tensor], list[Tensor]]:
         g = b.materialize()
         params = [p if p.dtype == b.dtype else p.to(b.dtype) for p in b.params]
@@ -282,7 +286,7 @@ class Prodigy(Transform):
         flags = [self.bucket_flags(hp) for hp in hps]
         carries: dict[int, Any] = {}
         if c is not None:
-            acc = (torch.zeros_like(c["d"]), torch.zeros_like(c["d"]))
+            acc = self.init_accumulators(c, live[0].params[0].device)
             for i, b in enumerate(live):
                 if not flags[i]["frozen"]:
                     acc, carries[i] = self.accumulate(b, hps[i], flags[i], c, acc, reuse=True)

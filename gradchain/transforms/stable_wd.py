@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .. import ops
 from ..base import Bucket, Transform, resolve_hyperparam
 from ..hyperparams import Hyperparam, nonnegative
 from ._declared import Declared
@@ -28,13 +29,25 @@ class _StableWD(Declared):
         new._betas_key = mapping.get(self._betas_key, self._betas_key)
         return new
 
-    def _group_value(self, b: Bucket, key: str) -> Any:
-        if key not in b.group:
-            raise ValueError(
-                f"add_stable_wd reads {key!r} of the preceding scale_by_adam from the param group, "
-                f"but the group has no {key!r}; pass betas_key="
-            )
-        return resolve_hyperparam(key, Hyperparam(None), b.group[key], b)
+    def _missing_betas(self) -> ValueError:
+        key = self._betas_key
+        return ValueError(
+            f"add_stable_wd reads {key!r} of the preceding scale_by_adam from the param group, "
+            f"but the group has no {key!r}; pass betas_key="
+        )
+
+    def _hp(self, b: Bucket) -> dict[str, Any]:
+        """The decay and the Adam's betas of one bucket (schedules evaluated), by local name."""
+        if self._betas_key not in b.group:
+            raise self._missing_betas()
+        betas = resolve_hyperparam(self._betas_key, Hyperparam(None), b.group[self._betas_key], b)
+        return {"weight_decay": self.hp(b)["weight_decay"], "betas": betas}
+
+    def phase_hyperparams(self, resolved: Mapping[str, Any]) -> dict[str, Any]:
+        """The fused path's :meth:`_hp`: from a group's resolved values (by group key)."""
+        if self._betas_key not in resolved:
+            raise self._missing_betas()
+        return {"weight_decay": resolved[self._keys["weight_decay"]], "betas": resolved[self._betas_key]}
 
     def _second_moments(self, b: Bucket) -> list[Tensor]:
         for buf in ("max_exp_avg_sq", "exp_avg_sq"):  # amsgrad's running max is the v^ Adam divides by
@@ -46,42 +59,87 @@ class _StableWD(Declared):
             f"(state '{self._adam}.exp_avg_sq') for every param it decays; pass adam=<its name>"
         )
 
+    # -- the step: the sum of v^ per bucket, one mean, the decay per bucket --------------------
+    # (the fused path runs accumulate and finish compiled over each flat bucket: ``fused_phases``)
+    fused_phases = True
+
+    def prepare(self, hps: list[dict[str, Any]], gstate: Mapping[str, Tensor]) -> dict[str, Any]:
+        return {}
+
+    def bucket_flags(self, hp: dict[str, Any]) -> dict[str, bool]:
+        return {"frozen": False}  # every group counts in v_bar and is decayed (an lr of 0 stops it later)
+
+    def init_accumulators(self, c: dict[str, Any], device: torch.device) -> tuple[Tensor | None, int]:
+        """The sum of v^ (none yet: the first bucket's sum starts it, a DTensor under FSDP2) and
+        the element count (a host number; on the fused path an int64 0-d tensor once added to)."""
+        return None, 0
+
+    def accumulate(self, b: Bucket, hp: dict[str, Any], flags: dict[str, bool], c: dict[str, Any],
+                   acc: tuple[Tensor | None, int], reuse: bool = False) -> tuple[tuple[Tensor, int], None]:
+        """Adds the bucket's sum of v^ (each tensor's over its own elements) and element count."""
+        total, count = acc
+        v = self._second_moments(b)
+        b2 = hp["betas"][1]
+        correction = b.per_step(lambda t: ops.bias_correction(b2, t))
+        if b.segments is not None:
+            # the fused path's flat buffer: per-param sums, which leave out the gaps between params
+            # (a bucket of many params); the bucket's params share one step. The count is the
+            # params' element counts (an int64 vector there), not the buffer's length
+            sums = [(b.tensor_sums([v[0]]) / correction).sum()]
+            n = b.segments[0].sum()
+            count = count + n.to(count.device) if isinstance(count, Tensor) else count + n
+        else:
+            if hasattr(v[0], "device_mesh"):
+                # sum() stays a Partial DTensor under FSDP2 through the divisions and additions
+                # below: the whole mean then costs one all-reduce
+                sums = [t.sum() for t in v]
+                torch._foreach_div_(sums, correction)
+            else:
+                # plain v >= 0: its L1 norms are its sums, one call for the bucket rather than a
+                # small op per tensor
+                sums = list(torch._foreach_norm(v, 1))
+                torch._foreach_div_(sums, correction)
+                sums = [torch.stack(sums).sum()]
+            count += sum(t.numel() for t in v)
+        for s in sums:
+            total = s if total is None else total + s.to(device=total.device)
+        return (total, count), None
+
+    def estimate(self, c: dict[str, Any], acc: tuple[Tensor, int], gstate: Mapping[str, Tensor]) -> dict[str, Any]:
+        total, count = acc
+        return {**c, "vbar": total / count}
+
+    def finish(self, b: Bucket, hp: dict[str, Any], flags: dict[str, bool], c: dict[str, Any], carry: Any) -> None:
+        """The decay ``wd / sqrt(v_bar) * p``: a pending param term, folded into the final write."""
+        vbar = c["vbar"]
+        # no gradient seen anywhere yet (v_bar = 0): no decay rather than wd / 0; == 0, not
+        # > 0, so a NaN v_bar shows in the update
+        coef = torch.where(vbar == 0, torch.zeros_like(vbar), hp["weight_decay"] / vbar.sqrt())
+        coef = coef.to(device=b.params[0].device, dtype=b.dtype)
+        if b.params[0].dtype == b.dtype:
+            b.add_param_term(coef)
+            return
+        params = [p.to(b.dtype) for p in b.params]
+        b.materialize()
+        b.ensure_owned()
+        torch._foreach_add_(b.updates, torch._foreach_mul(params, coef))
+
     def apply(self, buckets: list[Bucket]) -> None:
         live = [b for b in buckets if len(b)]
         if not live:
             return
         # one mean of v^ over every element of every param of every bucket (all groups)
-        total: Tensor | None = None
-        count = 0
         for b in live:
-            v = self._second_moments(b)
-            b2 = float(self._group_value(b, self._betas_key)[1])
-            sharded = hasattr(v[0], "device_mesh")
-            # sum() stays a Partial DTensor under FSDP2 through the divisions and additions below:
-            # the whole mean then costs one all-reduce. Plain v >= 0: its L1 norms are its sums, one
-            # call for the bucket rather than a small op per tensor
-            sums = [t.sum() for t in v] if sharded else list(torch._foreach_norm(v, 1))
-            torch._foreach_div_(sums, b.per_step(lambda t, b2=b2: 1.0 - b2**t))
-            for s in sums if sharded else [torch.stack(sums).sum()]:
-                s = s.to(device=live[0].params[0].device)
-                total = s if total is None else total + s
-            count += sum(t.numel() for t in v)
-        assert total is not None
-        vbar = total / count
-        for b in live:
-            wd = float(self.hp(b)["weight_decay"])
-            # no gradient seen anywhere yet (v_bar = 0): no decay rather than wd / 0; == 0, not
-            # > 0, so a NaN v_bar shows in the update
-            coef = torch.where(vbar == 0, torch.zeros_like(vbar), wd / vbar.sqrt())
-            coef = coef.to(device=b.params[0].device, dtype=b.dtype)
-            if b.params[0].dtype == b.dtype:
-                # a param term of the pending form: folded into the final write, no pass of its own
-                b.add_param_term(coef)
-                continue
-            params = [p.to(b.dtype) for p in b.params]
-            b.materialize()
-            b.ensure_owned()
-            torch._foreach_add_(b.updates, torch._foreach_mul(params, coef))
+            self._second_moments(b)  # what is missing, before anything moves: Adam's state first
+        hps = [self._hp(b) for b in live]
+        c = self.prepare(hps, {})
+        flags = [self.bucket_flags(hp) for hp in hps]
+        acc = self.init_accumulators(c, live[0].params[0].device)
+        for b, hp, f in zip(live, hps, flags, strict=True):
+            acc = self.accumulate(b, hp, f, c, acc)[0]
+        c = self.estimate(c, acc, {})
+        for b, hp, f in zip(live, hps, flags, strict=True):
+            self.finish(b, hp, f, c, None)
 
 
 def add_stable_wd(
@@ -100,7 +158,10 @@ def add_stable_wd(
 
     The mean is a reduction over every tensor of every bucket (all param groups) that this
     transform sees; it stays a tensor (no host sync; under FSDP2 each ``sum`` is a DTensor
-    reduction). It reads the state of the preceding ``scale_by_adam`` named ``adam`` from the
+    reduction). On the fused path (``fused_phases``) the sum of ``v^`` is compiled per flat bucket,
+    and the decay, the elementwise transforms after it (``scale_by_lr``) and the write are one
+    compiled pass per bucket; ``apply`` states the rule once for both paths.
+    It reads the state of the preceding ``scale_by_adam`` named ``adam`` from the
     bucket (``"<adam>.exp_avg_sq"``, declared in ``reads_state``, so a chain without that Adam
     before it is refused when built) and that Adam's ``betas`` from the param group (key
     ``betas_key``, renamed along with a chain's ``prefixed``/``renamed``).
