@@ -58,8 +58,8 @@ class PiecewiseChain:
             else:
                 runs.append((pieced, [t]))
         self.runs = runs
-        # a run of one pass (a scale folded into the write) gains nothing from pieces
-        self.useful = any(pieced and sum(t._update is not None for t in ts) >= 1 for pieced, ts in runs)
+        # scales and decays alone (folded into the write, one pass) gain nothing from pieces
+        self.useful = any(pieced and any(t._update is not None for t in ts) for pieced, ts in runs)
 
     def step(self, buckets: list[Bucket]) -> None:
         """Apply the chain to ``buckets`` and write their params (``Bucket.write``)."""
