@@ -412,3 +412,19 @@ def test_a_segment_that_cannot_compile_runs_uncompiled_with_a_warning(name: str,
     assert len([w for w in caught if "could not compile" in str(w.message)]) == (1 if name == "adamw" else 2)
     assert b[1].compile_seconds == 0
     assert_same(*a, *b, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("name", ["adamw", "adams", "prodigy"])
+def test_no_float_specializations_leak_into_later_compiles(name: str, monkeypatch) -> None:
+    # torch 2.13 keeps the 0-d float inputs it specialized in a global set that outlives the
+    # compile; a later, unrelated compile (a user's training step) could then specialize one of its
+    # own inputs by a name clash and lose an in-place update of it
+    from torch._dynamo.symbolic_convert import TensorifyState
+
+    monkeypatch.setattr(runner, "BACKEND", "aot_eager")
+    named = make_params(torch.float32)
+    opt = gc.ChainOptimizer(named, getattr(recipes, name)(), fused=True)
+    for i in range(2):
+        set_grads(named, i, torch.float32)
+        opt.step()
+    assert opt.compile_seconds > 0 and TensorifyState.empty()

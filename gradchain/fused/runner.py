@@ -440,7 +440,7 @@ class FusedChain:
             try:
                 out = fn(*args)
             finally:
-                if first:
+                if first or dynamic:  # a call that may have traced (a new size traces again)
                     _forget_specialized_floats()
         except Exception as err:  # noqa: BLE001 - any tracing failure falls back to the uncompiled run
             # tracing a new size again (dynamic): a guard failed and nothing has run yet
