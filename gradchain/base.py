@@ -828,6 +828,14 @@ def _rebuild_leaf(build: Callable[..., Transform], args: tuple, kwargs: dict, ke
     return leaf
 
 
+def state_owners(transforms: Iterable[Transform]) -> set[str]:
+    """The transform names whose state (keys ``"<name>.<buffer>"``) ``transforms`` keep, or read
+    (those of a transform named in a ``reads_state`` entry): the state a part of a chain may touch."""
+    transforms = list(transforms)
+    return ({leaf.name for t in transforms for leaf in t.leaves()}
+            | {k.split(".", 1)[0] for t in transforms for k in getattr(t, "reads_state", ())})
+
+
 def check_unique_names(t: Transform, where: str) -> None:
     """Raise if two transforms one param passes through share a name (their state keys would clash)."""
     for path in t.paths():

@@ -19,13 +19,13 @@ differ in the last bit at the seams of a slice.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from .base import Bucket, Chain, Leaf, Transform
+from .base import Bucket, Chain, Leaf, Transform, state_owners
 
 # elements per piece: with the few buffers a step reads and makes, a piece stays in the caches (a
 # piece of 2^18 fp32 elements is 1 MB per buffer; 2^19 and 2^20 measured slower on a 2-core CPU with
@@ -74,10 +74,10 @@ class PiecewiseChain:
                         b.write()
                 continue
             sliced = last and all(_kind(t) == "slice" for t in ts)
-            names = _state_names(ts)
+            owners = state_owners(ts)
             for b in buckets:
                 if len(b):
-                    _run_pieces(b, ts, names, last, sliced)
+                    _run_pieces(b, ts, owners, last, sliced)
 
 
 _primed = False
@@ -94,16 +94,6 @@ def _prime_allocator() -> None:
         _primed = True
         block = torch.empty(16 << 20, dtype=torch.uint8)
         del block
-
-
-def _state_names(ts: Sequence[Transform]) -> set[str]:
-    names = {leaf.name for t in ts for leaf in t.leaves()}
-    reads = {k for t in ts for k in getattr(t, "reads_state", ())}
-    return names | reads
-
-
-def _owned(key: str, names: set[str]) -> bool:
-    return key in names or key.split(".", 1)[0] in names
 
 
 def _sliceable(b: Bucket, i: int, keys: list[str]) -> bool:
@@ -139,7 +129,7 @@ def _plan(b: Bucket, keys: list[str], sliced: bool) -> Iterator[list[tuple[int, 
         yield piece
 
 
-def _run_pieces(b: Bucket, ts: list[Transform], names: set[str], last: bool, sliced: bool) -> None:
+def _run_pieces(b: Bucket, ts: list[Transform], owners: set[str], last: bool, sliced: bool) -> None:
     if sum(p.numel() for p in b.params) <= PIECE_NUMEL:  # one piece: the bucket itself
         for t in ts:
             t.apply([b])
@@ -148,7 +138,7 @@ def _run_pieces(b: Bucket, ts: list[Transform], names: set[str], last: bool, sli
         return
     # the pending form (a divisor, a scale, a param term) goes into the pieces, as it would stay
     # pending over the whole bucket: materialized now, it would round differently
-    keys = [k for k in b.state if _owned(k, names)]
+    keys = [k for k in b.state if k.split(".", 1)[0] in owners]
     done = []
     # a sliced tensor's 0-d state (step_scalars): every slice starts from the value before the step
     before: dict[int, list[tuple[str, Tensor]]] = {}

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..base import Bucket, Chain, Leaf, Transform, _storage
+from ..base import Bucket, Chain, Leaf, Transform, _storage, state_owners
 from ..combinators import _Partition
 from .flat import FlatBucket
 from .hoist import hoisting_backend
@@ -38,6 +38,24 @@ PER_TENSOR_MIN_NUMEL = 1 << 18
 PER_TENSOR_STATIC_SHAPES = 6
 
 
+def _end(b: Bucket, state: dict, last: bool, out: Tensor | None, update: bool = True) -> Tensor | None:
+    """The end of a compiled function over a flat bucket: state a transform rebound is copied into
+    the flat storage; then the final write (``last``), or the update into ``out`` (a buffer kept from
+    step to step: no fresh full-size allocation), or the update returned."""
+    for key, lst in b.state.items():
+        if lst[0] is not state[key][0]:
+            state[key][0].copy_(lst[0])
+    if not update:
+        return None
+    if last:
+        b.write()
+        return None
+    if out is not None:
+        out.copy_(b.materialize()[0])
+        return None
+    return b.materialize()[0]
+
+
 def _segment(leaves: list[Leaf], last: bool):
     def run(params, grads, updates, state, resolved, host, step, loss, dtype, tensor_scalars, segments, out=None):
         shared = {"host_hyperparams": host}
@@ -48,17 +66,7 @@ def _segment(leaves: list[Leaf], last: bool):
             b.updates = list(updates)
         for leaf in leaves:
             leaf.apply([b])
-        # a transform that rebinds a state buffer: copy the result into the flat storage
-        for key, lst in b.state.items():
-            if lst[0] is not state[key][0]:
-                state[key][0].copy_(lst[0])
-        if last:
-            b.write()
-            return None
-        if out is not None:  # a buffer kept from step to step: no fresh full-size allocation
-            out.copy_(b.materialize()[0])
-            return None
-        return b.materialize()[0]
+        return _end(b, state, last, out)
 
     # a fresh code object per segment: torch.compile keeps one cache per code object, so one
     # optimizer's graphs never evict another's
@@ -86,21 +94,12 @@ def _phase(transform: Transform, tail: list[Leaf], name: str, last: bool):
             b.updates = [torch.zeros_like(u) for u in b.materialize()]
         else:
             transform.finish(b, hp, flags, coefs, None)
-        if name != "accumulate":
-            for leaf in tail:
-                leaf.apply([b])
-        for key, lst in b.state.items():
-            if lst[0] is not state[key][0]:
-                state[key][0].copy_(lst[0])
         if name == "accumulate":
+            _end(b, state, False, None, update=False)
             return sums
-        if last:
-            b.write()
-            return None
-        if out is not None:  # a buffer kept from step to step: no fresh full-size allocation
-            out.copy_(b.materialize()[0])
-            return None
-        return b.materialize()[0]
+        for leaf in tail:
+            leaf.apply([b])
+        return _end(b, state, last, out)
 
     return types.FunctionType(run.__code__.replace(), run.__globals__, f"fused_{name}", run.__defaults__,
                               run.__closure__)
@@ -144,6 +143,13 @@ def _tail_ok(t: Transform) -> bool:
 _TRACING_ERRORS = (torch._dynamo.exc.TorchDynamoException, torch._dynamo.exc.FailOnRecompileLimitHit)
 
 
+def _tensor_hp(tensor_hp: list, i: int, resolved: Mapping[str, Any], device: torch.device) -> dict:
+    """Bucket ``i``'s hyperparameters as 0-d tensors, made once per step for all its segments."""
+    if tensor_hp[i] is None:
+        tensor_hp[i] = {k: _tensorize(v, device) for k, v in resolved.items()}
+    return tensor_hp[i]
+
+
 def _tensorize(value: Any, device: torch.device) -> Any:
     if isinstance(value, bool) or value is None or isinstance(value, str):
         return value
@@ -170,9 +176,8 @@ class Segment:
         self.last = False
         self.per_tensor = False  # compiled one param at a time (a kernel per shape), not over the flat buffer
         self.static_shapes: set[tuple[int, ...]] = set()
-        self.names = {leaf.name for t in transforms for leaf in t.leaves()}
-        # transforms whose state these read (declared in ``reads_state``: AdamS reads Adam's v)
-        self.reads = {k.split(".", 1)[0] for t in transforms for k in getattr(t, "reads_state", ())}
+        # whose state these keep or read (declared in ``reads_state``: AdamS reads Adam's v)
+        self.owners = state_owners(transforms)
         # group keys, which a renamed transform's differ from its local names (adamw_eps_root)
         self.static = frozenset(g for t in transforms for k, g in getattr(t, "_keys", {}).items()
                                 if k in getattr(t, "static", ()))
@@ -186,6 +191,10 @@ class Segment:
         self._failed: set[Any] = set()
         self.compile_seconds = 0.0
 
+    def host(self, resolved: Mapping[str, Any]) -> dict[str, Any]:
+        """The hyperparameters this segment branches on in Python (``static``), as host values."""
+        return {k: v for k, v in resolved.items() if k in self.static}
+
     def keys(self, fb: FlatBucket) -> set[str]:
         """The state keys this segment's transforms keep in ``fb`` (its group's options decide some)."""
         return self.keys_of(fb.states[0])
@@ -193,7 +202,7 @@ class Segment:
     def keys_of(self, state: Mapping[str, Any]) -> set[str]:
         """The state keys this segment's transforms keep (or read, of a transform they declare in
         ``reads_state``) in one param's ``state``."""
-        return {k for k in state if k != "step" and k.split(".", 1)[0] in self.names | self.reads}
+        return {k for k in state if k != "step" and k.split(".", 1)[0] in self.owners}
 
     def eager_fn(self):
         if self._eager_fn is None:
@@ -307,11 +316,10 @@ class FusedChain:
         keys = seg.keys(fb)
         state = {k: [fb.flat_state[k]] for k in keys if k in fb.flat_state}
         upd = None if update is None else [update]
-        host = {k: v for k, v in resolved.items() if k in seg.static}
+        host = seg.host(resolved)
         segments = fb.segments() if seg.segmented else None
         if self.compile and len(state) == len(keys):
-            if tensor_hp[i] is None:
-                tensor_hp[i] = {k: _tensorize(v, fb.device) for k, v in resolved.items()}
+            _tensor_hp(tensor_hp, i, resolved, fb.device)
             lossv = None if loss is None else loss.detach().to(fb.device)
             # the updates for the next segment go into a buffer of the bucket's, not a fresh one
             ws = None if seg.last else fb.workspace(dtype, avoid=update)
@@ -333,9 +341,8 @@ class FusedChain:
         """A segment compiled for one param at a time (a kernel per shape) over per-param views:
         transforms that are elementwise for other shapes only (Adafactor's factored matrices).
         Each param's update goes into its view of a kept flat buffer, which is returned."""
-        if tensor_hp[i] is None:
-            tensor_hp[i] = {k: _tensorize(v, fb.device) for k, v in resolved.items()}
-        host = {k: v for k, v in resolved.items() if k in seg.static}
+        _tensor_hp(tensor_hp, i, resolved, fb.device)
+        host = seg.host(resolved)
         lossv = None if loss is None else loss.detach().to(fb.device)
         grads = fb.split(grad)
         ups = None if update is None else fb.split(update)
@@ -380,8 +387,7 @@ class FusedChain:
         live = [] if c is None else [i for i, f in enumerate(flags) if not f["frozen"]]
         thp = [{k: _tensorize(v, fb.device) for k, v in hp.items()} for hp, fb in zip(hps, flats)]
         for i, fb in enumerate(flats):
-            if tensor_hp[i] is None:
-                tensor_hp[i] = {k: _tensorize(v, fb.device) for k, v in resolved[i].items()}
+            _tensor_hp(tensor_hp, i, resolved[i], fb.device)
         lossv = None if loss is None else loss.detach().to(flats[0].device)
         coefs: dict[str, Any] = {}
         if live:
@@ -407,7 +413,7 @@ class FusedChain:
                     update: Tensor | None, hp: dict, flags: dict, coefs: dict, acc: Any, dtype: torch.dtype,
                     tensor_hp: dict, resolved: dict, loss: Tensor | None) -> Any:
         state = {k: [fb.flat_state[k]] for k in keys}
-        host = {k: v for k, v in resolved.items() if k in seg.static}
+        host = seg.host(resolved)
         # the updates for the next segment go into a buffer of the bucket's, not a fresh one
         ws = None if seg.last or name == "accumulate" else fb.workspace(dtype, avoid=update)
         args = ([fb.flat_params], [grad], None if update is None else [update], state, hp, flags, coefs, acc, dtype,
