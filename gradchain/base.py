@@ -828,6 +828,60 @@ def _rebuild_leaf(build: Callable[..., Transform], args: tuple, kwargs: dict, ke
     return leaf
 
 
+def is_phased(t: Transform) -> bool:
+    """Whether ``t`` is a phased transform: a reduction over every bucket between two passes
+    (Prodigy's estimate of d, AdamS's mean of v^), stated by ``bucket_hyperparams``, ``prepare``,
+    ``bucket_flags``, ``init_accumulators``, ``accumulate``, ``estimate`` and ``finish``."""
+    return all(callable(getattr(t, m, None)) for m in ("bucket_hyperparams", "prepare", "accumulate", "finish"))
+
+
+def estimate_phases(t: Transform, live: list[Bucket],
+                    parts: Callable[[Bucket], Iterable[Bucket]] | None = None) -> tuple[list, list, Any, dict]:
+    """Pass 1 of a phased transform, eager: each bucket's hyperparameters (every check before
+    anything moves), ``accumulate`` over every bucket not frozen, in order, and ``estimate`` once.
+
+    Returns ``(hps, flags, c, carries)``, ``c`` None where nothing accumulated (every bucket
+    frozen). ``parts(b)`` runs ``accumulate`` over sub-buckets of whole tensors, in order (the eager
+    pieces: the same sums, term by term); without it, what pass 1 of a bucket hands to its pass 2
+    is in ``carries``.
+    """
+    gstate = live[0].shared.get("global_state")
+    hps = [t.bucket_hyperparams(b) for b in live]
+    c = t.prepare(hps, gstate)
+    flags = [t.bucket_flags(hp) for hp in hps]
+    active = [] if c is None else [i for i, f in enumerate(flags) if not f["frozen"]]
+    if not active:
+        return hps, flags, None, {}
+    acc = t.init_accumulators(c, live[0].params[0].device)
+    carries: dict[int, Any] = {}
+    for i in active:
+        if parts is None:
+            acc, carries[i] = t.accumulate(live[i], hps[i], flags[i], c, acc, reuse=True)
+        else:
+            for part in parts(live[i]):
+                acc = t.accumulate(part, hps[i], flags[i], c, acc, reuse=True)[0]
+    return hps, flags, t.estimate(c, acc, gstate), carries
+
+
+def finish_phase(t: Transform, b: Bucket, hp: dict, flags: dict, c: Any, carry: Any = None) -> None:
+    """Pass 2 of a phased transform over one bucket: ``finish``, or zero updates where it is frozen."""
+    if c is None or flags["frozen"]:
+        b.updates = [torch.zeros_like(u) for u in b.materialize()]
+    else:
+        t.finish(b, hp, flags, c, carry)
+
+
+def apply_phases(t: Transform, buckets: list[Bucket]) -> None:
+    """The eager step of a phased transform over whole buckets (:func:`estimate_phases`, then
+    :func:`finish_phase` per bucket): the one statement of its rule that the fused path compiles."""
+    live = [b for b in buckets if len(b)]
+    if not live:
+        return
+    hps, flags, c, carries = estimate_phases(t, live)
+    for i, b in enumerate(live):
+        finish_phase(t, b, hps[i], flags[i], c, carries.get(i))
+
+
 def state_owners(transforms: Iterable[Transform]) -> set[str]:
     """The transform names whose state (keys ``"<name>.<buffer>"``) ``transforms`` keep, or read
     (those of a transform named in a ``reads_state`` entry): the state a part of a chain may touch."""

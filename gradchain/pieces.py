@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import Bucket, Chain, Leaf, Transform, state_owners
+from .base import Bucket, Chain, Leaf, Transform, estimate_phases, finish_phase, is_phased, state_owners
 
 # elements per piece: with the few buffers a step reads and makes, a piece stays in the caches (a
 # piece of 2^18 fp32 elements is 1 MB per buffer; 2^19 and 2^20 measured slower on a 2-core CPU with
@@ -50,31 +50,37 @@ class PiecewiseChain:
 
     def __init__(self, transform: Transform) -> None:
         top = transform.children if isinstance(transform, Chain) else [transform]
-        runs: list[tuple[bool, list[Transform]]] = []
+        # runs of kind "pieced" (leaves, piece by piece), "whole" (over whole buckets) or "phased"
+        # (a phased transform's two passes piece by piece, the pieced leaves after it in its second)
+        runs: list[tuple[str, list[Transform]]] = []
         for t in top:
-            pieced = _kind(t) is not None
-            if runs and runs[-1][0] == pieced:
+            kind = "phased" if is_phased(t) else "pieced" if _kind(t) is not None else "whole"
+            if runs and (runs[-1][0] == kind != "phased" or runs[-1][0] == "phased" and kind == "pieced"):
                 runs[-1][1].append(t)
             else:
-                runs.append((pieced, [t]))
+                runs.append((kind, [t]))
         self.runs = runs
         # scales and decays alone (folded into the write, one pass) gain nothing from pieces
-        self.useful = any(pieced and any(t._update is not None for t in ts) for pieced, ts in runs)
+        self.useful = any(kind == "phased" or kind == "pieced" and any(t._update is not None for t in ts)
+                          for kind, ts in runs)
 
     def step(self, buckets: list[Bucket]) -> None:
         """Apply the chain to ``buckets`` and write their params (``Bucket.write``)."""
         _prime_allocator()
-        for j, (pieced, ts) in enumerate(self.runs):
+        for j, (kind, ts) in enumerate(self.runs):
             last = j == len(self.runs) - 1
-            if not pieced:
+            if kind == "whole":
                 for t in ts:
                     t.apply(buckets)
                 if last:
                     for b in buckets:
                         b.write()
                 continue
-            sliced = last and all(_kind(t) == "slice" for t in ts)
             owners = state_owners(ts)
+            if kind == "phased":
+                _run_phased(buckets, ts[0], ts[1:], owners, last)
+                continue
+            sliced = last and all(_kind(t) == "slice" for t in ts)
             for b in buckets:
                 if len(b):
                     _run_pieces(b, ts, owners, last, sliced)
@@ -165,6 +171,45 @@ def _run_pieces(b: Bucket, ts: list[Transform], owners: set[str], last: bool, sl
         _hand_over_pending(b, done)
     for sub, indices, slices in done:
         b.absorb(sub, indices, slices)
+
+
+class _Finish:
+    """Pass 2 of a phased transform over a piece, run as the first transform of the piece."""
+
+    def __init__(self, t: Transform, hp: dict, flags: dict, c: Any) -> None:
+        self.t, self.hp, self.flags, self.c = t, hp, flags, c
+
+    def apply(self, buckets: list[Bucket]) -> None:
+        for b in buckets:
+            finish_phase(self.t, b, self.hp, self.flags, self.c)
+
+
+def _run_phased(buckets: list[Bucket], t: Transform, tail: list[Transform], owners: set[str], last: bool) -> None:
+    """A phased transform in pieces of whole tensors: pass 1 piece by piece, in order (the same
+    sums, term by term, as over whole buckets), its estimate, then pass 2 and the leaves after it
+    piece by piece (in slices where its ``finish_elementwise``). Pass 1 hands nothing to pass 2
+    (pass 2 computes its direction again), so no piece's temporaries outlive it."""
+    live = [b for b in buckets if len(b)]
+    if not live:
+        return
+
+    def parts(b: Bucket) -> Iterator[Bucket]:
+        if sum(p.numel() for p in b.params) <= PIECE_NUMEL:
+            yield b
+            return
+        keys = [k for k in b.state if k.split(".", 1)[0] in owners]
+        for piece in _plan(b, keys, False):
+            indices = [i for i, _ in piece]
+            sub = b.subset(indices, None, keys, carry_pending=True)
+            yield sub
+            b.absorb(sub, indices, updates=False)
+
+    hps, flags, c, _ = estimate_phases(t, live, parts)
+    # pass 1 sums per tensor (whole tensors keep those sums' bits); pass 2, when the transform says
+    # it is elementwise, may cut a large tensor into slices in the chain's last run
+    sliced = last and getattr(t, "finish_elementwise", False) and all(_kind(x) == "slice" for x in tail)
+    for b, hp, f in zip(live, hps, flags, strict=True):
+        _run_pieces(b, [_Finish(t, hp, f, c), *tail], owners, last, sliced)
 
 
 def _hand_over_pending(b: Bucket, done: list) -> None:

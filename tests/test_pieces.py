@@ -119,6 +119,18 @@ def test_what_is_cut(small_pieces: int, monkeypatch: pytest.MonkeyPatch) -> None
     assert seen and all(s is None for _, sl in seen for s in sl)
 
 
+def test_phased_transform_in_pieces(small_pieces: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prodigy: pass 1 (sums per tensor) over whole tensors in groups, pass 2 (elementwise) sliced
+    seen = _record(monkeypatch)
+    _run("prodigy", True, steps=1)
+    whole = [idx for idx, sl in seen if sl == [None] * len(idx)]
+    sliced = [(i, s) for idx, sl in seen for i, s in zip(idx, sl) if s is not None]
+    big = {i for i, s in enumerate(SHAPES) if torch.Size(s).numel() > 256}
+    assert sorted({i for idx in whole for i in idx}) == list(range(len(SHAPES)))  # pass 1: every tensor whole
+    assert {i for i, _ in sliced} == big  # pass 2: the large ones sliced
+    assert [s for i, s in sliced if i == 0] == [slice(a, min(a + 256, 1200)) for a in range(0, 1200, 256)]
+
+
 def _inplace_double() -> gc.Transform:
     def update(updates, state, hp, ctx):
         for u in updates:

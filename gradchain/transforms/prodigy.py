@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from .._dtensor import plain, replicate_like
-from ..base import Bucket, StateDict, Transform, resolve_hyperparam, zeros_state
+from ..base import Bucket, StateDict, Transform, apply_phases, resolve_hyperparam, zeros_state
 from ..hyperparams import Hyperparam, betas_pair, nonnegative, positive, unit_interval
 from ..hyperparams import betas as check_betas
 
@@ -104,7 +104,8 @@ class Prodigy(Transform):
                 pre + "k": full(0.0)}
 
     # -- the step -----------------------------------------------------------------------------
-    def _hp(self, b: Bucket) -> dict[str, Any]:
+    def bucket_hyperparams(self, b: Bucket) -> dict[str, Any]:
+        """This transform's hyperparameters in ``b``'s group (schedules evaluated), by local name."""
         return {k: resolve_hyperparam(g, self._specs[k], b.group[g], b) for k, g in self._keys.items()}
 
     def _shared_hp(self, hps: list[dict[str, Any]]) -> dict[str, Any]:
@@ -128,6 +129,9 @@ class Prodigy(Transform):
         return {**first, "lr": lrs[-1]}
 
     # -- the step: pass 1 per bucket, one estimate of d, pass 2 per bucket -----------------------
+    # pass 2 is elementwise (its sums are all in pass 1): the eager pieces may run it on slices
+    finish_elementwise = True
+
     @property
     def fused_phases(self) -> bool:
         """The fused path compiles ``accumulate`` and ``finish`` over each flat bucket (``reuse=False``,
@@ -142,6 +146,8 @@ class Prodigy(Transform):
     def prepare(self, hps: list[dict[str, Any]], gstate: StateDict) -> dict[str, Any] | None:
         """The coefficients of this step from every group's hyperparameters (host numbers) and the old
         d; None when every group is frozen (lr 0)."""
+        if gstate is None:
+            raise RuntimeError(f"{self.name}: Prodigy keeps optimizer-level state; run it in a ChainOptimizer")
         shared = self._shared_hp(hps)
         lr = float(shared["lr"])
         b1, b2 = (float(x) for x in shared["betas"])
@@ -275,31 +281,7 @@ class Prodigy(Transform):
         b.updates = out
 
     def apply(self, buckets: list[Bucket]) -> None:
-        live = [b for b in buckets if len(b)]
-        if not live:
-            return
-        gstate = live[0].shared.get("global_state")
-        if gstate is None:
-            raise RuntimeError(f"{self.name}: Prodigy keeps optimizer-level state; run it in a ChainOptimizer")
-        hps = [self._hp(b) for b in live]
-        c = self.prepare(hps, gstate)
-        flags = [self.bucket_flags(hp) for hp in hps]
-        carries: dict[int, Any] = {}
-        if c is not None:
-            acc = self.init_accumulators(c, live[0].params[0].device)
-            for i, b in enumerate(live):
-                if not flags[i]["frozen"]:
-                    acc, carries[i] = self.accumulate(b, hps[i], flags[i], c, acc, reuse=True)
-        if c is None or not carries:  # only frozen groups have grads
-            for b in live:
-                b.updates = [torch.zeros_like(u) for u in b.materialize()]
-            return
-        c = self.estimate(c, acc, gstate)
-        for i, b in enumerate(live):
-            if i in carries:
-                self.finish(b, hps[i], flags[i], c, carries[i])
-            else:
-                b.updates = [torch.zeros_like(u) for u in b.materialize()]
+        apply_phases(self, buckets)
 
 
 def scale_by_prodigy(

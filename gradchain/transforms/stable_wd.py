@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from .. import ops
-from ..base import Bucket, Transform, resolve_hyperparam
+from ..base import Bucket, Transform, apply_phases, resolve_hyperparam
 from ..hyperparams import Hyperparam, nonnegative
 from ._declared import Declared
 
@@ -36,15 +36,17 @@ class _StableWD(Declared):
             f"but the group has no {key!r}; pass betas_key="
         )
 
-    def _hp(self, b: Bucket) -> dict[str, Any]:
-        """The decay and the Adam's betas of one bucket (schedules evaluated), by local name."""
+    def bucket_hyperparams(self, b: Bucket) -> dict[str, Any]:
+        """The decay and the Adam's betas of one bucket (schedules evaluated), by local name; checks,
+        before anything moves, that the Adam's second moment is there."""
         if self._betas_key not in b.group:
             raise self._missing_betas()
+        self._second_moments(b)
         betas = resolve_hyperparam(self._betas_key, Hyperparam(None), b.group[self._betas_key], b)
         return {"weight_decay": self.hp(b)["weight_decay"], "betas": betas}
 
     def phase_hyperparams(self, resolved: Mapping[str, Any]) -> dict[str, Any]:
-        """The fused path's :meth:`_hp`: from a group's resolved values (by group key)."""
+        """The fused path's :meth:`bucket_hyperparams`: from a group's resolved values (by group key)."""
         if self._betas_key not in resolved:
             raise self._missing_betas()
         return {"weight_decay": resolved[self._keys["weight_decay"]], "betas": resolved[self._betas_key]}
@@ -62,6 +64,8 @@ class _StableWD(Declared):
     # -- the step: the sum of v^ per bucket, one mean, the decay per bucket --------------------
     # (the fused path runs accumulate and finish compiled over each flat bucket: ``fused_phases``)
     fused_phases = True
+    # finish adds a param term per element: the eager pieces may run it on slices of a tensor
+    finish_elementwise = True
 
     def prepare(self, hps: list[dict[str, Any]], gstate: Mapping[str, Tensor]) -> dict[str, Any]:
         return {}
@@ -125,21 +129,7 @@ class _StableWD(Declared):
         torch._foreach_add_(b.updates, torch._foreach_mul(params, coef))
 
     def apply(self, buckets: list[Bucket]) -> None:
-        live = [b for b in buckets if len(b)]
-        if not live:
-            return
-        # one mean of v^ over every element of every param of every bucket (all groups)
-        for b in live:
-            self._second_moments(b)  # what is missing, before anything moves: Adam's state first
-        hps = [self._hp(b) for b in live]
-        c = self.prepare(hps, {})
-        flags = [self.bucket_flags(hp) for hp in hps]
-        acc = self.init_accumulators(c, live[0].params[0].device)
-        for b, hp, f in zip(live, hps, flags, strict=True):
-            acc = self.accumulate(b, hp, f, c, acc)[0]
-        c = self.estimate(c, acc, {})
-        for b, hp, f in zip(live, hps, flags, strict=True):
-            self.finish(b, hp, f, c, None)
+        apply_phases(self, buckets)
 
 
 def add_stable_wd(
