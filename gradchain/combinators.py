@@ -83,6 +83,11 @@ class _Routing(Transform):
         return child.init_state(param, name) if child is not None else {}
 
     def apply(self, buckets: list[Bucket]) -> None:
+        self.apply_routed(buckets, lambda child, subs: child.apply(subs))
+
+    def apply_routed(self, buckets: list[Bucket], run: Callable[[Transform, list[Bucket]], None]) -> None:
+        """``run(child, sub-buckets)`` for each child over the params routed to it, their updates and
+        state then written back (the eager pieces run a child chain piece by piece this way)."""
         for label, child in self.children.items():
             subs, where = [], []
             for b in buckets:
@@ -91,7 +96,7 @@ class _Routing(Transform):
                     subs.append(b.subset(idx))
                     where.append((b, idx))
             if subs:
-                child.apply(subs)
+                run(child, subs)
                 for sub, (b, idx) in zip(subs, where):
                     b.absorb(sub, idx)
 

@@ -53,25 +53,40 @@ class PiecewiseChain:
         # runs of kind "pieced" (leaves, piece by piece), "whole" (over whole buckets) or "phased"
         # (a phased transform's two passes piece by piece, the pieced leaves after it in its second)
         runs: list[tuple[str, list[Transform]]] = []
+        # ("routed": a partition or mask, its children's chains each in pieces over their params)
+        runs: list[tuple[str, list[Transform]]] = []
+        self._inner: dict[int, PiecewiseChain] = {}
         for t in top:
-            kind = "phased" if is_phased(t) else "pieced" if _kind(t) is not None else "whole"
-            if runs and (runs[-1][0] == kind != "phased" or runs[-1][0] == "phased" and kind == "pieced"):
+            if callable(getattr(t, "apply_routed", None)):
+                kind = "routed"
+                self._inner.update((id(c), PiecewiseChain(c)) for c in t.children.values())
+            else:
+                kind = "phased" if is_phased(t) else "pieced" if _kind(t) is not None else "whole"
+            joins = runs and (runs[-1][0] == kind not in ("phased", "routed")
+                              or runs[-1][0] == "phased" and kind == "pieced")  # a phased transform's tail
+            if joins:
                 runs[-1][1].append(t)
             else:
                 runs.append((kind, [t]))
         self.runs = runs
         # scales and decays alone (folded into the write, one pass) gain nothing from pieces
         self.useful = any(kind == "phased" or kind == "pieced" and any(t._update is not None for t in ts)
-                          for kind, ts in runs)
+                          for kind, ts in runs) or any(inner.useful for inner in self._inner.values())
 
-    def step(self, buckets: list[Bucket]) -> None:
-        """Apply the chain to ``buckets`` and write their params (``Bucket.write``)."""
+    def step(self, buckets: list[Bucket], write: bool = True) -> None:
+        """Apply the chain to ``buckets`` and write their params (``Bucket.write``); with
+        ``write=False`` leave the updates in the buckets instead (nothing is sliced then)."""
         _prime_allocator()
         for j, (kind, ts) in enumerate(self.runs):
-            last = j == len(self.runs) - 1
-            if kind == "whole":
+            last = write and j == len(self.runs) - 1
+            if kind == "routed":
+                # each child's updates come back to the bucket (as over whole buckets, where the
+                # write folds no child's pending form): the same bits
+                ts[0].apply_routed(buckets, lambda child, subs: self._inner[id(child)].step(subs, write=False))
+            elif kind == "whole":
                 for t in ts:
                     t.apply(buckets)
+            if kind in ("routed", "whole"):
                 if last:
                     for b in buckets:
                         b.write()

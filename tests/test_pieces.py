@@ -42,7 +42,7 @@ def _params(dtype: torch.dtype, transposed: bool = False) -> list[tuple[str, nn.
 def _run(name: str, in_pieces: bool, dtype: torch.dtype = torch.float32, steps: int = 4, transposed: bool = False,
          skip: int | None = None, **kw):
     named = _params(dtype, transposed)
-    factory = FACTORIES.get(name, getattr(recipes, name))
+    factory = FACTORIES[name] if name in FACTORIES else getattr(recipes, name)
     opt = gc.ChainOptimizer(named, factory(), **kw)
     if not in_pieces:
         opt._pieces = None
@@ -186,7 +186,31 @@ def test_rebound_state_goes_into_the_slice(small_pieces: int) -> None:
 
 
 def test_not_on_gpu_or_for_non_chains() -> None:
-    # a wrapper (Lookahead) or a partition (Muon) keeps the whole-bucket step
+    # a wrapper (Lookahead) keeps the whole-bucket step; a partition (Muon) runs each child's chain
+    # in pieces
     assert not pieces.PiecewiseChain(recipes.lookahead(recipes.adamw())).useful
-    assert not pieces.PiecewiseChain(recipes.muon()).useful
+    assert pieces.PiecewiseChain(recipes.muon()).useful
     assert pieces.PiecewiseChain(recipes.adamw()).useful
+
+
+def test_partition_and_mask_children_in_pieces(small_pieces: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    # each child of a partition or a mask runs its chain in pieces over its own params; the
+    # updates come back to the bucket (nothing sliced), and the result keeps its bits
+    def mixed() -> gc.Transform:
+        adam = gc.chain(gc.scale_by_adam(), gc.add_decoupled_wd(0.1))
+        sgd = gc.chain(gc.trace(0.9), gc.scale(2.0))
+        return gc.chain(gc.partition({"adam": adam, "sgd": sgd}, lambda name, p: "adam" if p.ndim == 2 else "sgd"),
+                        gc.masked(gc.chain(gc.add_decoupled_wd(0.1, name="wd2").renamed({"weight_decay": "wd2"}),
+                                           gc.scale_by_lr(0.5)), ["p1", "p3"]))
+
+    FACTORIES["mixed"] = mixed
+    try:
+        _assert_identical(_run("mixed", False), _run("mixed", True))
+        seen = _record(monkeypatch)
+        _run("mixed", True, steps=1)
+        assert all(s is None for _, sl in seen for s in sl)
+        # the partition's and the mask's sub-buckets (3 calls), then the children's pieces: with
+        # pieces of 256 elements every child's tensor here is a piece of its own
+        assert sorted(len(idx) for idx, _ in seen) == [1] * 9 + [2, 3, 4]
+    finally:
+        del FACTORIES["mixed"]
