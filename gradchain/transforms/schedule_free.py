@@ -162,20 +162,31 @@ def schedule_free(
         old = torch.stack([*lr_max_t, *wsum_t]).tolist()  # host tensors: no device sync
         n = len(updates)
         lrs, ckps, alphas = [], [], []
-        for i, t in enumerate(ctx.step_values):
+
+        def advance(t: float, old_lr_max: float, old_wsum: float) -> tuple[float, float]:
             lr_t = base_lr * (t / warmup if t - 1 < warmup else 1.0)
-            lr_max = max(lr_t, old[i])
+            lr_max = max(lr_t, old_lr_max)
             weight = t**r_ * lr_max**power
-            wsum = old[n + i] + weight
+            wsum = old_wsum + weight
             ckp1 = weight / wsum if wsum != 0.0 else 0.0
-            lr_max_t[i].fill_(lr_max)
-            wsum_t[i].fill_(wsum)
             lrs.append(lr_t)
             ckps.append(ckp1)
             alphas.append(lr_t * (beta * (1.0 - ckp1) - 1.0))
+            return lr_max, wsum
+
+        if ctx.step is not None and len(set(old[:n])) == 1 and len(set(old[n:])) == 1:
+            # every tensor at one step with one history (the usual case): the numbers once, written
+            # by two list copies rather than two small ops per tensor
+            new = torch.tensor(advance(ctx.step, old[0], old[n]), dtype=torch.float64)
+            torch._foreach_copy_(lr_max_t, [new[0]] * n)
+            torch._foreach_copy_(wsum_t, [new[1]] * n)
+        else:
+            for i, t in enumerate(ctx.step_values):
+                lr_max, wsum = advance(t, old[i], old[n + i])
+                lr_max_t[i].fill_(lr_max)
+                wsum_t[i].fill_(wsum)
         z = state["z"]
-        uniform = len(set(zip(lrs, ckps, strict=True))) == 1
-        if uniform:
+        if len(set(zip(lrs, ckps, strict=True))) == 1:
             lr_t, ckp1, alpha = lrs[0], ckps[0], alphas[0]
             # y_new = (1 - c) y + c z + alpha g; the (1 - c) y part rides on the final write
             out = torch._foreach_mul(updates, alpha)
