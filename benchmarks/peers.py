@@ -23,6 +23,11 @@ an optimizer whose last step moved no param is reported as an error instead of t
   per-tensor 0-d step counters left out). A recipe whose state moves less often than every step
   (lookahead's slow weights) or whose step is compute-bound (muon's Newton-Schulz matmuls) can
   sit well above this floor.
+- floor: the roofline plus the bytes a step must read again because a reduction over a tensor
+  (LAMB's trust ratio, the cautious mask's mean, Adafactor's statistics, a per-tensor norm) or
+  over every tensor (AdamS, Prodigy) finishes before any of its elements can be written, counted
+  for tensors of over ``LARGE`` elements, which do not stay in a core's cache between the passes
+  (``Spec.reread`` bytes per element). Equal to the roofline for a one-pass rule.
 
     python benchmarks/peers.py                       # full sizes; writes benchmarks/peers.md and .png
     python benchmarks/peers.py --sizes small         # smaller shapes (prints; --out to write)
@@ -123,6 +128,9 @@ class Spec:
     peers: list[Peer]
     kwargs: dict[str, Any] = field(default_factory=dict)
     build: Callable[[], Any] | None = None  # instead of ``recipes.<name>(**kwargs)``
+    # bytes per element of a large tensor that every implementation reads again: a reduction over
+    # the tensor (or over all tensors) finishes before any of its elements can be written
+    reread: int = 0
 
 
 def _plain(named: Named) -> list[torch.nn.Parameter]:
@@ -203,21 +211,26 @@ SPECS: dict[str, Spec] = {
     "sgd": Spec([_torch("SGD", "fused", lr=1e-3, momentum=0.9), _torch("SGD", "foreach", lr=1e-3, momentum=0.9),
                  _lib("heavyball", "SGD", lr=1e-3, beta=0.9)], kwargs={"momentum": 0.9}),
     "nadam": Spec([_torch("NAdam", "foreach"), _lib("heavyball", "NAdam", lr=2e-3, betas=(0.9, 0.999))]),
+    # a factored matrix: g for the row and column sums, g and p again for the update's RMS and
+    # the param's RMS, then g and p for the write
     "adafactor": Spec([_torch("Adafactor", "foreach"),
-                       _lib("pytorch_optimizer", "AdaFactor", lr=1e-2, betas=(None, 0.999))]),
+                       _lib("pytorch_optimizer", "AdaFactor", lr=1e-2, betas=(None, 0.999))], reread=12),
     "adam_atan2": Spec([_lib("adam_atan2_pytorch", "AdamAtan2")]),
-    "lamb": Spec([_lib("pytorch_optimizer", "Lamb", lr=1e-3, weight_decay=1e-2, eps=1e-6)]),
+    # the trust ratio's norms of p and u, then m, v and p read again for the write
+    "lamb": Spec([_lib("pytorch_optimizer", "Lamb", lr=1e-3, weight_decay=1e-2, eps=1e-6)], reread=12),
     "sm3": Spec([_lib("pytorch_optimizer", "SM3")]),
     "diffgrad": Spec([_lib("pytorch_optimizer", "DiffGrad")]),
-    "adanorm": Spec([_lib("pytorch_optimizer", "AdaNorm", betas=(0.9, 0.999))]),
-    "adams": Spec([_lib("pytorch_optimizer", "AdamS")]),
-    "amos": Spec([_lib("pytorch_optimizer", "Amos")]),
+    "adanorm": Spec([_lib("pytorch_optimizer", "AdaNorm", betas=(0.9, 0.999))], reread=4),  # |g| per tensor first
+    "adams": Spec([_lib("pytorch_optimizer", "AdamS")], reread=8),  # the mean of v^ over all, then m and v again
+    "amos": Spec([_lib("pytorch_optimizer", "Amos")], reread=4),  # the mean of g^2 per tensor first
     "muon": Spec([_torch_muon("fused"), _torch_muon("foreach"),
                   Peer("pytorch_optimizer Muon", "pytorch_optimizer", _po_muon)]),
-    "cautious_adamw": Spec([_lib("heavyball", "AdamW", "AdamW(caution=True)", caution=True, **ADAMW)]),
+    # the mask's mean per tensor, then g, m and v read again for the write
+    "cautious_adamw": Spec([_lib("heavyball", "AdamW", "AdamW(caution=True)", caution=True, **ADAMW)], reread=12),
     "cwd_adamw": Spec([_lib("heavyball", "AdamW", "AdamW(cautious_weight_decay=True)",
                             cautious_weight_decay=True, **ADAMW)]),
-    "prodigy": Spec([_lib("prodigyopt", "Prodigy"), _lib("pytorch_optimizer", "Prodigy")]),
+    # the estimate of d sums over every tensor, then g and p read again for the write
+    "prodigy": Spec([_lib("prodigyopt", "Prodigy"), _lib("pytorch_optimizer", "Prodigy")], reread=8),
     "schedule_free_adamw": Spec([_lib("schedulefree", "AdamWScheduleFree", train=True),
                                  _lib("pytorch_optimizer", "ScheduleFreeAdamW", train=True),
                                  _lib("heavyball", "SFAdamW", betas=(0.9, 0.999), eps=1e-8)]),
@@ -226,6 +239,11 @@ SPECS: dict[str, Spec] = {
     "lookahead": Spec([_po_lookahead("fused"), _po_lookahead("foreach")],
                       build=lambda: recipes.lookahead(recipes.adamw(), k=5, alpha=0.5)),
 }
+
+
+# elements: a tensor above this size (1 MB of fp32) does not stay in a core's L2 cache between two
+# passes over it, so a pass that must follow a reduction over it reads it from memory again
+LARGE = 1 << 18
 
 
 def no_peer_recipes() -> list[str]:
@@ -292,6 +310,7 @@ class Row:
     peers: dict[str, Timing]
     bytes_per_step: int | None
     numel: int
+    floor_bytes: int | None = None  # bytes_per_step plus what a reduction makes every step read again
 
 
 def measure(name: str, shapes: NamedShapes, device: torch.device, libs: set[str], fused: bool,
@@ -340,13 +359,14 @@ def measure(name: str, shapes: NamedShapes, device: torch.device, libs: set[str]
                 t.error, t.times = "its last step left every param unchanged", []
     grads.clear()
     probes.clear()
-    nbytes = None
+    nbytes = floor = None
     if "opt" in eager_opt and timings["gradchain eager"].error is None:
         p_bytes = 4 * numel(shapes)
         nbytes = 3 * p_bytes + 2 * state_bytes(eager_opt["opt"])
+        floor = nbytes + SPECS[name].reread * sum(n for _, s in shapes if (n := torch.Size(s).numel()) > LARGE)
     eager_opt.clear()
     return Row(name, timings.pop("gradchain eager"), timings.pop("gradchain fused", None), timings, nbytes,
-               numel(shapes))
+               numel(shapes), floor)
 
 
 # -- report ----------------------------------------------------------------------------------------------
@@ -385,14 +405,16 @@ def compile_time(t: Timing | None) -> float | None:
 def case_table(rows: list[Row], bw: float) -> list[str]:
     lines = [
         "| recipe | gradchain eager | gradchain fused | compile (fused) | best peer | peer | eager / peer | "
-        "fused / peer | bytes / param | roofline | eager / roofline | fused / roofline | other peers |",
-        "|---|--:|--:|--:|--:|---|--:|--:|--:|--:|--:|--:|---|",
+        "fused / peer | bytes / param | roofline | eager / roofline | fused / roofline | floor | fused / floor | "
+        "other peers |",
+        "|---|--:|--:|--:|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|---|",
     ]
     for r in rows:
         best = best_peer(r)
         peer_s = best[1].median if best else None
         ct = compile_time(r.fused)
         roof = r.bytes_per_step / bw if r.bytes_per_step else None
+        floor = r.floor_bytes / bw if r.floor_bytes else None
         others = []
         for k, t in r.peers.items():
             if best and k == best[0]:
@@ -408,6 +430,7 @@ def case_table(rows: list[Row], bw: float) -> list[str]:
             f"{_ratio(r.eager, peer_s)} | {_ratio(r.fused, peer_s)} | "
             f"{'–' if not r.bytes_per_step else f'{r.bytes_per_step / r.numel:.1f}'} | "
             f"{'–' if roof is None else _fmt_ms(roof)} | {_ratio(r.eager, roof)} | {_ratio(r.fused, roof)} | "
+            f"{'–' if floor is None else _fmt_ms(floor)} | {_ratio(r.fused, floor)} | "
             f"{'; '.join(others) or '–'} |"
         )
     return lines
@@ -530,6 +553,10 @@ def main(argv: list[str] | None = None) -> None:
         f"Bandwidth (triad over three {bw_bytes // 2**20} MB buffers, best of 7): {bw0 / 1e9:.1f} GB/s before, "
         f"{bw1 / 1e9:.1f} GB/s after; the roofline uses {bw / 1e9:.1f} GB/s. Bytes per step: read p and g, "
         "write p, and read and write every per-element state buffer of the eager gradchain optimizer once. "
+        f"Floor: the roofline plus what a reduction makes a step read again from a tensor of over {LARGE} "
+        "elements, which does not stay in a core's cache between the passes (LAMB's trust ratio, the cautious "
+        "mask's mean, Adafactor's factored statistics and RMS, AdaNorm's and Amos's per-tensor norms, the "
+        "global sums of AdamS and Prodigy; see `Spec.reread`). "
         "Compile (fused): the fused path's first step minus its median step, "
         + ("inductor's on-disk cache empty at the start (a cold compile)" if cold_cache()
            else "inductor's on-disk cache as found (compiles may be warm)")

@@ -14,7 +14,8 @@ import torch
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 COLUMNS = [
     "recipe", "gradchain eager", "gradchain fused", "compile (fused)", "best peer", "peer", "eager / peer",
-    "fused / peer", "bytes / param", "roofline", "eager / roofline", "fused / roofline", "other peers",
+    "fused / peer", "bytes / param", "roofline", "eager / roofline", "fused / roofline", "floor", "fused / floor",
+    "other peers",
 ]
 
 
@@ -83,6 +84,17 @@ def test_peers_fused_and_compile_columns(bench, tmp_path: Path, monkeypatch: pyt
     row = dict(zip(COLUMNS, _tables(out.read_text())["c"][2]))
     assert row["gradchain fused"].endswith(" ms") and row["fused / peer"].endswith("x"), row
     assert float(row["compile (fused)"].removesuffix(" s")) >= 0.4, row
+
+
+def test_floor_adds_the_reread_of_large_tensors(bench) -> None:
+    # LAMB's trust ratio reads m, v and p again (12 bytes an element) in a tensor too large for the
+    # cache; a small tensor's second pass is served from the cache; AdamW has one pass
+    shapes = [("big", (600, 500)), ("small", (100,))]
+    lamb = bench.measure("lamb", shapes, torch.device("cpu"), set(), False, 1, 0)
+    assert lamb.bytes_per_step == 28 * 300_100
+    assert lamb.floor_bytes - lamb.bytes_per_step == 12 * 300_000
+    adamw = bench.measure("adamw", shapes, torch.device("cpu"), set(), False, 1, 0)
+    assert adamw.floor_bytes == adamw.bytes_per_step == 28 * 300_100
 
 
 def test_peers_rejects_unknown_recipe(bench) -> None:
