@@ -416,9 +416,13 @@ class Bucket:
         sub._borrowed.update(id(u) for i, u in zip(indices, sub.updates, strict=True)
                              if id(self.updates[i]) in self._borrowed)
         # state shaped like its param is sliced alike; other state (0-d) comes whole
-        sub.state = {k: [part(x, s) if x is None or x.shape == self.params[i].shape else x
-                         for i, s in zip(indices, slices, strict=True) for x in (self.state[k][i],)]
-                     for k in (self.state if keys is None else keys)}
+        keys = self.state if keys is None else keys
+        if any(s is not None for s in slices):
+            sub.state = {k: [part(x, s) if x is None or x.shape == self.params[i].shape else x
+                             for i, s in zip(indices, slices, strict=True) for x in (self.state[k][i],)]
+                         for k in keys}
+        else:
+            sub.state = {k: [self.state[k][i] for i in indices] for k in keys}
         pick = lambda xs: [xs[i] for i in indices]  # noqa: E731
         sub.steps, sub.names = pick(self.steps), pick(self.names)
         sub.group, sub.loss, sub.shared, sub.dtype = self.group, self.loss, self.shared, self.dtype

@@ -41,7 +41,7 @@ def _host_scalar(value: float) -> Tensor:
 def _on_host(xs: list[Tensor]) -> list[Tensor]:
     """The host scalars, moved back to the CPU in place if a checkpoint load put them on a device."""
     for i, t in enumerate(xs):
-        if t.device.type != "cpu":
+        if not t.is_cpu:
             xs[i] = t.cpu()
     return xs
 
