@@ -60,9 +60,12 @@ class PiecewiseChain:
             if callable(getattr(t, "apply_routed", None)):
                 kind = "routed"
                 self._inner.update((id(c), PiecewiseChain(c)) for c in t.children.values())
+            elif callable(getattr(t, "syncs", None)):
+                kind = "wrapped"  # Lookahead: its inner chain in pieces, its sync over whole buckets
+                self._inner[id(t.inner)] = PiecewiseChain(t.inner)
             else:
                 kind = "phased" if is_phased(t) else "pieced" if _kind(t) is not None else "whole"
-            joins = runs and (runs[-1][0] == kind not in ("phased", "routed")
+            joins = runs and (runs[-1][0] == kind not in ("phased", "routed", "wrapped")
                               or runs[-1][0] == "phased" and kind == "pieced")  # a phased transform's tail
             if joins:
                 runs[-1][1].append(t)
@@ -83,10 +86,17 @@ class PiecewiseChain:
                 # each child's updates come back to the bucket (as over whole buckets, where the
                 # write folds no child's pending form): the same bits
                 ts[0].apply_routed(buckets, lambda child, subs: self._inner[id(child)].step(subs, write=False))
+            elif kind == "wrapped":
+                inner = self._inner[id(ts[0].inner)]
+                if last and not ts[0].syncs(buckets):
+                    inner.step(buckets)  # no sync this step: the inner chain writes, as it would alone
+                    continue
+                inner.step(buckets, write=False)
+                ts[0].sync(buckets)
             elif kind == "whole":
                 for t in ts:
                     t.apply(buckets)
-            if kind in ("routed", "whole"):
+            if kind in ("routed", "wrapped", "whole"):
                 if last:
                     for b in buckets:
                         b.write()

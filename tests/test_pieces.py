@@ -131,6 +131,20 @@ def test_phased_transform_in_pieces(small_pieces: int, monkeypatch: pytest.Monke
     assert [s for i, s in sliced if i == 0] == [slice(a, min(a + 256, 1200)) for a in range(0, 1200, 256)]
 
 
+@pytest.mark.parametrize("pullback", ["none", "reset", "pullback"])
+def test_lookahead_inner_chain_in_pieces(small_pieces: int, monkeypatch: pytest.MonkeyPatch, pullback: str) -> None:
+    # k=2 over 5 steps: steps without a sync let the inner chain write in slices; sync steps keep
+    # its updates for the sync; the same bits as over whole buckets either way
+    FACTORIES["la2"] = lambda: recipes.lookahead(recipes.adamw(), k=2, alpha=0.5, pullback_momentum=pullback)
+    try:
+        _assert_identical(_run("la2", False, steps=5), _run("la2", True, steps=5))
+        seen = _record(monkeypatch)
+        _run("la2", True, steps=1)
+        assert any(s is not None for _, sl in seen for s in sl)  # step 1: no sync, sliced
+    finally:
+        del FACTORIES["la2"]
+
+
 def _inplace_double() -> gc.Transform:
     def update(updates, state, hp, ctx):
         for u in updates:
@@ -186,10 +200,11 @@ def test_rebound_state_goes_into_the_slice(small_pieces: int) -> None:
 
 
 def test_not_on_gpu_or_for_non_chains() -> None:
-    # a wrapper (Lookahead) keeps the whole-bucket step; a partition (Muon) runs each child's chain
-    # in pieces
-    assert not pieces.PiecewiseChain(recipes.lookahead(recipes.adamw())).useful
+    # a partition (Muon) runs each child's chain in pieces, Lookahead its inner chain; a chain of
+    # scales alone gains nothing
+    assert pieces.PiecewiseChain(recipes.lookahead(recipes.adamw())).useful
     assert pieces.PiecewiseChain(recipes.muon()).useful
+    assert not pieces.PiecewiseChain(gc.chain(gc.add_decoupled_wd(0.1), gc.scale_by_lr(0.1))).useful
     assert pieces.PiecewiseChain(recipes.adamw()).useful
 
 

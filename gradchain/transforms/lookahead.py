@@ -113,14 +113,23 @@ class Lookahead(Declared):
     # -- the step ---------------------------------------------------------------------------
     def apply(self, buckets: list[Bucket]) -> None:
         self.inner.apply(buckets)
+        self.sync(buckets)
+
+    def _due(self, b: Bucket) -> list[int]:
+        k = int(self.hp(b)["k"])
+        return [i for i, t in enumerate(b.step_values) if int(t) % k == 0] if len(b) else []
+
+    def syncs(self, buckets: list[Bucket]) -> bool:
+        """Whether this step syncs any tensor of ``buckets`` (its step a multiple of ``k``). When it
+        does not, the inner chain's update is the update: the eager pieces let the inner chain write."""
+        return any(self._due(b) for b in buckets)
+
+    def sync(self, buckets: list[Bucket]) -> None:
+        """The sync, after the inner chain made its updates, for the tensors whose step is due."""
         for b in buckets:
-            if not len(b):
-                continue
-            hp = self.hp(b)
-            k, alpha = int(hp["k"]), float(hp["alpha"])
-            idx = [i for i, t in enumerate(b.step_values) if int(t) % k == 0]
+            idx = self._due(b)
             if idx:
-                self._sync(b, idx, alpha)
+                self._sync(b, idx, float(self.hp(b)["alpha"]))
 
     def sync_flat(self, fb: Any, resolved: Mapping[str, Any], step: float) -> None:
         """The sync on the fused path, after the inner chain wrote the fast weights into ``fb``.
