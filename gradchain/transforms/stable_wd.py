@@ -39,9 +39,9 @@ class _StableWD(Declared):
     def bucket_hyperparams(self, b: Bucket) -> dict[str, Any]:
         """The decay and the Adam's betas of one bucket (schedules evaluated), by local name; checks,
         before anything moves, that the Adam's second moment is there."""
+        self._second_moments(b)
         if self._betas_key not in b.group:
             raise self._missing_betas()
-        self._second_moments(b)
         betas = resolve_hyperparam(self._betas_key, Hyperparam(None), b.group[self._betas_key], b)
         return {"weight_decay": self.hp(b)["weight_decay"], "betas": betas}
 
