@@ -189,3 +189,48 @@ def test_per_tensor_segment_hands_its_updates_to_an_eager_one(aot_eager, monkeyp
     assert [s.per_tensor for s in tensor_route.segments] == [True, False, False]
     assert b[1].fused_plan()[3:6] == [("compiled", ["[tensor]sm3"]), ("eager", ["[tensor]centralize"]),
                                        ("compiled", ["[tensor]ema", "[tensor]lr"])]
+
+
+class Ragged(nn.Module):
+    """Matrices whose reduced side is not a multiple of the column block, one smaller than a block,
+    one factored along dim 0 (its largest), and a 3-d tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Parameter(torch.randn(203, 130))  # 203 rows: 12 blocks of 16 and 11 left over
+        self.b = nn.Parameter(torch.randn(300, 129))  # two_largest: dim 0 is the largest (columns)
+        self.c = nn.Parameter(torch.randn(9, 160))  # fewer rows than a block
+        self.d = nn.Parameter(torch.randn(5, 130, 140))  # a batch dim in front
+
+
+@pytest.mark.parametrize("static_shapes", [6, 1])
+def test_inductor_blocked_column_reductions_equal_eager(monkeypatch, static_shapes: int) -> None:
+    # the compiled per-tensor kernels reduce down the columns over blocks of rows (reduce_dims):
+    # only the summation order differs from eager, on every shape, with sizes fixed or symbolic
+    monkeypatch.setattr(runner, "BACKEND", "inductor")
+    monkeypatch.setattr(runner, "PER_TENSOR_MIN_NUMEL", 1000)
+    monkeypatch.setattr(runner, "PER_TENSOR_STATIC_SHAPES", static_shapes)
+
+    def make_ragged(dtype: torch.dtype) -> list:
+        torch.manual_seed(0)
+        return list(Ragged().to(dtype).named_parameters())
+
+    for name in ("adafactor", "sm3", "sm3_ema"):
+        a = run(BUILDS[name], False, torch.float32, steps=3, named=make_ragged(torch.float32))
+        b = run(BUILDS[name], True, torch.float32, steps=3, named=make_ragged(torch.float32))
+        assert b[1].compile_seconds > 0
+        assert "tensor" in {key[3][1] for key in b[1]._flats}
+        assert_same(*a, *b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(203, 130), (9, 160), (16, 3), (5, 13, 7), (1, 40)])
+def test_reduce_dims_blocked_equals_plain(shape: tuple) -> None:
+    from gradchain.transforms.factored import reduce_dims
+
+    x = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    for dims in [tuple(range(len(shape) - 1)), (len(shape) - 1,), tuple(range(len(shape)))]:
+        for op in ("sum", "amax"):
+            want = getattr(x, op)(dim=dims, keepdim=True)
+            got = reduce_dims(x, dims, op, blocked=True)
+            assert got.shape == want.shape
+            torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-13)

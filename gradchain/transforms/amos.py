@@ -73,31 +73,41 @@ def scale_by_amos(
         base = settle(z.sum(dim=dims, keepdim=True)) if dims else z
         return {"v": base, "b": base.clone()}
 
-    def update_vectors(updates: list, state: dict, hp: Mapping, ctx: Bucket) -> list:
-        # the same rule with v and b as one vector per bucket and every scalar a tensor (or float):
-        # the fused path's compiled kernel (and traced steps), where no host value exists
+    def advance(updates: list, state: dict, hp: Mapping, ctx: Bucket) -> tuple[Tensor, Tensor]:
+        # one scalar v and b per tensor, as vectors over the bucket, every scalar a float or a
+        # 0-d tensor: the same code eagerly (stacked 0-d state) and on the fused path (one state
+        # vector per bucket, reductions fused into the kernel). Advances v and b; returns the
+        # factors (a, c) of the update u = a g + c theta, one entry per tensor
         xi, beta, zeta, fr, eps = (hp[k] for k in ("lr", "beta", "zeta", "finetune_rate", "eps"))
         v, b = ctx.state_vector(state["v"]), ctx.state_vector(state["b"])
         steps = ctx.per_step(lambda t: t)
         t = torch.stack([torch.as_tensor(x) for x in steps]) if isinstance(steps, list) else torch.as_tensor(steps)
         t = t.to(device=v.device, dtype=v.dtype)
+        # a norm, not mean(g * g): no model-sized square of g (max(n, 1): an empty tensor's mean is 0)
         g2 = ctx.tensor_norms(updates, v.dtype) ** 2 / ctx.tensor_numels(updates).to(v.dtype).clamp(min=1.0)
         v_new = v * beta + g2 * (1.0 - beta)
         r = v_new.clamp(min=eps).reciprocal() * (1.0 - beta**t)
         gamma = fr**0.5 * torch.rsqrt(1.0 + zeta * xi**0.5 * b) * (xi * xi) * r * g2
         init_lr = xi * v.new_tensor([eta_fn(n, s) for n, s in ctx.tensor_info()])
         damp = fr / (1.0 + zeta * init_lr.sqrt() * b)
-        dev, dtype = updates[0].device, updates[0].dtype
-        theta = [p if p.dtype == dtype else p.to(dtype) for p in ctx.params]
-        out = torch._foreach_mul(updates, ctx.per_tensor((r.sqrt() * -init_lr * damp).to(dev, dtype)))
-        torch._foreach_add_(out, torch._foreach_mul(theta, ctx.per_tensor((-0.5 * gamma * damp).to(dev, dtype))))
         ctx.store_state_vector(state["v"], v_new)
         ctx.store_state_vector(state["b"], b + gamma * (fr + b))
+        return r.sqrt() * -init_lr * damp, -0.5 * gamma * damp
+
+    def update_vectors(updates: list, state: dict, hp: Mapping, ctx: Bucket) -> list:
+        a, c = advance(updates, state, hp, ctx)
+        dev, dtype = updates[0].device, updates[0].dtype
+        theta = [p if p.dtype == dtype else p.to(dtype) for p in ctx.params]
+        # one new buffer per tensor and no other (eagerly a fresh model-sized temporary costs page
+        # faults on a CPU); compiled, one loop over g and theta
+        out = torch._foreach_mul(updates, ctx.per_tensor(a.to(dev, dtype)))
+        torch._foreach_addcmul_(out, theta, ctx.per_tensor(c.to(dev, dtype)))
         return out
 
     def update(updates: list, state: dict, hp: Mapping, ctx: Bucket) -> list:
-        if shape_fn is None and (ctx.tensor_scalars or ctx.segments is not None):
+        if shape_fn is None and (ctx.tensor_scalars or not hasattr(ctx.params[0], "device_mesh")):
             return update_vectors(updates, state, hp, ctx)
+        # v and b of another shape (shape_fn), or DTensor params (FSDP2): tensor by tensor
         xi, beta, zeta = float(hp["lr"]), float(hp["beta"]), float(hp["zeta"])
         fr, eps = float(hp["finetune_rate"]), float(hp["eps"])
         out = []

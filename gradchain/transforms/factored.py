@@ -25,11 +25,37 @@ __all__ = [
 _RULES = ("two_largest", "last_two", "unit")
 
 
-def _mean(x: Tensor, dims: tuple[int, ...]) -> Tensor:
+# rows per block of a compiled reduction down the columns (see reduce_dims)
+COLUMN_BLOCK = 16
+
+
+def reduce_dims(x: Tensor, dims: tuple[int, ...], op: str, blocked: bool = False) -> Tensor:
+    """``x.sum`` (``op="sum"``) or ``x.amax`` over ``dims``, kept as size-1 dims.
+
+    With ``blocked`` (a compiled per-tensor kernel), a reduction over all dims but the last (down
+    the columns of a row-major matrix) runs over blocks of ``COLUMN_BLOCK`` rows, then over the
+    blocks' results: the compiler otherwise emits a loop down each column, a strided walk over the
+    whole tensor at several times the cost of a reduction along the rows. Summation order only.
+    """
+    n = x.dim()
+    # a DTensor (FSDP2, a traced training step) keeps the plain form: its shards need not hold whole blocks
+    if (not blocked or n < 2 or hasattr(x, "device_mesh")
+            or tuple(sorted(d % n for d in dims)) != tuple(range(n - 1))):
+        return getattr(x, op)(dim=dims, keepdim=True)
+    y = x.reshape(-1, x.shape[-1])
+    # whole blocks, then the rows left over (fewer than a block, maybe none) with the blocks' results:
+    # no branch on the size, so a kernel with symbolic sizes takes any
+    r0 = y.shape[0] // COLUMN_BLOCK * COLUMN_BLOCK
+    head = getattr(y[:r0].view(-1, COLUMN_BLOCK, y.shape[-1]), op)(dim=1)
+    out = getattr(torch.cat([head, y[r0:]]), op)(dim=0)
+    return out.view((1,) * (n - 1) + (x.shape[-1],))
+
+
+def _mean(x: Tensor, dims: tuple[int, ...], blocked: bool = False) -> Tensor:
     # sum / count, not .mean(): DTensor's Partial(avg) is wrong on uneven shards
     # max(., 1): the mean over no entries (an empty param) is 0, not 0/0
     count = max(math.prod([x.shape[d] for d in dims]), 1)
-    return settle(x.sum(dim=dims, keepdim=True) / count)
+    return settle(reduce_dims(x, dims, "sum", blocked) / count)
 
 
 def factored_dims(
@@ -156,7 +182,7 @@ def scale_by_factored_rms(
                     out_t.append(_unfactored_traced(g, v, wi, eps1, torch_compat))
                 else:
                     out_t.append(_factored(g, state["row"][i], state["col"][i], dims(ctx.params[i]), wi, eps1,
-                                           torch_compat))  # type: ignore[arg-type]
+                                           torch_compat, blocked=True))  # type: ignore[arg-type]
             return out_t
         decay, eps1 = float(decay), float(eps1)
         weights = ctx.step_values
@@ -214,15 +240,16 @@ def _unfactored_traced(g: Tensor, v: Tensor, w: Any, eps1: Any, torch_compat: bo
     return torch.rsqrt(r) * g
 
 
-def _factored(g: Tensor, row: Tensor, col: Tensor, dims: tuple, w: Any, eps1: Any, torch_compat: bool) -> Tensor:
+def _factored(g: Tensor, row: Tensor, col: Tensor, dims: tuple, w: Any, eps1: Any, torch_compat: bool,
+              blocked: bool = False) -> Tensor:
     """The factored rule for one param (scalars numbers eagerly, 0-d tensors traced): the row and
     column statistics, then ``u``, written into ``g^2``'s buffer (one full-size buffer, not three)."""
     rows, cols = dims
     # g^2 + eps1 in one pass (one rounding, not two: equal but where eps1 is within an ulp of g^2)
     eps = eps1.to(g.dtype) if isinstance(eps1, Tensor) else g.new_full((), eps1)
     q = g * g if torch_compat else torch.addcmul(eps, g, g)
-    row.lerp_(_mean(q, cols), _weight(w, row))
-    col.lerp_(_mean(q, rows), _weight(w, col))
+    row.lerp_(_mean(q, cols, blocked), _weight(w, row))
+    col.lerp_(_mean(q, rows, blocked), _weight(w, col))
     if torch_compat:
         torch.mul(row, col, out=q)
         q.div_(_mean(row, rows).clamp_(min=eps1))
