@@ -51,22 +51,49 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def bandwidth(nbytes: int = 256 * 2**20, repeats: int = 7, device: torch.device | str = "cpu") -> float:
-    """Bytes per second of a triad ``a = b + 0.5 c`` over three fp32 buffers of ``nbytes`` each, on ``device``."""
+def bandwidth_probes(nbytes: int = 256 * 2**20, repeats: int = 7,
+                     device: torch.device | str = "cpu") -> dict[str, float]:
+    """Bytes per second of three memory-bound kernels over fp32 buffers of ``nbytes`` each, on
+    ``device`` (the best of ``repeats``: noise only ever slows a copy down):
+
+    - ``triad``: ``a = b + 0.5 c`` (12 bytes an element counted; a CPU also reads ``a``'s lines
+      before writing them, so it moves more than it is credited with);
+    - ``in place``: ``b += 0.5 c`` (12 bytes), the pattern of an optimizer step, which updates in
+      place;
+    - ``fused adamw``: a step of torch's hand-written fused AdamW over one param (28 bytes an
+      element: p, g, m and v read, p, m and v written): seven streams at once, which a core keeps
+      more of its memory bandwidth busy with than three.
+    """
     device = torch.device(device)
     n = nbytes // 4
+
+    def best(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> float:
+        fn(*args, **kwargs)  # first touch and, on a GPU, kernel load
+        times = []
+        for _ in range(repeats):
+            synchronize(device)
+            t0 = time.perf_counter()
+            fn(*args, **kwargs)
+            synchronize(device)
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
     a = torch.zeros(n, device=device)
     b, c = torch.rand(n, device=device), torch.rand(n, device=device)
-    torch.add(b, c, alpha=0.5, out=a)  # first touch and, on a GPU, kernel load
-    times = []
-    for _ in range(repeats):
-        synchronize(device)
-        t0 = time.perf_counter()
-        torch.add(b, c, alpha=0.5, out=a)
-        synchronize(device)
-        times.append(time.perf_counter() - t0)
+    out = {"triad": 3 * nbytes / best(torch.add, b, c, alpha=0.5, out=a),
+           "in place": 3 * nbytes / best(b.add_, c, alpha=0.5)}
     del a, b, c
-    return 3 * nbytes / min(times)  # the best run: noise only ever slows a copy down
+    p = torch.nn.Parameter(torch.rand(n, device=device))
+    p.grad = torch.rand(n, device=device) * 1e-3
+    opt = torch.optim.AdamW([p], lr=1e-6, fused=True)
+    out["fused adamw"] = 7 * nbytes / best(opt.step)
+    del opt, p
+    return out
+
+
+def bandwidth(nbytes: int = 256 * 2**20, repeats: int = 7, device: torch.device | str = "cpu") -> float:
+    """The memory bandwidth a step can reach: the best of :func:`bandwidth_probes`."""
+    return max(bandwidth_probes(nbytes, repeats, device).values())
 
 
 def make_params(shapes: Sequence[tuple[str, Shape]], device: torch.device | str = "cpu", seed: int = 1,

@@ -4,7 +4,8 @@ Cases: (a) GPT-2 small parameter shapes (124M params), (b) 2000 tensors of 256-1
 (c) one 32M-element matrix. For each: the median step time (measured round-robin) of torch AdamW (for-loop, foreach,
 fused) and of ``ChainOptimizer(params, recipes.adamw())``; the ratio of gradchain to torch foreach
 and to fused; and the ratio to the roofline: 28 bytes per fp32 param (read p, g, m, v; write p,
-m, v) over the memory bandwidth this script measures (a triad ``a = b + s*c`` on 256 MB).
+m, v) over the memory bandwidth this script measures (``_timing.bandwidth``: the best of a triad,
+an in-place update and torch's fused AdamW over 256 MB buffers).
 
     python benchmarks/step_time.py [--cases a,b,c] [--repeats 7] [--out benchmarks/step_time.md]
 
@@ -62,7 +63,7 @@ def main() -> None:
     bw = bandwidth()
     lines = [
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads; measured triad bandwidth {bw / 1e9:.1f} GB/s.",
+        f"{torch.get_num_threads()} threads; measured bandwidth {bw / 1e9:.1f} GB/s.",
         "",
         "| case | params | " + " | ".join(OPTIMIZERS) + " | roofline | gradchain / foreach | gradchain / fused | "
         "gradchain / roofline |",
