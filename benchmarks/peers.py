@@ -16,10 +16,10 @@ an optimizer whose last step moved no param is reported as an error instead of t
   reset before each recipe and case, so every compile time is a cold one. Quick runs (``--sizes
   small``/``tiny``) keep inductor's cache, so a rerun compiles little.
 - best peer: the fastest peer in the same round-robin, and the ratios eager / peer and fused / peer.
-- roofline: the bytes a step must move over the memory bandwidth measured in the same run: the
-  best of three probes over 256 MB buffers (a triad ``a = b + 0.5 c``, the in-place ``b += 0.5 c``
-  and a step of torch's fused AdamW; best of 7, before and after the cases), or the bandwidth
-  torch's fused AdamW reaches in the case's own round-robin where that is higher. Bytes per step:
+- roofline: the bytes a step must move over the memory bandwidth measured in the same run: that
+  of torch's fused AdamW over one param of the case's size, stepped in each recipe's round-robin
+  as a reference (the host's bandwidth moves during a run; three probes before and after the
+  cases, a triad, an in-place update and the same AdamW step, are reported too). Bytes per step:
   read p and g, write p (12 bytes per fp32 param), plus every state buffer of the eager gradchain
   optimizer read and written once (its per-tensor 0-d step counters left out). A recipe whose
   state moves less often than every step (lookahead's slow weights) or whose step is
@@ -242,6 +242,10 @@ SPECS: dict[str, Spec] = {
 }
 
 
+# not a peer: torch's fused AdamW over one param of the case's size, stepped in every round-robin; the
+# bandwidth it reaches there is the roofline's (the host's bandwidth moves during a run)
+REFERENCE = "reference: torch AdamW fused"
+
 # elements: a tensor above this size (1 MB of fp32) does not stay in a core's L2 cache between two
 # passes over it, so a pass that must follow a reduction over it reads it from memory again
 LARGE = 1 << 18
@@ -312,6 +316,7 @@ class Row:
     bytes_per_step: int | None
     numel: int
     floor_bytes: int | None = None  # bytes_per_step plus what a reduction makes every step read again
+    bw: float | None = None  # bytes per second of torch's fused AdamW stepped in the same round-robin
 
 
 def measure(name: str, shapes: NamedShapes, device: torch.device, libs: set[str], fused: bool,
@@ -352,7 +357,16 @@ def measure(name: str, shapes: NamedShapes, device: torch.device, libs: set[str]
             "gradchain fused", lambda named: ChainOptimizer(named, build_recipe(name), fused=True)
         )
     makers.update({p.label: on_params(p.label, p.make) for p in peers})
+
+    def make_reference() -> Any:  # the bandwidth a hand-written kernel reaches, in this round-robin
+        p = torch.nn.Parameter(torch.rand(numel(shapes), device=device))
+        p.grad = torch.rand_like(p)
+        grads[REFERENCE] = [(p, p.grad)]
+        return torch.optim.AdamW([p], lr=1e-3, fused=True)
+
+    makers[REFERENCE] = make_reference
     timings = time_round_robin(makers, repeats, warmup, device, prepare)
+    ref = timings.pop(REFERENCE)
     for label, t in timings.items():
         if t.error is None and label in probes:
             pairs = zip(grads[label], probes[label])
@@ -366,8 +380,9 @@ def measure(name: str, shapes: NamedShapes, device: torch.device, libs: set[str]
         nbytes = 3 * p_bytes + 2 * state_bytes(eager_opt["opt"])
         floor = nbytes + SPECS[name].reread * sum(n for _, s in shapes if (n := torch.Size(s).numel()) > LARGE)
     eager_opt.clear()
+    bw = 28 * numel(shapes) / ref.median if not ref.error and ref.times else None
     return Row(name, timings.pop("gradchain eager"), timings.pop("gradchain fused", None), timings, nbytes,
-               numel(shapes), floor)
+               numel(shapes), floor, bw)
 
 
 # -- report ----------------------------------------------------------------------------------------------
@@ -403,7 +418,7 @@ def compile_time(t: Timing | None) -> float | None:
     return max(0.0, t.first - t.median)
 
 
-def case_table(rows: list[Row], bw: float) -> list[str]:
+def case_table(rows: list[Row]) -> list[str]:
     lines = [
         "| recipe | gradchain eager | gradchain fused | compile (fused) | best peer | peer | eager / peer | "
         "fused / peer | bytes / param | roofline | eager / roofline | fused / roofline | floor | fused / floor | "
@@ -414,8 +429,8 @@ def case_table(rows: list[Row], bw: float) -> list[str]:
         best = best_peer(r)
         peer_s = best[1].median if best else None
         ct = compile_time(r.fused)
-        roof = r.bytes_per_step / bw if r.bytes_per_step else None
-        floor = r.floor_bytes / bw if r.floor_bytes else None
+        roof = r.bytes_per_step / r.bw if r.bytes_per_step and r.bw else None
+        floor = r.floor_bytes / r.bw if r.floor_bytes and r.bw else None
         others = []
         for k, t in r.peers.items():
             if best and k == best[0]:
@@ -536,7 +551,6 @@ def main(argv: list[str] | None = None) -> None:
                   f"best peer {best[0] + ' ' + _ms(best[1]) if best else '-'}", flush=True)
         results[key] = (label, rows)
     probes1 = bandwidth_probes(bw_bytes, device=device)
-    bw = max(bw0, *probes1.values())
 
     dev = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
     skipped = [n for n in names if not any(p.lib in libs and installed(p.lib) for p in SPECS[n].peers)]
@@ -554,9 +568,9 @@ def main(argv: list[str] | None = None) -> None:
         "",
         f"Bandwidth over {bw_bytes // 2**20} MB buffers, best of 7, before and after the cases: "
         + ", ".join(f"{k} {probes0[k] / 1e9:.1f} and {probes1[k] / 1e9:.1f} GB/s" for k in probes0)
-        + f" (`_timing.bandwidth_probes`). A case's roofline uses the highest of these, {bw / 1e9:.1f} GB/s, or the "
-        "bandwidth torch's fused AdamW reached in that case's round-robin if higher (the machine's bandwidth "
-        "moves during a run). Bytes per step: read p and g, "
+        + " (`_timing.bandwidth_probes`; the host's bandwidth moves during a run). Each recipe's roofline uses "
+        "the bandwidth that torch's fused AdamW, over one param of the case's size, reaches in that recipe's own "
+        "round-robin (a reference stepped with the others, not a peer). Bytes per step: read p and g, "
         "write p, and read and write every per-element state buffer of the eager gradchain optimizer once. "
         f"Floor: the roofline plus what a reduction makes a step read again from a tensor of over {LARGE} "
         "elements, which does not stay in a core's cache between the passes (LAMB's trust ratio, the cautious "
@@ -572,10 +586,10 @@ def main(argv: list[str] | None = None) -> None:
         lines += ["CUDA numbers need a GPU run: `python benchmarks/peers.py --device cuda`.", ""]
     for key, (label, rows) in results.items():
         n = numel(CASES[args.sizes][key][1]())
-        case_bw = max([bw] + [r.bytes_per_step / t.median for r in rows if r.recipe == "adamw" and r.bytes_per_step
-                              for k, t in r.peers.items() if k == "torch AdamW fused" and not t.error and t.times])
-        lines += [f"## ({key}) {label}: {n / 1e6:.2f}M params, roofline at {case_bw / 1e9:.1f} GB/s", ""]
-        lines += case_table(rows, case_bw) + [""]
+        row_bws = [r.bw for r in rows if r.bw]
+        span = f"{min(row_bws) / 1e9:.0f}-{max(row_bws) / 1e9:.0f} GB/s" if row_bws else "n/a"
+        lines += [f"## ({key}) {label}: {n / 1e6:.2f}M params, roofline at {span} (each recipe's reference)", ""]
+        lines += case_table(rows) + [""]
     lines += [
         "Recipes without a peer in these libraries (not benchmarked here): " + ", ".join(no_peer_recipes()) + ".",
     ]
