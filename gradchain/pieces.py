@@ -8,13 +8,15 @@ costs little more than one pass. The math is the transforms' own ``update``; not
 twice.
 
 The chain's top-level transforms are cut into runs, as the fused path cuts them. A run of
-``elementwise`` (and ``segmented`` or shape-dependent) leaves runs piece by piece; any other
-transform runs over the whole buckets, as before. A tensor is sliced only in the chain's last run
-(which writes the params: no update has to be put together again), only when its state in that
-run is shaped like it, contiguous, and only for leaves that are plain ``elementwise`` (a
-per-tensor reduction needs the whole tensor). Elementwise ops give each element the bits it gets
-in one pass over the whole tensor; vectorized transcendental functions (exp, log, atan2) may
-differ in the last bit at the seams of a slice.
+``elementwise`` (and ``segmented`` or shape-dependent) leaves runs piece by piece. A tensor is
+sliced only in the chain's last run (which writes the params: no update has to be put together
+again), only when its state in that run is shaped like it, contiguous, and only for leaves that
+are plain ``elementwise`` (a per-tensor reduction needs the whole tensor). A phased transform
+(Prodigy, AdamS's mean) runs its first pass over whole tensors in order and its second, with the
+leaves after it, in pieces; a ``partition`` or ``masked`` runs each child's chain in pieces,
+Lookahead its inner chain; any other transform runs over the whole buckets. Elementwise ops give
+each element the bits it gets in one pass over the whole tensor; vectorized transcendental
+functions (exp, log, atan2) may differ in the last bit at the seams of a slice.
 """
 
 from __future__ import annotations
@@ -50,10 +52,10 @@ class PiecewiseChain:
 
     def __init__(self, transform: Transform) -> None:
         top = transform.children if isinstance(transform, Chain) else [transform]
-        # runs of kind "pieced" (leaves, piece by piece), "whole" (over whole buckets) or "phased"
-        # (a phased transform's two passes piece by piece, the pieced leaves after it in its second)
-        runs: list[tuple[str, list[Transform]]] = []
-        # ("routed": a partition or mask, its children's chains each in pieces over their params)
+        # runs of kind "pieced" (leaves, piece by piece), "whole" (over whole buckets), "phased" (a
+        # phased transform's two passes piece by piece, the pieced leaves after it in its second),
+        # "routed" (a partition or mask: each child's chain in pieces over its params) or "wrapped"
+        # (Lookahead: its inner chain in pieces, its sync over whole buckets)
         runs: list[tuple[str, list[Transform]]] = []
         self._inner: dict[int, PiecewiseChain] = {}
         for t in top:
