@@ -7,6 +7,7 @@ scalars are 0-d tensors, so that a new learning rate or step count does not reco
 then use tensor-scalar forms that ``torch.compile`` fuses into one kernel.
 
 A scalar argument may also be a list with one entry per tensor (per-tensor step counts).
+:func:`reduce_dims` is a reduction of one tensor whose compiled form Adafactor and SM3 share.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ __all__ = [
     "div_",
     "lerp_",
     "mul_",
+    "reduce_dims",
     "sqrt",
     "update_moment",
     "update_moment_per_elem_norm",
@@ -148,3 +150,29 @@ def update_moment_per_elem_norm(v: list[Tensor], u: Sequence[Tensor], decay: Sca
     """
     mul_(v, decay)
     addcmul_(v, u, u, 1.0 - decay)
+
+
+# rows per block of a compiled reduction down the columns (see reduce_dims)
+COLUMN_BLOCK = 16
+
+
+def reduce_dims(x: Tensor, dims: tuple[int, ...], op: str, blocked: bool = False) -> Tensor:
+    """``x.sum`` (``op="sum"``) or ``x.amax`` over ``dims``, kept as size-1 dims.
+
+    With ``blocked`` (a compiled per-tensor kernel), a reduction over all dims but the last (down
+    the columns of a row-major matrix) runs over blocks of ``COLUMN_BLOCK`` rows, then over the
+    blocks' results: the compiler otherwise emits a loop down each column, a strided walk over the
+    whole tensor at several times the cost of a reduction along the rows. Summation order only.
+    """
+    n = x.dim()
+    # a DTensor (FSDP2, a traced training step) keeps the plain form: its shards need not hold whole blocks
+    if (not blocked or n < 2 or hasattr(x, "device_mesh")
+            or tuple(sorted(d % n for d in dims)) != tuple(range(n - 1))):
+        return getattr(x, op)(dim=dims, keepdim=True)
+    y = x.reshape(-1, x.shape[-1])
+    # whole blocks, then the rows left over (fewer than a block, maybe none) with the blocks' results:
+    # no branch on the size, so a kernel with symbolic sizes takes any
+    r0 = y.shape[0] // COLUMN_BLOCK * COLUMN_BLOCK
+    head = getattr(y[:r0].view(-1, COLUMN_BLOCK, y.shape[-1]), op)(dim=1)
+    out = getattr(torch.cat([head, y[r0:]]), op)(dim=0)
+    return out.view((1,) * (n - 1) + (x.shape[-1],))

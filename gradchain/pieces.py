@@ -162,8 +162,16 @@ def _plan(b: Bucket, keys: list[str], sliced: bool) -> Iterator[list[tuple[int, 
         yield piece
 
 
+def _one_piece(b: Bucket) -> bool:
+    return sum(p.numel() for p in b.params) <= PIECE_NUMEL
+
+
+def _owned_keys(b: Bucket, owners: set[str]) -> list[str]:
+    return [k for k in b.state if k.split(".", 1)[0] in owners]
+
+
 def _run_pieces(b: Bucket, ts: list[Transform], owners: set[str], last: bool, sliced: bool) -> None:
-    if sum(p.numel() for p in b.params) <= PIECE_NUMEL:  # one piece: the bucket itself
+    if _one_piece(b):  # the bucket itself
         for t in ts:
             t.apply([b])
         if last:
@@ -171,7 +179,7 @@ def _run_pieces(b: Bucket, ts: list[Transform], owners: set[str], last: bool, sl
         return
     # the pending form (a divisor, a scale, a param term) goes into the pieces, as it would stay
     # pending over the whole bucket: materialized now, it would round differently
-    keys = [k for k in b.state if k.split(".", 1)[0] in owners]
+    keys = _owned_keys(b, owners)
     done = []
     # a sliced tensor's 0-d state (step_scalars): every slice starts from the value before the step
     before: dict[int, list[tuple[str, Tensor]]] = {}
@@ -221,10 +229,10 @@ def _run_phased(buckets: list[Bucket], t: Transform, tail: list[Transform], owne
         return
 
     def parts(b: Bucket) -> Iterator[Bucket]:
-        if sum(p.numel() for p in b.params) <= PIECE_NUMEL:
+        if _one_piece(b):
             yield b
             return
-        keys = [k for k in b.state if k.split(".", 1)[0] in owners]
+        keys = _owned_keys(b, owners)
         for piece in _plan(b, keys, False):
             indices = [i for i, _ in piece]
             sub = b.subset(indices, None, keys, carry_pending=True)

@@ -225,7 +225,7 @@ def test_inductor_blocked_column_reductions_equal_eager(monkeypatch, static_shap
 
 @pytest.mark.parametrize("shape", [(203, 130), (9, 160), (16, 3), (5, 13, 7), (1, 40)])
 def test_reduce_dims_blocked_equals_plain(shape: tuple) -> None:
-    from gradchain.transforms.factored import reduce_dims
+    from gradchain.ops import reduce_dims
 
     x = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     for dims in [tuple(range(len(shape) - 1)), (len(shape) - 1,), tuple(range(len(shape)))]:

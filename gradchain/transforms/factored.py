@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .. import ops
 from .._dtensor import settle
 from ..base import Bucket, Leaf, transform, zeros_state
 from ..hyperparams import Hyperparam, nonnegative, number, positive
@@ -25,37 +26,11 @@ __all__ = [
 _RULES = ("two_largest", "last_two", "unit")
 
 
-# rows per block of a compiled reduction down the columns (see reduce_dims)
-COLUMN_BLOCK = 16
-
-
-def reduce_dims(x: Tensor, dims: tuple[int, ...], op: str, blocked: bool = False) -> Tensor:
-    """``x.sum`` (``op="sum"``) or ``x.amax`` over ``dims``, kept as size-1 dims.
-
-    With ``blocked`` (a compiled per-tensor kernel), a reduction over all dims but the last (down
-    the columns of a row-major matrix) runs over blocks of ``COLUMN_BLOCK`` rows, then over the
-    blocks' results: the compiler otherwise emits a loop down each column, a strided walk over the
-    whole tensor at several times the cost of a reduction along the rows. Summation order only.
-    """
-    n = x.dim()
-    # a DTensor (FSDP2, a traced training step) keeps the plain form: its shards need not hold whole blocks
-    if (not blocked or n < 2 or hasattr(x, "device_mesh")
-            or tuple(sorted(d % n for d in dims)) != tuple(range(n - 1))):
-        return getattr(x, op)(dim=dims, keepdim=True)
-    y = x.reshape(-1, x.shape[-1])
-    # whole blocks, then the rows left over (fewer than a block, maybe none) with the blocks' results:
-    # no branch on the size, so a kernel with symbolic sizes takes any
-    r0 = y.shape[0] // COLUMN_BLOCK * COLUMN_BLOCK
-    head = getattr(y[:r0].view(-1, COLUMN_BLOCK, y.shape[-1]), op)(dim=1)
-    out = getattr(torch.cat([head, y[r0:]]), op)(dim=0)
-    return out.view((1,) * (n - 1) + (x.shape[-1],))
-
-
 def _mean(x: Tensor, dims: tuple[int, ...], blocked: bool = False) -> Tensor:
     # sum / count, not .mean(): DTensor's Partial(avg) is wrong on uneven shards
     # max(., 1): the mean over no entries (an empty param) is 0, not 0/0
     count = max(math.prod([x.shape[d] for d in dims]), 1)
-    return settle(reduce_dims(x, dims, "sum", blocked) / count)
+    return settle(ops.reduce_dims(x, dims, "sum", blocked) / count)
 
 
 def factored_dims(

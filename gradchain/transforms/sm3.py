@@ -7,10 +7,10 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
+from .. import ops
 from .._dtensor import settle
 from ..base import Bucket, Leaf, transform, zeros_state
 from ..hyperparams import Hyperparam, closed_unit_interval, nonnegative
-from .factored import reduce_dims
 
 __all__ = ["scale_by_sm3"]
 
@@ -82,7 +82,7 @@ def scale_by_sm3(b2: float = 1.0, eps: float = 1e-8, *, name: str = "sm3") -> Le
             else:
                 nu.lerp_(g * g, 1.0 - b2)
             for a, acc in enumerate(accs):
-                acc.copy_(settle(reduce_dims(nu, _others(n, a), "amax", ctx.tensor_scalars)))
+                acc.copy_(settle(ops.reduce_dims(nu, _others(n, a), "amax", ctx.tensor_scalars)))
             if eps_positive:
                 denoms[i] = nu.add_(eps).sqrt_()
             else:
