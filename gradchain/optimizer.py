@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import operator
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable
@@ -28,6 +29,7 @@ _GROUP_KEYS = frozenset({"params", "param_names"})
 # optimizer-level state travels in the state dict as entries of the first param's state, so that
 # torch.distributed.checkpoint (which keeps only "state" and "param_groups") carries it too
 _GLOBAL = "@global."
+_GRAD = operator.attrgetter("grad")
 
 
 class ChainOptimizer(torch.optim.Optimizer):
@@ -108,6 +110,8 @@ class ChainOptimizer(torch.optim.Optimizer):
         self._proven: set = set()
         # per bucket: one vector of step counts whose 0-d views are the state["step"] tensors
         self._step_vectors: dict[tuple, tuple[Tensor, list[Tensor]]] = {}
+        # per group (fused path), the last step's params, grads, state dicts, storages and buckets
+        self._collected: dict[int, tuple] = {}
         self._created: list = []
 
     # -- groups -------------------------------------------------------------------------------
@@ -184,8 +188,13 @@ class ChainOptimizer(torch.optim.Optimizer):
         """``(group index, group, [(p, grad, state, name)])`` per bucket: params with a grad, by device and dtype."""
         out = []
         for gi, group in enumerate(self.param_groups):
+            params = group["params"]
+            reused = self._collected_again(gi, params) if self.fused else None
+            if reused is not None:
+                out.extend((gi, group, items) for items in reused)
+                continue
             split: dict[tuple, list] = defaultdict(list)
-            for p, name in zip(group["params"], self._names(group), strict=False):
+            for p, name in zip(params, self._names(group), strict=False):
                 g = p.grad
                 if g is None:
                     continue
@@ -203,8 +212,27 @@ class ChainOptimizer(torch.optim.Optimizer):
                     st = self._init_param_state(p, name, group)
                     self._created.append(p)
                 split[(p.device, p.dtype)].append((p, g, st, name))
-            out.extend((gi, group, items) for items in split.values())
+            buckets = list(split.values())
+            if self.fused:
+                # kept on the fused path only: its grads are the flat buffer's views, which live on
+                # anyway; on the eager path the grads kept would be freed ones held alive
+                self._collected[gi] = (list(params), list(map(_GRAD, params)), list(map(self.state.get, params)),
+                                       list(map(Tensor.data_ptr, params)), buckets)
+            out.extend((gi, group, items) for items in buckets)
         return out
+
+    def _collected_again(self, gi: int, params: list[Tensor]) -> list[list] | None:
+        """The last step's buckets of group ``gi`` if nothing they hold changed: the same params
+        (storage included, so the same devices and dtypes), grads and state dicts. The fused path's
+        grads are the same views every step, so its steps skip the checks per tensor."""
+        last = self._collected.get(gi)
+        if last is None or len(last[0]) != len(params) or not all(map(operator.is_, last[0], params)):
+            return None
+        if not all(map(operator.is_, last[1], map(_GRAD, params))):
+            return None
+        if not all(map(operator.is_, last[2], map(self.state.get, params))):
+            return None
+        return last[4] if list(map(Tensor.data_ptr, params)) == last[3] else None
 
     def _resolve(self, group: dict, step: int) -> dict[str, Any]:
         return resolve_group(self.transform, group, step)
@@ -431,13 +459,16 @@ class ChainOptimizer(torch.optim.Optimizer):
         params = [x[0] for x in items]
         key = (gi, params[0].device, params[0].dtype, label)
         fb = self._flats.get(key)
-        if fb is None or len(fb.params) != len(params) or any(a is not b for a, b in zip(fb.params, params)) \
+        if fb is None or len(fb.params) != len(params) or not all(map(operator.is_, fb.params, params)) \
                 or not fb.intact():
             fb = self._flatten(key, items)
             if fb is None:
                 return False
         if not fb.gather_grads():
             return False
+        if fb.grads_taken:
+            # the split kept by _collect holds the grads just copied in: let them go
+            self._collected.pop(gi, None)
         if fb.step_host is None:
             fb.step_host = fb.uniform_step()
             if fb.step_host is None:

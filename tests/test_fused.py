@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -256,6 +257,54 @@ def test_param_without_grad_falls_back_exactly(aot_eager) -> None:
     assert_same(a, oa, b, ob, rtol=1e-12, atol=1e-14)
     assert float(ob.state[b[1][1]]["step"]) == 4.0 and float(ob.state[b[0][1]]["step"]) == 5.0
     assert any("different numbers of steps" in str(w.message) for w in caught)
+
+
+@pytest.mark.parametrize("events", [{3: "no grad"}, {5: "new grad", 6: "rebound data"}])
+def test_kept_split_sees_every_change(events: dict, aot_eager) -> None:
+    # the fused path reuses the last step's split while params, grads and state dicts stay the same
+    # objects (backward accumulating into the flat views); a grad gone for a step, a new grad tensor
+    # and a rebound p.data must each be seen, with the trajectory the eager path's
+    results = []
+    for fused in (False, True):
+        named = make_params(torch.float64)
+        ps = [p for _, p in named]
+        opt = gc.ChainOptimizer(named, recipes.adamw(), fused=fused)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the step without a grad warns on the fused path
+            for i in range(9):
+                g = torch.Generator().manual_seed(100 + i)
+                for p in ps:
+                    d = torch.randn(p.shape, generator=g, dtype=torch.float64)
+                    if p.grad is None:
+                        p.grad = d
+                    else:
+                        p.grad.copy_(d)
+                event = events.get(i)
+                if event == "no grad":
+                    ps[1].grad = None
+                elif event == "new grad":
+                    ps[2].grad = ps[2].grad.clone()
+                elif event == "rebound data":
+                    ps[0].data = ps[0].data.clone()
+                opt.step()
+        results.append((named, opt))
+    assert_same(*results[0], *results[1], rtol=1e-12, atol=1e-14)
+    named, opt = results[1]
+    assert opt._collected_again(0, opt.param_groups[0]["params"]) is not None
+    if "no grad" not in events.values():  # (after which the params' step counts differ: eager)
+        (fb,) = opt._flats.values()
+        assert fb.intact() and all(p.grad is v for (_, p), v in zip(named, fb.grad_views))
+
+
+def test_a_new_grad_is_not_kept_after_it_is_copied_in(aot_eager) -> None:
+    named = make_params(torch.float32)
+    opt = gc.ChainOptimizer(named, recipes.adamw(), fused=True)
+    set_grads(named, 0, torch.float32)
+    opt.step()
+    set_grads(named, 1, torch.float32)
+    fresh = weakref.ref(named[0][1].grad)
+    opt.step()
+    assert fresh() is None
 
 
 def test_scheduler_and_new_steps_do_not_recompile() -> None:

@@ -8,6 +8,7 @@ the fused path.
 
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 import torch
@@ -15,6 +16,8 @@ from torch import Tensor
 
 from .. import base
 from ..base import SEGMENT_ROW as CHUNK
+
+_GRAD = operator.attrgetter("grad")
 
 
 class FlatBucket:
@@ -45,6 +48,7 @@ class FlatBucket:
         self.flat_grads = torch.zeros(total, dtype=p0.dtype, device=p0.device)
         self.param_views = self._views(self.flat_params)
         self.grad_views = self._views(self.flat_grads)
+        self.grads_taken = False
         for p, v, gv in zip(params, self.param_views, self.grad_views):
             v.copy_(p.detach())
             p.data = v
@@ -151,10 +155,14 @@ class FlatBucket:
 
     def intact(self) -> bool:
         """Whether every param is still a view into the flat buffer (``p.data`` was not rebound)."""
-        return all(p.data_ptr() == ptr for p, ptr in zip(self.params, self._param_ptrs))
+        return list(map(Tensor.data_ptr, self.params)) == self._param_ptrs
 
     def gather_grads(self) -> bool:
-        """Make every ``p.grad`` the flat view (copying new ones in); False if a param has no grad."""
+        """Make every ``p.grad`` the flat view (copying new ones in); False if a param has no grad.
+        ``grads_taken`` tells whether one was copied in."""
+        self.grads_taken = False
+        if all(map(operator.is_, map(_GRAD, self.params), self.grad_views)):
+            return True
         for p, v in zip(self.params, self.grad_views):
             g = p.grad
             if g is v:
@@ -162,6 +170,7 @@ class FlatBucket:
             if g is None:
                 return False
             self.take_grad(p, v)
+            self.grads_taken = True
         return True
 
     def uniform_step(self) -> float | None:
