@@ -62,7 +62,7 @@ class PiecewiseChain:
             if callable(getattr(t, "apply_routed", None)):
                 kind = "routed"
                 self._inner.update((id(c), PiecewiseChain(c)) for c in t.children.values())
-            elif callable(getattr(t, "syncs", None)):
+            elif callable(getattr(t, "due", None)):
                 kind = "wrapped"  # Lookahead: its inner chain in pieces, its sync over whole buckets
                 self._inner[id(t.inner)] = PiecewiseChain(t.inner)
             else:
@@ -90,11 +90,12 @@ class PiecewiseChain:
                 ts[0].apply_routed(buckets, lambda child, subs: self._inner[id(child)].step(subs, write=False))
             elif kind == "wrapped":
                 inner = self._inner[id(ts[0].inner)]
-                if last and not ts[0].syncs(buckets):
+                due = ts[0].due(buckets)
+                if last and not any(due):
                     inner.step(buckets)  # no sync this step: the inner chain writes, as it would alone
                     continue
                 inner.step(buckets, write=False)
-                ts[0].sync(buckets)
+                ts[0].sync(buckets, due)
             elif kind == "whole":
                 for t in ts:
                     t.apply(buckets)

@@ -115,19 +115,18 @@ class Lookahead(Declared):
         self.inner.apply(buckets)
         self.sync(buckets)
 
-    def _due(self, b: Bucket) -> list[int]:
-        k = int(self.hp(b)["k"])
-        return [i for i, t in enumerate(b.step_values) if int(t) % k == 0] if len(b) else []
-
-    def syncs(self, buckets: list[Bucket]) -> bool:
-        """Whether this step syncs any tensor of ``buckets`` (its step a multiple of ``k``). When it
-        does not, the inner chain's update is the update: the eager pieces let the inner chain write."""
-        return any(self._due(b) for b in buckets)
-
-    def sync(self, buckets: list[Bucket]) -> None:
-        """The sync, after the inner chain made its updates, for the tensors whose step is due."""
+    def due(self, buckets: list[Bucket]) -> list[list[int]]:
+        """Per bucket, the tensors this step syncs (their step a multiple of ``k``). Where none is
+        due, the inner chain's update is the update: the eager pieces let the inner chain write."""
+        out = []
         for b in buckets:
-            idx = self._due(b)
+            k = int(self.hp(b)["k"]) if len(b) else 1
+            out.append([i for i, t in enumerate(b.step_values) if int(t) % k == 0] if len(b) else [])
+        return out
+
+    def sync(self, buckets: list[Bucket], due: list[list[int]] | None = None) -> None:
+        """The sync, after the inner chain made its updates, for the tensors whose step is ``due``."""
+        for b, idx in zip(buckets, self.due(buckets) if due is None else due, strict=True):
             if idx:
                 self._sync(b, idx, float(self.hp(b)["alpha"]))
 
