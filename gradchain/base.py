@@ -416,8 +416,9 @@ class Bucket:
         sub.updates = [g if self.updates[i] is self.grads[i] else part(self.updates[i], s)
                        for i, s, g in zip(indices, slices, sub.grads, strict=True)]
         sub._borrowed = set(self._borrowed)
-        sub._borrowed.update(id(u) for i, u in zip(indices, sub.updates, strict=True)
-                             if id(self.updates[i]) in self._borrowed)
+        if self._borrowed:
+            sub._borrowed.update(id(u) for i, u in zip(indices, sub.updates, strict=True)
+                                 if id(self.updates[i]) in self._borrowed)
         # state shaped like its param is sliced alike; other state (0-d) comes whole
         keys = self.state if keys is None else keys
         if any(s is not None for s in slices):

@@ -194,8 +194,8 @@ class ChainOptimizer(torch.optim.Optimizer):
                 out.extend((gi, group, items) for items in reused)
                 continue
             split: dict[tuple, list] = defaultdict(list)
-            for p, name in zip(params, self._names(group), strict=False):
-                g = p.grad
+            for p, g, st, name in zip(params, map(_GRAD, params), map(self.state.get, params), self._names(group),
+                                      strict=False):
                 if g is None:
                     continue
                 if g.is_sparse:
@@ -203,15 +203,15 @@ class ChainOptimizer(torch.optim.Optimizer):
                         f"gradchain does not support sparse gradients (param {name or tuple(p.shape)}); "
                         "use a dense embedding or torch.optim.SparseAdam"
                     )
-                if p.is_complex():
+                dtype = p.dtype
+                if dtype.is_complex:
                     raise RuntimeError(
                         f"gradchain does not support complex params yet (param {name or tuple(p.shape)})"
                     )
-                st = self.state.get(p)
                 if not st:
                     st = self._init_param_state(p, name, group)
                     self._created.append(p)
-                split[(p.device, p.dtype)].append((p, g, st, name))
+                split[(p.device, dtype)].append((p, g, st, name))
             buckets = list(split.values())
             if self.fused:
                 # kept on the fused path only: its grads are the flat buffer's views, which live on
@@ -271,10 +271,11 @@ class ChainOptimizer(torch.optim.Optimizer):
             sts = [x[2] for x in items]
             keys = {k for st in sts for k in st if k != "step"}
             lists = {k: [st.get(k) for st in sts] for k in keys}
+            values = None
             if compiling:
                 torch._foreach_add_(steps, 1.0)
             else:
-                steps = self._advance_steps((gi, items[0][0].device, items[0][0].dtype), sts, steps)
+                steps, values = self._advance_steps((gi, items[0][0].device, items[0][0].dtype), sts, steps)
             if compiling:
                 # a traced step: step counts stay tensors, so the graph does not depend on their values
                 resolved = {k: group[k] for k in self.transform.hyperparams}
@@ -283,7 +284,7 @@ class ChainOptimizer(torch.optim.Optimizer):
                 Bucket(params, grads, lists, steps, [x[3] for x in items], group, loss, shared, self.state_dtype,
                        batch_size=batch_size, tensor_scalars=compiling,
                        # traced: float64 step tensors, so bias corrections keep the eager path's precision
-                       step_values=[t.to(torch.float64) for t in steps] if compiling else None,
+                       step_values=[t.to(torch.float64) for t in steps] if compiling else values,
                        resolved=resolved)
             )
             states.append(sts)
@@ -291,22 +292,24 @@ class ChainOptimizer(torch.optim.Optimizer):
             shared["global_state"] = self._init_global_state(buckets[0].params[0].device)
         return buckets, states
 
-    def _advance_steps(self, key: tuple, sts: list[dict], steps: list[Tensor]) -> list[Tensor]:
+    def _advance_steps(self, key: tuple, sts: list[dict], steps: list[Tensor]) -> tuple[list[Tensor], list | None]:
         """Add 1 to every step count of a bucket: one add over a vector whose 0-d views are the
-        ``state["step"]`` tensors (made so at the first step), rather than a small op per tensor."""
+        ``state["step"]`` tensors (made so at the first step), rather than a small op per tensor.
+        Returns the step tensors and, read from that vector at once, their host values (None where
+        the counts are not views of one vector: the bucket reads them when asked)."""
         cached = self._step_vectors.get(key)
-        if cached is None or len(cached[1]) != len(steps) or any(a is not b for a, b in zip(cached[1], steps)):
+        if cached is None or len(cached[1]) != len(steps) or not all(map(operator.is_, cached[1], steps)):
             t0 = steps[0]
             if any(t.dim() or t.dtype != t0.dtype or t.device != t0.device or hasattr(t, "device_mesh")
                    for t in steps):
                 torch._foreach_add_(steps, 1.0)
-                return steps
+                return steps, None
             vec = torch.stack([t.detach() for t in steps])
             cached = self._step_vectors[key] = (vec, list(vec.unbind()))
             for st, v in zip(sts, cached[1], strict=True):
                 st["step"] = v
         cached[0].add_(1.0)
-        return cached[1]
+        return cached[1], cached[0].tolist() if cached[0].is_cpu else None
 
     def _step_eager(self, loss: Tensor | None, batch_size: Any, collected: list | None = None) -> None:
         buckets, states = self._buckets(loss, batch_size, collected)

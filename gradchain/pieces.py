@@ -145,9 +145,8 @@ def _plan(b: Bucket, keys: list[str], sliced: bool) -> Iterator[list[tuple[int, 
     """Pieces of about PIECE_NUMEL elements: ``[(tensor index, slice of its flat view or None)]``."""
     piece: list[tuple[int, slice | None]] = []
     size = 0
-    for i, p in enumerate(b.params):
-        n = p.numel()
-        if sliced and _sliceable(b, i, keys):
+    for i, n in enumerate(map(Tensor.numel, b.params)):
+        if sliced and n > PIECE_NUMEL and _sliceable(b, i, keys):
             if piece:
                 yield piece
                 piece, size = [], 0
@@ -164,7 +163,7 @@ def _plan(b: Bucket, keys: list[str], sliced: bool) -> Iterator[list[tuple[int, 
 
 
 def _one_piece(b: Bucket) -> bool:
-    return sum(p.numel() for p in b.params) <= PIECE_NUMEL
+    return sum(map(Tensor.numel, b.params)) <= PIECE_NUMEL
 
 
 def _owned_keys(b: Bucket, owners: set[str]) -> list[str]:
