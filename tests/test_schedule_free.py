@@ -205,3 +205,83 @@ def test_rms_alone_is_adam_without_momentum() -> None:
 @pytest.mark.distributed
 def test_fsdp2() -> None:
     check_fsdp2(CASES, steps=4)
+
+
+@pytest.mark.parametrize("kind", ["adamw", "sgd"])
+def test_lockstep_with_official_when_lr_reaches_zero(kind: str) -> None:
+    """A schedule that ends at lr 0 (and near it): ``y`` still moves toward ``z`` with ``alpha = 0``,
+    where the uniform step falls back from ``g + (c / alpha) z`` to ``alpha g + c z``."""
+    official = schedulefree.AdamWScheduleFree if kind == "adamw" else schedulefree.SGDScheduleFree
+    recipe = recipes.schedule_free_adamw if kind == "adamw" else recipes.schedule_free_sgd
+    ref_model, model = _net(), _net()
+    hp = {"lr": 0.05, "warmup_steps": 5}
+    ref = official(_groups(ref_model, {}), **hp)
+    ours = ChainOptimizer(_groups(model, {}), recipe(**hp))
+    ref.train()
+    factor = lambda t: [1.0, 1e-14, 0.0][min(t // 20, 2)]  # noqa: E731
+    scheds = [torch.optim.lr_scheduler.LambdaLR(o, factor) for o in (ref, ours)]
+    moved = [p.detach().clone() for p in model.parameters()]
+    for i in range(60):
+        _step(ref_model, ref, i)
+        _step(model, ours, i)
+        for s in scheds:
+            s.step()
+        assert _rel_gap(ref_model, model) <= 1e-12, i
+    assert any(not torch.equal(p, m) for p, m in zip(model.parameters(), moved))
+
+
+def _sf_state_is_one_vector(opt: ChainOptimizer, params: list) -> bool:
+    lr_max = [opt.state[p]["schedule_free.lr_max"] for p in params]
+    wsum = [opt.state[p]["schedule_free.weight_sum"] for p in params]
+    base = lr_max[0]._base
+    return base is not None and all(t._base is base for t in lr_max + wsum)
+
+
+def test_host_scalars_one_vector_checkpoint_and_skipped_grads() -> None:
+    """The per-param sums are 0-d views of one host vector (read and written as one op): the state
+    dict keeps 0-d float64 host tensors, a resumed run is bit-exact, and a param that skips a step
+    (the vector is made again) keeps its own count, as one official optimizer per param does."""
+    torch.manual_seed(0)
+    shapes = [(3, 4), (5,), (2, 2), (4,)]
+    init = [torch.randn(s, dtype=torch.float64) for s in shapes]
+    grads = [[torch.randn(s, dtype=torch.float64) for s in shapes] for _ in range(10)]
+    hp = {"lr": 0.1, "warmup_steps": 3, "weight_decay": 0.01}
+
+    def run(steps: range, opt: ChainOptimizer, ps: list) -> None:
+        for i in steps:
+            for j, p in enumerate(ps):
+                # the third param skips steps 2 and 5: its count, and the bucket's vector, differ
+                p.grad = None if j == 2 and i in (2, 5) else grads[i][j].clone()
+            opt.step()
+
+    ps = [torch.nn.Parameter(x.clone()) for x in init]
+    opt = ChainOptimizer(ps, recipes.schedule_free_sgd(**hp))
+    run(range(4), opt, ps)
+    assert _sf_state_is_one_vector(opt, ps)
+    sd = opt.state_dict()
+    for st in sd["state"].values():
+        for k in ("schedule_free.lr_max", "schedule_free.weight_sum"):
+            assert st[k].dim() == 0 and st[k].dtype == torch.float64 and st[k].device.type == "cpu"
+    resumed = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    opt2 = ChainOptimizer(resumed, recipes.schedule_free_sgd(**hp))
+    opt2.load_state_dict(sd)
+    run(range(4, 10), opt, ps)
+    run(range(4, 10), opt2, resumed)
+    assert _sf_state_is_one_vector(opt2, resumed)
+    for a, b in zip(ps, resumed):
+        assert torch.equal(a, b)
+        for k, v in opt.state[a].items():
+            assert torch.equal(v, opt2.state[b][k]), k
+    # one official optimizer per param, stepped when that param has a gradient
+    for j, x in enumerate(init):
+        p = torch.nn.Parameter(x.clone())
+        ref = schedulefree.SGDScheduleFree([p], **hp)
+        ref.train()
+        for i in range(10):
+            if j == 2 and i in (2, 5):
+                continue
+            p.grad = grads[i][j].clone()
+            ref.step()
+        assert torch.allclose(ps[j], p, rtol=1e-13, atol=1e-15)
+        assert float(opt.state[ps[j]]["schedule_free.weight_sum"]) == pytest.approx(ref.param_groups[0]["weight_sum"],
+                                                                                    rel=1e-15)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Mapping
 from typing import Any
 
@@ -44,6 +45,43 @@ def _on_host(xs: list[Tensor]) -> list[Tensor]:
         if not t.is_cpu:
             xs[i] = t.cpu()
     return xs
+
+
+# host vectors a transform keeps (one per piece of a bucket): past this many, stale ones (from pieces
+# a changed bucket no longer cuts) are dropped, all at once; live ones are made again at their next step
+_MAX_VECTORS = 4096
+# the uniform eager step forms ``g + (c / alpha) z`` (scaled by alpha in the final write): it falls
+# back to ``alpha g + c z`` where the ratio could overflow (alpha 0 or tiny: a learning rate decayed to 0)
+_MAX_RATIO = 1e12
+
+
+class _HostScalars:
+    """Per-param ``lr_max`` and ``weight_sum`` of a list of params as 0-d views of one float64 host
+    vector ``[lr_max..., weight_sum...]``: reading and writing them is then one op, not a small op
+    per param (what dominates a step over many small tensors). The state tensors are rebound to
+    those views the first time a list is seen; a list whose tensors are no longer the views (a load,
+    another cut of the bucket) is made again. The optimizer's state keeps 0-d float64 host tensors,
+    so checkpoints are unchanged."""
+
+    def __init__(self) -> None:
+        # id of the first view -> (vector, its views): the views are kept, so the id stays theirs
+        self._made: dict[int, tuple[Tensor, list[Tensor]]] = {}
+
+    def vector(self, lr_max: list[Tensor], weight_sum: list[Tensor]) -> Tensor:
+        """The vector behind ``lr_max + weight_sum``, rebinding the lists' entries to its views if needed."""
+        both = lr_max + weight_sum
+        made = self._made.get(id(both[0]))
+        if made is not None and len(made[1]) == len(both) and all(map(operator.is_, made[1], both)):
+            return made[0]
+        self._made.pop(id(both[0]), None)
+        vec = torch.stack(_on_host(both))
+        views = list(vec.unbind())
+        n = len(lr_max)
+        lr_max[:], weight_sum[:] = views[:n], views[n:]
+        if len(self._made) >= _MAX_VECTORS:
+            self._made.clear()
+        self._made[id(views[0])] = (vec, views)
+        return vec
 
 
 class ScheduleFree(Leaf):
@@ -104,7 +142,8 @@ def schedule_free(
     ``AdamWScheduleFree``. Group keys: ``lr``, ``momentum`` (or ``betas``), ``warmup_steps``, ``r``,
     ``weight_lr_power``. State: ``z`` (1x the params) and two float64 host scalars per param,
     ``lr_max`` and ``weight_sum`` (checkpointed, so a resumed run is bit-exact; one vector per bucket
-    on the fused path, which compiles the whole rule). They count per
+    on the fused path, which compiles the whole rule, and 0-d views of one host vector per piece on
+    the eager path, so that they are read and written by one op). They count per
     param, as the step count does: a param whose grad is None on a step skips it, where the
     official optimizer advances its group's sums anyway.
 
@@ -152,48 +191,39 @@ def schedule_free(
         torch._foreach_sub_(z, torch._foreach_mul(updates, ctx.per_tensor(lr_t.expand_as(ckp1).to(dev, dtype))))
         return out
 
+    scalars = _HostScalars()
+
     def update(updates: list, state: dict, hp: Mapping, ctx: Bucket) -> list:
         if ctx.tensor_scalars or ctx.segments is not None:
             return update_tensors(updates, state, hp, ctx)
         beta = float(hp["betas"][0]) if betas is not None else float(hp["momentum"])
         base_lr, warmup = float(hp["lr"]), float(hp["warmup_steps"])
         r_, power = float(hp["r"]), float(hp["weight_lr_power"])
-        lr_max_t, wsum_t = _on_host(state["lr_max"]), _on_host(state["weight_sum"])
-        old = torch.stack([*lr_max_t, *wsum_t]).tolist()  # host tensors: no device sync
-        n = len(updates)
-        lrs, ckps, alphas = [], [], []
 
-        def advance(t: float, old_lr_max: float, old_wsum: float) -> tuple[float, float]:
+        def advance(t: float, old_lr_max: float, old_wsum: float) -> tuple[float, float, float, float]:
+            """``(lr_max, weight_sum, lr_t, c_t)`` after step ``t``."""
             lr_t = base_lr * (t / warmup if t - 1 < warmup else 1.0)
             lr_max = max(lr_t, old_lr_max)
             weight = t**r_ * lr_max**power
             wsum = old_wsum + weight
-            ckp1 = weight / wsum if wsum != 0.0 else 0.0
-            lrs.append(lr_t)
-            ckps.append(ckp1)
-            alphas.append(lr_t * (beta * (1.0 - ckp1) - 1.0))
-            return lr_max, wsum
+            return lr_max, wsum, lr_t, weight / wsum if wsum != 0.0 else 0.0
 
+        n = len(updates)
+        vec = scalars.vector(state["lr_max"], state["weight_sum"])
+        old = vec.tolist()  # a host vector: no device sync
         if ctx.step is not None and len(set(old[:n])) == 1 and len(set(old[n:])) == 1:
-            # every tensor at one step with one history (the usual case): the numbers once, written
-            # by two list copies rather than two small ops per tensor
-            new = torch.tensor(advance(ctx.step, old[0], old[n]), dtype=torch.float64)
-            torch._foreach_copy_(lr_max_t, [new[0]] * n)
-            torch._foreach_copy_(wsum_t, [new[1]] * n)
-        else:
-            for i, t in enumerate(ctx.step_values):
-                lr_max, wsum = advance(t, old[i], old[n + i])
-                lr_max_t[i].fill_(lr_max)
-                wsum_t[i].fill_(wsum)
-        z = state["z"]
+            # every tensor at one step with one history (the usual case): the numbers once
+            lr_max, wsum, lr_t, ckp1 = advance(ctx.step, old[0], old[n])
+            vec[:n].fill_(lr_max)
+            vec[n:].fill_(wsum)
+            return _uniform_step(updates, state["z"], ctx, lr_t, ckp1, lr_t * (beta * (1.0 - ckp1) - 1.0))
+        new = [advance(t, old[i], old[n + i]) for i, t in enumerate(ctx.step_values)]
+        vec.copy_(torch.tensor([x[0] for x in new] + [x[1] for x in new], dtype=torch.float64))
+        lrs, ckps = [x[2] for x in new], [x[3] for x in new]
+        alphas = [lr_t * (beta * (1.0 - c) - 1.0) for lr_t, c in zip(lrs, ckps, strict=True)]
         if len(set(zip(lrs, ckps, strict=True))) == 1:
-            lr_t, ckp1, alpha = lrs[0], ckps[0], alphas[0]
-            # y_new = (1 - c) y + c z + alpha g; the (1 - c) y part rides on the final write
-            out = torch._foreach_mul(updates, alpha)
-            torch._foreach_add_(out, z, alpha=ckp1)
-            ctx.add_param_term(-ckp1)
-            torch._foreach_sub_(z, updates, alpha=lr_t)
-            return out
+            return _uniform_step(updates, state["z"], ctx, lrs[0], ckps[0], alphas[0])
+        z = state["z"]
         params = [p if p.dtype == ctx.dtype else p.to(ctx.dtype) for p in ctx.params]
         out = torch._foreach_mul(updates, alphas)
         torch._foreach_add_(out, torch._foreach_mul(torch._foreach_sub(z, params), ckps))
@@ -203,6 +233,24 @@ def schedule_free(
     sf = ScheduleFree(name, specs, init, update, segmented=True, step_scalars=True)
     sf.beta_key, sf.beta_index = beta_key, beta_index
     return sf
+
+
+def _uniform_step(updates: list, z: list, ctx: Bucket, lr_t: float, ckp1: float, alpha: float) -> list:
+    """``y <- (1 - c) y + c z + alpha g``, ``z <- z - lr_t g`` with one ``c``, ``alpha`` and ``lr_t``.
+
+    The ``(1 - c) y`` part and the factor ``alpha`` ride on the final write (``p <- (1 - c) p + alpha
+    u``), so the update ``u = g + (c / alpha) z`` is one op: with ``z``'s own, four passes a step,
+    where forming ``alpha g + c z`` would take five.
+    """
+    if alpha != 0.0 and abs(ckp1) <= _MAX_RATIO * abs(alpha):
+        out = torch._foreach_add(updates, z, alpha=ckp1 / alpha)
+        ctx.defer_scale(alpha)  # before the param term: a deferred scale multiplies a pending one
+    else:
+        out = torch._foreach_mul(updates, alpha)
+        torch._foreach_add_(out, z, alpha=ckp1)
+    ctx.add_param_term(-ckp1)
+    torch._foreach_sub_(z, updates, alpha=lr_t)
+    return out
 
 
 def scale_by_rms(
