@@ -463,13 +463,19 @@ class Bucket:
 
     # -- the final write ----------------------------------------------------------------------
     def write(self) -> None:
-        """``p <- p + u`` with the pending form folded in: ``(1 + decay) * p + scale * u``."""
+        """``p <- p + u`` with the pending form folded in: ``(1 + decay) * p + scale * u`` (an
+        interpolation ``p + c (u - p)`` when ``scale == -decay == c``, numbers both)."""
         if not self.params:
             return
         if self.params[0].dtype != self.dtype:
             # compute dtype differs (fp32 math for bf16 params): form the whole update, round once into p
             self.materialize()
             torch._foreach_add_(self.params, self.updates)
+            return
+        if (type(self.scale) is float and type(self.decay) is float and self.scale == -self.decay != 0.0
+                and self.divisor is None):
+            # (1 - c) p + c u, an interpolation (schedule-free's step toward z): one pass, not two
+            ops.lerp_(self.params, self.updates, self.scale)
             return
         if not _is_zero(self.decay):
             ops.mul_(self.params, self.decay + 1.0 if isinstance(self.decay, Tensor) else 1.0 + self.decay)

@@ -207,10 +207,19 @@ def test_fsdp2() -> None:
     check_fsdp2(CASES, steps=4)
 
 
+LR_FACTORS = {
+    # ends at lr 0 (and near it): y still moves toward z, with alpha 0
+    "ends at 0": lambda t: [1.0, 1e-14, 0.0][min(t // 20, 2)],
+    # starts at lr 0: no weight yet (c = 0), where the uniform step falls back from the update
+    # z + (alpha / c) g to alpha g + c z
+    "starts at 0": lambda t: 0.0 if t < 7 else 1.0,
+}
+
+
+@pytest.mark.parametrize("schedule", sorted(LR_FACTORS))
 @pytest.mark.parametrize("kind", ["adamw", "sgd"])
-def test_lockstep_with_official_when_lr_reaches_zero(kind: str) -> None:
-    """A schedule that ends at lr 0 (and near it): ``y`` still moves toward ``z`` with ``alpha = 0``,
-    where the uniform step falls back from ``g + (c / alpha) z`` to ``alpha g + c z``."""
+def test_lockstep_with_official_when_lr_is_zero(kind: str, schedule: str) -> None:
+    """Schedules through lr 0, in lockstep with the official optimizer (both forms of the uniform step)."""
     official = schedulefree.AdamWScheduleFree if kind == "adamw" else schedulefree.SGDScheduleFree
     recipe = recipes.schedule_free_adamw if kind == "adamw" else recipes.schedule_free_sgd
     ref_model, model = _net(), _net()
@@ -218,8 +227,7 @@ def test_lockstep_with_official_when_lr_reaches_zero(kind: str) -> None:
     ref = official(_groups(ref_model, {}), **hp)
     ours = ChainOptimizer(_groups(model, {}), recipe(**hp))
     ref.train()
-    factor = lambda t: [1.0, 1e-14, 0.0][min(t // 20, 2)]  # noqa: E731
-    scheds = [torch.optim.lr_scheduler.LambdaLR(o, factor) for o in (ref, ours)]
+    scheds = [torch.optim.lr_scheduler.LambdaLR(o, LR_FACTORS[schedule]) for o in (ref, ours)]
     moved = [p.detach().clone() for p in model.parameters()]
     for i in range(60):
         _step(ref_model, ref, i)

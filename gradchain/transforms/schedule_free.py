@@ -50,8 +50,8 @@ def _on_host(xs: list[Tensor]) -> list[Tensor]:
 # host vectors a transform keeps (one per piece of a bucket): past this many, stale ones (from pieces
 # a changed bucket no longer cuts) are dropped, all at once; live ones are made again at their next step
 _MAX_VECTORS = 4096
-# the uniform eager step forms ``g + (c / alpha) z`` (scaled by alpha in the final write): it falls
-# back to ``alpha g + c z`` where the ratio could overflow (alpha 0 or tiny: a learning rate decayed to 0)
+# the uniform eager step forms ``z + (alpha / c) g`` (the final write interpolates toward it by c): it
+# falls back to ``alpha g + c z`` where the ratio could overflow (c 0: no weight yet, or tiny)
 _MAX_RATIO = 1e12
 
 
@@ -238,13 +238,14 @@ def schedule_free(
 def _uniform_step(updates: list, z: list, ctx: Bucket, lr_t: float, ckp1: float, alpha: float) -> list:
     """``y <- (1 - c) y + c z + alpha g``, ``z <- z - lr_t g`` with one ``c``, ``alpha`` and ``lr_t``.
 
-    The ``(1 - c) y`` part and the factor ``alpha`` ride on the final write (``p <- (1 - c) p + alpha
-    u``), so the update ``u = g + (c / alpha) z`` is one op: with ``z``'s own, four passes a step,
-    where forming ``alpha g + c z`` would take five.
+    As the official optimizer's ``lerp_`` and ``add_``, in one pass: the update is ``w = z + (alpha
+    / c) g`` and the final write the interpolation ``y + c (w - y)`` (a pending scale ``c`` and param
+    term ``-c``). Three passes a step with ``z``'s own, where forming ``alpha g + c z`` and writing
+    ``(1 - c) y + u`` takes five.
     """
-    if alpha != 0.0 and abs(ckp1) <= _MAX_RATIO * abs(alpha):
-        out = torch._foreach_add(updates, z, alpha=ckp1 / alpha)
-        ctx.defer_scale(alpha)  # before the param term: a deferred scale multiplies a pending one
+    if ckp1 != 0.0 and abs(alpha) <= _MAX_RATIO * abs(ckp1):
+        out = torch._foreach_add(z, updates, alpha=alpha / ckp1)
+        ctx.defer_scale(ckp1)  # before the param term: a deferred scale multiplies a pending one
     else:
         out = torch._foreach_mul(updates, alpha)
         torch._foreach_add_(out, z, alpha=ckp1)
