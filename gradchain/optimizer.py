@@ -189,13 +189,13 @@ class ChainOptimizer(torch.optim.Optimizer):
         out = []
         for gi, group in enumerate(self.param_groups):
             params = group["params"]
-            reused = self._collected_again(gi, params) if self.fused else None
+            reused = self._collected_again(gi, params) if self.fused and not torch.compiler.is_compiling() else None
             if reused is not None:
                 out.extend((gi, group, items) for items in reused)
                 continue
             split: dict[tuple, list] = defaultdict(list)
-            for p, g, st, name in zip(params, map(_GRAD, params), map(self.state.get, params), self._names(group),
-                                      strict=False):
+            for p, name in zip(params, self._names(group), strict=False):
+                g = p.grad
                 if g is None:
                     continue
                 if g.is_sparse:
@@ -208,12 +208,13 @@ class ChainOptimizer(torch.optim.Optimizer):
                     raise RuntimeError(
                         f"gradchain does not support complex params yet (param {name or tuple(p.shape)})"
                     )
+                st = self.state.get(p)
                 if not st:
                     st = self._init_param_state(p, name, group)
                     self._created.append(p)
                 split[(p.device, dtype)].append((p, g, st, name))
             buckets = list(split.values())
-            if self.fused:
+            if self.fused and not torch.compiler.is_compiling():
                 # kept on the fused path only: its grads are the flat buffer's views, which live on
                 # anyway; on the eager path the grads kept would be freed ones held alive
                 self._collected[gi] = (list(params), list(map(_GRAD, params)), list(map(self.state.get, params)),
