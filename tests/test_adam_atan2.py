@@ -8,12 +8,14 @@
 
 from __future__ import annotations
 
+import collections
 import copy
 import math
 
 import pytest
 import torch
 from harness import lockstep_gap
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import gradchain as gc
 from gradchain import ChainOptimizer, recipes
@@ -161,3 +163,49 @@ def test_recipe_outside_is_the_cuda_package_rule() -> None:
                 p.sub_(lr / (1 - b1**t) * torch.atan2(m, v.sqrt() / math.sqrt(1 - b2**t)))
         gap = max((a - b).abs().max().item() for a, b in zip(model.parameters(), ref.parameters()))
         assert gap <= 1e-12
+
+
+# -- the eager step over many small tensors -------------------------------------------------------
+class _OpCounter(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: collections.Counter = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_eager_step_passes_per_tensor() -> None:
+    # on small tensors every pass is a per-tensor op of a few us, the step's whole cost: m (1), v (2),
+    # sqrt, its scaling, the inf check, atan2 and the write, 8 in all (adam-atan2-pytorch takes 8).
+    # A number multiplies as one 0-d tensor, not wrapped again per tensor (a foreach op's .Scalar form)
+    n = 6
+    params = [torch.nn.Parameter(torch.randn(50)) for _ in range(n)]
+    for p in params:
+        p.grad = torch.randn(50)
+    opt = ChainOptimizer(params, recipes.adam_atan2())
+    opt.step()
+    with _OpCounter() as counter:
+        opt.step()
+    ops = counter.ops
+    per_list = sum(k for op, k in ops.items() if op.startswith("aten._foreach_"))
+    per_tensor = sum(k for op, k in ops.items() if op.startswith("aten.") and not op.startswith("aten._foreach_")
+                     and k % n == 0)
+    assert per_list + per_tensor // n == 8, ops
+    assert not any(op.startswith(("aten._foreach_mul_.Scalar", "aten._foreach_div")) for op in ops), ops
+
+
+@pytest.mark.parametrize("where", ["inside", "outside"])
+def test_eager_step_in_float32_agrees_with_float64_reference(where: str) -> None:
+    # the fp32 eager step (pieces, per-step scalars as 0-d tensors) against the float64 forms
+    ref = _paper_form if where == "inside" else _cuda_package_form
+    grads = _grads(12, seed=3)
+    p = torch.nn.Parameter(torch.zeros(4, 3))
+    opt = ChainOptimizer([p], recipes.adam_atan2(lr=1.0, a=1.3, b=0.7, m_correction=where))
+    want = torch.zeros(4, 3, dtype=F64)
+    for g, u in zip(grads, ref(grads, 0.9, 0.99, 1.3, 0.7)):
+        p.grad = g.float()
+        opt.step()
+        want -= u
+        torch.testing.assert_close(p.detach().double(), want, rtol=1e-5, atol=1e-5)

@@ -68,21 +68,22 @@ def scale_by_adam_atan2(
         b1, b2 = hp["betas"]
         a_, b_ = hp["a"], hp["b"]
         m, v = _update_moments(updates, state, b1, b2)
-        # the second-moment correction changes the argument of atan2 in both forms
-        den = torch._foreach_sqrt(v)
-        ops.mul_(den, ctx.per_step(lambda t: b_ / ops.sqrt(ops.bias_correction(b2, t))))
+        # atan2 is unchanged when both its arguments are scaled by one positive factor: the bias
+        # corrections and b all scale the denominator, and the numerator is m itself (4 passes
+        # over a tensor after the moments, where a scaled copy of m would take a fifth)
         if inside:
-            num = torch._foreach_div(m, ctx.per_step(lambda t: ops.bias_correction(b1, t)))
+            c = ctx.per_step(lambda t: b_ * ops.bias_correction(b1, t) / ops.sqrt(ops.bias_correction(b2, t)))
             scale = a_
         else:
-            num = [x.clone() for x in m]
+            c = ctx.per_step(lambda t: b_ / ops.sqrt(ops.bias_correction(b2, t)))
             scale = ctx.per_step(lambda t: a_ / ops.bias_correction(b1, t))
-        for n, d in zip(num, den):
-            n.atan2_(d)
+        den = torch._foreach_sqrt(v)
+        ops.mul_(den, c)
         # atan2(inf, inf) = pi/4 is finite: an inf gradient would sit in m and v unseen by
-        # apply_if_finite. d - d is +0 where d is finite and NaN where it is not (v overflowed)
-        torch._foreach_sub_(den, den)
-        torch._foreach_add_(num, den)
+        # apply_if_finite. 0 * d is +0 where d is finite and NaN where it is not (v overflowed),
+        # and atan2 of a NaN is NaN
+        torch._foreach_add_(den, den, alpha=0.0)
+        num = [torch.atan2(x, d, out=d) for x, d in zip(m, den, strict=True)]
         if not (isinstance(scale, float) and scale == 1.0):
             ctx.defer_scale(scale)
         return num
