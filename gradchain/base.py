@@ -317,12 +317,14 @@ class Bucket:
 
     def materialize(self) -> list[Tensor]:
         """Fold the pending divisor, scale and param term into ``updates``."""
-        if self.divisor is not None:
+        fresh = self.divisor is not None
+        if fresh:
             self.updates = self._divide(self.updates, self.divisor)
             self.divisor = None
         if _is_one(self.scale) and _is_zero(self.decay):
             return self.updates
-        self.ensure_owned()
+        if not fresh:  # quotients are new tensors (or dead divisors): nothing to check per tensor
+            self.ensure_owned()
         if not _is_one(self.scale):
             ops.mul_(self.updates, self.scale)
         if not _is_zero(self.decay):

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import operator
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -77,6 +79,23 @@ class _Routing(Transform):
             by_name[name] = self._route(name, param)
         return by_name[name]
 
+    def _routes(self, b: Bucket) -> list:
+        """Each param's label in ``b``. A step's buckets hold the last step's params, so the labels
+        are kept per bucket and reused when it holds the same params (by identity, through weak
+        references: a new param at a freed one's address is routed afresh) under the same names:
+        a lookup per param is a few us, which on thousands of small tensors is a visible share of
+        the step."""
+        key = (len(b.params), id(b.params[0]) if b.params else None)
+        last = self._by_bucket.get(key)
+        if (last is not None and last[1] == b.names
+                and all(map(operator.is_, map(weakref.ref.__call__, last[0]), b.params))):
+            return last[2]
+        labels = [self._cached_route(n, p) for n, p in zip(b.names, b.params)]
+        if len(self._by_bucket) >= 16:  # buckets of param groups come and go: keep a few
+            self._by_bucket.clear()
+        self._by_bucket[key] = ([weakref.ref(p) for p in b.params], list(b.names), labels)
+        return labels
+
     def init_state(self, param: Tensor, name: str | None = None) -> StateDict:
         label = self._route(name, param)
         child = self.children.get(label)
@@ -85,20 +104,27 @@ class _Routing(Transform):
     def apply(self, buckets: list[Bucket]) -> None:
         self.apply_routed(buckets, lambda child, subs: child.apply(subs))
 
-    def apply_routed(self, buckets: list[Bucket], run: Callable[[Transform, list[Bucket]], None]) -> None:
+    def apply_routed(self, buckets: list[Bucket], run: Callable[[Transform, list[Bucket]], None],
+                     *, written: bool = False) -> list[set[int]]:
         """``run(child, sub-buckets)`` for each child over the params routed to it, their updates and
-        state then written back (the eager pieces run a child chain piece by piece this way)."""
+        state then written back (the eager pieces run a child chain piece by piece this way). With
+        ``written`` the children wrote their params: only their state comes back. Returns, per
+        bucket, the indices of the params routed to a child."""
+        routed: list[set[int]] = [set() for _ in buckets]
+        labels = [self._routes(b) for b in buckets]
         for label, child in self.children.items():
             subs, where = [], []
-            for b in buckets:
-                idx = [i for i, (n, p) in enumerate(zip(b.names, b.params)) if self._cached_route(n, p) == label]
+            for j, b in enumerate(buckets):
+                idx = [i for i, x in enumerate(labels[j]) if x == label]
                 if idx:
                     subs.append(b.subset(idx))
                     where.append((b, idx))
+                    routed[j].update(idx)
             if subs:
                 run(child, subs)
                 for sub, (b, idx) in zip(subs, where):
-                    b.absorb(sub, idx)
+                    b.absorb(sub, idx, updates=not written)
+        return routed
 
     def leaves(self) -> Iterator[Transform]:
         for child in self.children.values():
@@ -115,6 +141,7 @@ class _Routing(Transform):
         self.name = name
         self.children = children
         self._cache = WeakIdKeyDictionary()
+        self._by_bucket: dict[tuple, tuple] = {}
         check_unique_names(self, f"{name}()")
         self.hyperparams = merge_hyperparams(list(children.values()))
         self.extra_defaults = {}
@@ -127,11 +154,13 @@ class _Routing(Transform):
     def __getstate__(self) -> dict[str, Any]:
         d = self.__dict__.copy()
         d["_cache"] = None
+        d["_by_bucket"] = None
         return d
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._cache = WeakIdKeyDictionary()
+        self._by_bucket = {}
 
 
 class _Masked(_Routing):

@@ -21,7 +21,7 @@ functions (exp, log, atan2) may differ in the last bit at the seams of a slice.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -78,12 +78,26 @@ class PiecewiseChain:
         self.useful = any(kind == "phased" or kind == "pieced" and any(t._update is not None for t in ts)
                           for kind, ts in runs) or any(inner.useful for inner in self._inner.values())
 
-    def step(self, buckets: list[Bucket], write: bool = True) -> None:
-        """Apply the chain to ``buckets`` and write their params (``Bucket.write``); with
-        ``write=False`` leave the updates in the buckets instead (nothing is sliced then)."""
+    def _write_child(self, child: Transform, subs: list[Bucket]) -> None:
+        self._inner[id(child)].step(subs, writer=_write_materialized)
+
+    def step(self, buckets: list[Bucket], write: bool = True, writer: Writer = Bucket.write) -> None:
+        """Apply the chain to ``buckets`` and write their params (``writer``, ``Bucket.write`` by
+        default); with ``write=False`` leave the updates in the buckets instead (nothing is sliced then)."""
         _prime_allocator()
         for j, (kind, ts) in enumerate(self.runs):
             last = write and j == len(self.runs) - 1
+            if kind == "routed" and last:
+                # each child writes its params piece by piece, while its updates are in the caches,
+                # with the bits of the step over whole buckets: its updates materialized, then p + u
+                # (the parent's write folds no child's pending form); the params no child took
+                # (masked) are written here
+                written = ts[0].apply_routed(buckets, self._write_child, written=True)
+                for b, done in zip(buckets, written, strict=True):
+                    rest = [i for i in range(len(b)) if i not in done]
+                    if rest:
+                        writer(b.subset(rest) if len(rest) < len(b) else b)
+                continue
             if kind == "routed":
                 # each child's updates come back to the bucket (as over whole buckets, where the
                 # write folds no child's pending form): the same bits
@@ -102,16 +116,27 @@ class PiecewiseChain:
             if kind in ("routed", "wrapped", "whole"):
                 if last:
                     for b in buckets:
-                        b.write()
+                        writer(b)
                 continue
             owners = state_owners(ts)
             if kind == "phased":
-                _run_phased(buckets, ts[0], ts[1:], owners, last)
+                _run_phased(buckets, ts[0], ts[1:], owners, last, writer)
                 continue
             sliced = last and all(_kind(t) == "slice" for t in ts)
             for b in buckets:
                 if len(b):
-                    _run_pieces(b, ts, owners, last, sliced)
+                    _run_pieces(b, ts, owners, last, sliced, writer)
+
+
+Writer = Callable[[Bucket], None]
+
+
+def _write_materialized(b: Bucket) -> None:
+    """``p <- p + u`` with ``u`` materialized first: the bits of a routed child's updates handed
+    back to its parent and written there (``Bucket.write`` with nothing pending), in one piece."""
+    if b.params:
+        b.materialize()
+        b.write()
 
 
 _primed = False
@@ -170,12 +195,13 @@ def _owned_keys(b: Bucket, owners: set[str]) -> list[str]:
     return [k for k in b.state if k.split(".", 1)[0] in owners]
 
 
-def _run_pieces(b: Bucket, ts: list[Transform], owners: set[str], last: bool, sliced: bool) -> None:
+def _run_pieces(b: Bucket, ts: list[Transform], owners: set[str], last: bool, sliced: bool,
+                writer: Writer = Bucket.write) -> None:
     if _one_piece(b):  # the bucket itself
         for t in ts:
             t.apply([b])
         if last:
-            b.write()
+            writer(b)
         return
     # the pending form (a divisor, a scale, a param term) goes into the pieces, as it would stay
     # pending over the whole bucket: materialized now, it would round differently
@@ -197,7 +223,7 @@ def _run_pieces(b: Bucket, ts: list[Transform], owners: set[str], last: bool, sl
         if last:
             # written: its temporaries go now, so that the next piece reuses their memory (kept to
             # the end, they would add up to full-size buffers, paid in page faults)
-            sub.write()
+            writer(sub)
             b.absorb(sub, indices, slices, updates=False)
         else:
             done.append((sub, indices, slices))
@@ -219,7 +245,8 @@ class _Finish:
             finish_phase(self.t, b, self.hp, self.flags, self.c)
 
 
-def _run_phased(buckets: list[Bucket], t: Transform, tail: list[Transform], owners: set[str], last: bool) -> None:
+def _run_phased(buckets: list[Bucket], t: Transform, tail: list[Transform], owners: set[str], last: bool,
+                writer: Writer = Bucket.write) -> None:
     """A phased transform in pieces of whole tensors: pass 1 piece by piece, in order (the same
     sums, term by term, as over whole buckets), its estimate, then pass 2 and the leaves after it
     piece by piece (in slices where its ``finish_elementwise``). Pass 1 hands nothing to pass 2
@@ -244,7 +271,7 @@ def _run_phased(buckets: list[Bucket], t: Transform, tail: list[Transform], owne
     # it is elementwise, may cut a large tensor into slices in the chain's last run
     sliced = last and getattr(t, "finish_elementwise", False) and all(_kind(x) == "slice" for x in tail)
     for b, hp, f in zip(live, hps, flags, strict=True):
-        _run_pieces(b, [_Finish(t, hp, f, c), *tail], owners, last, sliced)
+        _run_pieces(b, [_Finish(t, hp, f, c), *tail], owners, last, sliced, writer)
 
 
 def _hand_over_pending(b: Bucket, done: list) -> None:

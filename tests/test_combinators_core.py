@@ -95,3 +95,17 @@ def test_partition_unlabelled_param_is_named() -> None:
 def test_partition_conflicting_defaults_need_renaming() -> None:
     with pytest.raises(ValueError, match="renamed"):
         gc.partition({"a": recipes.sgd(lr=0.1), "b": recipes.adamw(lr=0.01)}, lambda n, p: "a")
+
+
+def test_partition_labels_kept_per_bucket_only_for_the_same_params() -> None:
+    # the labels of a bucket are reused only while it holds the same params (by identity) under the
+    # same names: a new param in the same place, or names that moved, are routed afresh
+    from types import SimpleNamespace
+
+    part = gc.partition({"mat": gc.scale(2.0), "vec": gc.scale(3.0)},
+                        lambda name, p: "mat" if p.ndim == 2 and name != "head" else "vec")
+    m, v = torch.zeros(2, 2), torch.zeros(2)
+    assert part._routes(SimpleNamespace(names=["a", "b"], params=[m, v])) == ["mat", "vec"]
+    assert part._routes(SimpleNamespace(names=["a", "b"], params=[m, v])) == ["mat", "vec"]
+    assert part._routes(SimpleNamespace(names=["a", "b"], params=[m, torch.zeros(3, 3)])) == ["mat", "mat"]
+    assert part._routes(SimpleNamespace(names=["head", "b"], params=[m, v])) == ["vec", "vec"]
