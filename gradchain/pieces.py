@@ -9,17 +9,14 @@ twice.
 
 The chain's top-level transforms are cut into runs, as the fused path cuts them. A run of
 ``elementwise`` (and ``segmented`` or shape-dependent) leaves runs piece by piece. A tensor is
-sliced when its state in that run is shaped like it and contiguous, and only for leaves that are
-plain ``elementwise`` (a per-tensor reduction needs the whole tensor). In the chain's last run the
-slices write their params; in an earlier run their updates (and pending divisors) are put
-together again for the next run: the tensor they are views of (a lent state buffer), else one new
-tensor per param, what the step over whole tensors makes anyway. A phased transform (Prodigy,
-AdamS's mean) runs its first pass over whole tensors in order and its second, with the leaves after
-it, in pieces; a ``partition`` or ``masked`` runs each child's chain in pieces (the last run's
-children write their params), Lookahead its inner chain; any other transform runs over the whole
-buckets. Elementwise ops give each element the bits it gets in one pass over the whole tensor;
-vectorized transcendental functions (exp, log, atan2) may differ in the last bit at the seams of a
-slice.
+sliced only in the chain's last run (which writes the params: no update has to be put together
+again), only when its state in that run is shaped like it, contiguous, and only for leaves that
+are plain ``elementwise`` (a per-tensor reduction needs the whole tensor). A phased transform
+(Prodigy, AdamS's mean) runs its first pass over whole tensors in order and its second, with the
+leaves after it, in pieces; a ``partition`` or ``masked`` runs each child's chain in pieces,
+Lookahead its inner chain; any other transform runs over the whole buckets. Elementwise ops give
+each element the bits it gets in one pass over the whole tensor; vectorized transcendental
+functions (exp, log, atan2) may differ in the last bit at the seams of a slice.
 """
 
 from __future__ import annotations
@@ -86,7 +83,7 @@ class PiecewiseChain:
 
     def step(self, buckets: list[Bucket], write: bool = True, writer: Writer = Bucket.write) -> None:
         """Apply the chain to ``buckets`` and write their params (``writer``, ``Bucket.write`` by
-        default); with ``write=False`` leave the updates in the buckets instead."""
+        default); with ``write=False`` leave the updates in the buckets instead (nothing is sliced then)."""
         _prime_allocator()
         for j, (kind, ts) in enumerate(self.runs):
             last = write and j == len(self.runs) - 1
@@ -125,7 +122,7 @@ class PiecewiseChain:
             if kind == "phased":
                 _run_phased(buckets, ts[0], ts[1:], owners, last, writer)
                 continue
-            sliced = all(_kind(t) == "slice" for t in ts)
+            sliced = last and all(_kind(t) == "slice" for t in ts)
             for b in buckets:
                 if len(b):
                     _run_pieces(b, ts, owners, last, sliced, writer)
@@ -231,46 +228,10 @@ def _run_pieces(b: Bucket, ts: list[Transform], owners: set[str], last: bool, sl
         else:
             done.append((sub, indices, slices))
     b.scale, b.decay, b.divisor = 1.0, 0.0, None
-    if not done:
-        return
-    cut = [(sub, j, i, s) for sub, indices, slices in done for j, (i, s) in enumerate(zip(indices, slices))
-           if s is not None]
-    divisors = [sub.divisor[j] if sub.divisor is not None else None for sub, j, _, _ in cut]
-    if not _hand_over_pending(b, done):
-        for sub in {id(x[0]): x[0] for x in cut}.values():
-            sub.materialize()  # as the whole pieces do when absorbed
-        divisors = [None] * len(cut)
+    if done:
+        _hand_over_pending(b, done)
     for sub, indices, slices in done:
-        b.absorb(sub, indices, slices, updates=all(x is None for x in slices))
-    _put_together(b, cut, divisors)
-
-
-def _put_together(b: Bucket, cut: list[tuple[Bucket, int, int, slice]], divisors: list) -> None:
-    """The updates (and pending divisors) of tensors cut into slices, each as one tensor again: the
-    tensor their slices are views of where they are (a borrowed state buffer, a gradient), else a
-    new one that the slices are copied into (what the step over whole tensors would have made)."""
-    by_tensor: dict[int, list[int]] = {}
-    for k, (_, _, i, _) in enumerate(cut):
-        by_tensor.setdefault(i, []).append(k)
-    for i, ks in by_tensor.items():
-        parts = [(cut[k][0].updates[cut[k][1]], cut[k][3]) for k in ks]
-        b.updates[i] = _whole(parts, b.params[i])
-        if any(id(u) in cut[k][0]._borrowed for k, (u, _) in zip(ks, parts)):
-            b._borrowed.add(id(b.updates[i]))
-        if b.divisor is not None and divisors[ks[0]] is not None:
-            b.divisor[i] = _whole([(divisors[k], cut[k][3]) for k in ks], b.params[i])
-
-
-def _whole(parts: list[tuple[Tensor, slice]], like: Tensor) -> Tensor:
-    root = parts[0][0]._base
-    if (root is not None and root.shape == like.shape and root.is_contiguous()
-            and all(u._base is root and u.storage_offset() - root.storage_offset() == s.start for u, s in parts)):
-        return root
-    out = torch.empty(like.shape, dtype=parts[0][0].dtype, device=parts[0][0].device)
-    flat = out.view(-1)
-    for u, s in parts:
-        flat[s].copy_(u)
-    return out
+        b.absorb(sub, indices, slices)
 
 
 class _Finish:
@@ -313,15 +274,14 @@ def _run_phased(buckets: list[Bucket], t: Transform, tail: list[Transform], owne
         _run_pieces(b, [_Finish(t, hp, f, c), *tail], owners, last, sliced, writer)
 
 
-def _hand_over_pending(b: Bucket, done: list) -> bool:
+def _hand_over_pending(b: Bucket, done: list) -> None:
     """Keep the pieces' pending forms pending on the whole bucket, as the step over the whole bucket
     would (the next transform may fold into it; materialized here, it would round differently): one
-    scale for the bucket, or one per tensor; likewise the param term, which takes one value only.
-    False (nothing handed over) where the pieces' forms differ."""
+    scale for the bucket, or one per tensor; likewise the param term, which takes one value only."""
     subs = [sub for sub, _, _ in done]
     first = subs[0]
     if any((s.divisor is None) != (first.divisor is None) or not _same(s.decay, first.decay) for s in subs):
-        return False  # the pieces materialize their own forms
+        return  # the pieces materialize their own forms when absorbed
     b.decay = first.decay
     if all(_same(s.scale, first.scale) for s in subs):
         b.scale = first.scale
@@ -339,7 +299,6 @@ def _hand_over_pending(b: Bucket, done: list) -> bool:
         b.divisor = divisor
     for sub in subs:
         sub.scale, sub.decay, sub.divisor = 1.0, 0.0, None
-    return True
 
 
 def _same(a: Any, b: Any) -> bool:
