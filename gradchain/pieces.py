@@ -13,8 +13,9 @@ sliced only in the chain's last run (which writes the params: no update has to b
 again), only when its state in that run is shaped like it, contiguous, and only for leaves that
 are plain ``elementwise`` (a per-tensor reduction needs the whole tensor). A phased transform
 (Prodigy, AdamS's mean) runs its first pass over whole tensors in order and its second, with the
-leaves after it, in pieces; a ``partition`` or ``masked`` runs each child's chain in pieces,
-Lookahead its inner chain; any other transform runs over the whole buckets. Elementwise ops give
+leaves after it, in pieces; a ``partition`` or ``masked`` runs each child's chain in pieces (as
+the chain's last run, the children write their params), Lookahead its inner chain; any other
+transform runs over the whole buckets. Elementwise ops give
 each element the bits it gets in one pass over the whole tensor; vectorized transcendental
 functions (exp, log, atan2) may differ in the last bit at the seams of a slice.
 """
