@@ -157,6 +157,8 @@ class Bucket:
         self.scale: Scalar = 1.0
         self.decay: Any = 0.0
         self.divisor: list[Tensor] | None = None
+        # a pending interpolation of the params toward these tensors by this weight (schedule-free)
+        self.toward: tuple[list[Tensor], float] | None = None
         self._borrowed: set[int] = set()
 
     def __len__(self) -> int:
@@ -291,6 +293,8 @@ class Bucket:
     # -- pending affine form ----------------------------------------------------------------
     def defer_scale(self, s: Scalar) -> None:
         """Multiply the updates by ``s`` (a number, a 0-d tensor or one per tensor) lazily."""
+        if self.toward is not None:
+            self.materialize()
         if isinstance(s, list):
             if not _is_zero(self.decay):
                 self.materialize()
@@ -307,13 +311,23 @@ class Bucket:
 
         Call it at most once per transform, right before returning the numerators.
         """
-        if self.divisor is not None:
+        if self.divisor is not None or self.toward is not None:
             self.materialize()
         self.divisor = divisor
 
     def add_param_term(self, coef: Any) -> None:
         """Add ``coef * params`` to the updates lazily."""
+        if self.toward is not None:
+            self.materialize()
         self.decay = coef if _is_zero(self.decay) else self.decay + coef
+
+    def defer_lerp(self, targets: list[Tensor], weight: float) -> None:
+        """Add ``weight * (targets - params)`` to the updates lazily: the final write then moves the
+        params toward ``targets`` with one ``lerp_`` (``p + w (t - p)``) before adding the update.
+        The last pending form a transform may set (anything deferred after it materializes it)."""
+        if self.divisor is not None or not _is_zero(self.decay) or self.toward is not None:
+            self.materialize()
+        self.toward = (list(targets), float(weight))
 
     def materialize(self) -> list[Tensor]:
         """Fold the pending divisor, scale and param term into ``updates``."""
@@ -321,15 +335,20 @@ class Bucket:
         if fresh:
             self.updates = self._divide(self.updates, self.divisor)
             self.divisor = None
-        if _is_one(self.scale) and _is_zero(self.decay):
+        if _is_one(self.scale) and _is_zero(self.decay) and self.toward is None:
             return self.updates
         if not fresh:  # quotients are new tensors (or dead divisors): nothing to check per tensor
             self.ensure_owned()
         if not _is_one(self.scale):
             ops.mul_(self.updates, self.scale)
-        if not _is_zero(self.decay):
-            ops.axpy_(self.updates, self.params, self.decay)
-        self.scale, self.decay = 1.0, 0.0
+        decay = self.decay
+        if self.toward is not None:
+            targets, w = self.toward
+            ops.axpy_(self.updates, targets, w)
+            decay = decay - w
+        if not _is_zero(decay):
+            ops.axpy_(self.updates, self.params, decay)
+        self.scale, self.decay, self.toward = 1.0, 0.0, None
         return self.updates
 
     def _divide(self, updates: list[Tensor], divisors: list[Tensor]) -> list[Tensor]:
@@ -435,11 +454,14 @@ class Bucket:
         sub.batch_size = self.batch_size
         sub.step_values = pick(self.step_values)
         sub.tensor_scalars, sub.resolved, sub.segments = self.tensor_scalars, self.resolved, None
-        sub.scale, sub.decay, sub.divisor = 1.0, 0.0, None
+        sub.scale, sub.decay, sub.divisor, sub.toward = 1.0, 0.0, None, None
         if carry_pending:
             sub.scale, sub.decay = (x if not isinstance(x, list) else pick(x) for x in (self.scale, self.decay))
             if self.divisor is not None:
                 sub.divisor = [part(self.divisor[i], s) for i, s in zip(indices, slices, strict=True)]
+            if self.toward is not None:
+                sub.toward = ([part(self.toward[0][i], s) for i, s in zip(indices, slices, strict=True)],
+                              self.toward[1])
         return sub
 
     def absorb(self, sub: Bucket, indices: Sequence[int], slices: Sequence[slice | None] | None = None,
@@ -465,8 +487,8 @@ class Bucket:
 
     # -- the final write ----------------------------------------------------------------------
     def write(self) -> None:
-        """``p <- p + u`` with the pending form folded in: ``(1 + decay) * p + scale * u`` (an
-        interpolation ``p + c (u - p)`` when ``scale == -decay == c``, numbers both)."""
+        """``p <- p + u`` with the pending form folded in: ``(1 + decay) * p + scale * u``, or
+        ``p + w (t - p) + scale * u`` with an interpolation toward ``t`` pending (``defer_lerp``)."""
         if not self.params:
             return
         if self.params[0].dtype != self.dtype:
@@ -474,10 +496,12 @@ class Bucket:
             self.materialize()
             torch._foreach_add_(self.params, self.updates)
             return
-        if (type(self.scale) is float and type(self.decay) is float and self.scale == -self.decay != 0.0
-                and self.divisor is None):
-            # (1 - c) p + c u, an interpolation (schedule-free's step toward z): one pass, not two
-            ops.lerp_(self.params, self.updates, self.scale)
+        if self.toward is not None:
+            # (defer_lerp keeps the other forms materialized) p + w (t - p), then + scale * u
+            ops.lerp_(self.params, self.toward[0], self.toward[1])
+            self.toward = None
+            if not _is_zero(self.scale):
+                ops.axpy_(self.params, self.updates, self.scale)
             return
         if not _is_zero(self.decay):
             ops.mul_(self.params, self.decay + 1.0 if isinstance(self.decay, Tensor) else 1.0 + self.decay)

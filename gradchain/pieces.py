@@ -228,7 +228,7 @@ def _run_pieces(b: Bucket, ts: list[Transform], owners: set[str], last: bool, sl
             b.absorb(sub, indices, slices, updates=False)
         else:
             done.append((sub, indices, slices))
-    b.scale, b.decay, b.divisor = 1.0, 0.0, None
+    b.scale, b.decay, b.divisor, b.toward = 1.0, 0.0, None, None
     if done:
         _hand_over_pending(b, done)
     for sub, indices, slices in done:
@@ -281,7 +281,8 @@ def _hand_over_pending(b: Bucket, done: list) -> None:
     scale for the bucket, or one per tensor; likewise the param term, which takes one value only."""
     subs = [sub for sub, _, _ in done]
     first = subs[0]
-    if any((s.divisor is None) != (first.divisor is None) or not _same(s.decay, first.decay) for s in subs):
+    if any((s.divisor is None) != (first.divisor is None) or not _same(s.decay, first.decay)
+           or s.toward is not None for s in subs):
         return  # the pieces materialize their own forms when absorbed
     b.decay = first.decay
     if all(_same(s.scale, first.scale) for s in subs):

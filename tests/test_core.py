@@ -382,3 +382,41 @@ def test_eager_division_reuses_only_buffers_the_step_made(monkeypatch) -> None:
                 assert all(torch.equal(opt.state[p]["div.d"], torch.full_like(p, 2.0)) for p in ps)
             results.append([p.detach().clone() for p in ps])
         assert all(torch.equal(a, b) for a, b in zip(*results)), keep  # the same bits either way
+
+
+# -- a pending interpolation (Bucket.defer_lerp) ------------------------------------------------
+def _toward(weight: float, scale: float) -> gc.Leaf:
+    """``p <- p + weight (t - p) + scale g`` with ``t`` a buffer of its own: the final write's
+    interpolation, as schedule-free's step toward ``z`` uses it."""
+
+    def init(p: torch.Tensor) -> dict:
+        return {"t": 2.0 * p.detach() + 1.0}
+
+    def update(updates: list, state: dict, hp: dict, ctx) -> list:
+        ctx.defer_scale(scale)
+        ctx.defer_lerp(state["t"], weight)
+        return updates
+
+    return gc.transform("toward", None, init, update, elementwise=True)
+
+
+@pytest.mark.parametrize("how", ["written", "materialized", "in slices", "scaled after"])
+def test_pending_interpolation(how: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the write moves p toward t with one lerp and adds the scaled update; a transform after it that
+    # needs the values (a clip), or defers a scale of its own, sees it materialized: the same step
+    from gradchain import pieces
+
+    w, s = 0.3, -0.05
+    tail = {"materialized": [gc.clip_by_global_norm(1e30)], "scaled after": [gc.scale(0.5)]}.get(how, [])
+    if how == "in slices":
+        monkeypatch.setattr(pieces, "PIECE_NUMEL", 16)
+    p = torch.nn.Parameter(torch.randn(10, 10, dtype=torch.float64))
+    opt = ChainOptimizer([p], gc.chain(_toward(w, s), *tail))
+    want, t = p.detach().clone(), 2.0 * p.detach() + 1.0
+    for k in range(3):
+        g = torch.randn(10, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(k))
+        p.grad = g
+        opt.step()
+        step = w * (t - want) + s * g
+        want = want + (0.5 * step if how == "scaled after" else step)
+    torch.testing.assert_close(p.detach(), want, rtol=1e-13, atol=1e-13)

@@ -210,8 +210,7 @@ def test_fsdp2() -> None:
 LR_FACTORS = {
     # ends at lr 0 (and near it): y still moves toward z, with alpha 0
     "ends at 0": lambda t: [1.0, 1e-14, 0.0][min(t // 20, 2)],
-    # starts at lr 0: no weight yet (c = 0), where the uniform step falls back from the update
-    # z + (alpha / c) g to alpha g + c z
+    # starts at lr 0: no weight yet (c = 0), so no interpolation toward z
     "starts at 0": lambda t: 0.0 if t < 7 else 1.0,
 }
 
@@ -219,7 +218,7 @@ LR_FACTORS = {
 @pytest.mark.parametrize("schedule", sorted(LR_FACTORS))
 @pytest.mark.parametrize("kind", ["adamw", "sgd"])
 def test_lockstep_with_official_when_lr_is_zero(kind: str, schedule: str) -> None:
-    """Schedules through lr 0, in lockstep with the official optimizer (both forms of the uniform step)."""
+    """Schedules through lr 0, in lockstep with the official optimizer."""
     official = schedulefree.AdamWScheduleFree if kind == "adamw" else schedulefree.SGDScheduleFree
     recipe = recipes.schedule_free_adamw if kind == "adamw" else recipes.schedule_free_sgd
     ref_model, model = _net(), _net()

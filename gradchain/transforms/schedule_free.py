@@ -50,9 +50,6 @@ def _on_host(xs: list[Tensor]) -> list[Tensor]:
 # host vectors a transform keeps (one per piece of a bucket): past this many, stale ones (from pieces
 # a changed bucket no longer cuts) are dropped, all at once; live ones are made again at their next step
 _MAX_VECTORS = 4096
-# the uniform eager step forms ``z + (alpha / c) g`` (the final write interpolates toward it by c): it
-# falls back to ``alpha g + c z`` where the ratio could overflow (c 0: no weight yet, or tiny)
-_MAX_RATIO = 1e12
 
 
 class _HostScalars:
@@ -216,13 +213,13 @@ def schedule_free(
             lr_max, wsum, lr_t, ckp1 = advance(ctx.step, old[0], old[n])
             vec[:n].fill_(lr_max)
             vec[n:].fill_(wsum)
-            return _uniform_step(updates, state["z"], ctx, lr_t, ckp1, lr_t * (beta * (1.0 - ckp1) - 1.0))
+            return _uniform_step(updates, state["z"], ctx, lr_t, ckp1, beta)
         new = [advance(t, old[i], old[n + i]) for i, t in enumerate(ctx.step_values)]
         vec.copy_(torch.tensor([x[0] for x in new] + [x[1] for x in new], dtype=torch.float64))
         lrs, ckps = [x[2] for x in new], [x[3] for x in new]
-        alphas = [lr_t * (beta * (1.0 - c) - 1.0) for lr_t, c in zip(lrs, ckps, strict=True)]
         if len(set(zip(lrs, ckps, strict=True))) == 1:
-            return _uniform_step(updates, state["z"], ctx, lrs[0], ckps[0], alphas[0])
+            return _uniform_step(updates, state["z"], ctx, lrs[0], ckps[0], beta)
+        alphas = [lr_t * (beta * (1.0 - c) - 1.0) for lr_t, c in zip(lrs, ckps, strict=True)]
         z = state["z"]
         params = [p if p.dtype == ctx.dtype else p.to(ctx.dtype) for p in ctx.params]
         out = torch._foreach_mul(updates, alphas)
@@ -235,23 +232,18 @@ def schedule_free(
     return sf
 
 
-def _uniform_step(updates: list, z: list, ctx: Bucket, lr_t: float, ckp1: float, alpha: float) -> list:
+def _uniform_step(updates: list, z: list, ctx: Bucket, lr_t: float, ckp1: float, beta: float) -> list:
     """``y <- (1 - c) y + c z + alpha g``, ``z <- z - lr_t g`` with one ``c``, ``alpha`` and ``lr_t``.
 
-    As the official optimizer's ``lerp_`` and ``add_``, in one pass: the update is ``w = z + (alpha
-    / c) g`` and the final write the interpolation ``y + c (w - y)`` (a pending scale ``c`` and param
-    term ``-c``). Three passes a step with ``z``'s own, where forming ``alpha g + c z`` and writing
-    ``(1 - c) y + u`` takes five.
+    As the official optimizer's in-place ``lerp_`` and ``add_``, and no new buffer: ``z`` moves
+    first, and the final write interpolates toward the new ``z`` (``defer_lerp``) and adds
+    ``(alpha + c lr_t) g = -lr_t (1 - beta) (1 - c) g``, the same step. Three passes with ``z``'s.
     """
-    if ckp1 != 0.0 and abs(alpha) <= _MAX_RATIO * abs(ckp1):
-        out = torch._foreach_add(z, updates, alpha=alpha / ckp1)
-        ctx.defer_scale(ckp1)  # before the param term: a deferred scale multiplies a pending one
-    else:
-        out = torch._foreach_mul(updates, alpha)
-        torch._foreach_add_(out, z, alpha=ckp1)
-    ctx.add_param_term(-ckp1)
     torch._foreach_sub_(z, updates, alpha=lr_t)
-    return out
+    ctx.defer_scale(-lr_t * (1.0 - beta) * (1.0 - ckp1))
+    if ckp1 != 0.0:
+        ctx.defer_lerp(z, ckp1)
+    return updates
 
 
 def scale_by_rms(
