@@ -497,12 +497,9 @@ class Bucket:
             torch._foreach_add_(self.params, self.updates)
             return
         if self.toward is not None:
-            # (defer_lerp keeps the other forms materialized) p + w (t - p), then + scale * u
+            # p + w (t - p), then + scale * u below (defer_lerp left no param term or divisor pending)
             ops.lerp_(self.params, self.toward[0], self.toward[1])
             self.toward = None
-            if not _is_zero(self.scale):
-                ops.axpy_(self.params, self.updates, self.scale)
-            return
         if not _is_zero(self.decay):
             ops.mul_(self.params, self.decay + 1.0 if isinstance(self.decay, Tensor) else 1.0 + self.decay)
         if self.divisor is not None:

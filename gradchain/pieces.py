@@ -15,9 +15,9 @@ are plain ``elementwise`` (a per-tensor reduction needs the whole tensor). A pha
 (Prodigy, AdamS's mean) runs its first pass over whole tensors in order and its second, with the
 leaves after it, in pieces; a ``partition`` or ``masked`` runs each child's chain in pieces (as
 the chain's last run, the children write their params), Lookahead its inner chain; any other
-transform runs over the whole buckets. Elementwise ops give
-each element the bits it gets in one pass over the whole tensor; vectorized transcendental
-functions (exp, log, atan2) may differ in the last bit at the seams of a slice.
+transform runs over the whole buckets. Elementwise ops give each element the bits it gets in one
+pass over the whole tensor; vectorized transcendental functions (exp, log, atan2) may differ in
+the last bit at the seams of a slice.
 """
 
 from __future__ import annotations

@@ -118,10 +118,10 @@ class Lookahead(Declared):
     def due(self, buckets: list[Bucket]) -> list[list[int]]:
         """Per bucket, the tensors this step syncs (their step a multiple of ``k``). Where none is
         due, the inner chain's update is the update: the eager pieces let the inner chain write."""
-        out = []
+        out: list[list[int]] = []
         for b in buckets:
             k = int(self.hp(b)["k"]) if len(b) else 1
-            out.append([i for i, t in enumerate(b.step_values) if int(t) % k == 0] if len(b) else [])
+            out.append([i for i, t in enumerate(b.step_values) if int(t) % k == 0])
         return out
 
     def sync(self, buckets: list[Bucket], due: list[list[int]] | None = None) -> None:
