@@ -190,3 +190,20 @@ FSDP_CASES = [
 def test_fsdp2() -> None:
     """The d estimate's dot products and norms reduce across shards: same trajectory as one process."""
     check_fsdp2(FSDP_CASES, steps=4)
+
+
+def test_sums_added_in_order() -> None:
+    """The numerator's terms are added one at a time in order (one cumsum), the bits of a loop."""
+    from gradchain.transforms.prodigy import _sum_in_order
+
+    gen = torch.Generator().manual_seed(3)
+    # terms that cancel: the order of the additions shows in the low bits
+    terms = list(torch.randn(500, generator=gen, dtype=torch.float32) * torch.logspace(-8, 8, 500))
+    start, coef = torch.tensor(1e-3, dtype=torch.float64), torch.tensor(0.37, dtype=torch.float64)
+    loop = start
+    for t in terms:
+        loop = loop + coef * t.to(torch.float64)
+    assert torch.equal(_sum_in_order(start, terms, coef), loop)
+    assert torch.equal(_sum_in_order(start, [], coef), start)
+    pairwise = start + coef * torch.stack(terms).to(torch.float64).sum()
+    assert not torch.equal(pairwise, loop)  # the order matters for these terms

@@ -33,10 +33,33 @@ def _growth(value: Any) -> str | None:
 
 _plain = plain
 
+# mean elements per tensor from which pass 1 keeps a scratch buffer per tensor for pass 2 (256 KB in fp32)
+_LARGE = 1 << 16
+
 
 def _like(t: Tensor, like: Tensor, dtype: torch.dtype) -> Tensor:
     """The plain 0-d ``t`` on ``like``'s device and in ``dtype``: a replicated DTensor if ``like`` is one."""
     return replicate_like(t.to(device=like.device, dtype=dtype), like)
+
+
+def _sum_in_order(total: Tensor, terms: list[Tensor], coef: Tensor | None = None) -> Tensor:
+    """``total + coef t_1 + coef t_2 + ...`` added one term at a time, in order, in ``total``'s dtype.
+
+    The official optimizer adds each param's term to a float64 host number in turn; the estimate is
+    a ratio of sums that cancel in the first steps, so the order of the additions is kept. A
+    float64 ``cumsum`` on the CPU adds left to right (the same bits) in one call rather than two
+    small ops per param; elsewhere (or sharded terms) the terms are added one by one."""
+    if not terms:
+        return total
+    if total.device.type != "cpu" or hasattr(terms[0], "device_mesh"):
+        for t in terms:
+            t = _plain(t).to(device=total.device, dtype=total.dtype)
+            total = total + (t if coef is None else coef * t)
+        return total
+    vec = torch.stack(terms).to(device=total.device, dtype=total.dtype)
+    if coef is not None:
+        vec = coef * vec
+    return torch.cat([total.reshape(1), vec]).cumsum(0)[-1]
 
 
 class Prodigy(Transform):
@@ -192,21 +215,21 @@ class Prodigy(Transform):
         pre = self.name + "."
         g, params = self._direction(b, hp, flags)
         d = c["d"]
-        dt = d.dtype
         p0, s, v = b.state[pre + "p0"], b.state[pre + "s"], b.state[pre + "exp_avg_sq"]
         p_sl, g_sl = [self._sliced(p) for p in params], [self._sliced(x) for x in g]
         diffs = torch._foreach_sub(p0, p_sl)
         # one scratch buffer per tensor, reused for every temporary of the step: each fresh
         # model-sized temporary costs page faults on CPU, and the results keep their bits. out= takes
         # plain tensors only (DTensor has no rule for it); with slice_p == 1 the scratch has the
-        # params' shapes and serves pass 2 too
+        # params' shapes and serves pass 2 too. Small tensors (a temporary from the allocator's
+        # free lists) take one list op rather than an op per tensor
         reuse = reuse and bool(params) and not hasattr(params[0], "device_mesh")
-        full = reuse and self.slice_p == 1
+        full = reuse and self.slice_p == 1 and sum(map(Tensor.numel, v)) >= _LARGE * len(v)
         dot_sum, l1_sum = acc
-        for x, y in zip(g_sl, diffs, strict=True):
-            dot = (x * y).sum() if hasattr(x, "device_mesh") else torch.dot(x.reshape(-1), y.reshape(-1))
-            # term by term, in the official order: the estimate is a ratio of sums that cancel
-            dot_sum = dot_sum + c["num_coef"] * _plain(dot).to(device=d.device, dtype=dt)
+        sharded = hasattr(params[0], "device_mesh") if params else False
+        dots = [(x * y).sum() if sharded else torch.dot(x.reshape(-1), y.reshape(-1))
+                for x, y in zip(g_sl, diffs, strict=True)]
+        dot_sum = _sum_in_order(dot_sum, dots, c["num_coef"])
         like = params[0]
         n = len(g)
         b1, b2 = c["b1"], c["b2"]
@@ -225,9 +248,12 @@ class Prodigy(Transform):
             torch._foreach_addcmul_(v, torch._foreach_mul(g, c2), g)
         torch._foreach_mul_(s, c["b3"])
         torch._foreach_addcmul_(s, g_sl, [_like(c["s_coef"], like, b.dtype)] * n)
-        for x, w in zip(s, diffs, strict=True):  # s has the sliced shape, as the differences
-            n1 = _plain((torch.abs(x, out=w) if reuse else x.abs()).sum()).to(device=d.device, dtype=dt)
-            l1_sum = l1_sum + n1
+        if sharded:
+            norms = [x.abs().sum() for x in s]
+        else:
+            # s has the sliced shape; one call for the bucket, not an abs and a sum per tensor
+            norms = list(torch._foreach_norm(s, 1))
+        l1_sum = _sum_in_order(l1_sum, norms)
         return (dot_sum, l1_sum), (g, diffs if full else None)
 
     def estimate(self, c: dict[str, Any], acc: tuple[Tensor, Tensor], gstate: StateDict) -> dict[str, Any]:
