@@ -92,6 +92,52 @@ def _storage(t: Tensor) -> int | None:
         return None
 
 
+class RootDivisor:
+    """A pending divisor formed from state only when it is needed: ``sqrt(v) / c + eps`` per tensor.
+
+    Adam's denominator: ``v`` a state buffer per tensor (shaped like its param), ``c`` a number, a
+    0-d tensor or one per tensor, ``eps`` one number. The final write forms it (on the eager path
+    piece by piece, so no model-sized denominator is made, even for a run that is not the chain's
+    last), as does ``Bucket.materialize``: the ops, and so the bits, of forming it in the
+    transform. It reads ``v`` then, so nothing may write ``v`` in between: a transform sees its
+    updates materialized (``Leaf.apply``), and only the pending forms and the write come between.
+    """
+
+    __slots__ = ("v", "c", "eps")
+
+    def __init__(self, v: Sequence[Tensor], c: Scalar, eps: Any) -> None:
+        self.v, self.c, self.eps = list(v), c, eps
+
+    def __len__(self) -> int:
+        return len(self.v)
+
+    def tensors(self) -> list[Tensor]:
+        """The divisors, new tensors."""
+        d = torch._foreach_sqrt(self.v)
+        ops.div_(d, self.c)
+        ops.add_(d, self.eps)
+        return list(d)
+
+    def subset(self, indices: Sequence[int], views: Sequence[Tensor]) -> RootDivisor:
+        """The divisor of the tensors at ``indices``, whose ``v`` (or its slice) is ``views``."""
+        return RootDivisor(views, [self.c[i] for i in indices] if isinstance(self.c, list) else self.c, self.eps)
+
+    @staticmethod
+    def joined(parts: Sequence[tuple[RootDivisor, int]], v: Sequence[Tensor]) -> RootDivisor | None:
+        """One divisor over the tensors ``v``: the ``k``-th is entry ``j`` of ``parts[k] = (divisor,
+        j)``; None where the parts' ``eps`` differ."""
+        eps = parts[0][0].eps
+        if any(not _same_scalar(d.eps, eps) for d, _ in parts):
+            return None
+        cs = [d.c[j] if isinstance(d.c, list) else d.c for d, j in parts]
+        c = cs[0] if all(_same_scalar(x, cs[0]) for x in cs) else cs
+        return RootDivisor(v, c, eps)
+
+
+def _same_scalar(a: Any, b: Any) -> bool:
+    return a is b or (type(a) is float and type(b) is float and a == b)
+
+
 class Bucket:
     """The step context of one bucket: params of one group, device and dtype.
 
@@ -156,7 +202,8 @@ class Bucket:
         self.segments: tuple | None = None
         self.scale: Scalar = 1.0
         self.decay: Any = 0.0
-        self.divisor: list[Tensor] | None = None
+        # a pending divisor: tensors, or Adam's formed from its state when needed (RootDivisor)
+        self.divisor: list[Tensor] | RootDivisor | None = None
         # a pending interpolation of the params toward these tensors by this weight (schedule-free)
         self.toward: tuple[list[Tensor], float] | None = None
         self._borrowed: set[int] = set()
@@ -306,10 +353,11 @@ class Bucket:
             if not _is_zero(self.decay):
                 self.decay = self.decay * s
 
-    def defer_divide(self, divisor: list[Tensor]) -> None:
+    def defer_divide(self, divisor: list[Tensor] | RootDivisor) -> None:
         """Divide the updates by ``divisor`` lazily: the final write is then one ``addcdiv``.
 
-        Call it at most once per transform, right before returning the numerators.
+        Call it at most once per transform, right before returning the numerators. A
+        :class:`RootDivisor` is formed from state only then (or when materialized).
         """
         if self.divisor is not None or self.toward is not None:
             self.materialize()
@@ -333,7 +381,7 @@ class Bucket:
         """Fold the pending divisor, scale and param term into ``updates``."""
         fresh = self.divisor is not None
         if fresh:
-            self.updates = self._divide(self.updates, self.divisor)
+            self.updates = self._divide(self.updates, self.divisors())
             self.divisor = None
         if _is_one(self.scale) and _is_zero(self.decay) and self.toward is None:
             return self.updates
@@ -350,6 +398,11 @@ class Bucket:
             ops.axpy_(self.updates, self.params, decay)
         self.scale, self.decay, self.toward = 1.0, 0.0, None
         return self.updates
+
+    def divisors(self) -> list[Tensor] | None:
+        """The pending divisor as tensors (a :class:`RootDivisor` formed now, into new tensors)."""
+        d = self.divisor
+        return d.tensors() if isinstance(d, RootDivisor) else d
 
     def _divide(self, updates: list[Tensor], divisors: list[Tensor]) -> list[Tensor]:
         """``u / d`` per tensor. Eagerly, a large quotient goes into its divisor when this step made
@@ -457,8 +510,11 @@ class Bucket:
         sub.scale, sub.decay, sub.divisor, sub.toward = 1.0, 0.0, None, None
         if carry_pending:
             sub.scale, sub.decay = (x if not isinstance(x, list) else pick(x) for x in (self.scale, self.decay))
-            if self.divisor is not None:
-                sub.divisor = [part(self.divisor[i], s) for i, s in zip(indices, slices, strict=True)]
+            d = self.divisor
+            if isinstance(d, RootDivisor):
+                sub.divisor = d.subset(indices, [part(d.v[i], s) for i, s in zip(indices, slices, strict=True)])
+            elif d is not None:
+                sub.divisor = [part(d[i], s) for i, s in zip(indices, slices, strict=True)]
             if self.toward is not None:
                 sub.toward = ([part(self.toward[0][i], s) for i, s in zip(indices, slices, strict=True)],
                               self.toward[1])
@@ -503,7 +559,7 @@ class Bucket:
         if not _is_zero(self.decay):
             ops.mul_(self.params, self.decay + 1.0 if isinstance(self.decay, Tensor) else 1.0 + self.decay)
         if self.divisor is not None:
-            ops.addcdiv_(self.params, self.updates, self.divisor, self.scale)
+            ops.addcdiv_(self.params, self.updates, self.divisors(), self.scale)
         elif isinstance(self.scale, list) and not self.tensor_scalars:
             # one pass per tensor and no full-size temporary (a fresh one costs page faults on CPU)
             for p, u, s in zip(self.params, self.updates, self.scale, strict=True):

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import Bucket, Chain, Leaf, Transform, estimate_phases, finish_phase, is_phased, state_owners
+from .base import Bucket, Chain, Leaf, RootDivisor, Transform, estimate_phases, finish_phase, is_phased, state_owners
 
 # elements per piece: with the few buffers a step reads and makes, a piece stays in the caches (a
 # piece of 2^18 fp32 elements is 1 MB per buffer; 2^19 and 2^20 measured slower on a 2-core CPU with
@@ -75,6 +75,8 @@ class PiecewiseChain:
             else:
                 runs.append((kind, [t]))
         self.runs = runs
+        # runs before the last whose sliced updates had to be copied together: run whole from then on
+        self._copies: set[int] = set()
         # scales and decays alone (folded into the write, one pass) gain nothing from pieces
         self.useful = any(kind == "phased" or kind == "pieced" and any(t._update is not None for t in ts)
                           for kind, ts in runs) or any(inner.useful for inner in self._inner.values())
@@ -123,10 +125,13 @@ class PiecewiseChain:
             if kind == "phased":
                 _run_phased(buckets, ts[0], ts[1:], owners, last, writer)
                 continue
-            sliced = last and all(_kind(t) == "slice" for t in ts)
+            # a run before the chain's last is cut into slices too while its updates come back as
+            # the tensors their slices are views of (a lent momentum, Adam's numerator and divisor
+            # formed from state); a run that had to copy them together runs over whole tensors
+            sliced = all(_kind(t) == "slice" for t in ts) and (last or j not in self._copies)
             for b in buckets:
-                if len(b):
-                    _run_pieces(b, ts, owners, last, sliced, writer)
+                if len(b) and _run_pieces(b, ts, owners, last, sliced, writer):
+                    self._copies.add(j)
 
 
 Writer = Callable[[Bucket], None]
@@ -197,13 +202,15 @@ def _owned_keys(b: Bucket, owners: set[str]) -> list[str]:
 
 
 def _run_pieces(b: Bucket, ts: list[Transform], owners: set[str], last: bool, sliced: bool,
-                writer: Writer = Bucket.write) -> None:
+                writer: Writer = Bucket.write) -> bool:
+    """``ts`` over ``b`` piece by piece, written if ``last``. Returns True where a sliced tensor's
+    update had to be copied together for the next run (see :func:`_hand_over`)."""
     if _one_piece(b):  # the bucket itself
         for t in ts:
             t.apply([b])
         if last:
             writer(b)
-        return
+        return False
     # the pending form (a divisor, a scale, a param term) goes into the pieces, as it would stay
     # pending over the whole bucket: materialized now, it would round differently
     keys = _owned_keys(b, owners)
@@ -229,10 +236,7 @@ def _run_pieces(b: Bucket, ts: list[Transform], owners: set[str], last: bool, sl
         else:
             done.append((sub, indices, slices))
     b.scale, b.decay, b.divisor, b.toward = 1.0, 0.0, None, None
-    if done:
-        _hand_over_pending(b, done)
-    for sub, indices, slices in done:
-        b.absorb(sub, indices, slices)
+    return _hand_over(b, done) if done else False
 
 
 class _Finish:
@@ -275,32 +279,121 @@ def _run_phased(buckets: list[Bucket], t: Transform, tail: list[Transform], owne
         _run_pieces(b, [_Finish(t, hp, f, c), *tail], owners, last, sliced, writer)
 
 
-def _hand_over_pending(b: Bucket, done: list) -> None:
+def _hand_over(b: Bucket, done: list[tuple[Bucket, list[int], list[slice | None]]]) -> bool:
+    """The pieces of a run that is not the chain's last, back to the whole bucket for the next run:
+    their state, their updates (a tensor cut into slices as one tensor again) and their pending
+    forms (see :func:`_hand_over_pending`). Returns True where a sliced tensor's update or divisor
+    had to be copied into a new tensor (not the view of one tensor that its slices are)."""
+    handed, copied = _hand_over_pending(b, done)
+    if not handed:
+        for sub, _, slices in done:
+            if slices[0] is not None:
+                sub.materialize()  # as the whole pieces do when absorbed
+    for sub, indices, slices in done:
+        b.absorb(sub, indices, slices, updates=slices[0] is None)
+    pieces_of: dict[int, list[tuple[Tensor, slice]]] = {}
+    for sub, indices, slices in done:
+        if slices[0] is not None:
+            pieces_of.setdefault(indices[0], []).append((sub.updates[0], slices[0]))
+            if id(sub.updates[0]) in sub._borrowed:
+                b._borrowed.add(id(sub.updates[0]))
+    for i, parts in pieces_of.items():
+        whole = _root(parts, b.params[i])
+        if whole is None:
+            whole, copied = _copied(parts, b.params[i]), True
+        if any(id(u) in b._borrowed for u, _ in parts):
+            b._borrowed.add(id(whole))  # lent by the transform: the next run may not write it in place
+        b.updates[i] = whole
+    return copied
+
+
+def _root(parts: list[tuple[Tensor, slice]], like: Tensor) -> Tensor | None:
+    """The tensor shaped like ``like`` whose flat view's slices ``parts`` are, if they are."""
+    base = parts[0][0]._base
+    if base is None or base.numel() != like.numel() or not base.is_contiguous():
+        return None
+    if any(u._base is not base or u.storage_offset() - base.storage_offset() != s.start for u, s in parts):
+        return None
+    return base.view(like.shape)
+
+
+def _copied(parts: list[tuple[Tensor, slice]], like: Tensor) -> Tensor:
+    """A new tensor shaped like ``like`` from its slices: what the step over whole tensors makes."""
+    out = torch.empty(like.shape, dtype=parts[0][0].dtype, device=parts[0][0].device)
+    flat = out.view(-1)
+    for u, s in parts:
+        flat[s].copy_(u)
+    return out
+
+
+def _hand_over_pending(b: Bucket, done: list) -> tuple[bool, bool]:
     """Keep the pieces' pending forms pending on the whole bucket, as the step over the whole bucket
     would (the next transform may fold into it; materialized here, it would round differently): one
-    scale for the bucket, or one per tensor; likewise the param term, which takes one value only."""
+    scale for the bucket, or one per tensor; likewise the param term, which takes one value only;
+    the divisor per tensor (Adam's formed from state stays so: no model-sized denominator).
+    Returns whether it handed them over (not where the pieces' forms differ) and whether a sliced
+    tensor's divisor was copied together."""
     subs = [sub for sub, _, _ in done]
     first = subs[0]
     if any((s.divisor is None) != (first.divisor is None) or not _same(s.decay, first.decay)
            or s.toward is not None for s in subs):
-        return  # the pieces materialize their own forms when absorbed
+        return False, False  # the pieces materialize their own forms when absorbed
+    # per tensor: (sub, entry, slice) of every piece it is in (several slices of a large tensor)
+    entries: list[list[tuple[Bucket, int, slice | None]]] = [[] for _ in b.params]
+    for sub, indices, slices in done:
+        for j, (i, s) in enumerate(zip(indices, slices, strict=True)):
+            entries[i].append((sub, j, s))
+    scales = [_at(es[0][0].scale, es[0][1]) for es in entries]
+    if any(not _same(_at(sub.scale, j), sc) for es, sc in zip(entries, scales, strict=True) for sub, j, _ in es):
+        return False, False  # slices of one tensor with different scales
+    divisor, copied = (None, False) if first.divisor is None else _joined_divisor(b, entries)
     b.decay = first.decay
-    if all(_same(s.scale, first.scale) for s in subs):
-        b.scale = first.scale
-    else:
-        scale: list = [None] * len(b.params)
-        for sub, indices, _ in done:
-            for j, i in enumerate(indices):
-                scale[i] = sub.scale[j] if isinstance(sub.scale, list) else sub.scale
-        b.scale = scale
-    if first.divisor is not None:
-        divisor: list = [None] * len(b.params)
-        for sub, indices, _ in done:
-            for j, i in enumerate(indices):
-                divisor[i] = sub.divisor[j]
-        b.divisor = divisor
+    b.scale = first.scale if all(_same(s.scale, first.scale) for s in subs) else scales
+    b.divisor = divisor
     for sub in subs:
         sub.scale, sub.decay, sub.divisor = 1.0, 0.0, None
+    return True, copied
+
+
+def _joined_divisor(b: Bucket, entries: list[list[tuple[Bucket, int, slice | None]]]
+                    ) -> tuple[list | RootDivisor, bool]:
+    """The pieces' divisors as one pending divisor of the bucket: a :class:`RootDivisor` over the
+    whole ``v`` where every piece has one over its views, else tensors; and whether a sliced
+    tensor's divisor had to be copied together."""
+    if all(isinstance(sub.divisor, RootDivisor) for es in entries for sub, _, _ in es):
+        v = []
+        for i, es in enumerate(entries):
+            if es[0][2] is None:
+                v.append(es[0][0].divisor.v[es[0][1]])
+            else:
+                v.append(_root([(sub.divisor.v[j], s) for sub, j, s in es], b.params[i]))
+        if all(x is not None for x in v):
+            cs = [[_at(sub.divisor.c, j) for sub, j, _ in es] for es in entries]
+            if all(_same(c, cs_i[0]) for cs_i in cs for c in cs_i):
+                joined = RootDivisor.joined([(es[0][0].divisor, es[0][1]) for es in entries], v)
+                if joined is not None:
+                    return joined, False
+    formed: dict[int, list[Tensor]] = {}
+    for es in entries:
+        for sub, _, _ in es:
+            if id(sub) not in formed:
+                formed[id(sub)] = sub.divisors()
+    out, copied = [], False
+    for i, es in enumerate(entries):
+        if es[0][2] is None:
+            out.append(formed[id(es[0][0])][es[0][1]])
+            continue
+        parts = [(formed[id(sub)][j], s) for sub, j, s in es]
+        whole = _root(parts, b.params[i])
+        if whole is None:
+            whole, copied = _copied(parts, b.params[i]), True
+        out.append(whole)
+    return out, copied
+
+
+def _at(x: Any, j: int) -> Any:
+    """Entry ``j`` of a per-tensor list, or the one value for all."""
+    return x[j] if isinstance(x, list) else x
 
 
 def _same(a: Any, b: Any) -> bool:

@@ -420,3 +420,37 @@ def test_pending_interpolation(how: str, monkeypatch: pytest.MonkeyPatch) -> Non
         step = w * (t - want) + s * g
         want = want + (0.5 * step if how == "scaled after" else step)
     torch.testing.assert_close(p.detach(), want, rtol=1e-13, atol=1e-13)
+
+
+def test_root_divisor_formed_when_needed() -> None:
+    # Adam's pending denominator sqrt(v) / c + eps is formed from v by the write or by materialize,
+    # with the bits of forming it in the transform; a sub-bucket takes views of v and its entries
+    # of a per-tensor c; pieces join back into one over whole tensors only where eps agrees
+    from gradchain.base import Bucket, RootDivisor
+
+    gen = torch.Generator().manual_seed(5)
+    v = [torch.rand(6, 5, generator=gen, dtype=torch.float32) for _ in range(3)]
+    m = [torch.randn(6, 5, generator=gen, dtype=torch.float32) for _ in range(3)]
+    c, eps = [0.3, 0.5, 0.7], 1e-3
+    want = [mi / (vi.sqrt() / ci + eps) for mi, vi, ci in zip(m, v, c, strict=True)]
+    params = [torch.zeros(6, 5) for _ in range(3)]
+
+    def bucket() -> Bucket:
+        b = Bucket(params, [x.clone() for x in m], {"adam.exp_avg_sq": v}, [torch.tensor(1.0)] * 3, [None] * 3, {})
+        b.defer_divide(RootDivisor(v, c, eps))
+        return b
+
+    for got, w in zip(bucket().materialize(), want, strict=True):
+        assert torch.equal(got, w)
+    sub = bucket().subset([2, 0], [slice(4, 20), None], carry_pending=True)
+    assert isinstance(sub.divisor, RootDivisor) and sub.divisor.c == [0.7, 0.3]
+    assert sub.divisor.v[0].data_ptr() == v[2].view(-1)[4:].data_ptr()
+    assert torch.equal(sub.materialize()[0], want[2].view(-1)[4:20])
+    b = bucket()
+    b.write()
+    for p, w in zip(params, want, strict=True):
+        assert torch.equal(p, w)
+    d = RootDivisor(v, c, eps)
+    joined = RootDivisor.joined([(d, 1), (d, 1)], v[:2])
+    assert joined is not None and joined.c == 0.5 and joined.eps == eps
+    assert RootDivisor.joined([(d, 0), (RootDivisor(v, c, 1e-8), 1)], v[:2]) is None

@@ -209,9 +209,10 @@ def test_not_on_gpu_or_for_non_chains() -> None:
 
 
 def test_partition_and_mask_children_in_pieces(small_pieces: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    # each child of a partition or a mask runs its chain in pieces over its own params; the
-    # updates come back to the bucket (nothing sliced) unless the partition or mask is the chain's
-    # last run, where the child writes its params (in slices too); the result keeps its bits
+    # each child of a partition or a mask runs its chain in pieces over its own params, its large
+    # tensors in slices: the partition's children hand their updates back as whole tensors (the views
+    # they are: the lent momentum, Adam's numerator and its divisor formed from state), the mask (the
+    # chain's last run) lets its child write its params; the bits are kept
     def mixed() -> gc.Transform:
         adam = gc.chain(gc.scale_by_adam(), gc.add_decoupled_wd(0.1))
         sgd = gc.chain(gc.trace(0.9), gc.scale(2.0))
@@ -224,12 +225,37 @@ def test_partition_and_mask_children_in_pieces(small_pieces: int, monkeypatch: p
         _assert_identical(_run("mixed", False), _run("mixed", True))
         seen = _record(monkeypatch)
         _run("mixed", True, steps=1)
-        # the partition's and the mask's sub-buckets (3 calls), then the children's pieces: with
-        # pieces of 256 elements every child's tensor here is a piece of its own. The partition's
-        # children hand their updates back whole; the mask is the chain's last run, so its child
-        # writes its params piece by piece (p3, 64x64, the second of [p1, p3], in 16 slices), and
-        # the 5 params it did not take are written after it, together
-        assert {i for idx, sl in seen for i, s in zip(idx, sl) if s is not None} == {1}
-        assert sorted(len(idx) for idx, _ in seen) == [1] * (7 + 1 + 16) + [2, 3, 4, 5]
+        # the partition's two sub-buckets and the mask's, then the children's pieces (of 256
+        # elements): the adam child's p0, p3 and p6 in 5 + 16 + 3 slices; the sgd child's p1 and the
+        # 0-d p5 whole, p2 and p4 in 2 slices each; the mask's child p1 whole and p3 in 16 slices;
+        # then the 5 params the mask did not take, written together
+        sliced = [idx for idx, sl in seen if sl[0] is not None]
+        assert len(sliced) == (5 + 16 + 3) + (2 + 2) + 16
+        assert sorted(len(idx) for idx, _ in seen) == [1] * (24 + 6 + 17) + [2, 3, 4, 5]
     finally:
         del FACTORIES["mixed"]
+
+
+@pytest.mark.parametrize("head", ["trace", "adam", "adam_eps_root"])
+def test_updates_of_slices_handed_over(head: str, small_pieces: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    # a run that is not the chain's last cuts large tensors too and hands the next run whole tensors:
+    # the momentum buffer itself where the slices' updates are its views (trace lends it: the clip
+    # after it must not scale it in place), Adam's numerator and its divisor formed from state (views
+    # of v). Adam with eps_root forms its divisor in the transform: piece-sized tensors, copied
+    # together on the first step, after which that run goes over whole tensors. The bits are kept
+    def make() -> gc.Transform:
+        first = {"trace": lambda: gc.trace(0.9), "adam": gc.scale_by_adam,
+                 "adam_eps_root": lambda: gc.scale_by_adam(eps_root=1e-8)}[head]()
+        return gc.chain(first, gc.clip_by_global_norm(0.5), gc.scale_by_lr(0.1))
+
+    FACTORIES["handed_over"] = make
+    try:
+        _assert_identical(_run("handed_over", False), _run("handed_over", True))
+        seen = _record(monkeypatch)
+        _run("handed_over", True, steps=2)
+        # the 5 tensors over 256 elements are 5 + 2 + 16 + 2 + 3 = 28 slices, in the first run and
+        # in the last (which writes them), on both steps; with eps_root the first run is cut once
+        runs_cut = 3 if head == "adam_eps_root" else 4
+        assert sum(1 for _, sl in seen if sl[0] is not None) == runs_cut * 28
+    finally:
+        del FACTORIES["handed_over"]

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 import torch
 
 from .. import ops
-from ..base import Bucket, Leaf, transform, zeros_state
+from ..base import Bucket, Leaf, RootDivisor, transform, zeros_state
 from ..hyperparams import Hyperparam, betas_pair, flag, nonnegative
 from ..hyperparams import betas as check_betas
 
@@ -55,10 +55,11 @@ def scale_by_adam(
             denom = torch._foreach_div(v, ctx.per_step(lambda t: ops.bias_correction(b2, t)))
             ops.add_(denom, eps_root)
             torch._foreach_sqrt_(denom)
+            ops.add_(denom, eps)
         else:
-            denom = torch._foreach_sqrt(v)
-            ops.div_(denom, ctx.per_step(lambda t: ops.sqrt(ops.bias_correction(b2, t))))
-        ops.add_(denom, eps)
+            # sqrt(v) / sqrt(1 - b2^t) + eps, formed by the final write (piece by piece on the eager
+            # path: no model-sized denominator, even where this is not the chain's last run)
+            denom = RootDivisor(v, ctx.per_step(lambda t: ops.sqrt(ops.bias_correction(b2, t))), eps)
         ctx.defer_scale(ctx.per_step(lambda t: 1.0 / ops.bias_correction(b1, t)))
         # u = m / denom, left for the final write to fuse into one addcdiv (as torch's AdamW)
         ctx.defer_divide(denom)
