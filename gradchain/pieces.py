@@ -9,9 +9,12 @@ twice.
 
 The chain's top-level transforms are cut into runs, as the fused path cuts them. A run of
 ``elementwise`` (and ``segmented`` or shape-dependent) leaves runs piece by piece. A tensor is
-sliced only in the chain's last run (which writes the params: no update has to be put together
-again), only when its state in that run is shaped like it, contiguous, and only for leaves that
-are plain ``elementwise`` (a per-tensor reduction needs the whole tensor). A phased transform
+sliced only when its state in that run is shaped like it, contiguous, and only for leaves that
+are plain ``elementwise`` (a per-tensor reduction needs the whole tensor). In the chain's last
+run the slices write their params; a run before it hands the next run whole tensors, which its
+slices' updates are views of (a lent momentum, Adam's ``m``; Adam's pending divisor is formed
+from ``v`` later), or, where they are not, copied together once, that run going over whole
+tensors from the next step on. A phased transform
 (Prodigy, AdamS's mean) runs its first pass over whole tensors in order and its second, with the
 leaves after it, in pieces; a ``partition`` or ``masked`` runs each child's chain in pieces (as
 the chain's last run, the children write their params), Lookahead its inner chain; any other
@@ -29,6 +32,7 @@ import torch
 from torch import Tensor
 
 from .base import Bucket, Chain, Leaf, RootDivisor, Transform, estimate_phases, finish_phase, is_phased, state_owners
+from .base import _same_scalar as _same
 
 # elements per piece: with the few buffers a step reads and makes, a piece stays in the caches (a
 # piece of 2^18 fp32 elements is 1 MB per buffer; 2^19 and 2^20 measured slower on a 2-core CPU with
@@ -394,7 +398,3 @@ def _joined_divisor(b: Bucket, entries: list[list[tuple[Bucket, int, slice | Non
 def _at(x: Any, j: int) -> Any:
     """Entry ``j`` of a per-tensor list, or the one value for all."""
     return x[j] if isinstance(x, list) else x
-
-
-def _same(a: Any, b: Any) -> bool:
-    return a is b or (type(a) is float and type(b) is float and a == b)
