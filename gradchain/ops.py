@@ -138,7 +138,10 @@ def addcmul_(xs: list[Tensor], a: Sequence[Tensor], b: Sequence[Tensor], s: Scal
 
 def addcdiv_(xs: list[Tensor], a: Sequence[Tensor], b: Sequence[Tensor], s: Scalar = 1.0) -> None:
     """``x <- x + s * a / b``."""
-    if _is_tensor(s):
+    if isinstance(s, Tensor) and s.device.type == "cpu" and _plain_cpu(xs):
+        # a host read of a CPU number costs nothing: one list op, not three ops per tensor
+        torch._foreach_addcdiv_(xs, list(a), list(b), s.item())
+    elif _is_tensor(s):
         for x, ai, bi, si in zip(xs, a, b, _each(s, len(xs))):
             x.add_(ai / bi * si)
     else:

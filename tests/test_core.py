@@ -454,3 +454,20 @@ def test_root_divisor_formed_when_needed() -> None:
     joined = RootDivisor.joined([(d, 1), (d, 1)], v[:2])
     assert joined is not None and joined.c == 0.5 and joined.eps == eps
     assert RootDivisor.joined([(d, 0), (RootDivisor(v, c, 1e-8), 1)], v[:2]) is None
+
+
+def test_addcdiv_with_a_cpu_tensor_factor() -> None:
+    # a 0-d CPU factor takes the one list op of a number (its value read on the host, free on the
+    # CPU): the bits of the number's addcdiv, and the tensor form's values
+    from gradchain import ops
+
+    gen = torch.Generator().manual_seed(7)
+    a = [torch.randn(50, generator=gen) for _ in range(3)]
+    b = [torch.rand(50, generator=gen) + 0.5 for _ in range(3)]
+    s = torch.tensor(-0.37, dtype=torch.float32)
+    with_tensor, with_number = [torch.ones(50) for _ in range(3)], [torch.ones(50) for _ in range(3)]
+    ops.addcdiv_(with_tensor, a, b, s)
+    torch._foreach_addcdiv_(with_number, a, b, float(s))
+    for x, y, ai, bi in zip(with_tensor, with_number, a, b, strict=True):
+        assert torch.equal(x, y)
+        torch.testing.assert_close(x, 1.0 + (ai / bi) * s)

@@ -9,8 +9,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .. import ops
 from .._dtensor import plain, replicate_like
-from ..base import Bucket, StateDict, Transform, apply_phases, resolve_hyperparam, zeros_state
+from ..base import Bucket, RootDivisor, StateDict, Transform, apply_phases, resolve_hyperparam, zeros_state
 from ..hyperparams import Hyperparam, betas_pair, nonnegative, positive, unit_interval
 from ..hyperparams import betas as check_betas
 
@@ -237,16 +238,20 @@ class Prodigy(Transform):
         # the same bits, which matter because p0 - p is tiny in the first steps
         if self.momentum:
             m = b.state[pre + "exp_avg"]
-            torch._foreach_mul_(m, b1)
+            ops.mul_(m, b1)
             torch._foreach_addcmul_(m, g, [_like(d * (1.0 - b1), like, b.dtype)] * n)
-        torch._foreach_mul_(v, b2)
+        ops.mul_(v, b2)
         c2 = _like(d * d * (1.0 - b2), like, b.dtype)
         if full:
             for vi, gi, w in zip(v, g, diffs, strict=True):
                 vi.addcmul_(torch.mul(gi, c2, out=w), gi)
+        elif c2.device.type == "cpu" and not sharded and not torch.compiler.is_compiling():
+            # the official addcmul_(g, g, value=d^2 (1 - b2)) as one list op: a host read of a CPU
+            # number costs nothing, and (value g) g keeps the bits of the form below
+            torch._foreach_addcmul_(v, g, g, c2.item())
         else:
             torch._foreach_addcmul_(v, torch._foreach_mul(g, c2), g)
-        torch._foreach_mul_(s, c["b3"])
+        ops.mul_(s, c["b3"])
         torch._foreach_addcmul_(s, g_sl, [_like(c["s_coef"], like, b.dtype)] * n)
         if sharded:
             norms = [x.abs().sum() for x in s]
@@ -288,23 +293,28 @@ class Prodigy(Transform):
         like = params[0]
         step, d_next = c["step"], c["d_next"]
         v = b.state[pre + "exp_avg_sq"]
+        eps = _like(d_next * hp["eps"], like, b.dtype)
+        num = b.state[pre + "exp_avg"] if c["use_m"] else g
+        scale = _like(step if c["use_m"] else step * d_next, like, b.dtype)
+        if not flags["decoupled_wd"]:
+            # the official p.addcdiv_(m, sqrt(v) + d eps, value=-dlr): left to the final write, which
+            # forms the denominator from v there (one addcdiv; piece by piece on the eager path)
+            b.updates = list(num)
+            b.defer_scale(scale)
+            b.defer_divide(RootDivisor(v, 1.0, eps))
+            return
         denom = (torch._foreach_sqrt(v) if scratch is None
                  else [torch.sqrt(x, out=w) for x, w in zip(v, scratch, strict=True)])
-        torch._foreach_add_(denom, _like(d_next * hp["eps"], like, b.dtype))
-        if c["use_m"]:
-            out = torch._foreach_mul(b.state[pre + "exp_avg"], _like(step, like, b.dtype))
-        else:
-            out = torch._foreach_mul(g, _like(step * d_next, like, b.dtype))
+        torch._foreach_add_(denom, eps)
+        out = torch._foreach_mul(num, scale)
         torch._foreach_div_(out, denom)
-        if flags["decoupled_wd"]:
-            # the official optimizer decays p, then steps (two roundings): form that target and
-            # return target - p, which the final write turns back into the target's bits
-            decay = _like(step * hp["weight_decay"], like, b.dtype)
-            target = torch._foreach_addcmul(params, params, [decay] * len(params))
-            torch._foreach_add_(target, out)
-            torch._foreach_sub_(target, params)
-            out = target
-        b.updates = out
+        # the official optimizer decays p, then steps (two roundings): form that target and return
+        # target - p, which the final write turns back into the target's bits
+        decay = _like(step * hp["weight_decay"], like, b.dtype)
+        target = torch._foreach_addcmul(params, params, [decay] * len(params))
+        torch._foreach_add_(target, out)
+        torch._foreach_sub_(target, params)
+        b.updates = target
 
     def apply(self, buckets: list[Bucket]) -> None:
         apply_phases(self, buckets)
