@@ -110,8 +110,11 @@ class ChainOptimizer(torch.optim.Optimizer):
         self._proven: set = set()
         # per bucket: one vector of step counts whose 0-d views are the state["step"] tensors
         self._step_vectors: dict[tuple, tuple[Tensor, list[Tensor]]] = {}
-        # per group (fused path), the last step's params, grads, state dicts, storages and buckets
+        # per group (fused path), the last step's params, grads, state (its entries), storages and buckets
         self._collected: dict[int, tuple] = {}
+        # per flat bucket key, the kept split's items and the flat bucket that took them with every
+        # check passed (ids: a new split or a new flat bucket is checked again)
+        self._checked: dict[tuple, tuple[int, int]] = {}
         self._created: list = []
 
     # -- groups -------------------------------------------------------------------------------
@@ -193,6 +196,7 @@ class ChainOptimizer(torch.optim.Optimizer):
             if reused is not None:
                 out.extend((gi, group, items) for items in reused)
                 continue
+            self._checked = {k: v for k, v in self._checked.items() if k[0] != gi}
             split: dict[tuple, list] = defaultdict(list)
             for p, name in zip(params, self._names(group), strict=False):
                 g = p.grad
@@ -217,8 +221,8 @@ class ChainOptimizer(torch.optim.Optimizer):
             if self.fused and not torch.compiler.is_compiling():
                 # kept on the fused path only: its grads are the flat buffer's views, which live on
                 # anyway; on the eager path the grads kept would be freed ones held alive
-                self._collected[gi] = (list(params), list(map(_GRAD, params)), list(map(self.state.get, params)),
-                                       list(map(Tensor.data_ptr, params)), buckets)
+                self._collected[gi] = (list(params), list(map(_GRAD, params)), self.state, list(self.state),
+                                       list(self.state.values()), list(map(Tensor.data_ptr, params)), buckets)
             out.extend((gi, group, items) for items in buckets)
         return out
 
@@ -231,9 +235,13 @@ class ChainOptimizer(torch.optim.Optimizer):
             return None
         if not all(map(operator.is_, last[1], map(_GRAD, params))):
             return None
-        if not all(map(operator.is_, last[2], map(self.state.get, params))):
+        # every state entry, by identity in order (no hashing of tensors): the same keys mapped to
+        # the same dicts, so each param's state dict is the one this split holds
+        state = self.state
+        if state is not last[2] or len(state) != len(last[3]) or not all(map(operator.is_, state, last[3])) \
+                or not all(map(operator.is_, state.values(), last[4])):
             return None
-        return last[4] if list(map(Tensor.data_ptr, params)) == last[3] else None
+        return last[6] if list(map(Tensor.data_ptr, params)) == last[5] else None
 
     def _resolve(self, group: dict, step: int) -> dict[str, Any]:
         return resolve_group(self.transform, group, step)
@@ -463,16 +471,24 @@ class ChainOptimizer(torch.optim.Optimizer):
         params = [x[0] for x in items]
         key = (gi, params[0].device, params[0].dtype, label)
         fb = self._flats.get(key)
-        if fb is None or len(fb.params) != len(params) or not all(map(operator.is_, fb.params, params)) \
-                or not fb.intact():
-            fb = self._flatten(key, items)
-            if fb is None:
+        if fb is not None and self._checked.get(key) == (id(items), id(fb)):
+            # the split _collect kept, found again (the same params, storages and grads, and the last
+            # step found them this bucket's views): nothing to check per tensor again
+            fb.grads_taken = False
+        else:
+            if fb is None or len(fb.params) != len(params) or not all(map(operator.is_, fb.params, params)) \
+                    or not fb.intact():
+                fb = self._flatten(key, items)
+                if fb is None:
+                    return False
+            if not fb.gather_grads():
                 return False
-        if not fb.gather_grads():
-            return False
         if fb.grads_taken:
             # the split kept by _collect holds the grads just copied in: let them go
             self._collected.pop(gi, None)
+            self._checked.pop(key, None)
+        elif label is None and gi in self._collected:
+            self._checked[key] = (id(items), id(fb))
         if fb.step_host is None:
             fb.step_host = fb.uniform_step()
             if fb.step_host is None:

@@ -296,6 +296,34 @@ def test_kept_split_sees_every_change(events: dict, aot_eager) -> None:
         assert fb.intact() and all(p.grad is v for (_, p), v in zip(named, fb.grad_views))
 
 
+def test_kept_split_sees_a_replaced_state_dict(aot_eager) -> None:
+    # the state's entries are compared by identity in order (no tensor hashing): a param's state
+    # dict replaced, or a new param's state made, is a new split, checked in full again
+    named = make_params(torch.float32)
+    ps = [p for _, p in named]
+    opt = gc.ChainOptimizer(named, recipes.adamw(), fused=True)
+
+    def step(i: int) -> None:  # backward accumulating into the flat views, as in training
+        g = torch.Generator().manual_seed(100 + i)
+        for p in ps:
+            d = torch.randn(p.shape, generator=g)
+            p.grad = d if p.grad is None else p.grad.copy_(d)
+        opt.step()
+
+    for i in range(3):
+        step(i)
+    assert opt._collected_again(0, ps) is not None and opt._checked
+    opt.state[ps[1]] = dict(opt.state[ps[1]])
+    assert opt._collected_again(0, ps) is None
+    opt._collect()
+    assert not opt._checked  # the flat bucket's checks run in full on this step
+    step(3)
+    assert opt._collected_again(0, ps) is not None and opt._checked
+    del opt.state[ps[0]]
+    opt.state[ps[0]] = {}
+    assert opt._collected_again(0, ps) is None
+
+
 def test_a_new_grad_is_not_kept_after_it_is_copied_in(aot_eager) -> None:
     named = make_params(torch.float32)
     opt = gc.ChainOptimizer(named, recipes.adamw(), fused=True)
