@@ -10,6 +10,7 @@ from .. import ops
 from ..base import Bucket, Leaf, scalar_state, transform, zeros_state
 from ..hyperparams import Hyperparam, betas_pair, nonnegative, positive, unit_interval
 from ..hyperparams import betas as check_betas
+from .moments import adam_denominator
 
 __all__ = ["scale_by_adamomentum", "scale_by_adanorm", "scale_by_diffgrad", "scale_by_nadam"]
 
@@ -18,14 +19,6 @@ _FORMS = ("torch", "optax")
 
 def _moments(p: torch.Tensor) -> dict:
     return {"exp_avg": zeros_state(p), "exp_avg_sq": zeros_state(p)}
-
-
-def _adam_denominator(v: list, b2: float, eps: float, ctx: Bucket) -> list:
-    """``sqrt(v / (1 - b2^t)) + eps``, torch's form."""
-    den = torch._foreach_sqrt(v)
-    ops.div_(den, ctx.per_step(lambda t: ops.sqrt(ops.bias_correction(b2, t))))
-    ops.add_(den, eps)
-    return den
 
 
 def _vector(ctx: Bucket, fn, like: torch.Tensor) -> torch.Tensor:
@@ -68,7 +61,7 @@ def scale_by_nadam(
         m, v = state["exp_avg"], state["exp_avg_sq"]
         ops.update_moment(m, updates, b1)
         ops.update_moment_per_elem_norm(v, updates, b2)
-        den = _adam_denominator(v, b2, hp["eps"], ctx)
+        den = adam_denominator(v, b2, hp["eps"], ctx)
         if form == "optax":
             cg = ctx.per_step(lambda t: (1.0 - b1) / ops.bias_correction(b1, t))
             cm = ctx.per_step(lambda t: b1 / ops.bias_correction(b1, t + 1))
@@ -148,7 +141,7 @@ def scale_by_diffgrad(
         for q, u in zip(prev, updates):  # DTensor has no sharding rule for _foreach_copy_
             q.copy_(u)
         torch._foreach_mul_(xi, m)
-        torch._foreach_div_(xi, _adam_denominator(v, b2, hp["eps"], ctx))
+        torch._foreach_div_(xi, adam_denominator(v, b2, hp["eps"], ctx).tensors())
         ctx.defer_scale(ctx.per_step(lambda t: 1.0 / ops.bias_correction(b1, t)))
         return xi
 
@@ -197,7 +190,9 @@ def scale_by_adanorm(
         ops.mul_(m, b1)
         ops.addcmul_(m, updates, ctx.per_tensor(ratio), 1.0 - b1)
         ctx.defer_scale(ctx.per_step(lambda t: 1.0 / ops.bias_correction(b1, t)))
-        return torch._foreach_div(m, _adam_denominator(v, b2, hp["eps"], ctx))
+        # u = m / denom, left for the final write (one addcdiv, no quotient buffer)
+        ctx.defer_divide(adam_denominator(v, b2, hp["eps"], ctx))
+        return list(m)
 
     spec = {
         "betas": Hyperparam(betas_pair(betas), check_betas),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -12,6 +13,12 @@ from ..hyperparams import Hyperparam, betas_pair, flag, nonnegative
 from ..hyperparams import betas as check_betas
 
 __all__ = ["scale_by_adam"]
+
+
+def adam_denominator(v: list, b2: Any, eps: Any, ctx: Bucket) -> RootDivisor:
+    """``sqrt(v) / sqrt(1 - b2^t) + eps`` (torch's form), pending: formed by the final write, or
+    now by ``.tensors()``."""
+    return RootDivisor(v, ctx.per_step(lambda t: ops.sqrt(ops.bias_correction(b2, t))), eps)
 
 
 def scale_by_adam(
@@ -57,9 +64,9 @@ def scale_by_adam(
             torch._foreach_sqrt_(denom)
             ops.add_(denom, eps)
         else:
-            # sqrt(v) / sqrt(1 - b2^t) + eps, formed by the final write (piece by piece on the eager
-            # path: no model-sized denominator, even where this is not the chain's last run)
-            denom = RootDivisor(v, ctx.per_step(lambda t: ops.sqrt(ops.bias_correction(b2, t))), eps)
+            # formed by the final write (piece by piece on the eager path: no model-sized
+            # denominator, even where this is not the chain's last run)
+            denom = adam_denominator(v, b2, eps, ctx)
         ctx.defer_scale(ctx.per_step(lambda t: 1.0 / ops.bias_correction(b1, t)))
         # u = m / denom, left for the final write to fuse into one addcdiv (as torch's AdamW)
         ctx.defer_divide(denom)
