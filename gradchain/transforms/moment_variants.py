@@ -141,8 +141,9 @@ def scale_by_diffgrad(
         for q, u in zip(prev, updates):  # DTensor has no sharding rule for _foreach_copy_
             q.copy_(u)
         torch._foreach_mul_(xi, m)
-        torch._foreach_div_(xi, adam_denominator(v, b2, hp["eps"], ctx).tensors())
         ctx.defer_scale(ctx.per_step(lambda t: 1.0 / ops.bias_correction(b1, t)))
+        # u = xi m / denom, left for the final write (one addcdiv)
+        ctx.defer_divide(adam_denominator(v, b2, hp["eps"], ctx))
         return xi
 
     spec = {"betas": Hyperparam(betas_pair(betas), check_betas), "eps": Hyperparam(eps, nonnegative)}
