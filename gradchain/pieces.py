@@ -299,14 +299,14 @@ def _hand_over(b: Bucket, done: list[tuple[Bucket, list[int], list[slice | None]
     for sub, indices, slices in done:
         if slices[0] is not None:
             pieces_of.setdefault(indices[0], []).append((sub.updates[0], slices[0]))
-            if id(sub.updates[0]) in sub._borrowed:
-                b._borrowed.add(id(sub.updates[0]))
     for i, parts in pieces_of.items():
         whole = _root(parts, b.params[i])
         if whole is None:
             whole, copied = _copied(parts, b.params[i]), True
-        if any(id(u) in b._borrowed for u, _ in parts):
-            b._borrowed.add(id(whole))  # lent by the transform: the next run may not write it in place
+        else:
+            # a tensor the step did not make (a gradient, a state buffer, a lent one): the next run
+            # may not write it in place
+            b._borrowed.add(id(whole))
         b.updates[i] = whole
     return copied
 
@@ -318,7 +318,7 @@ def _root(parts: list[tuple[Tensor, slice]], like: Tensor) -> Tensor | None:
         return None
     if any(u._base is not base or u.storage_offset() - base.storage_offset() != s.start for u, s in parts):
         return None
-    return base.view(like.shape)
+    return base if base.shape == like.shape else base.view(like.shape)
 
 
 def _copied(parts: list[tuple[Tensor, slice]], like: Tensor) -> Tensor:

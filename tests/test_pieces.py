@@ -259,3 +259,22 @@ def test_updates_of_slices_handed_over(head: str, small_pieces: int, monkeypatch
         assert sum(1 for _, sl in seen if sl[0] is not None) == runs_cut * 28
     finally:
         del FACTORIES["handed_over"]
+
+
+def test_gradients_never_written_when_handed_over(small_pieces: int) -> None:
+    # a run before the last whose slices' updates are the gradient's (a pending param term only)
+    # hands over the gradient itself as the update; the global clip after it forms u = g + wd p
+    # without writing into p.grad
+    named = _params(torch.float32)
+    chain = gc.chain(gc.add_l2(0.1), gc.clip_by_global_norm(1e30), gc.trace(0.0), gc.scale_by_lr(0.1))
+    opt = gc.ChainOptimizer(named, chain)
+    assert opt._pieces is not None and opt._pieces.runs[0][0] == "pieced"
+    grads = []
+    for _, p in named:
+        p.grad = torch.randn_like(p)
+        grads.append(p.grad.clone())
+    before = [p.detach().clone() for _, p in named]
+    opt.step()
+    for (_, p), g, p0 in zip(named, grads, before, strict=True):
+        assert torch.equal(p.grad, g)
+        torch.testing.assert_close(p.detach(), p0 - 0.1 * (g + 0.1 * p0), rtol=0, atol=1e-6)
