@@ -49,10 +49,11 @@ def _sum_in_order(total: Tensor, terms: list[Tensor], coef: Tensor | None = None
     The official optimizer adds each param's term to a float64 host number in turn; the estimate is
     a ratio of sums that cancel in the first steps, so the order of the additions is kept. A
     float64 ``cumsum`` on the CPU adds left to right (the same bits) in one call rather than two
-    small ops per param; elsewhere (or sharded terms) the terms are added one by one."""
+    small ops per param; elsewhere (sharded terms, a trace: the fused path's one flat term) the
+    terms are added one by one."""
     if not terms:
         return total
-    if total.device.type != "cpu" or hasattr(terms[0], "device_mesh"):
+    if total.device.type != "cpu" or hasattr(terms[0], "device_mesh") or torch.compiler.is_compiling():
         for t in terms:
             t = _plain(t).to(device=total.device, dtype=total.dtype)
             total = total + (t if coef is None else coef * t)
@@ -253,7 +254,9 @@ class Prodigy(Transform):
             torch._foreach_addcmul_(v, torch._foreach_mul(g, c2), g)
         ops.mul_(s, c["b3"])
         torch._foreach_addcmul_(s, g_sl, [_like(c["s_coef"], like, b.dtype)] * n)
-        if sharded:
+        if sharded or torch.compiler.is_compiling():
+            # traced, an abs and a sum fuse into the kernel that updates s, where a list norm is an
+            # opaque call that first writes s to a full-size buffer of its own
             norms = [x.abs().sum() for x in s]
         else:
             # s has the sliced shape; one call for the bucket, not an abs and a sum per tensor
