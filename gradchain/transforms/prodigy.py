@@ -235,25 +235,35 @@ class Prodigy(Transform):
         like = params[0]
         n = len(g)
         b1, b2 = c["b1"], c["b2"]
-        # addcmul with a 0-d coefficient is the fused multiply-add of the official add_(g, alpha=c):
+        # on the CPU, eagerly, the official ops with the coefficients as numbers (a host read of a
+        # CPU number costs nothing; one list op, no 0-d factor broadcast per tensor); elsewhere
+        # addcmul with a 0-d coefficient, the fused multiply-add of the official add_(g, alpha=c):
         # the same bits, which matter because p0 - p is tiny in the first steps
+        host = like.device.type == "cpu" and not sharded and not torch.compiler.is_compiling()
+
+        def add_scaled(xs: list[Tensor], ys: list[Tensor], coef: Tensor) -> None:
+            if host:
+                torch._foreach_add_(xs, ys, alpha=float(coef))
+            else:
+                torch._foreach_addcmul_(xs, ys, [coef] * n)
+
         if self.momentum:
             m = b.state[pre + "exp_avg"]
             ops.mul_(m, b1)
-            torch._foreach_addcmul_(m, g, [_like(d * (1.0 - b1), like, b.dtype)] * n)
+            add_scaled(m, g, _like(d * (1.0 - b1), like, b.dtype))
         ops.mul_(v, b2)
         c2 = _like(d * d * (1.0 - b2), like, b.dtype)
         if full:
             for vi, gi, w in zip(v, g, diffs, strict=True):
                 vi.addcmul_(torch.mul(gi, c2, out=w), gi)
-        elif c2.device.type == "cpu" and not sharded and not torch.compiler.is_compiling():
+        elif host:
             # the official addcmul_(g, g, value=d^2 (1 - b2)) as one list op: a host read of a CPU
             # number costs nothing, and (value g) g keeps the bits of the form below
             torch._foreach_addcmul_(v, g, g, c2.item())
         else:
             torch._foreach_addcmul_(v, torch._foreach_mul(g, c2), g)
         ops.mul_(s, c["b3"])
-        torch._foreach_addcmul_(s, g_sl, [_like(c["s_coef"], like, b.dtype)] * n)
+        add_scaled(s, g_sl, _like(c["s_coef"], like, b.dtype))
         if sharded or torch.compiler.is_compiling():
             # traced, an abs and a sum fuse into the kernel that updates s, where a list norm is an
             # opaque call that first writes s to a full-size buffer of its own
