@@ -165,19 +165,32 @@ def _rebinding_ema() -> gc.Transform:
     return gc.transform("ema", {}, init, update, elementwise=True)
 
 
-def test_gradients_never_written(small_pieces: int) -> None:
+# (chain, the step it must take from p0 with gradient g)
+NEVER_WRITTEN = {
+    "in-place transform": (lambda: gc.chain(_inplace_double(), gc.scale_by_lr(0.1)), lambda p0, g: p0 - 0.2 * g),
+    # a run before the last whose slices' updates are the gradient's (a pending param term only)
+    # hands over the gradient itself as the update; the global clip after it forms u = g + wd p
+    # without writing into p.grad
+    "handed over": (lambda: gc.chain(gc.add_l2(0.1), gc.clip_by_global_norm(1e30), gc.trace(0.0), gc.scale_by_lr(0.1)),
+                    lambda p0, g: p0 - 0.1 * (g + 0.1 * p0)),
+}
+
+
+@pytest.mark.parametrize("case", list(NEVER_WRITTEN))
+def test_gradients_never_written(case: str, small_pieces: int) -> None:
+    make, expected = NEVER_WRITTEN[case]
     named = _params(torch.float32)
-    opt = gc.ChainOptimizer(named, gc.chain(_inplace_double(), gc.scale_by_lr(0.1)))
-    assert opt._pieces is not None
+    opt = gc.ChainOptimizer(named, make())
+    assert opt._pieces is not None and opt._pieces.runs[0][0] == "pieced"
     grads = []
     for _, p in named:
         p.grad = torch.randn_like(p)
         grads.append(p.grad.clone())
     before = [p.detach().clone() for _, p in named]
     opt.step()
-    for (_, p), g, p0 in zip(named, grads, before):
+    for (_, p), g, p0 in zip(named, grads, before, strict=True):
         assert torch.equal(p.grad, g)
-        torch.testing.assert_close(p.detach(), p0 - 0.2 * g, rtol=0, atol=1e-6)
+        torch.testing.assert_close(p.detach(), expected(p0, g), rtol=0, atol=1e-6)
 
 
 def test_rebound_state_goes_into_the_slice(small_pieces: int) -> None:
@@ -260,21 +273,3 @@ def test_updates_of_slices_handed_over(head: str, small_pieces: int, monkeypatch
     finally:
         del FACTORIES["handed_over"]
 
-
-def test_gradients_never_written_when_handed_over(small_pieces: int) -> None:
-    # a run before the last whose slices' updates are the gradient's (a pending param term only)
-    # hands over the gradient itself as the update; the global clip after it forms u = g + wd p
-    # without writing into p.grad
-    named = _params(torch.float32)
-    chain = gc.chain(gc.add_l2(0.1), gc.clip_by_global_norm(1e30), gc.trace(0.0), gc.scale_by_lr(0.1))
-    opt = gc.ChainOptimizer(named, chain)
-    assert opt._pieces is not None and opt._pieces.runs[0][0] == "pieced"
-    grads = []
-    for _, p in named:
-        p.grad = torch.randn_like(p)
-        grads.append(p.grad.clone())
-    before = [p.detach().clone() for _, p in named]
-    opt.step()
-    for (_, p), g, p0 in zip(named, grads, before, strict=True):
-        assert torch.equal(p.grad, g)
-        torch.testing.assert_close(p.detach(), p0 - 0.1 * (g + 0.1 * p0), rtol=0, atol=1e-6)
