@@ -126,3 +126,16 @@ def validate(key: str, spec: Hyperparam, value: Any) -> None:
     problem = spec.check(value)
     if problem is not None:
         raise ValueError(f"invalid hyperparameter {key}={value!r}: {problem}")
+
+
+def same_value(a: Any, b: Any) -> bool:
+    """Whether two hyperparameter values are the same plain value: numbers, bools, strings, None,
+    or tuples and lists of them, of the same types, equal, and zeros of one sign. Anything else (a
+    tensor) is never the same: a caller keyed on it computes again."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, (tuple, list)):
+        return len(a) == len(b) and all(map(same_value, a, b))
+    if type(a) is float:
+        return a == b and (a != 0.0 or math.copysign(1.0, a) == math.copysign(1.0, b))
+    return a is None or (type(a) in (int, bool, str) and a == b)

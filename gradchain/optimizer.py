@@ -116,6 +116,9 @@ class ChainOptimizer(torch.optim.Optimizer):
         # check passed (ids: a new split or a new flat bucket is checked again)
         self._checked: dict[tuple, tuple[int, int]] = {}
         self._created: list = []
+        # the transforms whose checks span param groups (Prodigy's one estimate), found once
+        self._group_checks = [c for c in (getattr(t, "validate_groups", None) for t in self.transform.leaves())
+                              if c is not None]
 
     # -- groups -------------------------------------------------------------------------------
     def _check_group(self, group: dict[str, Any]) -> None:
@@ -233,25 +236,25 @@ class ChainOptimizer(torch.optim.Optimizer):
         last = self._collected.get(gi)
         if last is None or len(last[0]) != len(params) or not all(map(operator.is_, last[0], params)):
             return None
-        if not all(map(operator.is_, last[1], map(_GRAD, params))):
-            return None
         # every state entry, by identity in order (no hashing of tensors): the same keys mapped to
         # the same dicts, so each param's state dict is the one this split holds
         state = self.state
         if state is not last[2] or len(state) != len(last[3]) or not all(map(operator.is_, state, last[3])) \
                 or not all(map(operator.is_, state.values(), last[4])):
             return None
-        return last[6] if list(map(Tensor.data_ptr, params)) == last[5] else None
+        # a param's grad and storage in one pass: after a step over a large model the tensors are out
+        # of the cache, and the two reads of one param then share its first miss
+        if not all(p.grad is g and p.data_ptr() == d for p, g, d in zip(params, last[1], last[5])):
+            return None
+        return last[6]
 
     def _resolve(self, group: dict, step: int) -> dict[str, Any]:
         return resolve_group(self.transform, group, step)
 
     def _validate_across_groups(self, resolved: list[dict[str, Any]]) -> None:
         """Checks that span param groups (Prodigy's one estimate needs one beta), before any state moves."""
-        for leaf in self.transform.leaves():
-            check = getattr(leaf, "validate_groups", None)
-            if check is not None and resolved:
-                check(resolved)
+        for check in self._group_checks if resolved else ():
+            check(resolved)
 
     def _buckets(self, loss: Tensor | None, batch_size: Any = None,
                  collected: list | None = None) -> tuple[list[Bucket], list[list[dict]]]:

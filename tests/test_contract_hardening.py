@@ -131,6 +131,30 @@ def test_an_invalid_schedule_value_moves_nothing() -> None:
     _assert_unchanged(opt, params, snap)
 
 
+
+def test_a_value_set_by_hand_is_checked_at_the_next_step() -> None:
+    # values that passed at one step are not checked again; a changed one is, in any group
+    params = [torch.nn.Parameter(torch.randn(5)), torch.nn.Parameter(torch.randn(3))]
+    opt = gc.ChainOptimizer([{"params": [params[0]]}, {"params": [params[1]], "lr": 0.1}], recipes.adamw())
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    opt.step()
+    snap = _snapshot(opt, params)
+    opt.param_groups[1]["lr"] = -1.0
+    with pytest.raises(ValueError, match="lr=-1.0"):
+        opt.step()
+    _assert_unchanged(opt, params, snap)
+    opt.param_groups[1]["lr"] = 0.1
+    opt.param_groups[0]["betas"] = (0.9, 1.5)
+    with pytest.raises(ValueError, match="betas"):
+        opt.step()
+    _assert_unchanged(opt, params, snap)
+    opt.param_groups[0]["betas"] = (0.9, 0.999)
+    opt.step()
+    assert not torch.equal(params[0].detach(), snap[0][0])
+
+
 def test_nested_chain_keeps_maximize() -> None:
     p = torch.nn.Parameter(torch.zeros(3))
     opt = gc.ChainOptimizer([p], gc.chain(recipes.sgd(lr=0.1, maximize=True)))

@@ -343,6 +343,19 @@ def test_hyperparam_spec_validates_defaults() -> None:
         gc.transform("x", {"a": Hyperparam(1.0)})
 
 
+
+def test_same_value_tells_apart_what_makes_another_tensor() -> None:
+    from gradchain.hyperparams import same_value
+
+    assert same_value(0.9, 0.9) and same_value((0.9, 0.999), (0.9, 0.999)) and same_value(None, None)
+    assert same_value("two_largest", "two_largest") and same_value(3, 3)
+    assert not same_value(0.0, -0.0)  # a zero's sign reaches the math (1 / -0.0)
+    assert not same_value(1, 1.0) and not same_value(True, 1) and not same_value((0.9, 0.99), [0.9, 0.99])
+    assert not same_value((0.9, 0.999), (0.9, 0.99)) and not same_value(float("nan"), float("nan"))
+    t = torch.tensor(0.5)
+    assert not same_value(t, t)  # a tensor's value may change in place: never taken as the same
+
+
 def test_eager_division_reuses_only_buffers_the_step_made(monkeypatch) -> None:
     # a large quotient goes into its divisor when the step made that buffer (no fresh model-sized
     # buffer); a divisor that is state, a gradient or shared by two tensors is never written

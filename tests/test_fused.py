@@ -352,6 +352,29 @@ def test_scheduler_and_new_steps_do_not_recompile() -> None:
     assert opt.compile_seconds == seconds
 
 
+
+def test_hyperparameters_set_between_steps_take_effect(aot_eager) -> None:
+    # an unchanged value keeps its 0-d tensor from step to step; a changed one is made anew
+    plan = [{"lr": 1e-2}, {}, {"lr": 3e-3, "betas": (0.8, 0.99)}, {}, {"weight_decay": 0.0}, {"weight_decay": 0.3}]
+    runs = []
+    for fused in (False, True):
+        named = make_params(torch.float64)
+        opt = gc.ChainOptimizer(named, recipes.adamw(), fused=fused)
+        for i, change in enumerate(plan):
+            opt.param_groups[0].update(change)
+            set_grads(named, i, torch.float64)
+            opt.step()
+        runs.append((named, opt))
+    assert_same(*runs[0], *runs[1], rtol=1e-12, atol=1e-15)
+    # and the last values are what the compiled code read: a step with lr 0 moves nothing
+    named, opt = runs[1]
+    opt.param_groups[0].update(lr=0.0)
+    before = [p.detach().clone() for _, p in named]
+    set_grads(named, 9, torch.float64)
+    opt.step()
+    assert all(torch.equal(p.detach(), b) for (_, p), b in zip(named, before))
+
+
 def saved(opt: gc.ChainOptimizer) -> bytes:
     buf = io.BytesIO()
     torch.save(opt.state_dict(), buf)

@@ -44,6 +44,8 @@ class FlatBucket:
         self.device, self.dtype = p0.device, p0.dtype
         self._segments: tuple | None = None
         self._workspaces: dict[torch.dtype, list[Tensor]] = {}
+        # the step's hyperparameters as 0-d tensors, kept while their values stay (fused.runner)
+        self.hp_cache: dict[str, tuple[Any, Tensor]] = {}
         self.flat_params = torch.zeros(total, dtype=p0.dtype, device=p0.device)
         self.flat_grads = torch.zeros(total, dtype=p0.dtype, device=p0.device)
         self.param_views = self._views(self.flat_params)

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from ..base import Bucket, Chain, Leaf, Transform, _storage, state_owners
 from ..combinators import _Partition
+from ..hyperparams import same_value
 from .flat import FlatBucket
 from .hoist import hoisting_backend
 
@@ -143,11 +144,33 @@ def _tail_ok(t: Transform) -> bool:
 _TRACING_ERRORS = (torch._dynamo.exc.TorchDynamoException, torch._dynamo.exc.FailOnRecompileLimitHit)
 
 
-def _tensor_hp(tensor_hp: list, i: int, resolved: Mapping[str, Any], device: torch.device) -> dict:
-    """Bucket ``i``'s hyperparameters as 0-d tensors, made once per step for all its segments."""
+def _tensor_hp(tensor_hp: list, i: int, resolved: Mapping[str, Any], fb: FlatBucket) -> dict:
+    """Bucket ``i``'s hyperparameters as 0-d tensors, made once per step for all its segments.
+
+    A number that has not changed since the last step keeps its tensor (``fb.hp_cache``): most
+    hyperparameters are constant, and a new 0-d tensor per value per step is most of the fused
+    path's host time on a small model. The compiled code only reads them."""
     if tensor_hp[i] is None:
-        tensor_hp[i] = {k: _tensorize(v, device) for k, v in resolved.items()}
+        cache = fb.hp_cache
+        out = {}
+        for k, v in resolved.items():
+            if not _number_like(v):
+                out[k] = _tensorize(v, fb.device)
+                continue
+            hit = cache.get(k)
+            if hit is None or not same_value(hit[0], v):
+                hit = cache[k] = (v, _tensorize(v, fb.device))
+            out[k] = hit[1]
+        tensor_hp[i] = out
     return tensor_hp[i]
+
+
+def _number_like(v: Any) -> bool:
+    """A float or int (not a bool), or a tuple or list of them."""
+    if isinstance(v, (tuple, list)):
+        return all(_number_like(x) for x in v)
+    return type(v) in (float, int)
+
 
 
 def _tensorize(value: Any, device: torch.device) -> Any:
@@ -319,7 +342,7 @@ class FusedChain:
         host = seg.host(resolved)
         segments = fb.segments() if seg.segmented else None
         if self.compile and len(state) == len(keys):
-            _tensor_hp(tensor_hp, i, resolved, fb.device)
+            _tensor_hp(tensor_hp, i, resolved, fb)
             lossv = None if loss is None else loss.detach().to(fb.device)
             # the updates for the next segment go into a buffer of the bucket's, not a fresh one
             ws = None if seg.last else fb.workspace(dtype, avoid=update)
@@ -341,7 +364,7 @@ class FusedChain:
         """A segment compiled for one param at a time (a kernel per shape) over per-param views:
         transforms that are elementwise for other shapes only (Adafactor's factored matrices).
         Each param's update goes into its view of a kept flat buffer, which is returned."""
-        _tensor_hp(tensor_hp, i, resolved, fb.device)
+        _tensor_hp(tensor_hp, i, resolved, fb)
         host = seg.host(resolved)
         lossv = None if loss is None else loss.detach().to(fb.device)
         grads = fb.split(grad)
@@ -387,7 +410,7 @@ class FusedChain:
         live = [] if c is None else [i for i, f in enumerate(flags) if not f["frozen"]]
         thp = [{k: _tensorize(v, fb.device) for k, v in hp.items()} for hp, fb in zip(hps, flats)]
         for i, fb in enumerate(flats):
-            _tensor_hp(tensor_hp, i, resolved[i], fb.device)
+            _tensor_hp(tensor_hp, i, resolved[i], fb)
         lossv = None if loss is None else loss.detach().to(flats[0].device)
         coefs: dict[str, Any] = {}
         if live:
