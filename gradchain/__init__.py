@@ -16,7 +16,7 @@ from .base import (
 from .combinators import *  # noqa: F403
 from .evaluation import eval_params
 from .hyperparams import Hyperparam
-from .optimizer import ChainOptimizer
+from .optimizer import ChainOptimizer, FusedGradientCopyWarning
 from .transforms import *  # noqa: F403
 
 __version__ = "0.1.0"
@@ -25,6 +25,7 @@ __all__ = [
     "Bucket",
     "Chain",
     "ChainOptimizer",
+    "FusedGradientCopyWarning",
     "Hyperparam",
     "Leaf",
     "Transform",

@@ -19,7 +19,7 @@ from .fused import FlatBucket, FusedRoutes, fused_chain
 from .pieces import PiecewiseChain
 from .schedules import decode_groups, encode_groups
 
-__all__ = ["ChainOptimizer"]
+__all__ = ["ChainOptimizer", "FusedGradientCopyWarning"]
 
 # keys torch's LR schedulers write into param groups
 _SCHEDULER_KEYS = frozenset(
@@ -30,6 +30,13 @@ _GROUP_KEYS = frozenset({"params", "param_names"})
 # torch.distributed.checkpoint (which keeps only "state" and "param_groups") carries it too
 _GLOBAL = "@global."
 _GRAD = operator.attrgetter("grad")
+# on the fused path, after this many steps in a row whose grads were new tensors (copied into the
+# flat buffer), a warning says how to keep them views
+COPIED_GRADS_WARN_STEPS = 3
+
+
+class FusedGradientCopyWarning(UserWarning):
+    """The fused path copies gradients that arrive as new tensors at every step (a cost, not an error)."""
 
 
 class ChainOptimizer(torch.optim.Optimizer):
@@ -478,6 +485,7 @@ class ChainOptimizer(torch.optim.Optimizer):
             # the split _collect kept, found again (the same params, storages and grads, and the last
             # step found them this bucket's views): nothing to check per tensor again
             fb.grads_taken = False
+            fb.copied_steps = 0
         else:
             if fb is None or len(fb.params) != len(params) or not all(map(operator.is_, fb.params, params)) \
                     or not fb.intact():
@@ -486,6 +494,9 @@ class ChainOptimizer(torch.optim.Optimizer):
                     return False
             if not fb.gather_grads():
                 return False
+            fb.copied_steps = fb.copied_steps + 1 if fb.grads_taken else 0
+            if fb.copied_steps == COPIED_GRADS_WARN_STEPS:
+                self._warn_copied_grads(key)
         if fb.grads_taken:
             # the split kept by _collect holds the grads just copied in: let them go
             self._collected.pop(gi, None)
@@ -525,6 +536,19 @@ class ChainOptimizer(torch.optim.Optimizer):
             self._warned.add(key)
             warnings.warn(f"ChainOptimizer(fused=True): param group {key[0]} runs on the eager path because {why}",
                           RuntimeWarning, stacklevel=4)
+
+    def _warn_copied_grads(self, key: tuple) -> None:
+        if ("copied", key) not in self._warned:
+            self._warned.add(("copied", key))
+            warnings.warn(
+                f"ChainOptimizer(fused=True): the gradients of param group {key[0]} arrived as new tensors "
+                f"{COPIED_GRADS_WARN_STEPS} steps in a row, so each step copies them into the flat gradient "
+                "buffer (a read and a write of every gradient). They stay views of that buffer when they are "
+                "reset with this optimizer's zero_grad() (in place), not model.zero_grad() or "
+                "zero_grad(set_to_none=True)",
+                FusedGradientCopyWarning,
+                stacklevel=4,
+            )
 
     def zero_grad(self, set_to_none: bool | None = None) -> None:
         """Reset the gradients. On the fused path (and ``set_to_none`` not given) the flat gradient

@@ -274,7 +274,8 @@ def train_run(
                 raise Stopped(f"stopped at step {step}")
             step += 1
             model.train()
-            opt.zero_grad(set_to_none=True)
+            # torch's default (grads to None); a fused ChainOptimizer zeroes its flat gradient views in place
+            opt.zero_grad()
             batch = next(stream)
             if ctx is not None:
                 batch = ctx.shard_batch(batch)

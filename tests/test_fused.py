@@ -240,6 +240,30 @@ def test_new_grad_tensors_are_copied_in(aot_eager) -> None:
     assert all(p.grad is v for (_, p), v in zip(named, fb.grad_views))
 
 
+
+def test_grads_copied_in_step_after_step_warn_once(aot_eager) -> None:
+    named = make_params(torch.float64)
+    opt = gc.ChainOptimizer(named, recipes.adamw(), fused=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for i in range(gc.optimizer.COPIED_GRADS_WARN_STEPS - 1):  # the first copy makes the flat buffer
+            set_grads(named, i, torch.float64)
+            opt.step()
+        assert not [w for w in caught if w.category is gc.FusedGradientCopyWarning]
+        # grads reset in place between steps (opt.zero_grad()) stay views: no copy, the count restarts
+        for _ in range(3):
+            opt.zero_grad()
+            for _, p in named:
+                p.grad.add_(1.0)
+            opt.step()
+        assert not [w for w in caught if w.category is gc.FusedGradientCopyWarning]
+        for i in range(2 * gc.optimizer.COPIED_GRADS_WARN_STEPS):  # as after model.zero_grad() + backward
+            set_grads(named, i, torch.float64)
+            opt.step()
+    mine = [w for w in caught if w.category is gc.FusedGradientCopyWarning]
+    assert len(mine) == 1 and "zero_grad()" in str(mine[0].message)
+
+
 def test_param_without_grad_falls_back_exactly(aot_eager) -> None:
     results = []
     for fused in (False, True):

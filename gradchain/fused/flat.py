@@ -51,6 +51,8 @@ class FlatBucket:
         self.param_views = self._views(self.flat_params)
         self.grad_views = self._views(self.flat_grads)
         self.grads_taken = False
+        # consecutive steps whose grads were copied in (ChainOptimizer warns at a few)
+        self.copied_steps = 0
         for p, v, gv in zip(params, self.param_views, self.grad_views):
             v.copy_(p.detach())
             p.data = v
