@@ -35,6 +35,8 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 SEGMENT_UNROLL = 32
 # elements: a divisor at least this large takes the quotient in place (Bucket._divide)
 _DIVIDE_IN_PLACE = 1 << 16
+# the eager final write forms a large tensor's row-block divisor (PendingDivisor.rows) this many elements at a time
+WRITE_BLOCK = 1 << 18
 # elements per row of such a chunked bucket
 SEGMENT_ROW = 256
 
@@ -92,7 +94,36 @@ def _storage(t: Tensor) -> int | None:
         return None
 
 
-class RootDivisor:
+class PendingDivisor:
+    """A divisor per tensor formed only when it is needed: by the final write or by ``materialize``.
+
+    ``tensors()`` forms it whole. A subclass with ``in_row_blocks = True`` also forms any block of
+    rows (dim 0) of one tensor (``rows``): the eager final write on a CPU then forms a large
+    tensor's divisor one cache-sized block at a time, right before it divides by it, so the divisor
+    never exists at full size in memory (SM3's).
+    """
+
+    __slots__ = ()
+    in_row_blocks = False
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def tensors(self) -> list[Tensor]:
+        """The divisors, new tensors."""
+        raise NotImplementedError
+
+    def rows(self, i: int, start: int, stop: int) -> Tensor:
+        """Tensor ``i``'s divisor over rows ``start:stop`` of its dim 0, a new tensor."""
+        raise NotImplementedError
+
+    def subset(self, indices: Sequence[int], views: Sequence[Tensor] | None = None) -> PendingDivisor:
+        """The divisor of the tensors at ``indices`` (``views``: the slices of them it is for, where
+        it supports slices)."""
+        raise NotImplementedError
+
+
+class RootDivisor(PendingDivisor):
     """A pending divisor formed from state only when it is needed: ``sqrt(v) / c + eps`` per tensor.
 
     Adam's denominator: ``v`` a state buffer per tensor (shaped like its param), ``c`` a number, a
@@ -119,8 +150,9 @@ class RootDivisor:
         ops.add_(d, self.eps)
         return list(d)
 
-    def subset(self, indices: Sequence[int], views: Sequence[Tensor]) -> RootDivisor:
+    def subset(self, indices: Sequence[int], views: Sequence[Tensor] | None = None) -> RootDivisor:
         """The divisor of the tensors at ``indices``, whose ``v`` (or its slice) is ``views``."""
+        views = [self.v[i] for i in indices] if views is None else views
         return RootDivisor(views, [self.c[i] for i in indices] if isinstance(self.c, list) else self.c, self.eps)
 
     @staticmethod
@@ -401,9 +433,9 @@ class Bucket:
         return self.updates
 
     def divisors(self) -> list[Tensor] | None:
-        """The pending divisor as tensors (a :class:`RootDivisor` formed now, into new tensors)."""
+        """The pending divisor as tensors (a :class:`PendingDivisor` formed now, into new tensors)."""
         d = self.divisor
-        return d.tensors() if isinstance(d, RootDivisor) else d
+        return d.tensors() if isinstance(d, PendingDivisor) else d
 
     def _divide(self, updates: list[Tensor], divisors: list[Tensor]) -> list[Tensor]:
         """``u / d`` per tensor. Eagerly, a large quotient goes into its divisor when this step made
@@ -512,6 +544,8 @@ class Bucket:
         if carry_pending:
             sub.scale, sub.decay = (x if not isinstance(x, list) else pick(x) for x in (self.scale, self.decay))
             d = self.divisor
+            if isinstance(d, PendingDivisor) and not isinstance(d, RootDivisor):
+                d = self.divisor = d.tensors()  # formed once for all the sub-buckets
             if isinstance(d, RootDivisor):
                 sub.divisor = d.subset(indices, [part(d.v[i], s) for i, s in zip(indices, slices, strict=True)])
             elif d is not None:
@@ -560,7 +594,10 @@ class Bucket:
         if not _is_zero(self.decay):
             ops.mul_(self.params, self.decay + 1.0 if isinstance(self.decay, Tensor) else 1.0 + self.decay)
         if self.divisor is not None:
-            ops.addcdiv_(self.params, self.updates, self.divisors(), self.scale)
+            if getattr(self.divisor, "in_row_blocks", False) and not self.tensor_scalars:
+                self._addcdiv_in_row_blocks(self.divisor)
+            else:
+                ops.addcdiv_(self.params, self.updates, self.divisors(), self.scale)
         elif isinstance(self.scale, list) and not self.tensor_scalars:
             # one pass per tensor and no full-size temporary (a fresh one costs page faults on CPU)
             for p, u, s in zip(self.params, self.updates, self.scale, strict=True):
@@ -570,6 +607,29 @@ class Bucket:
                     p.add_(u, alpha=s)
         elif not _is_zero(self.scale):
             ops.axpy_(self.params, self.updates, self.scale)
+
+    def _addcdiv_in_row_blocks(self, d: PendingDivisor) -> None:
+        """``p <- p + scale * u / d`` with a large tensor's divisor formed a block of rows at a time
+        (about ``WRITE_BLOCK`` elements, which stay in cache until the division reads them)."""
+        big = [i for i, p in enumerate(self.params) if p.numel() > WRITE_BLOCK and p.dim() >= 1 and p.shape[0] > 1]
+        rest = sorted(set(range(len(self.params))) - set(big))
+        formed = d.tensors() if not big else None  # the usual case of a small bucket: one list op
+        if rest:
+            pick = lambda xs: [xs[i] for i in rest]  # noqa: E731
+            divisors = formed if formed is not None else d.subset(rest).tensors()
+            scale = pick(self.scale) if isinstance(self.scale, list) else self.scale
+            ops.addcdiv_(pick(self.params), pick(self.updates), divisors, scale)
+        for i in big:
+            p, u, n = self.params[i], self.updates[i], self.params[i].shape[0]
+            step = max(1, WRITE_BLOCK * n // p.numel())
+            for start in range(0, n, step):
+                stop = min(start + step, n)
+                ops.addcdiv_([p[start:stop]], [u[start:stop]], [d.rows(i, start, stop)], _at(self.scale, i))
+
+
+def _at(x: Any, i: int) -> Any:
+    """Entry ``i`` of a per-tensor list, or the one value for all."""
+    return x[i] if isinstance(x, list) else x
 
 
 def resolve_hyperparam(key: str, spec: Hyperparam, value: Any, bucket: Bucket) -> Any:

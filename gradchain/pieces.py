@@ -31,7 +31,18 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import Bucket, Chain, Leaf, RootDivisor, Transform, estimate_phases, finish_phase, is_phased, state_owners
+from .base import (
+    Bucket,
+    Chain,
+    Leaf,
+    RootDivisor,
+    Transform,
+    _at,
+    estimate_phases,
+    finish_phase,
+    is_phased,
+    state_owners,
+)
 from .base import _same_scalar as _same
 
 # elements per piece: with the few buffers a step reads and makes, a piece stays in the caches (a
@@ -393,8 +404,3 @@ def _joined_divisor(b: Bucket, entries: list[list[tuple[Bucket, int, slice | Non
             whole, copied = _copied(parts, b.params[i]), True
         out.append(whole)
     return out, copied
-
-
-def _at(x: Any, j: int) -> Any:
-    """Entry ``j`` of a per-tensor list, or the one value for all."""
-    return x[j] if isinstance(x, list) else x

@@ -128,6 +128,28 @@ def test_sm3_mixed_bucket_equals_one_tensor_at_a_time(eps: float) -> None:
             assert torch.equal(together[k][j], alone)
 
 
+
+@pytest.mark.parametrize("b2", [1.0, 0.9])
+@pytest.mark.parametrize("eps", [1e-8, 0.0])
+def test_sm3_in_row_blocks_matches_reference(b2: float, eps: float, monkeypatch) -> None:
+    # eagerly on a CPU nu is formed a block of rows at a time, for the accumulators and again for the
+    # divisor in the final write: blocks of 8 elements here, several per tensor, the last one short
+    monkeypatch.setattr(gc.base, "WRITE_BLOCK", 8)
+    shapes = [(7, 3), (5, 2, 3), (9,), (6, 1), (10, 1), (0, 4)]
+    gss = [_grads(s, 4, seed) for seed, s in enumerate(shapes)]
+    for gs in gss:
+        gs[1] = gs[1] * 0  # a zero gradient (with eps = 0: 0, not 0/0)
+    params = [torch.nn.Parameter(torch.zeros(s, dtype=torch.float64)) for s in shapes]
+    opt = gc.ChainOptimizer(params, recipes.sm3(lr=0.1, b2=b2, eps=eps))
+    for k in range(4):
+        for p, gs in zip(params, gss):
+            p.grad = gs[k].clone()
+        opt.step()
+    for p, gs in zip(params, gss):
+        want = -0.1 * torch.stack(ref_sm3(gs, b2, eps)).sum(0) if gs[0].numel() else torch.zeros(gs[0].shape)
+        torch.testing.assert_close(p.detach(), want.double(), rtol=1e-12, atol=1e-14)
+
+
 # -- Amos (docs/families/amos.md, jestimator's rule) ------------------------------------------------------
 def ref_amos(gs, theta, xi, eta, beta=0.999, zeta=0.25, fr=1.0, eps=2.0**-125, per_unit=False):
     """Returns the sequence of params; v, b scalars (or per row of dim 0)."""

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
 
-from .. import ops
+from .. import base, ops
 from .._dtensor import settle
-from ..base import Bucket, Leaf, transform, zeros_state
+from ..base import Bucket, Leaf, PendingDivisor, transform, zeros_state
 from ..hyperparams import Hyperparam, closed_unit_interval, nonnegative
 
 __all__ = ["scale_by_sm3"]
@@ -17,6 +17,92 @@ __all__ = ["scale_by_sm3"]
 
 def _others(ndim: int, axis: int) -> tuple[int, ...]:
     return tuple(d for d in range(ndim) if d != axis)
+
+
+def _nu(g: Tensor, accs: list[Tensor], b2: float) -> Tensor:
+    """``min_a acc_a + g^2`` (the accumulators broadcast to ``g``'s shape), or with ``b2 < 1``
+    ``lerp(min_a acc_a, g^2, 1 - b2)``: a new tensor."""
+    low = accs[0]
+    for acc in accs[1:-1]:
+        low = torch.minimum(low, acc)  # smaller than the param: the last axis is still 1
+    nu = torch.minimum(low, accs[-1])
+    if b2 == 1.0:
+        return nu.addcmul_(g, g)
+    return nu.lerp_(g * g, 1.0 - b2)
+
+
+def _root(nu: Tensor, eps: float, exact_zero: bool) -> Tensor:
+    """``sqrt(nu + eps)`` in ``nu``'s buffer; inf where ``nu = 0`` with ``exact_zero`` (an eps too
+    small to keep 0/0 away: the update is then 0 there). ``== 0``, not ``> 0``: a NaN nu must reach
+    the update, or the NaN stays in the accumulators unseen."""
+    if exact_zero:
+        return torch.where(nu == 0, float("inf"), nu.add_(eps).sqrt_())
+    return nu.add_(eps).sqrt_()
+
+
+def _accumulate_in_blocks(g: Tensor, accs: list[Tensor], b2: float) -> list[Tensor]:
+    """The accumulators' new values (``max`` of ``nu`` over all axes but theirs), with ``nu`` formed
+    a block of rows at a time (it stays in cache: nothing model-sized is made). Returns copies of
+    the accumulators as they were, which the divisor reads (``_SM3Divisor``)."""
+    n, rows = g.dim(), g.shape[0]
+    old = [acc.clone() for acc in accs]
+    block = max(1, base.WRITE_BLOCK * rows // g.numel())
+    running: list[Tensor | None] = [None] * n
+    for start in range(0, rows, block):
+        stop = min(start + block, rows)
+        nu = _nu(g[start:stop], [old[0][start:stop], *old[1:]], b2)
+        # the block holds whole rows: their maxima are final; the other axes' maxima run over the blocks
+        accs[0][start:stop].copy_(nu.amax(dim=_others(n, 0), keepdim=True))
+        for a in range(1, n):
+            m = nu.amax(dim=_others(n, a), keepdim=True)
+            running[a] = m if running[a] is None else torch.maximum(running[a], m, out=running[a])
+    for a in range(1, n):
+        accs[a].copy_(running[a])
+    return old
+
+
+class _SM3Divisor(PendingDivisor):
+    """SM3's ``sqrt(nu + eps)``, formed when the final write needs it: for a vector from its
+    accumulator (``nu`` itself), for a larger tensor ``nu`` again from the gradient and the
+    accumulators as they were before this step (kept: they are small), one block of rows at a time."""
+
+    __slots__ = ("g", "accs", "b2", "eps", "exact_zero")
+    in_row_blocks = True
+
+    def __init__(self, g: list[Tensor], accs: list[list[Tensor] | None], b2: float, eps: float,
+                 exact_zero: bool) -> None:
+        # accs[i]: [the accumulator] of a vector, the old accumulators of a larger tensor, None if empty
+        self.g, self.accs, self.b2, self.eps, self.exact_zero = g, accs, b2, eps, exact_zero
+
+    def __len__(self) -> int:
+        return len(self.g)
+
+    def rows(self, i: int, start: int, stop: int) -> Tensor:
+        accs = self.accs[i]
+        if self.g[i].dim() <= 1:
+            return _root(accs[0][start:stop].clone(), self.eps, self.exact_zero)
+        return _root(_nu(self.g[i][start:stop], [accs[0][start:stop], *accs[1:]], self.b2), self.eps,
+                     self.exact_zero)
+
+    def tensors(self) -> list[Tensor]:
+        out: list[Tensor | None] = [None] * len(self.g)
+        flat = [i for i, g in enumerate(self.g) if g.dim() <= 1]
+        if flat:  # vectors: list ops (many small tensors are bound by per-op overhead)
+            acc = [self.accs[i][0] for i in flat]
+            d = torch._foreach_add(acc, self.eps)
+            torch._foreach_sqrt_(d)
+            for i, a, di in zip(flat, acc, d, strict=True):
+                out[i] = torch.where(a == 0, float("inf"), di) if self.exact_zero else di
+        for i, g in enumerate(self.g):
+            if out[i] is None:
+                out[i] = g if self.accs[i] is None else self.rows(i, 0, g.shape[0])
+        return out  # type: ignore[return-value]
+
+    def subset(self, indices: Sequence[int], views: Sequence[Tensor] | None = None) -> _SM3Divisor:
+        if views is not None:
+            raise ValueError("SM3's divisor is formed from whole tensors, not slices")
+        return _SM3Divisor([self.g[i] for i in indices], [self.accs[i] for i in indices], self.b2, self.eps,
+                           self.exact_zero)
 
 
 def scale_by_sm3(b2: float = 1.0, eps: float = 1e-8, *, name: str = "sm3") -> Leaf:
@@ -47,8 +133,7 @@ def scale_by_sm3(b2: float = 1.0, eps: float = 1e-8, *, name: str = "sm3") -> Le
     def update(updates: list, state: dict, hp: Mapping, ctx: Bucket) -> list:
         b2, eps = float(hp["b2"]), float(hp["eps"])
         # nu >= 0, so with eps > 0 the divisor is > 0 and nu = 0 (where g = 0) gives 0 with no test
-        eps_positive = eps >= torch.finfo(updates[0].dtype).tiny
-        denoms: list[Tensor | None] = [None] * len(updates)
+        exact_zero = eps < torch.finfo(updates[0].dtype).tiny
         # ndim <= 1 (Adagrad): the accumulator is nu itself, so all of them take list ops in place;
         # many small tensors are bound by per-op overhead, not by the arithmetic
         flat = [i for i, g in enumerate(updates) if g.dim() <= 1]
@@ -59,37 +144,35 @@ def scale_by_sm3(b2: float = 1.0, eps: float = 1e-8, *, name: str = "sm3") -> Le
                 torch._foreach_addcmul_(acc, g, g)
             else:
                 torch._foreach_lerp_(acc, torch._foreach_mul(g, g), 1.0 - b2)
-            nu = torch._foreach_add(acc, eps)
-            torch._foreach_sqrt_(nu)
-            for i, a, d in zip(flat, acc, nu, strict=True):
-                denoms[i] = d if eps_positive else torch.where(a == 0, float("inf"), d)
+        # per tensor, the accumulators (None: an empty tensor, which has nothing to scale)
+        accs = [[state["acc_0"][i]] if g.dim() <= 1 else
+                [state[f"acc_{a}"][i] for a in range(g.dim())] if g.numel() else None
+                for i, g in enumerate(updates)]
+        if not ctx.tensor_scalars and updates[0].is_cpu and not hasattr(updates[0], "device_mesh"):
+            # nu a block of rows at a time, here for the accumulators and again in the final write
+            # for the divisor: twice the arithmetic, but no model-sized buffer, nor the page faults
+            # of a fresh one on every step
+            for i, g in enumerate(updates):
+                if g.dim() > 1 and accs[i] is not None:
+                    accs[i] = _accumulate_in_blocks(g, accs[i], b2)
+            ctx.defer_divide(_SM3Divisor(list(updates), accs, b2, eps, exact_zero))
+            return list(updates)
+        denoms = dict(zip(flat, _SM3Divisor([updates[i] for i in flat], [accs[i] for i in flat], b2, eps,
+                                            exact_zero).tensors(), strict=True))
         for i, g in enumerate(updates):
-            if denoms[i] is not None:
+            if i in denoms:
                 continue
-            if not g.numel():  # an empty tensor has nothing to scale (and amax has no value)
+            if accs[i] is None:
                 denoms[i] = g
                 continue
-            n = g.dim()
-            accs = [state[f"acc_{a}"][i] for a in range(n)]
             # nu lives in one fresh buffer, later turned into the divisor in place: on a memory-bound
             # step each further full-size temporary costs more than the arithmetic
-            low = accs[0]
-            for acc in accs[1:-1]:
-                low = torch.minimum(low, acc)  # smaller than the param: the last axis is still 1
-            nu = torch.minimum(low, accs[-1])
-            if b2 == 1.0:
-                nu.addcmul_(g, g)
-            else:
-                nu.lerp_(g * g, 1.0 - b2)
-            for a, acc in enumerate(accs):
-                acc.copy_(settle(ops.reduce_dims(nu, _others(n, a), "amax", ctx.tensor_scalars)))
-            if eps_positive:
-                denoms[i] = nu.add_(eps).sqrt_()
-            else:
-                # == 0, not > 0: a NaN nu must reach the update, or the NaN stays in the accumulators unseen
-                denoms[i] = torch.where(nu == 0, float("inf"), nu.add_(eps).sqrt_())
+            nu = _nu(g, accs[i], b2)
+            for a, acc in enumerate(accs[i]):
+                acc.copy_(settle(ops.reduce_dims(nu, _others(g.dim(), a), "amax", ctx.tensor_scalars)))
+            denoms[i] = _root(nu, eps, exact_zero)
         # u = g / sqrt(nu + eps), left for the final write to fuse into one addcdiv
-        ctx.defer_divide(denoms)
+        ctx.defer_divide([denoms[i] for i in range(len(updates))])
         return list(updates)
 
     spec = {"b2": Hyperparam(b2, closed_unit_interval), "eps": Hyperparam(eps, nonnegative)}
