@@ -172,7 +172,6 @@ def _number_like(v: Any) -> bool:
     return type(v) in (float, int)
 
 
-
 def _tensorize(value: Any, device: torch.device) -> Any:
     if isinstance(value, bool) or value is None or isinstance(value, str):
         return value
