@@ -277,7 +277,8 @@ def clip_by_block_rms(d: float = 1.0, *, min_d: float | None = None, name: str =
         d = float(hp["d"])
         norms = torch._foreach_norm(updates)
         limits = [math.sqrt(max(u.numel(), 1)) * d for u in updates]
-        torch._foreach_div_(updates, _clamped_ratios(norms, limits, 1.0))
+        # a factor per tensor, left for the final write: no pass over the update of its own
+        ctx.defer_scale([1.0 / r for r in _clamped_ratios(norms, limits, 1.0)])
         return updates
 
     # in place: the bucket hands over updates it owns (a gradient or state buffer is copied first)
@@ -328,7 +329,8 @@ def scale_by_param_rms(eps: Any = 1e-3, *, name: str = "param_rms") -> Leaf:
         eps2 = float(_pick(hp["eps"], 1))
         norms = torch._foreach_norm(ctx.params, 2, dtype=ctx.dtype)
         roots = [math.sqrt(max(p.numel(), 1)) for p in ctx.params]
-        torch._foreach_mul_(updates, _clamped_ratios(norms, roots, eps2))
+        # a factor per tensor, left for the final write: no pass over the update of its own
+        ctx.defer_scale(_clamped_ratios(norms, roots, eps2))
         return updates
 
     return transform(name, {"eps": Hyperparam(eps, _eps_check(eps))}, None, update, inplace=True, segmented=True)
