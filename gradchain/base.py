@@ -432,6 +432,45 @@ class Bucket:
         self.scale, self.decay, self.toward = 1.0, 0.0, None
         return self.updates
 
+    def update_norms(self) -> list[Tensor]:
+        """The L2 norm of each update as the final write would add it, pending forms included.
+
+        A divisor formed in row blocks (:class:`PendingDivisor` with ``in_row_blocks``) is formed
+        block by block here too, and nothing model-sized is made; any other pending form is
+        materialized first."""
+        d = self.divisor
+        if self.toward is not None or not _is_zero(self.decay) or (d is not None and not getattr(
+                d, "in_row_blocks", False)):
+            self.materialize()
+            d = None
+        if d is None:
+            norms = list(torch._foreach_norm(self.updates))
+        else:
+            big = set(self._row_blocked())
+            rest = [i for i in range(len(self.updates)) if i not in big]
+            norms = [None] * len(self.updates)
+            if rest:
+                quotients = torch._foreach_div([self.updates[i] for i in rest], d.subset(rest).tensors())
+                for i, n in zip(rest, torch._foreach_norm(quotients), strict=True):
+                    norms[i] = n
+            for i in big:
+                u, step = self.updates[i], self._block_rows(i)
+                squares = sum(torch.div(u[s:s + step], d.rows(i, s, min(s + step, u.shape[0]))).square().sum()
+                              for s in range(0, u.shape[0], step))
+                norms[i] = squares.sqrt()
+        if isinstance(self.scale, list) or not _is_one(self.scale):
+            norms = [n * abs(_at(self.scale, i)) for i, n in enumerate(norms)]
+        return norms  # type: ignore[return-value]
+
+    def _row_blocked(self) -> list[int]:
+        """The tensors large enough for the eager write to form their divisor a block of rows at a time."""
+        return [i for i, p in enumerate(self.params) if p.numel() > WRITE_BLOCK and p.dim() >= 1 and p.shape[0] > 1]
+
+    def _block_rows(self, i: int) -> int:
+        """Rows per block of tensor ``i``: about ``WRITE_BLOCK`` elements."""
+        p = self.params[i]
+        return max(1, WRITE_BLOCK * p.shape[0] // p.numel())
+
     def divisors(self) -> list[Tensor] | None:
         """The pending divisor as tensors (a :class:`PendingDivisor` formed now, into new tensors)."""
         d = self.divisor
@@ -611,7 +650,7 @@ class Bucket:
     def _addcdiv_in_row_blocks(self, d: PendingDivisor) -> None:
         """``p <- p + scale * u / d`` with a large tensor's divisor formed a block of rows at a time
         (about ``WRITE_BLOCK`` elements, which stay in cache until the division reads them)."""
-        big = [i for i, p in enumerate(self.params) if p.numel() > WRITE_BLOCK and p.dim() >= 1 and p.shape[0] > 1]
+        big = self._row_blocked()
         rest = sorted(set(range(len(self.params))) - set(big))
         formed = d.tensors() if not big else None  # the usual case of a small bucket: one list op
         if rest:
@@ -620,8 +659,7 @@ class Bucket:
             scale = pick(self.scale) if isinstance(self.scale, list) else self.scale
             ops.addcdiv_(pick(self.params), pick(self.updates), divisors, scale)
         for i in big:
-            p, u, n = self.params[i], self.updates[i], self.params[i].shape[0]
-            step = max(1, WRITE_BLOCK * n // p.numel())
+            p, u, n, step = self.params[i], self.updates[i], self.params[i].shape[0], self._block_rows(i)
             for start in range(0, n, step):
                 stop = min(start + step, n)
                 ops.addcdiv_([p[start:stop]], [u[start:stop]], [d.rows(i, start, stop)], _at(self.scale, i))
@@ -798,6 +836,7 @@ class Leaf(Transform):
         step_scalars: bool = False,
         static: Sequence[str] = (),
         momentum_state: Sequence[str] = (),
+        reads_pending: bool = False,
     ) -> None:
         if not name or "." in name:
             raise ValueError(f"transform name {name!r} must be non-empty and contain no '.'")
@@ -828,6 +867,10 @@ class Leaf(Transform):
         # advance alone (NAdam's running product), never the tensor's values: the update is
         # elementwise given that state, so the eager step in pieces may run it on slices of a tensor
         self.step_scalars = step_scalars
+        # reads_pending: on the eager path the update gets the bucket with its pending forms as they
+        # are (it reads the updates only through ``ctx.update_norms()`` and defers its own factors),
+        # so a divisor formed in row blocks stays pending; traced, it sees them materialized
+        self._reads_pending = reads_pending
         self.momentum_state = tuple(momentum_state)
         self.static = frozenset(static)
         unknown_static = self.static - set(self._specs)
@@ -906,9 +949,10 @@ class Leaf(Transform):
             if self._param_term is not None:
                 b.add_param_term(self._param_term(hp, b))
                 continue
-            b.materialize()
-            if self._inplace:
-                b.ensure_owned()
+            if not self._reads_pending or b.tensor_scalars:
+                b.materialize()
+                if self._inplace:
+                    b.ensure_owned()
             local = {k[len(prefix):]: v for k, v in b.state.items() if k.startswith(prefix)}
             b.updates = list(self._update(b.updates, local, hp, b))
             for k, v in local.items():

@@ -203,6 +203,31 @@ def test_clip_relative_step_param_rms() -> None:
         gc.clip_by_block_rms(0.0)
 
 
+
+@pytest.mark.parametrize("kw", [{}, {"weight_decay": 0.1, "d": 1.5}, {"momentum": 0.9}], ids=str)
+def test_row_blocks_match_reference(kw: dict, monkeypatch) -> None:
+    # eagerly on a CPU the statistics are summed a block of rows at a time and the divisor is left to
+    # the final write, which forms it block by block (the clip and the param scale read it pending):
+    # blocks of 16 elements here, several per tensor and a short last one, against the float64 reference
+    import recipe_references as refs
+
+    monkeypatch.setattr(gc.base, "WRITE_BLOCK", 16)
+    shapes = {"tall": (9, 4), "wide": (3, 11), "batched": (5, 3, 4), "vec": (40,), "small": (3,)}
+    gen = torch.Generator().manual_seed(0)
+    init = {n: 0.5 * torch.randn(s, generator=gen, dtype=torch.float64) for n, s in shapes.items()}
+    grads = [{n: 3.0 * torch.randn(s, generator=gen, dtype=torch.float64) for n, s in shapes.items()}
+             for _ in range(8)]
+    params = {n: torch.nn.Parameter(p.clone()) for n, p in init.items()}
+    opt = ChainOptimizer(list(params.items()), recipes.adafactor(lr=0.05, min_dim_size_to_factor=3, **kw))
+    for gs in grads:
+        for n, p in params.items():
+            p.grad = gs[n].clone()
+        opt.step()
+    want, _ = refs.adafactor(init, grads, lr=0.05, min_dim_size_to_factor=3, **kw)
+    for n, p in params.items():
+        torch.testing.assert_close(p.detach() - init[n], want[n] - init[n], rtol=1e-12, atol=1e-15, msg=n)
+
+
 # -- torch.optim.Adafactor parity ----------------------------------------------------------------------
 class _Net(torch.nn.Module):
     """A 3-d weight (torch factors its last two dims, dim 0 a batch), matrices, biases, a 0-d gain."""

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from .. import ops
+from .. import base, ops
 from .._dtensor import settle
-from ..base import Bucket, Leaf, transform, zeros_state
+from ..base import Bucket, Leaf, PendingDivisor, transform, zeros_state
 from ..hyperparams import Hyperparam, nonnegative, number, positive
 
 __all__ = [
@@ -108,7 +108,9 @@ def scale_by_factored_rms(
     ``R <- lerp(R, mean_cols(Q), w_t)``, ``C <- lerp(C, mean_rows(Q), w_t)`` and
     ``u = g * rsqrt(R / mean(R)) * rsqrt(C)`` (one rsqrt per factor: never forms ``R*C`` or its
     reciprocal, so a dead row crossing a dead column stays finite; see docs/families/factored.md);
-    otherwise ``v <- lerp(v, Q, w_t)`` and ``u = g * rsqrt(v)``. Dims per ``factored``
+    otherwise ``v <- lerp(v, Q, w_t)`` and ``u = g * rsqrt(v)``. Eagerly on a CPU the roots are one
+    pending divisor, ``u = g / (sqrt(R / mean(R)) sqrt(C))``, formed by the final write a block of
+    rows at a time, and the statistics are summed a block at a time: nothing model-sized is made. Dims per ``factored``
     (:func:`factored_dims`). ``beta2_decay`` is torch's name; optax's ``decay_rate=0.8`` is
     ``-beta2_decay``. ``eps`` may be torch's pair ``(eps1, eps2)``: its first entry is used,
     None meaning 1e-30.
@@ -180,6 +182,25 @@ def scale_by_factored_rms(
             # freed before the next full-size buffers are made, which then reuse its memory: with q
             # still alive they would grow the heap, and each step would page-fault it in anew
             del q
+        factored_here = any(v is None and g.numel() for v, g in zip(vs, updates, strict=True))
+        if factored_here and not torch_compat and updates[0].is_cpu and not hasattr(updates[0], "device_mesh"):
+            # the divisor sqrt(V^) is left to the final write, which forms a large tensor's a block of
+            # rows at a time; the statistics are summed a block at a time too: g^2 is never model-sized.
+            # (A bucket of unfactored tensors only keeps the list ops below: its divisor would be
+            # formed twice, for the clip's norms and for the write, at a per-op cost per tensor.)
+            factors: list[Any] = [None] * len(updates)
+            for i, g in enumerate(updates):
+                if vs[i] is not None:
+                    factors[i] = vs[i]
+                elif g.numel():
+                    factors[i] = _factored_in_blocks(g, state["row"][i], state["col"][i], dims(ctx.params[i]),
+                                                     weights[i] ** decay, eps1)
+                else:  # nothing to divide; the statistics still decay toward the empty mean (0)
+                    _factored(g, state["row"][i], state["col"][i], dims(ctx.params[i]), weights[i] ** decay, eps1,
+                              False)  # type: ignore[arg-type]
+            ctx.defer_divide(_FactoredDivisor(list(updates), factors))
+            return list(updates)
+        if flat:
             if torch_compat:
                 r = torch._foreach_clamp_min(v, eps1 * eps1)
                 torch._foreach_rsqrt_(r)
@@ -232,6 +253,69 @@ def _factored(g: Tensor, row: Tensor, col: Tensor, dims: tuple, w: Any, eps1: An
     return torch.mul(g, torch.rsqrt(row / _mean(row, rows)), out=q).mul_(torch.rsqrt(col))
 
 
+def _factored_in_blocks(g: Tensor, row: Tensor, col: Tensor, dims: tuple, w: float, eps1: float
+                        ) -> tuple[Tensor, Tensor]:
+    """The factored statistics updated from ``g^2 + eps1`` formed a block of rows (dim 0) at a time,
+    in cache; returns the divisor's two factors ``sqrt(R / mean(R))`` and ``sqrt(C)``."""
+    rows, cols = dims
+    n0 = g.shape[0]
+    block = max(1, base.WRITE_BLOCK * n0 // g.numel())
+    eps = g.new_full((), eps1)
+    sums = [torch.zeros_like(row), torch.zeros_like(col)]
+    for start in range(0, n0, block):
+        stop = min(n0, start + block)
+        q = torch.addcmul(eps, g[start:stop], g[start:stop])
+        for total, over in zip(sums, (cols, rows), strict=True):
+            part = q.sum(dim=over, keepdim=True)
+            if 0 in over:  # dim 0 is summed: the blocks add up
+                total.add_(part)
+            else:  # dim 0 is kept: these rows are final
+                total[start:stop] = part
+    for stat, total, over in ((row, sums[0], cols), (col, sums[1], rows)):
+        stat.lerp_(total / max(math.prod([g.shape[d] for d in over]), 1), _weight(w, stat))
+    return torch.sqrt(row / _mean(row, rows)), torch.sqrt(col)
+
+
+class _FactoredDivisor(PendingDivisor):
+    """Adafactor's ``sqrt(V^)``, formed when the final write needs it: ``sqrt(v)`` for an unfactored
+    tensor, ``sqrt(R / mean(R)) * sqrt(C)`` (a product of roots, never of ``R`` and ``C``: a dead
+    row crossing a dead column stays finite) for a factored one, a block of rows at a time."""
+
+    __slots__ = ("g", "factors")
+    in_row_blocks = True
+
+    def __init__(self, g: list[Tensor], factors: list[Any]) -> None:
+        # factors[i]: v (unfactored), the pair of roots (factored), or None (an empty tensor)
+        self.g, self.factors = g, factors
+
+    def __len__(self) -> int:
+        return len(self.g)
+
+    def rows(self, i: int, start: int, stop: int) -> Tensor:
+        f = self.factors[i]
+        if isinstance(f, Tensor):
+            return torch.sqrt(f[start:stop])
+        n0 = self.g[i].shape[0]
+        a, b = (x[start:stop] if x.dim() and x.shape[0] == n0 else x for x in f)
+        return a * b
+
+    def tensors(self) -> list[Tensor]:
+        out: list[Tensor | None] = [None] * len(self.g)
+        flat = [i for i, f in enumerate(self.factors) if isinstance(f, Tensor)]
+        if flat:  # unfactored: list ops (many small tensors are bound by per-op overhead)
+            for i, d in zip(flat, torch._foreach_sqrt([self.factors[i] for i in flat]), strict=True):
+                out[i] = d
+        for i, g in enumerate(self.g):
+            if out[i] is None:
+                out[i] = g if self.factors[i] is None else self.rows(i, 0, g.shape[0])
+        return out  # type: ignore[return-value]
+
+    def subset(self, indices: Sequence[int], views: Sequence[Tensor] | None = None) -> _FactoredDivisor:
+        if views is not None:
+            raise ValueError("Adafactor's divisor is formed from whole tensors, not slices")
+        return _FactoredDivisor([self.g[i] for i in indices], [self.factors[i] for i in indices])
+
+
 def _rms(x: Tensor) -> Tensor:
     return torch.linalg.vector_norm(x) / math.sqrt(max(x.numel(), 1))
 
@@ -260,6 +344,19 @@ def _clamped_ratios(norms: list[Tensor], divisors: list[float], low: float) -> l
     return list((torch.stack(norms) / norms[0].new_tensor(divisors)).clamp_(min=low).unbind(0))
 
 
+def _per_tensor_factor(ctx: Bucket, factors: list[Tensor], divide: bool) -> list[Tensor]:
+    """Divide (or multiply) each update by its factor, eagerly: left for the final write while a
+    divisor is pending (Adafactor's, formed there a block of rows at a time, so the update is never
+    made), else in place in one list op (a list of scales would make the write a loop per tensor)."""
+    if ctx.divisor is not None:
+        ctx.defer_scale([1.0 / f for f in factors] if divide else factors)
+        return ctx.updates
+    ctx.materialize()
+    updates = ctx.ensure_owned()
+    (torch._foreach_div_ if divide else torch._foreach_mul_)(updates, factors)
+    return updates
+
+
 def clip_by_block_rms(d: float = 1.0, *, min_d: float | None = None, name: str = "clip_rms") -> Leaf:
     """Clip each tensor's update by its RMS: ``u <- u / max(1, RMS(u) / d)``.
 
@@ -275,14 +372,13 @@ def clip_by_block_rms(d: float = 1.0, *, min_d: float | None = None, name: str =
             torch._foreach_div_(updates, ctx.per_tensor((rms / hp["d"]).clamp(min=1.0)))
             return updates
         d = float(hp["d"])
-        norms = torch._foreach_norm(updates)
+        norms = ctx.update_norms()  # the pending forms included: Adafactor's divisor stays pending
         limits = [math.sqrt(max(u.numel(), 1)) * d for u in updates]
-        # a factor per tensor, left for the final write: no pass over the update of its own
-        ctx.defer_scale([1.0 / r for r in _clamped_ratios(norms, limits, 1.0)])
-        return updates
+        return _per_tensor_factor(ctx, _clamped_ratios(norms, limits, 1.0), divide=True)
 
     # in place: the bucket hands over updates it owns (a gradient or state buffer is copied first)
-    return transform(name, {"d": Hyperparam(d, _threshold(min_d))}, None, update, inplace=True, segmented=True)
+    return transform(name, {"d": Hyperparam(d, _threshold(min_d))}, None, update, inplace=True, segmented=True,
+                     reads_pending=True)
 
 
 def scale_by_relative_step(lr: float = 1e-2, *, warmup_init: bool = False, name: str = "relative_step") -> Leaf:
@@ -329,11 +425,10 @@ def scale_by_param_rms(eps: Any = 1e-3, *, name: str = "param_rms") -> Leaf:
         eps2 = float(_pick(hp["eps"], 1))
         norms = torch._foreach_norm(ctx.params, 2, dtype=ctx.dtype)
         roots = [math.sqrt(max(p.numel(), 1)) for p in ctx.params]
-        # a factor per tensor, left for the final write: no pass over the update of its own
-        ctx.defer_scale(_clamped_ratios(norms, roots, eps2))
-        return updates
+        return _per_tensor_factor(ctx, _clamped_ratios(norms, roots, eps2), divide=False)
 
-    return transform(name, {"eps": Hyperparam(eps, _eps_check(eps))}, None, update, inplace=True, segmented=True)
+    return transform(name, {"eps": Hyperparam(eps, _eps_check(eps))}, None, update, inplace=True, segmented=True,
+                     reads_pending=True)
 
 
 def _lr_times_wd(hp: Mapping, ctx: Bucket) -> Any:
