@@ -110,10 +110,10 @@ def scale_by_factored_rms(
     reciprocal, so a dead row crossing a dead column stays finite; see docs/families/factored.md);
     otherwise ``v <- lerp(v, Q, w_t)`` and ``u = g * rsqrt(v)``. Eagerly on a CPU the roots are one
     pending divisor, ``u = g / (sqrt(R / mean(R)) sqrt(C))``, formed by the final write a block of
-    rows at a time, and the statistics are summed a block at a time: nothing model-sized is made. Dims per ``factored``
-    (:func:`factored_dims`). ``beta2_decay`` is torch's name; optax's ``decay_rate=0.8`` is
-    ``-beta2_decay``. ``eps`` may be torch's pair ``(eps1, eps2)``: its first entry is used,
-    None meaning 1e-30.
+    rows at a time, and the statistics are summed a block at a time: nothing model-sized is made.
+    Dims per ``factored`` (:func:`factored_dims`). ``beta2_decay`` is torch's name; optax's
+    ``decay_rate=0.8`` is ``-beta2_decay``. ``eps`` may be torch's pair ``(eps1, eps2)``: its first
+    entry is used, None meaning 1e-30.
 
     ``torch_compat=True`` reproduces ``torch.optim.Adafactor``: last-two-dims factoring of every
     tensor with ndim >= 2, ``g^2`` without eps, ``V = R C / max(mean(R), eps1)`` and
