@@ -168,7 +168,16 @@ class RootDivisor(PendingDivisor):
 
 
 def _same_scalar(a: Any, b: Any) -> bool:
-    return a is b or (type(a) is float and type(b) is float and a == b)
+    return a is b or same_value(a, b)
+
+
+def row_blocks(x: Tensor) -> list[tuple[int, int]]:
+    """``(start, stop)`` along dim 0 of ``x``: blocks of whole rows of about ``WRITE_BLOCK`` elements,
+    the last one shorter (the unit of a divisor formed in row blocks, and of the eager transforms
+    that keep a model-sized temporary out of memory this way)."""
+    n = x.shape[0]
+    step = max(1, WRITE_BLOCK * n // max(x.numel(), 1))
+    return [(start, min(start + step, n)) for start in range(0, n, step)]
 
 
 class Bucket:
@@ -454,9 +463,8 @@ class Bucket:
                 for i, n in zip(rest, torch._foreach_norm(quotients), strict=True):
                     norms[i] = n
             for i in big:
-                u, step = self.updates[i], self._block_rows(i)
-                squares = sum(torch.div(u[s:s + step], d.rows(i, s, min(s + step, u.shape[0]))).square().sum()
-                              for s in range(0, u.shape[0], step))
+                u = self.updates[i]
+                squares = sum(torch.div(u[a:z], d.rows(i, a, z)).square().sum() for a, z in row_blocks(u))
                 norms[i] = squares.sqrt()
         if isinstance(self.scale, list) or not _is_one(self.scale):
             norms = [n * abs(_at(self.scale, i)) for i, n in enumerate(norms)]
@@ -465,11 +473,6 @@ class Bucket:
     def _row_blocked(self) -> list[int]:
         """The tensors large enough for the eager write to form their divisor a block of rows at a time."""
         return [i for i, p in enumerate(self.params) if p.numel() > WRITE_BLOCK and p.dim() >= 1 and p.shape[0] > 1]
-
-    def _block_rows(self, i: int) -> int:
-        """Rows per block of tensor ``i``: about ``WRITE_BLOCK`` elements."""
-        p = self.params[i]
-        return max(1, WRITE_BLOCK * p.shape[0] // p.numel())
 
     def divisors(self) -> list[Tensor] | None:
         """The pending divisor as tensors (a :class:`PendingDivisor` formed now, into new tensors)."""
@@ -652,17 +655,15 @@ class Bucket:
         (about ``WRITE_BLOCK`` elements, which stay in cache until the division reads them)."""
         big = self._row_blocked()
         rest = sorted(set(range(len(self.params))) - set(big))
-        formed = d.tensors() if not big else None  # the usual case of a small bucket: one list op
         if rest:
             pick = lambda xs: [xs[i] for i in rest]  # noqa: E731
-            divisors = formed if formed is not None else d.subset(rest).tensors()
+            divisors = d.tensors() if not big else d.subset(rest).tensors()
             scale = pick(self.scale) if isinstance(self.scale, list) else self.scale
             ops.addcdiv_(pick(self.params), pick(self.updates), divisors, scale)
         for i in big:
-            p, u, n, step = self.params[i], self.updates[i], self.params[i].shape[0], self._block_rows(i)
-            for start in range(0, n, step):
-                stop = min(start + step, n)
-                ops.addcdiv_([p[start:stop]], [u[start:stop]], [d.rows(i, start, stop)], _at(self.scale, i))
+            p, u = self.params[i], self.updates[i]
+            for a, z in row_blocks(p):
+                ops.addcdiv_([p[a:z]], [u[a:z]], [d.rows(i, a, z)], _at(self.scale, i))
 
 
 def _at(x: Any, i: int) -> Any:
@@ -680,11 +681,14 @@ def resolve_hyperparam(key: str, spec: Hyperparam, value: Any, bucket: Bucket) -
     return value
 
 
-def resolve_group(transform: Transform, group: Mapping[str, Any], step: int) -> dict[str, Any]:
+def resolve_group(transform: Transform, group: Mapping[str, Any], step: int,
+                  checked: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Every hyperparameter ``transform`` declares, resolved for one step and checked.
 
     Schedules (callables) are evaluated at ``step``; 1-element CPU tensors become numbers. Raises
-    ``ValueError`` naming the key for an invalid value, before any state moves.
+    ``ValueError`` naming the key for an invalid value, before any state moves. Values equal to
+    ``checked`` (values that passed before: checks are pure functions of the values) are not
+    checked again.
     """
     out: dict[str, Any] = {}
     for key, spec in transform.hyperparams.items():
@@ -695,12 +699,9 @@ def resolve_group(transform: Transform, group: Mapping[str, Any], step: int) -> 
         if isinstance(value, Tensor) and value.numel() == 1 and not value.requires_grad and value.device.type == "cpu":
             value = value.item()
         out[key] = value
-    # checks are pure functions of the values: the values checked at the last step of any group
-    # need no check again (on a small model the checks are a good part of a step's host time)
-    last = transform.__dict__.get("_last_valid")
-    if last is None or len(last) != len(out) or not all(k in out and same_value(v, out[k]) for k, v in last.items()):
+    if checked is None or len(checked) != len(out) or not all(
+            k in out and same_value(v, out[k]) for k, v in checked.items()):
         transform.validate_group(out)
-        transform._last_valid = out.copy()
     return out
 
 

@@ -123,6 +123,8 @@ class ChainOptimizer(torch.optim.Optimizer):
         # check passed (ids: a new split or a new flat bucket is checked again)
         self._checked: dict[tuple, tuple[int, int]] = {}
         self._created: list = []
+        # the hyperparameter values that passed their checks last (_resolve)
+        self._checked_values: dict[str, Any] | None = None
         # the transforms whose checks span param groups (Prodigy's one estimate), found once
         self._group_checks = [c for c in (getattr(t, "validate_groups", None) for t in self.transform.leaves())
                               if c is not None]
@@ -256,7 +258,10 @@ class ChainOptimizer(torch.optim.Optimizer):
         return last[6]
 
     def _resolve(self, group: dict, step: int) -> dict[str, Any]:
-        return resolve_group(self.transform, group, step)
+        # the values checked at the last step of any group are not checked again (on a small model
+        # the checks are a good part of a step's host time)
+        self._checked_values = resolve_group(self.transform, group, step, self._checked_values)
+        return self._checked_values
 
     def _validate_across_groups(self, resolved: list[dict[str, Any]]) -> None:
         """Checks that span param groups (Prodigy's one estimate needs one beta), before any state moves."""

@@ -9,9 +9,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .. import base, ops
+from .. import ops
 from .._dtensor import settle
-from ..base import Bucket, Leaf, PendingDivisor, transform, zeros_state
+from ..base import Bucket, Leaf, PendingDivisor, row_blocks, transform, zeros_state
 from ..hyperparams import Hyperparam, nonnegative, number, positive
 
 __all__ = [
@@ -258,12 +258,9 @@ def _factored_in_blocks(g: Tensor, row: Tensor, col: Tensor, dims: tuple, w: flo
     """The factored statistics updated from ``g^2 + eps1`` formed a block of rows (dim 0) at a time,
     in cache; returns the divisor's two factors ``sqrt(R / mean(R))`` and ``sqrt(C)``."""
     rows, cols = dims
-    n0 = g.shape[0]
-    block = max(1, base.WRITE_BLOCK * n0 // g.numel())
     eps = g.new_full((), eps1)
     sums = [torch.zeros_like(row), torch.zeros_like(col)]
-    for start in range(0, n0, block):
-        stop = min(n0, start + block)
+    for start, stop in row_blocks(g):
         q = torch.addcmul(eps, g[start:stop], g[start:stop])
         for total, over in zip(sums, (cols, rows), strict=True):
             part = q.sum(dim=over, keepdim=True)

@@ -7,9 +7,9 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from .. import base, ops
+from .. import ops
 from .._dtensor import settle
-from ..base import Bucket, Leaf, PendingDivisor, transform, zeros_state
+from ..base import Bucket, Leaf, PendingDivisor, row_blocks, transform, zeros_state
 from ..hyperparams import Hyperparam, closed_unit_interval, nonnegative
 
 __all__ = ["scale_by_sm3"]
@@ -44,12 +44,10 @@ def _accumulate_in_blocks(g: Tensor, accs: list[Tensor], b2: float) -> list[Tens
     """The accumulators' new values (``max`` of ``nu`` over all axes but theirs), with ``nu`` formed
     a block of rows at a time (it stays in cache: nothing model-sized is made). Returns copies of
     the accumulators as they were, which the divisor reads (``_SM3Divisor``)."""
-    n, rows = g.dim(), g.shape[0]
+    n = g.dim()
     old = [acc.clone() for acc in accs]
-    block = max(1, base.WRITE_BLOCK * rows // g.numel())
     running: list[Tensor | None] = [None] * n
-    for start in range(0, rows, block):
-        stop = min(start + block, rows)
+    for start, stop in row_blocks(g):
         nu = _nu(g[start:stop], [old[0][start:stop], *old[1:]], b2)
         # the block holds whole rows: their maxima are final; the other axes' maxima run over the blocks
         accs[0][start:stop].copy_(nu.amax(dim=_others(n, 0), keepdim=True))
