@@ -123,6 +123,28 @@ class PendingDivisor:
         raise NotImplementedError
 
 
+class RowBlockDivisor(PendingDivisor):
+    """A pending divisor of the tensors ``g`` (a bucket's updates) that forms any block of rows of one
+    of them (``rows``). ``tensors()`` forms those that ``listed()`` forms together with list ops (many
+    small tensors are bound by per-op overhead), and the others whole by ``rows``; an empty tensor
+    divides by itself (nothing to form)."""
+
+    __slots__ = ("g",)
+    in_row_blocks = True
+
+    def __len__(self) -> int:
+        return len(self.g)
+
+    def listed(self) -> dict[int, Tensor]:
+        """The divisors formed together by list ops, by index."""
+        return {}
+
+    def tensors(self) -> list[Tensor]:
+        out = self.listed()
+        return [out[i] if i in out else g if not g.numel() else self.rows(i, 0, g.shape[0])
+                for i, g in enumerate(self.g)]
+
+
 class RootDivisor(PendingDivisor):
     """A pending divisor formed from state only when it is needed: ``sqrt(v) / c + eps`` per tensor.
 

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from .. import ops
 from .._dtensor import settle
-from ..base import Bucket, Leaf, PendingDivisor, row_blocks, transform, zeros_state
+from ..base import Bucket, Leaf, RowBlockDivisor, row_blocks, transform, zeros_state
 from ..hyperparams import Hyperparam, nonnegative, number, positive
 
 __all__ = [
@@ -273,20 +273,16 @@ def _factored_in_blocks(g: Tensor, row: Tensor, col: Tensor, dims: tuple, w: flo
     return torch.sqrt(row / _mean(row, rows)), torch.sqrt(col)
 
 
-class _FactoredDivisor(PendingDivisor):
+class _FactoredDivisor(RowBlockDivisor):
     """Adafactor's ``sqrt(V^)``, formed when the final write needs it: ``sqrt(v)`` for an unfactored
     tensor, ``sqrt(R / mean(R)) * sqrt(C)`` (a product of roots, never of ``R`` and ``C``: a dead
     row crossing a dead column stays finite) for a factored one, a block of rows at a time."""
 
-    __slots__ = ("g", "factors")
-    in_row_blocks = True
+    __slots__ = ("factors",)
 
     def __init__(self, g: list[Tensor], factors: list[Any]) -> None:
         # factors[i]: v (unfactored), the pair of roots (factored), or None (an empty tensor)
         self.g, self.factors = g, factors
-
-    def __len__(self) -> int:
-        return len(self.g)
 
     def rows(self, i: int, start: int, stop: int) -> Tensor:
         f = self.factors[i]
@@ -296,16 +292,11 @@ class _FactoredDivisor(PendingDivisor):
         a, b = (x[start:stop] if x.dim() and x.shape[0] == n0 else x for x in f)
         return a * b
 
-    def tensors(self) -> list[Tensor]:
-        out: list[Tensor | None] = [None] * len(self.g)
-        flat = [i for i, f in enumerate(self.factors) if isinstance(f, Tensor)]
-        if flat:  # unfactored: list ops (many small tensors are bound by per-op overhead)
-            for i, d in zip(flat, torch._foreach_sqrt([self.factors[i] for i in flat]), strict=True):
-                out[i] = d
-        for i, g in enumerate(self.g):
-            if out[i] is None:
-                out[i] = g if self.factors[i] is None else self.rows(i, 0, g.shape[0])
-        return out  # type: ignore[return-value]
+    def listed(self) -> dict[int, Tensor]:
+        flat = [i for i, f in enumerate(self.factors) if isinstance(f, Tensor)]  # unfactored: sqrt(v)
+        if not flat:
+            return {}
+        return dict(zip(flat, torch._foreach_sqrt([self.factors[i] for i in flat]), strict=True))
 
     def subset(self, indices: Sequence[int], views: Sequence[Tensor] | None = None) -> _FactoredDivisor:
         if views is not None:

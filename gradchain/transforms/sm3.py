@@ -9,7 +9,7 @@ from torch import Tensor
 
 from .. import ops
 from .._dtensor import settle
-from ..base import Bucket, Leaf, PendingDivisor, row_blocks, transform, zeros_state
+from ..base import Bucket, Leaf, RowBlockDivisor, row_blocks, transform, zeros_state
 from ..hyperparams import Hyperparam, closed_unit_interval, nonnegative
 
 __all__ = ["scale_by_sm3"]
@@ -59,21 +59,17 @@ def _accumulate_in_blocks(g: Tensor, accs: list[Tensor], b2: float) -> list[Tens
     return old
 
 
-class _SM3Divisor(PendingDivisor):
+class _SM3Divisor(RowBlockDivisor):
     """SM3's ``sqrt(nu + eps)``, formed when the final write needs it: for a vector from its
     accumulator (``nu`` itself), for a larger tensor ``nu`` again from the gradient and the
     accumulators as they were before this step (kept: they are small), one block of rows at a time."""
 
-    __slots__ = ("g", "accs", "b2", "eps", "exact_zero")
-    in_row_blocks = True
+    __slots__ = ("accs", "b2", "eps", "exact_zero")
 
     def __init__(self, g: list[Tensor], accs: list[list[Tensor] | None], b2: float, eps: float,
                  exact_zero: bool) -> None:
         # accs[i]: [the accumulator] of a vector, the old accumulators of a larger tensor, None if empty
         self.g, self.accs, self.b2, self.eps, self.exact_zero = g, accs, b2, eps, exact_zero
-
-    def __len__(self) -> int:
-        return len(self.g)
 
     def rows(self, i: int, start: int, stop: int) -> Tensor:
         accs = self.accs[i]
@@ -82,19 +78,15 @@ class _SM3Divisor(PendingDivisor):
         return _root(_nu(self.g[i][start:stop], [accs[0][start:stop], *accs[1:]], self.b2), self.eps,
                      self.exact_zero)
 
-    def tensors(self) -> list[Tensor]:
-        out: list[Tensor | None] = [None] * len(self.g)
-        flat = [i for i, g in enumerate(self.g) if g.dim() <= 1]
-        if flat:  # vectors: list ops (many small tensors are bound by per-op overhead)
-            acc = [self.accs[i][0] for i in flat]
-            d = torch._foreach_add(acc, self.eps)
-            torch._foreach_sqrt_(d)
-            for i, a, di in zip(flat, acc, d, strict=True):
-                out[i] = torch.where(a == 0, float("inf"), di) if self.exact_zero else di
-        for i, g in enumerate(self.g):
-            if out[i] is None:
-                out[i] = g if self.accs[i] is None else self.rows(i, 0, g.shape[0])
-        return out  # type: ignore[return-value]
+    def listed(self) -> dict[int, Tensor]:
+        flat = [i for i, g in enumerate(self.g) if g.dim() <= 1]  # vectors: nu is their accumulator
+        if not flat:
+            return {}
+        acc = [self.accs[i][0] for i in flat]
+        d = torch._foreach_add(acc, self.eps)
+        torch._foreach_sqrt_(d)
+        return {i: torch.where(a == 0, float("inf"), di) if self.exact_zero else di
+                for i, a, di in zip(flat, acc, d, strict=True)}
 
     def subset(self, indices: Sequence[int], views: Sequence[Tensor] | None = None) -> _SM3Divisor:
         if views is not None:
