@@ -9,6 +9,7 @@ no code generation, so the suite stays fast: see conftest.py); a few run the rea
 from __future__ import annotations
 
 import io
+import sys
 import warnings
 import weakref
 
@@ -109,8 +110,11 @@ def test_fused_equals_eager_float32(name: str, aot_eager) -> None:
     assert_same(*a, *b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("block", [None, 7])
 @pytest.mark.parametrize("pullback", ["none", "reset", "pullback"])
-def test_lookahead_compiles_its_inner_chain(pullback: str, aot_eager) -> None:
+def test_lookahead_compiles_its_inner_chain(pullback: str, block: int | None, aot_eager, monkeypatch) -> None:
+    if block is not None:  # the sync over the flat buffers in blocks: several per tensor, a short last one
+        monkeypatch.setattr(sys.modules["gradchain.transforms.lookahead"], "WRITE_BLOCK", block)
     FACTORIES["lookahead_pb"] = lambda: recipes.lookahead(recipes.adamw(lr=0.1), k=3, alpha=0.5,
                                                           pullback_momentum=pullback)
     try:
