@@ -32,7 +32,7 @@ def steps(ps: list, opt: gc.ChainOptimizer, n: int) -> None:
 def chain() -> gc.Transform:
     # compiled, eager in place, compiled with state, eager last: the second compiled segment reads
     # the first one's buffer, so it must write its own into the other
-    return gc.chain(gc.scale_by_adam(), gc.add_norm_loss(0.1), gc.ema(0.5), gc.centralize(),
+    return gc.chain(gc.scale_by_adam(), gc.add_norm_loss(0.1), gc.ema(0.5), gc.clip_by_norm(0.5),
                     gc.scale_by_lr(0.1))
 
 

@@ -1,5 +1,5 @@
 """Shape routes of the fused path: ``elementwise_for`` transforms (Adafactor's factored second
-moment, SM3) compile over the params whose shape makes them elementwise, and run eagerly over
+moment, SM3, gradient centralization) compile over the params whose shape makes them elementwise, and run eagerly over
 the others, in flat buckets of their own."""
 
 from __future__ import annotations
@@ -58,6 +58,8 @@ BUILDS = {
     "adafactor_momentum": lambda: recipes.adafactor(momentum=0.9, warmup_init=True, eps=(1e-30, 1e-3)),
     "sm3": lambda: recipes.sm3(momentum=0.9),
     "sm3_ema": lambda: recipes.sm3(b2=0.99, eps=0.0),
+    # centred per output unit: matrices and the conv kernel; identity on vectors
+    "gc_adamw": lambda: recipes.gc_adamw(weight_decay=0.1),
 }
 
 
@@ -88,8 +90,9 @@ def test_shape_routes_equal_eager(name: str, per_tensor: bool, aot_eager, monkey
         seg = b[1]._fused_chain.chains[(None, "tensor")].segments[0]
         shapes = {tuple(p.shape) for n, p in b[0] if p.dim() >= 2 and not n.startswith("norm")}
         assert {k[1] for k in seg._fns} <= shapes and not seg._failed
-    factored = b[1].state[dict(b[0])["big.weight"]]
-    assert "factored.row" in factored or "sm3.acc_1" in factored  # the big matrix keeps its factored state
+    if name != "gc_adamw":
+        factored = b[1].state[dict(b[0])["big.weight"]]
+        assert "factored.row" in factored or "sm3.acc_1" in factored  # the big matrix keeps its factored state
 
 
 def test_a_reduction_over_every_bucket_keeps_shapes_together(aot_eager, monkeypatch) -> None:
@@ -144,11 +147,11 @@ def test_inductor_shape_routes_equal_eager(monkeypatch) -> None:
 def test_compiled_segment_after_an_eager_one_does_not_recompile(aot_eager) -> None:
     # the eager segment's updates are a fresh flat tensor each step; the in-place clip that
     # follows must not guard on that tensor's identity (it recompiled every step, then failed)
-    build = lambda: gc.chain(gc.centralize(), gc.clip_by_block_rms(1.0), gc.scale_by_adam(),  # noqa: E731
+    build = lambda: gc.chain(gc.clip_by_norm(0.5), gc.clip_by_block_rms(1.0), gc.scale_by_adam(),  # noqa: E731
                              gc.scale_by_lr(1e-2))
     named = make(torch.float64)
     assert gc.ChainOptimizer(named, build(), fused=True).fused_plan() == [
-        ("eager", ["centralize"]), ("compiled", ["clip_rms", "adam", "lr"])]
+        ("eager", ["clip_norm"]), ("compiled", ["clip_rms", "adam", "lr"])]
     a = run(build, False, torch.float64, steps=12)
     b = run(build, True, torch.float64, steps=12)
     assert_same(*a, *b, rtol=1e-12, atol=1e-14)
@@ -181,13 +184,13 @@ def test_per_tensor_segment_hands_its_updates_to_an_eager_one(aot_eager, monkeyp
     # the per-tensor kernels write each update into the bucket's kept buffer; the eager segment
     # after them reads it
     monkeypatch.setattr(runner, "PER_TENSOR_MIN_NUMEL", 0)
-    build = lambda: gc.chain(gc.scale_by_sm3(), gc.centralize(), gc.ema(0.5), gc.scale_by_lr(0.1))  # noqa: E731
+    build = lambda: gc.chain(gc.scale_by_sm3(), gc.clip_by_norm(0.5), gc.ema(0.5), gc.scale_by_lr(0.1))  # noqa: E731
     a = run(build, False, torch.float64)
     b = run(build, True, torch.float64)
     assert_same(*a, *b, rtol=1e-12, atol=1e-14)
     tensor_route = b[1]._fused_chain.chains[(None, "tensor")]
     assert [s.per_tensor for s in tensor_route.segments] == [True, False, False]
-    assert b[1].fused_plan()[3:6] == [("compiled", ["[tensor]sm3"]), ("eager", ["[tensor]centralize"]),
+    assert b[1].fused_plan()[3:6] == [("compiled", ["[tensor]sm3"]), ("eager", ["[tensor]clip_norm"]),
                                        ("compiled", ["[tensor]ema", "[tensor]lr"])]
 
 
@@ -234,3 +237,23 @@ def test_reduce_dims_blocked_equals_plain(shape: tuple) -> None:
             got = reduce_dims(x, dims, op, blocked=True)
             assert got.shape == want.shape
             torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-13)
+
+
+def test_inductor_centralized_adamw_is_one_kernel_per_large_matrix(monkeypatch) -> None:
+    # the row means and AdamW in one compiled graph per large matrix (inductor's own kernels; a
+    # matrix under PER_TENSOR_MIN_NUMEL runs the centring eagerly, the vectors skip it)
+    monkeypatch.setattr(runner, "BACKEND", "inductor")
+
+    def make_gc(dtype: torch.dtype) -> list:
+        torch.manual_seed(0)
+        shapes = {"w": (512, 520), "small": (16, 9), "b": (520,)}
+        return [(n, nn.Parameter(torch.randn(s, dtype=dtype))) for n, s in shapes.items()]
+
+    monkeypatch.setattr("test_fused_shapes.make", make_gc)
+    a = run(BUILDS["gc_adamw"], False, torch.float32, steps=3)
+    b = run(BUILDS["gc_adamw"], True, torch.float32, steps=3)
+    assert b[1].compile_seconds > 0
+    assert_same(*a, *b, rtol=1e-5, atol=1e-6)
+    plan = b[1].fused_plan()
+    assert ("compiled", ["[tensor]centralize", "[tensor]adam", "[tensor]wd", "[tensor]lr"]) in plan
+    assert {key[3][1] for key in b[1]._flats} == {"flat", "tensor", "eager"}

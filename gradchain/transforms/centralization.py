@@ -26,8 +26,11 @@ def centralize(min_ndim: int = 2, *, name: str = "centralize") -> Leaf:
     if not isinstance(min_ndim, int) or min_ndim < 2:
         raise ValueError(f"min_ndim={min_ndim!r} must be an int >= 2 (a unit needs dims beyond dim 0)")
 
+    def centered(shape: tuple[int, ...]) -> bool:
+        return len(shape) >= min_ndim and math.prod(shape[1:]) > 1
+
     def update(updates: list, state: dict, hp: Mapping, ctx: Bucket) -> list:
-        idx = [i for i, u in enumerate(updates) if u.ndim >= min_ndim and math.prod(u.shape[1:]) > 1]
+        idx = [i for i, u in enumerate(updates) if centered(u.shape)]
         if not idx:
             return updates
         picked = [updates[i] for i in idx]
@@ -37,4 +40,7 @@ def centralize(min_ndim: int = 2, *, name: str = "centralize") -> Leaf:
             out[i] = c
         return out
 
-    return transform(name, update=update)
+    # the identity for the other shapes: the fused path compiles it into the kernel of the chain's
+    # elementwise transforms, over a flat buffer of those params, and one large param at a time
+    # for the shapes it centers (the row means and the rest of the chain in one kernel)
+    return transform(name, update=update, elementwise_for=lambda shape: not centered(shape))
