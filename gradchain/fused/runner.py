@@ -575,7 +575,9 @@ class FusedRoutes:
         if route is None:
             if all(test(tuple(param.shape)) for test in tests):
                 route = "flat"
-            elif param.numel() >= PER_TENSOR_MIN_NUMEL:
+            elif param.numel() >= PER_TENSOR_MIN_NUMEL and param.dim() > 0:
+                # (a 0-d param as a graph input of its own may be specialized into a number by
+                # torch 2.13 when it is float64, and its in-place write lost)
                 route = "tensor"
             else:
                 route = "eager"

@@ -30,7 +30,7 @@ def _unit_dims(x: Tensor, unit_dim: int) -> tuple[int, ...]:
 
 def _unit_norm(x: Tensor, dims: tuple[int, ...], rms: bool, dtype: torch.dtype) -> Tensor:
     n = torch.linalg.vector_norm(x, dim=dims, keepdim=True, dtype=dtype)
-    return n / math.sqrt(math.prod(x.shape[d] for d in dims)) if rms else n
+    return n / math.sqrt(math.prod([x.shape[d] for d in dims])) if rms else n  # a list: traceable
 
 
 def _stacked_norms(xs: list[Tensor], ys: list[Tensor], rms: bool, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -52,8 +52,9 @@ def _unitwise_clip(
     eps_key = next(k for k in spec if k.endswith("eps"))
 
     def update(updates: list, state: dict, hp: Mapping, ctx: Bucket) -> list:
-        clip = fixed_clip if fixed_clip is not None else float(hp["clip_factor"])
-        eps = float(hp[eps_key])
+        # numbers on the eager path, 0-d tensors on the fused one
+        clip = fixed_clip if fixed_clip is not None else hp["clip_factor"]
+        eps = hp[eps_key]
 
         def scale(w: Tensor, g: Tensor) -> Tensor:
             # max(||W||, eps) keeps zero-initialised units trainable (NFNets' reason for eps = 1e-3);
@@ -76,7 +77,9 @@ def _unitwise_clip(
                 scales[i] = scale(_unit_norm(ctx.params[i], dims, rms, ctx.dtype), _unit_norm(u, dims, rms, ctx.dtype))
         return torch._foreach_mul(updates, scales)
 
-    return transform(name, spec, update=update)
+    # per-unit norms for every shape: the fused path compiles the clip with the chain's
+    # elementwise transforms for one large param at a time, and runs it eagerly over the others
+    return transform(name, spec, update=update, elementwise_for=lambda shape: False)
 
 
 def adaptive_grad_clip(
