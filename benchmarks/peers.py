@@ -241,6 +241,25 @@ SPECS: dict[str, Spec] = {
                       build=lambda: recipes.lookahead(recipes.adamw(), k=5, alpha=0.5)),
 }
 
+# recipes with no peer in these libraries, measured against their own roofline only (``--recipes``
+# names them, ``--peerless`` adds them all); AdaLo needs a loss at every step and is left out
+PEERLESS: dict[str, Spec] = {
+    "adamomentum": Spec([]),
+    "sadam": Spec([]),
+    "smmf": Spec([]),
+    "agc_sgd": Spec([], kwargs={"momentum": 0.9}, reread=8),  # the unit norms of p and g first
+    "gc_adamw": Spec([], reread=4),  # the row means of g first
+    "nsgda": Spec([], reread=8),  # the norm of the new momentum first (g and m)
+    "softclip_adamw": Spec([], reread=8),  # the unit RMS of p and g first
+    "cpr_adamw": Spec([]),
+    "fractional_adam": Spec([]),
+    "fractional_sgd": Spec([], kwargs={"momentum": 0.9}),
+    "adamw_spectral": Spec([]),
+    "am_adamw": Spec([], reread=12),  # the per-tensor sums over g, v and d first
+    "am_sgd": Spec([], reread=8),  # the global inner products of g and d first
+}
+SPECS.update(PEERLESS)
+
 
 # not a peer: torch's fused AdamW over one param of the case's size, stepped in every round-robin; the
 # bandwidth it reaches there is the roofline's (the host's bandwidth moves during a run)
@@ -251,8 +270,10 @@ REFERENCE = "reference: torch AdamW fused"
 LARGE = 1 << 18
 
 
-def no_peer_recipes() -> list[str]:
-    return [n for n in recipes.__all__ if n not in SPECS and n != "muon_hidden_matrix"]
+def no_peer_recipes(measured: list[str] = ()) -> list[str]:
+    """Recipes with no peer here, other than those ``measured`` against their own roofline."""
+    return [n for n in recipes.__all__ if (n not in SPECS or not SPECS[n].peers) and n not in measured
+            and n != "muon_hidden_matrix"]
 
 
 def installed(lib: str) -> bool:
@@ -439,10 +460,11 @@ def case_table(rows: list[Row]) -> list[str]:
             if not t.error and t.times and t.first > 0.5 and t.first > 10 * t.median:
                 text += f" (first step {t.first:.1f} s)"
             others.append(text)
+        peer_name = best[0] if best else "none ran" if r.peers else "no peer"
         lines.append(
             f"| {r.recipe} | {_ms(r.eager)} | {_ms(r.fused)} | "
             f"{'n/a' if r.fused is None else ('–' if ct is None else f'{ct:.1f} s')} | "
-            f"{'–' if not best else _fmt_ms(best[1].median)} | {best[0] if best else 'none ran'} | "
+            f"{'–' if not best else _fmt_ms(best[1].median)} | {peer_name} | "
             f"{_ratio(r.eager, peer_s)} | {_ratio(r.fused, peer_s)} | "
             f"{'–' if not r.bytes_per_step else f'{r.bytes_per_step / r.numel:.1f}'} | "
             f"{'–' if roof is None else _fmt_ms(roof)} | {_ratio(r.eager, roof)} | {_ratio(r.fused, roof)} | "
@@ -498,6 +520,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--sizes", choices=sorted(CASES), default="full", help="full, small (quick check) or tiny (tests)")
     ap.add_argument("--cases", default="a,b,c")
     ap.add_argument("--recipes", default="", help=f"comma-separated subset of: {','.join(SPECS)}")
+    ap.add_argument("--peerless", action="store_true",
+                    help=f"also the recipes without a peer ({','.join(PEERLESS)}), against their roofline only")
     ap.add_argument("--libs", default=",".join(LIBS), help="peer libraries to use (those not installed are skipped)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
@@ -509,7 +533,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="markdown file to write, a PNG chart beside it (default: benchmarks/peers.md if --sizes full)")
     args = ap.parse_args(argv)
 
-    names = [n for n in args.recipes.split(",") if n] or [n for n in SPECS if hasattr(recipes, n)]
+    names = [n for n in args.recipes.split(",") if n] or [n for n in SPECS if hasattr(recipes, n) and
+                                                           (SPECS[n].peers or args.peerless)]
     unknown = [n for n in names if n not in SPECS or not hasattr(recipes, n)]
     if unknown:
         ap.error(f"no peer is registered for recipe(s) {unknown}; choose from {list(SPECS)}")
@@ -542,7 +567,7 @@ def main(argv: list[str] | None = None) -> None:
         shapes = make_shapes()
         rows = []
         for name in names:
-            if not any(p.lib in libs and installed(p.lib) for p in SPECS[name].peers):
+            if SPECS[name].peers and not any(p.lib in libs and installed(p.lib) for p in SPECS[name].peers):
                 continue
             row = measure(name, shapes, device, libs, fused, args.repeats, args.warmup)
             rows.append(row)
@@ -553,7 +578,8 @@ def main(argv: list[str] | None = None) -> None:
     probes1 = bandwidth_probes(bw_bytes, device=device)
 
     dev = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
-    skipped = [n for n in names if not any(p.lib in libs and installed(p.lib) for p in SPECS[n].peers)]
+    skipped = [n for n in names if SPECS[n].peers and not any(p.lib in libs and installed(p.lib)
+                                                              for p in SPECS[n].peers)]
     cmd = "python benchmarks/peers.py " + " ".join(argv if argv is not None else sys.argv[1:])
     lines = [
         "# Step time against the peers",
@@ -591,7 +617,7 @@ def main(argv: list[str] | None = None) -> None:
         lines += [f"## ({key}) {label}: {n / 1e6:.2f}M params, roofline at {span} (each recipe's reference)", ""]
         lines += case_table(rows) + [""]
     lines += [
-        "Recipes without a peer in these libraries (not benchmarked here): " + ", ".join(no_peer_recipes()) + ".",
+        "Recipes without a peer in these libraries (not benchmarked here): " + ", ".join(no_peer_recipes(names)) + ".",
     ]
     if skipped:
         lines += ["", "Skipped (no peer library installed or selected): " + ", ".join(skipped) + "."]

@@ -97,6 +97,22 @@ def test_floor_adds_the_reread_of_large_tensors(bench) -> None:
     assert adamw.floor_bytes == adamw.bytes_per_step == 28 * 300_100
 
 
+def test_peerless_recipes_are_measured_against_their_roofline(bench, tmp_path: Path) -> None:
+    # not in a default run; named (or --peerless) they get a row with no peer and a roofline
+    assert "gc_adamw" in bench.PEERLESS and not bench.SPECS["gc_adamw"].peers
+    out = tmp_path / "peers.md"
+    bench.main(["--sizes", "tiny", "--cases", "c", "--recipes", "gc_adamw", "--libs", "torch", "--repeats", "1",
+                "--warmup", "0", "--no-fused", "--out", str(out)])
+    text = out.read_text()
+    row = dict(zip(COLUMNS, _tables(text)["c"][2]))  # after the header and the rule
+    assert row["recipe"] == "gc_adamw" and row["peer"] == "no peer" and row["eager / peer"] == "–", row
+    assert row["bytes / param"] == "28.0" and row["eager / roofline"].endswith("x"), row
+    assert "gc_adamw" not in text.split("not benchmarked here")[1]
+    # the row means of g first: 4 bytes an element more, on a tensor too large for the cache
+    shapes = [("big", (600, 500))]
+    assert bench.measure("gc_adamw", shapes, torch.device("cpu"), set(), False, 1, 0).floor_bytes == 32 * 300_000
+
+
 def test_peers_rejects_unknown_recipe(bench) -> None:
     with pytest.raises(SystemExit):
         bench.main(["--sizes", "tiny", "--recipes", "adamw,no_such_recipe"])
