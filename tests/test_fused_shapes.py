@@ -60,6 +60,9 @@ BUILDS = {
     "sm3_ema": lambda: recipes.sm3(b2=0.99, eps=0.0),
     # centred per output unit: matrices and the conv kernel; identity on vectors
     "gc_adamw": lambda: recipes.gc_adamw(weight_decay=0.1),
+    # clipped per unit: a vector is one unit (a segment of the flat buffer), a matrix one per row
+    "agc_sgd": lambda: recipes.agc_sgd(lr=0.1, momentum=0.9, clip_factor=0.05),
+    "softclip_adamw": lambda: recipes.softclip_adamw(lr=0.1),
 }
 
 
@@ -90,7 +93,7 @@ def test_shape_routes_equal_eager(name: str, per_tensor: bool, aot_eager, monkey
         seg = b[1]._fused_chain.chains[(None, "tensor")].segments[0]
         shapes = {tuple(p.shape) for n, p in b[0] if p.dim() >= 2 and not n.startswith("norm")}
         assert {k[1] for k in seg._fns} <= shapes and not seg._failed
-    if name != "gc_adamw":
+    if name.startswith(("adafactor", "sm3")):
         factored = b[1].state[dict(b[0])["big.weight"]]
         assert "factored.row" in factored or "sm3.acc_1" in factored  # the big matrix keeps its factored state
 
@@ -239,28 +242,10 @@ def test_reduce_dims_blocked_equals_plain(shape: tuple) -> None:
             torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-13)
 
 
-UNIT_BUILDS = {
-    "gc_adamw": (BUILDS["gc_adamw"], {"flat", "tensor", "eager"}),
-    # per-unit norms for every shape (a vector is one unit): large params compile alone
-    "agc_sgd": (lambda: recipes.agc_sgd(lr=0.1, momentum=0.9, clip_factor=0.05), {"tensor", "eager"}),
-    "softclip_adamw": (lambda: recipes.softclip_adamw(lr=0.1), {"tensor", "eager"}),
-}
+UNIT_BUILDS = ("gc_adamw", "agc_sgd", "softclip_adamw")
 
 
-@pytest.mark.parametrize("per_tensor", [False, True])
-@pytest.mark.parametrize("name", ["agc_sgd", "softclip_adamw"])
-def test_unit_clips_compile_per_large_param(name: str, per_tensor: bool, aot_eager, monkeypatch) -> None:
-    monkeypatch.setattr(runner, "PER_TENSOR_MIN_NUMEL", 0 if per_tensor else 1 << 40)
-    build = UNIT_BUILDS[name][0]
-    for dtype, tol in ((torch.float64, (1e-12, 1e-14)), (torch.float32, (1e-5, 1e-6))):
-        a = run(build, False, dtype)
-        b = run(build, True, dtype)
-        assert_same(*a, *b, rtol=tol[0], atol=tol[1])
-    # every param fails the shape test: the large ones compile alone, except a 0-d one (the gain)
-    assert {key[3][1] for key in b[1]._flats} == ({"tensor", "eager"} if per_tensor else {"eager"})
-
-
-@pytest.mark.parametrize("name", sorted(UNIT_BUILDS))
+@pytest.mark.parametrize("name", UNIT_BUILDS)
 def test_inductor_unit_transforms_compile_one_large_matrix_at_a_time(name: str, monkeypatch) -> None:
     # the per-unit reductions and the rest of the chain in one compiled graph per large matrix
     # (inductor's own kernels); a matrix under PER_TENSOR_MIN_NUMEL runs them eagerly
@@ -272,11 +257,11 @@ def test_inductor_unit_transforms_compile_one_large_matrix_at_a_time(name: str, 
         return [(n, nn.Parameter(torch.randn(s, dtype=dtype))) for n, s in shapes.items()]
 
     monkeypatch.setattr("test_fused_shapes.make", make_units)
-    build, routes = UNIT_BUILDS[name]
+    build = BUILDS[name]
     a = run(build, False, torch.float32, steps=3)
     b = run(build, True, torch.float32, steps=3)
     assert b[1].compile_seconds > 0
     assert_same(*a, *b, rtol=1e-5, atol=1e-6)
     names = [t.name for t in b[1].transform.leaves()]
     assert ("compiled", [f"[tensor]{n}" for n in names]) in b[1].fused_plan()
-    assert {key[3][1] for key in b[1]._flats} == routes
+    assert {key[3][1] for key in b[1]._flats} == {"flat", "tensor", "eager"}

@@ -203,7 +203,10 @@ class Segment:
         # group keys, which a renamed transform's differ from its local names (adamw_eps_root)
         self.static = frozenset(g for t in transforms for k, g in getattr(t, "_keys", {}).items()
                                 if k in getattr(t, "static", ()))
-        self.segmented = any(getattr(t, "segmented", False) for t in transforms)
+        # per-tensor reductions over the flat buffer: segmented transforms, and elementwise_for ones
+        # over the shapes they pass (AGC's vectors, each one unit)
+        self.segmented = any(getattr(t, "segmented", False) or getattr(t, "elementwise_for", None) is not None
+                             for t in transforms)
         # a transform whose two passes compile around one reduction over every bucket (Prodigy,
         # AdamS's decay), followed in its second pass by the elementwise leaves after it (``tail``)
         self.phased = transforms[0] if getattr(transforms[0], "fused_phases", False) else None

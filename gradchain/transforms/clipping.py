@@ -63,6 +63,14 @@ def _unitwise_clip(
             limit = w.clamp(min=eps) * clip
             return limit / torch.maximum(g, limit)
 
+        if ctx.segments is not None:
+            # the fused path's flat buffer of the vectors (the shapes elementwise_for passes): one
+            # unit per param, its norms as segment sums fused into the kernel
+            w, g = ctx.tensor_norms([ctx.params[0]], ctx.dtype), ctx.tensor_norms(updates, ctx.dtype)
+            if rms:
+                count = ctx.tensor_numels(updates).sqrt()
+                w, g = w / count, g / count
+            return torch._foreach_mul(updates, ctx.per_tensor(scale(w, g)))
         scales: list = [None] * len(updates)
         whole = [i for i, u in enumerate(updates) if u.ndim <= 1]
         if whole:
@@ -77,9 +85,10 @@ def _unitwise_clip(
                 scales[i] = scale(_unit_norm(ctx.params[i], dims, rms, ctx.dtype), _unit_norm(u, dims, rms, ctx.dtype))
         return torch._foreach_mul(updates, scales)
 
-    # per-unit norms for every shape: the fused path compiles the clip with the chain's
-    # elementwise transforms for one large param at a time, and runs it eagerly over the others
-    return transform(name, spec, update=update, elementwise_for=lambda shape: False)
+    # a vector is one unit, reduced as a segment of a flat buffer: the fused path compiles the clip
+    # with the chain over the vectors' flat buffer, and for one large matrix at a time (its rows
+    # reduced in the kernel); smaller matrices clip eagerly
+    return transform(name, spec, update=update, elementwise_for=lambda shape: len(shape) <= 1)
 
 
 def adaptive_grad_clip(
