@@ -1011,8 +1011,10 @@ def transform(
     flat buffer and that state as one vector.
     ``elementwise_for=fn(shape) -> bool`` declares an update that is elementwise (as above) for
     the params whose shape passes ``fn`` only (Adafactor factors matrices, not vectors): the fused
-    path gives those params flat buckets of their own and compiles the update there; over the
-    others it runs eagerly. Its state for the passing shapes must be shaped like the param.
+    path gives those params flat buckets of their own and compiles the update there (where it may
+    reduce per tensor through the bucket's helpers, as a ``segmented`` one: AGC's vectors), and
+    one large param at a time for the others; over the rest it runs eagerly. Its state for the
+    passing shapes must be shaped like the param.
     ``step_scalars=True`` (with ``segmented``) declares that its only per-tensor values are 0-d
     state advanced by the step and the hyperparameters alone, never by the tensor's values
     (NAdam's running product): the eager step in pieces (:mod:`gradchain.pieces`) then runs it on
