@@ -9,7 +9,6 @@ no code generation, so the suite stays fast: see conftest.py); a few run the rea
 from __future__ import annotations
 
 import io
-import sys
 import warnings
 import weakref
 
@@ -114,7 +113,7 @@ def test_fused_equals_eager_float32(name: str, aot_eager) -> None:
 @pytest.mark.parametrize("pullback", ["none", "reset", "pullback"])
 def test_lookahead_compiles_its_inner_chain(pullback: str, block: int | None, aot_eager, monkeypatch) -> None:
     if block is not None:  # the sync over the flat buffers in blocks: several per tensor, a short last one
-        monkeypatch.setattr(sys.modules["gradchain.transforms.lookahead"], "WRITE_BLOCK", block)
+        monkeypatch.setattr(gc.base, "WRITE_BLOCK", block)
     FACTORIES["lookahead_pb"] = lambda: recipes.lookahead(recipes.adamw(lr=0.1), k=3, alpha=0.5,
                                                           pullback_momentum=pullback)
     try:

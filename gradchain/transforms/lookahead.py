@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..base import WRITE_BLOCK, Bucket, StateDict, Transform, check_unique_names, zeros_state
+from ..base import Bucket, StateDict, Transform, check_unique_names, row_blocks, zeros_state
 from ..evaluation import eval_providers, swap_in
 from ..hyperparams import Hyperparam, closed_unit_interval
 from ._declared import Declared
@@ -143,9 +143,8 @@ class Lookahead(Declared):
         p = fb.flat_params
         # a block at a time on a CPU: the copy reads the block the lerp just wrote from the cache
         # (16 bytes an element moved, not 20); one launch each on a GPU
-        block = WRITE_BLOCK if p.device.type == "cpu" else max(fb.total, 1)
-        for start in range(0, fb.total, block):
-            s, q = slow[start : start + block], p[start : start + block]
+        for a, z in row_blocks(p) if p.device.type == "cpu" else [(0, fb.total)]:
+            s, q = slow[a:z], p[a:z]
             s.lerp_(q if q.dtype == s.dtype else q.to(s.dtype), alpha)
             q.copy_(s)
         if self.pullback_momentum == "none":
