@@ -4,6 +4,7 @@ from . import combinators, diagnostics, losses, recipes, schedules, transforms
 from .base import (
     Bucket,
     Chain,
+    HostStep,
     Leaf,
     Transform,
     chain,
@@ -26,6 +27,7 @@ __all__ = [
     "Chain",
     "ChainOptimizer",
     "FusedGradientCopyWarning",
+    "HostStep",
     "Hyperparam",
     "Leaf",
     "Transform",

@@ -14,7 +14,7 @@ import functools
 import inspect
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -202,6 +202,19 @@ def row_blocks(x: Tensor) -> list[tuple[int, int]]:
     return [(start, min(start + step, n)) for start in range(0, n, step)]
 
 
+class HostStep(NamedTuple):
+    """What a transform works out on the host from a tensor's step count (``transform(host_step=)``).
+
+    ``values``: numbers (or sequences of numbers) the update reads as ``ctx.host_values[i]``.
+    ``state``: the names under which the update sees some of its state buffers this step (seen name
+    -> stored name; a ring buffer's slots in order of age), so that the update never branches on
+    the step itself.
+    """
+
+    values: Mapping[str, Any]
+    state: Mapping[str, str] = {}
+
+
 class Bucket:
     """The step context of one bucket: params of one group, device and dtype.
 
@@ -271,6 +284,8 @@ class Bucket:
         # a pending interpolation of the params toward these tensors by this weight (schedule-free)
         self.toward: tuple[list[Tensor], float] | None = None
         self._borrowed: set[int] = set()
+        # the values of the transform being applied's ``host_step``, one mapping per tensor
+        self.host_values: list[Mapping[str, Any]] | None = None
 
     def __len__(self) -> int:
         return len(self.params)
@@ -860,6 +875,7 @@ class Leaf(Transform):
         static: Sequence[str] = (),
         momentum_state: Sequence[str] = (),
         reads_pending: bool = False,
+        host_step: Callable[[Mapping[str, Any], int], HostStep] | None = None,
     ) -> None:
         if not name or "." in name:
             raise ValueError(f"transform name {name!r} must be non-empty and contain no '.'")
@@ -894,6 +910,10 @@ class Leaf(Transform):
         # are (it reads the updates only through ``ctx.update_norms()`` and defers its own factors),
         # so a divisor formed in row blocks stays pending; traced, it sees them materialized
         self._reads_pending = reads_pending
+        # host_step(hp, t): what the update needs of the step count, worked out on the host (per
+        # tensor on the eager path; once per flat bucket before a fused kernel, whose inputs its
+        # values then are: a new step neither recompiles nor syncs)
+        self.host_step = host_step
         self.momentum_state = tuple(momentum_state)
         self.static = frozenset(static)
         unknown_static = self.static - set(self._specs)
@@ -977,9 +997,44 @@ class Leaf(Transform):
                 if self._inplace:
                     b.ensure_owned()
             local = {k[len(prefix):]: v for k, v in b.state.items() if k.startswith(prefix)}
-            b.updates = list(self._update(b.updates, local, hp, b))
-            for k, v in local.items():
-                b.state[prefix + k] = v
+            if self.host_step is None:
+                b.updates = list(self._update(b.updates, local, hp, b))
+                for k, v in local.items():
+                    b.state[prefix + k] = v
+            elif b.tensor_scalars:
+                # fused: the runner has called host_step and passed its state already renamed
+                b.host_values = [b.shared["host_values"][self.name]]
+                try:
+                    b.updates = list(self._update(b.updates, local, hp, b))
+                finally:
+                    b.host_values = None
+                for k, v in local.items():
+                    b.state[prefix + k] = v
+            else:
+                self._apply_host_step(b, local, hp)
+
+    def _apply_host_step(self, b: Bucket, stored: dict[str, list], hp: Mapping[str, Any]) -> None:
+        """The update of a ``host_step`` transform on the eager path: its values and state names per
+        tensor (each tensor has its own step count)."""
+        made = [self.host_step(hp, round(t)) for t in b.step_values]
+        renamed = {s for m in made for s in m.state.values()}
+        seen = {k: v for k, v in stored.items() if k not in renamed}
+        for v in {v for m in made for v in m.state}:
+            seen[v] = [stored[m.state[v]][i] for i, m in enumerate(made)]
+        b.host_values = [m.values for m in made]
+        try:
+            b.updates = list(self._update(b.updates, seen, hp, b))
+        finally:
+            b.host_values = None
+        out = {k: list(stored[k]) for k in renamed}
+        for k, lst in seen.items():
+            if k in made[0].state:
+                for i, m in enumerate(made):
+                    out[m.state[k]][i] = lst[i]
+            else:
+                out[k] = lst
+        for k, lst in out.items():
+            b.state[self.name + "." + k] = lst
 
 
 def transform(
@@ -1021,6 +1076,12 @@ def transform(
     slices of a large tensor, each slice from the same 0-d state, as it runs ``elementwise`` ones.
     ``momentum_state=("exp_avg",)`` declares which buffers hold a momentum (Lookahead's
     momentum reset and pullback find them so).
+    ``host_step=fn(hp, t) -> HostStep`` declares what the update needs of the step count ``t``
+    (an int) beyond arithmetic: numbers it reads as ``ctx.host_values[i]`` (a ring buffer's
+    weights this step) and the names under which it sees some state buffers (the ring's slots in
+    order of age). The eager path calls it per tensor; the fused path once per flat bucket and
+    step, outside the kernel, whose inputs the values and the renamed buffers then are: an
+    ``elementwise`` update that needs the step only so compiles once (the fractional gradient).
     ``static=("key",)`` names hyperparameters the update branches on in Python (a change of
     their value recompiles the fused kernel). Other transforms run on the fused path eagerly,
     over per-tensor views of the flat buffers.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from functools import partial
 
 import pytest
@@ -211,3 +212,119 @@ def test_memory_weights_are_gl_of_order_alpha_minus_one(alpha: float) -> None:
     assert w == pytest.approx([c[j] / (j + 1) for j in range(11)], rel=1e-12, abs=1e-16)
     assert w == pytest.approx([(-1) ** j * gen_binom(alpha - 1.0, j) / (j + 1) for j in range(11)], rel=1e-12,
                               abs=1e-16)
+
+
+# -- the fused path: the ring of past gradients compiles once ----------------------------------------
+FUSED = {
+    "adam_drop": lambda: recipes.fractional_adam(lr=1e-2, alpha=0.7, history=3, drop=1, weight_decay=0.1),
+    "sgd_momentum": lambda: recipes.fractional_sgd(lr=0.05, alpha=0.6, history=4, momentum=0.9, weight_decay=0.01),
+    "adam_alpha_one": lambda: recipes.fractional_adam(lr=1e-2, alpha=1.0, history=2, drop=0),
+}
+
+
+def _fused_run(name: str, fused: bool, dtype: torch.dtype, steps: int = 9, lr_at: dict | None = None):
+    from test_fused import make_params, set_grads
+
+    named = make_params(dtype)
+    opt = ChainOptimizer(named, FUSED[name](), fused=fused)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a compile that falls back to eager fails here
+        for i in range(steps):
+            if lr_at and i in lr_at:
+                opt.param_groups[0]["frac_alpha"] = lr_at[i]
+            set_grads(named, i, dtype)
+            opt.step()
+    return named, opt
+
+
+@pytest.mark.parametrize("dtype, rtol, atol", [(torch.float32, 1e-5, 1e-6), (torch.float64, 1e-12, 1e-14)])
+@pytest.mark.parametrize("name", sorted(FUSED))
+def test_fused_equals_eager_around_the_ring(name: str, dtype, rtol: float, atol: float) -> None:
+    from test_fused import assert_same
+
+    # 9 steps wrap a ring of 2-4 slots twice; alpha moves mid-run (a new value, not a new kernel)
+    a = _fused_run(name, False, dtype, lr_at={5: 0.5})
+    b = _fused_run(name, True, dtype, lr_at={5: 0.5})
+    assert b[1].fused_plan() == [("compiled", [t.name for t in b[1].transform.leaves()])]
+    assert b[1].compile_seconds > 0
+    assert_same(*a, *b, rtol=rtol, atol=atol)
+
+
+def test_fused_ring_compiles_once_with_inductor(monkeypatch) -> None:
+    from test_fused import assert_same
+
+    from gradchain.fused import runner
+
+    monkeypatch.setattr(runner, "BACKEND", "inductor")
+
+    a = _fused_run("adam_drop", False, torch.float32, steps=2)
+    b = _fused_run("adam_drop", True, torch.float32, steps=2)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    seconds = b[1].compile_seconds
+    named_a, opt_a = a
+    named_b, opt_b = b
+    from test_fused import set_grads
+
+    for i in range(2, 9):  # every slot of the ring is the newest once, and alpha changes
+        if i == 5:
+            for o in (opt_a, opt_b):
+                o.param_groups[0]["frac_alpha"] = 0.4
+        for named, opt in (a, b):
+            set_grads(named, i, torch.float32)
+            opt.step()
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+    assert opt_b.compile_seconds == seconds
+    assert_same(named_a, opt_a, named_b, opt_b, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_checkpoint_moves_between_paths() -> None:
+    from test_fused import assert_same, make_params, set_grads
+
+    def run(first: bool, second: bool):
+        named = make_params(torch.float64)
+        opt = ChainOptimizer(named, FUSED["adam_drop"](), fused=first)
+        for i in range(4):
+            set_grads(named, i, torch.float64)
+            opt.step()
+        other = ChainOptimizer(named, FUSED["adam_drop"](), fused=second)
+        other.load_state_dict(opt.state_dict())
+        for i in range(4, 8):
+            set_grads(named, i, torch.float64)
+            other.step()
+        return named, other
+
+    assert_same(*run(False, False), *run(True, False), rtol=1e-12, atol=1e-14)
+    assert_same(*run(False, False), *run(False, True), rtol=1e-12, atol=1e-14)
+
+
+def test_per_element_draws_stay_eager_on_the_fused_path() -> None:
+    named = [(n, p) for n, p in torch.nn.Linear(4, 3).double().named_parameters()]
+    opt = ChainOptimizer(named, recipes.fractional_adam(per_element=True, history=3), fused=True)
+    assert opt.fused_plan()[0] == ("eager", ["fractional"])
+
+
+def test_params_with_their_own_step_counts_read_their_own_slots() -> None:
+    # eager: a param without a grad skips a step, so its ring lags the others'; each reads its own
+    alpha, K = 0.7, 3
+    gs = _grads(12, shape=(4, 3))
+    hs = _grads(12, shape=(2,))
+    p, q = torch.zeros(4, 3, dtype=torch.float64, requires_grad=True), torch.zeros(2, dtype=torch.float64,
+                                                                                  requires_grad=True)
+    opt = ChainOptimizer([p, q], gc_chain_identity(alpha, K))
+    seen_q = []
+    for i in range(12):
+        p.grad = gs[i]
+        q.grad = hs[i] if i % 3 else None
+        if q.grad is not None:
+            seen_q.append(hs[i])
+        before_p, before_q = p.detach().clone(), q.detach().clone()
+        opt.step()
+        torch.testing.assert_close(before_p - p.detach(), reference(gs[: i + 1], alpha, K)[-1], rtol=0, atol=1e-12)
+        if q.grad is not None:
+            torch.testing.assert_close(before_q - q.detach(), reference(seen_q, alpha, K)[-1], rtol=0, atol=1e-12)
+
+
+def gc_chain_identity(alpha: float, K: int):
+    from gradchain import chain, scale_by_lr
+
+    return chain(fractional(alpha, K, drop=0), scale_by_lr(1.0))

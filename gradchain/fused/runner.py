@@ -58,8 +58,9 @@ def _end(b: Bucket, state: dict, last: bool, out: Tensor | None, update: bool = 
 
 
 def _segment(leaves: list[Leaf], last: bool):
-    def run(params, grads, updates, state, resolved, host, step, loss, dtype, tensor_scalars, segments, out=None):
-        shared = {"host_hyperparams": host}
+    def run(params, grads, updates, state, resolved, host, step, loss, dtype, tensor_scalars, segments, out=None,
+            host_values=None):
+        shared = {"host_hyperparams": host, "host_values": host_values}
         b = Bucket(params, grads, dict(state), [step] if tensor_scalars else [], [None], {}, loss, shared, dtype,
                    step_values=[step], tensor_scalars=tensor_scalars, resolved=resolved)
         b.segments = segments
@@ -137,7 +138,32 @@ def _coefs(c: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
 
 def _tail_ok(t: Transform) -> bool:
     """Whether ``t`` can follow a phased transform in its compiled ``finish`` pass."""
-    return isinstance(t, Leaf) and (t.elementwise or t.segmented) and t.elementwise_for is None
+    return (isinstance(t, Leaf) and (t.elementwise or t.segmented) and t.elementwise_for is None
+            and t.host_step is None)
+
+
+def _host_steps(seg: Segment, resolved: Mapping[str, Any], step: float,
+                device: torch.device) -> tuple[dict[str, str], dict[str, dict[str, Tensor]]]:
+    """The ``host_step`` of a compiled segment's transforms for one bucket at host step ``step``:
+    the state renaming (seen key -> stored key, full names) and their values as float64 tensors
+    (a number 0-d, a sequence 1-d), inputs of the kernel."""
+    renames: dict[str, str] = {}
+    values: dict[str, dict[str, Tensor]] = {}
+    for t in seg.host_stepped:
+        made = t.host_step({k: resolved[g] for k, g in t._keys.items()}, round(step))
+        renames.update({f"{t.name}.{k}": f"{t.name}.{v}" for k, v in made.state.items()})
+        values[t.name] = {k: torch.tensor(v, dtype=torch.float64, device=device) for k, v in made.values.items()}
+    return renames, values
+
+
+def _renamed(state: dict[str, list], renames: Mapping[str, str]) -> dict[str, list]:
+    """``state`` (stored keys) as a ``host_step`` transform sees it (``renames``: seen -> stored)."""
+    if not renames:
+        return state
+    targets = set(renames.values())
+    out = {k: v for k, v in state.items() if k not in targets}
+    out.update({k: state[v] for k, v in renames.items()})
+    return out
 
 
 # what a failed trace raises (a new size under a kernel with symbolic sizes), as opposed to a kernel's run
@@ -211,6 +237,7 @@ class Segment:
         # AdamS's decay), followed in its second pass by the elementwise leaves after it (``tail``)
         self.phased = transforms[0] if getattr(transforms[0], "fused_phases", False) else None
         self.tail: list[Leaf] = list(transforms[1:]) if self.phased is not None else []
+        self.host_stepped = [t for t in transforms if getattr(t, "host_step", None) is not None]
         self._fns: dict[Any, Any] = {}
         self._eager_fn = None
         self._failed: set[Any] = set()
@@ -320,7 +347,7 @@ class FusedChain:
             if seg.per_tensor:
                 for i, fb in enumerate(flats):
                     updates[i] = self._run_per_tensor(seg, i, fb, grads[i], updates[i], resolved[i], tensor_hp,
-                                                      loss, dtypes[i])
+                                                      host_steps[i], loss, dtypes[i])
             elif seg.phased is not None:
                 updates = self._run_phased(seg, flats, groups, grads, updates, resolved, tensor_hp, host_steps,
                                            loss, shared, dtypes)
@@ -348,8 +375,9 @@ class FusedChain:
             lossv = None if loss is None else loss.detach().to(fb.device)
             # the updates for the next segment go into a buffer of the bucket's, not a fresh one
             ws = None if seg.last else fb.workspace(dtype, avoid=update)
-            args = ([fb.flat_params], [grad], upd, state, tensor_hp[i], host, fb.flat_steps[0], lossv, dtype, True,
-                    segments, ws)
+            renames, values = _host_steps(seg, resolved, host_step, fb.device)
+            args = ([fb.flat_params], [grad], upd, _renamed(state, renames), tensor_hp[i], host, fb.flat_steps[0],
+                    lossv, dtype, True, segments, ws, values)
             # a function of its own per bucket: buckets of other sizes never recompile another's
             ok, out = self._try_compiled(seg, i, lambda: _segment(seg.transforms, seg.last), args,
                                          str([t.name for t in seg.transforms]))
@@ -362,7 +390,8 @@ class FusedChain:
                               False, segments)
 
     def _run_per_tensor(self, seg: Segment, i: int, fb: FlatBucket, grad: Tensor, update: Tensor | None,
-                        resolved: dict, tensor_hp: list, loss: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+                        resolved: dict, tensor_hp: list, host_step: float, loss: Tensor | None,
+                        dtype: torch.dtype) -> Tensor | None:
         """A segment compiled for one param at a time (a kernel per shape) over per-param views:
         transforms that are elementwise for other shapes only (Adafactor's factored matrices).
         Each param's update goes into its view of a kept flat buffer, which is returned."""
@@ -373,15 +402,16 @@ class FusedChain:
         ups = None if update is None else fb.split(update)
         flat_out = None if seg.last else fb.workspace(dtype, avoid=update)
         outs = None if flat_out is None else fb.split(flat_out)
+        renames, values = _host_steps(seg, resolved, host_step, fb.device)
 
         def make():
             return _segment(seg.transforms, seg.last)
 
         for j, p in enumerate(fb.param_views):
             st = fb.states[j]
-            state = {k: [st[k]] for k in seg.keys_of(st)}
+            state = _renamed({k: [st[k]] for k in seg.keys_of(st)}, renames)
             args = ([p], [grads[j]], None if ups is None else [ups[j]], state, tensor_hp[i], host, fb.flat_steps[0],
-                    lossv, dtype, True, None, None if outs is None else outs[j])
+                    lossv, dtype, True, None, None if outs is None else outs[j], values)
             ok = False
             if self.compile:
                 shape = tuple(p.shape)

@@ -10,8 +10,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .. import ops
 from .._dtensor import replicate_like
-from ..base import Bucket, Leaf, transform, zeros_state
+from ..base import Bucket, HostStep, Leaf, transform, zeros_state
 from ..hyperparams import Hyperparam
 
 __all__ = ["fractional", "gl_coefficients", "gl_weights"]
@@ -107,7 +108,9 @@ def fractional(
     tensors, with ``per_element=True`` each element draws its own, over the full logical tensor
     (sliced under FSDP2). The draws come from ``seed`` and the step only, so they are the same on
     every rank and after a resume. Group key ``frac_alpha``; K (``history``) is structural (K
-    buffers of param size). Reference: Zhou, Zhao, Huang, "A Deep Learning Optimizer Based on
+    buffers of param size). On the fused path (``per_element=False``) it compiles with its chain:
+    ``host_step`` gives the kernel this step's weights and the K buffers in order of age.
+    Reference: Zhou, Zhao, Huang, "A Deep Learning Optimizer Based on
     Grünwald–Letnikov Fractional Order Definition", Mathematics 11(2):316, 2023 (FCGD_G-L). No peer.
     """
     if isinstance(history, bool) or not isinstance(history, int) or history < 1:
@@ -119,31 +122,38 @@ def fractional(
     def init(p: Tensor) -> dict:
         return {f"hist{j}": zeros_state(p) for j in range(K)}
 
-    def update(updates: list, state: dict, hp: Mapping, ctx: Bucket) -> list:
+    def ring(hp: Mapping, t: int) -> HostStep:
+        # slot (t - 1 - j) % K holds g_{t-j}; slot (t - 1) % K, the oldest (age K), is overwritten
         w = gl_weights(float(hp["frac_alpha"]), K)
-        steps = [int(t) for t in ctx.step_values]
-        keep = [[1.0] * (K + 1) for _ in steps]  # keep[i][j]: term j of tensor i is kept (per-step draw)
+        keep = [1.0] * (K + 1)
         if drop and not per_element:
-            for i, t in enumerate(steps):
-                for j in random.Random(_mix(seed, t)).sample(range(1, K + 1), drop):
-                    keep[i][j] = 0.0
+            for j in random.Random(_mix(seed, t)).sample(range(1, K + 1), drop):
+                keep[j] = 0.0
+        return HostStep({"weights": [w[j] * keep[j] for j in range(1, K + 1)]},
+                        {f"age{j}": f"hist{(t - 1 - j) % K}" for j in range(1, K + 1)})
+
+    def update(updates: list, state: dict, hp: Mapping, ctx: Bucket) -> list:
+        weights = [v["weights"] for v in ctx.host_values]
         masks = None
         if drop and per_element:
             masks = []
-            for u, n, t in zip(updates, ctx.names, steps):
+            for u, n, t in zip(updates, ctx.names, ctx.step_values):
                 tag = zlib.crc32(n.encode()) if n is not None else 0
-                masks.append(_drop_mask(u.shape, K, drop, _mix(seed, t, tag)))
+                masks.append(_drop_mask(u.shape, K, drop, _mix(seed, int(t), tag)))
         out = [u.clone() for u in updates]
         for j in range(1, K + 1):
-            if w[j] == 0.0:
-                continue
-            past = [state[f"hist{(t - 1 - j) % K}"][i] for i, t in enumerate(steps)]
+            coefs = [w[j - 1] for w in weights]
+            if all(isinstance(c, float) and c == 0.0 for c in coefs):
+                continue  # a dropped term, or alpha = 1: nothing to add (and no pass over it)
+            past = state[f"age{j}"]
             if masks is not None:
                 past = torch._foreach_mul(past, [_like(m[j - 1], u) for m, u in zip(masks, updates)])
-            torch._foreach_add_(out, torch._foreach_mul(past, [w[j] * keep[i][j] for i in range(len(steps))]))
+            ops.axpy_(out, past, coefs)
         # g_t overwrites g_{t-K}; a loop because DTensor has no sharding rule for _foreach_copy_
-        for i, (t, u) in enumerate(zip(steps, updates)):
-            state[f"hist{(t - 1) % K}"][i].copy_(u)
+        for h, u in zip(state[f"age{K}"], updates):
+            h.copy_(u)
         return out
 
-    return transform(name, {"frac_alpha": Hyperparam(alpha, _order)}, init, update)
+    # per-element draws are full-size host tensors: only the shared draw compiles (elementwise)
+    return transform(name, {"frac_alpha": Hyperparam(alpha, _order)}, init, update, host_step=ring,
+                     elementwise=not per_element)
