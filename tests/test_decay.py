@@ -355,6 +355,66 @@ def test_cpr_adamw_regularizes_matrices_only() -> None:
         assert ("cpr.lagmul" in opt.state[p]) == (p.ndim >= 2), name
 
 
+# -- CPR on the fused path: one kernel with Adam (its schedule's decisions are host_step flags) -----
+def _cpr_fused_run(cfg: dict, fused: bool, dtype: torch.dtype, steps: int = 16):
+    import warnings
+
+    gen = torch.Generator().manual_seed(12)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.LayerNorm(5), torch.nn.Linear(5, 2)).to(dtype)
+    named = list(model.named_parameters())
+    opt = ChainOptimizer(named, recipes.cpr_adamw(lr=3e-2, **cfg), fused=fused)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a compile that falls back to eager fails here
+        for t in range(1, steps + 1):
+            for _, p in named:  # a push outward that fades: the norms grow ever slower, every bound bites
+                push = -(4.0 / t**1.5) * p.detach().double().sign()
+                p.grad = (push + 0.3 * torch.randn(p.shape, generator=gen, dtype=F64)).to(dtype)
+            opt.step()
+    return named, opt
+
+
+CPR_FUSED = {
+    "uniform": dict(kappa_init="uniform", kappa_init_param=0.5),
+    "dependent_by_lr": dict(kappa_init="dependent", kappa_init_param=0.9, reg_by_lr=True, kappa_update=50.0),
+    "warm_start": dict(kappa_init="warm_start", kappa_init_param=3),
+    "inflection": dict(kappa_init="inflection_point", reg_step_size=1),
+    "inflection_all_params": dict(kappa_init="inflection_point", reg_step_size=1, matrices_only=False),
+}
+
+
+@pytest.mark.parametrize("dtype, rtol, atol", [(torch.float32, 1e-5, 1e-6), (F64, 1e-12, 1e-14)])
+@pytest.mark.parametrize("name", sorted(CPR_FUSED))
+def test_cpr_fused_equals_eager(name: str, dtype, rtol: float, atol: float) -> None:
+    from test_fused import assert_same
+
+    if name == "inflection_all_params" and dtype == torch.float32:
+        # once a bound is set at R's value, lam grows with R - kappa, a difference of near-equal
+        # numbers: fp32 rounding of R (a sum in another order on the flat buffer) grows ~100x
+        # over the run. Compared in float64 here, and in float32 on the matrices-only case
+        pytest.skip("ill-conditioned in float32; float64 covers it")
+    a = _cpr_fused_run(CPR_FUSED[name], False, dtype)
+    b = _cpr_fused_run(CPR_FUSED[name], True, dtype)
+    plan = b[1].fused_plan()
+    assert all(kind == "compiled" for kind, _ in plan), plan
+    assert any("cpr" in n for _, names in plan for n in names)
+    assert b[1].compile_seconds > 0
+    lam = [float(a[1].state[p]["cpr.lagmul"]) for _, p in a[0] if "cpr.lagmul" in a[1].state[p]]
+    assert any(x > 0 for x in lam), "the bound never bit: the test would not see the projection"
+    if name.startswith("inflection"):
+        assert any(float(a[1].state[p]["cpr.active"]) for _, p in a[0] if "cpr.active" in a[1].state[p])
+    assert_same(*a, *b, rtol=rtol, atol=atol)
+
+
+def test_cpr_fused_inductor_kernel_equals_eager(monkeypatch) -> None:
+    from test_fused import check_inductor_equals_eager
+
+    def run(name, fused, dtype, steps):
+        return _cpr_fused_run(CPR_FUSED[name], fused, dtype, steps)
+
+    check_inductor_equals_eager(run, "inflection", monkeypatch, steps=10)
+
+
 # -- recipes through the harness -----------------------------------------------------------------
 def scheduled_norm_loss_adam(lr: float = 1e-2) -> gc.Chain:
     """Adam + Norm Loss + schedule-only decay: exercises both transforms in one chain."""

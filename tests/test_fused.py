@@ -164,6 +164,42 @@ def test_partition_compiles_each_label(aot_eager) -> None:
     assert_same(b[0], b[1], named, eager, rtol=1e-5, atol=1e-6)
 
 
+def test_masked_routes_each_selection(aot_eager) -> None:
+    # a top-level mask splits the params: the selected ones get the chain with the masked transform
+    # in its place, the others the chain without it; both compile, state stays per param
+    def chain():
+        return gc.chain(gc.scale_by_adam(), gc.masked(gc.add_decoupled_wd(0.1), lambda n, p: p.ndim >= 2),
+                        gc.masked(gc.trace(0.9), "fc.*"), gc.scale_by_lr(1e-2))
+
+    def go(fused: bool):
+        named = make_params(torch.float64)
+        opt = gc.ChainOptimizer(named, chain(), fused=fused)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            for i in range(5):
+                set_grads(named, i, torch.float64)
+                opt.step()
+        return named, opt
+
+    a, b = go(False), go(True)
+    plan = b[1].fused_plan()
+    assert ("compiled", ["+wd,+momentum/adam", "+wd,+momentum/wd", "+wd,+momentum/momentum",
+                         "+wd,+momentum/lr"]) in plan
+    assert ("compiled", ["-wd,-momentum/adam", "-wd,-momentum/lr"]) in plan
+    assert b[1].compile_seconds > 0
+    # the momentum's state only where its mask selects (fc.weight, fc.bias)
+    assert [n for n, p in b[0] if "momentum.buffer" in b[1].state[p]] == ["fc.weight", "fc.bias"]
+    assert_same(*a, *b, rtol=1e-12, atol=1e-14)
+
+
+def test_masked_over_a_global_transform_is_not_routed(aot_eager) -> None:
+    # a global norm sums over every param: routed apart, each route would see only its own share
+    t = gc.chain(gc.scale_by_adam(), gc.masked(gc.clip_by_global_norm(0.1), lambda n, p: p.ndim >= 2))
+    assert not isinstance(runner.fused_chain(t), runner.FusedRoutes)
+    t = gc.chain(gc.clip_by_global_norm(0.1), gc.masked(gc.add_decoupled_wd(0.1), lambda n, p: p.ndim >= 2))
+    assert not isinstance(runner.fused_chain(t), runner.FusedRoutes)
+
+
 @pytest.mark.parametrize("name", ["lamb", "cautious_adamw", "nsgda"])
 def test_chunked_bucket_gaps_never_reach_the_params(name: str, aot_eager, monkeypatch) -> None:
     # many tensors: each param starts a row of CHUNK elements; the gaps between them are masked

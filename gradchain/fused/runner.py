@@ -14,6 +14,7 @@ with a ``sync_flat`` (Lookahead) runs after its inner chain's segments; a chain 
 
 from __future__ import annotations
 
+import itertools
 import time
 import types
 import warnings
@@ -24,7 +25,7 @@ import torch
 from torch import Tensor
 
 from ..base import Bucket, Chain, Leaf, Transform, _storage, state_owners
-from ..combinators import _Partition
+from ..combinators import _Masked, _Partition
 from ..hyperparams import same_value
 from .flat import FlatBucket
 from .hoist import hoisting_backend
@@ -294,8 +295,11 @@ class FusedChain:
                 runs.append((fusable, [t]))
         if any(kind is not True for kind, _ in runs):
             # a run of scales and decays alone is free on the eager path (folded into the final
-            # write); compiled between eager segments it would cost a pass and a copy of its own
-            runs = [(False if kind is True and all(_deferred(t) for t in ts) else kind, ts) for kind, ts in runs]
+            # write); compiled next to an eager segment it would cost a pass and a copy of its own
+            # (next to compiled ones only, it stays compiled: AM-SGD's L2 before its phased passes)
+            runs = [(False if kind is True and all(_deferred(t) for t in ts) and any(
+                runs[k][0] is False for k in (j - 1, j + 1) if 0 <= k < len(runs)) else kind, ts)
+                for j, (kind, ts) in enumerate(runs)]
             # likewise a stateless run after an eager one: the eager updates would first be copied
             # into a flat buffer, and the kernel saves no more than that copy costs
             for j in range(1, len(runs)):
@@ -573,11 +577,49 @@ def _shape_tests(transform: Transform) -> list:
     return [t.elementwise_for for t in top if getattr(t, "elementwise_for", None) is not None]
 
 
+# a chain with more top-level masks than this is not routed by them (2^n chains, each compiled)
+MAX_ROUTED_MASKS = 2
+
+
+def _masks_of(transform: Transform) -> list[_Masked]:
+    """The top-level ``masked`` transforms by which the fused path routes a chain: each over leaves
+    only, and every other top-level transform a leaf (a leaf maps each bucket alone, so splitting
+    the params between routes changes nothing it computes)."""
+    if hasattr(transform, "sync_flat") or not isinstance(transform, Chain):
+        return []
+    top = transform.children
+    masks = [t for t in top if isinstance(t, _Masked)]
+    if not masks or len(masks) > MAX_ROUTED_MASKS:
+        return []
+    for t in top:
+        inner = t.children[True] if isinstance(t, _Masked) else t
+        if not all(isinstance(x, Leaf) for x in (inner.children if isinstance(inner, Chain) else [inner])):
+            return []
+    if all(isinstance(t, _Masked) for t in top):
+        return []  # a param that no mask selects would have no chain to write it
+    return masks
+
+
+def _unmasked(transform: Chain, masks: list[_Masked], on: tuple[bool, ...]) -> Chain:
+    """``transform`` for the params that the masks select as in ``on``: a selected mask's transform
+    in its place, an unselected one left out."""
+    children: list[Transform] = []
+    for t in transform.children:
+        if isinstance(t, _Masked):
+            if on[masks.index(t)]:
+                children.append(t.children[True])
+        else:
+            children.append(t)
+    return Chain(children, transform.name, share=transform.shared_keys)
+
+
 class FusedRoutes:
     """Params routed to flat buckets of their own, a :class:`FusedChain` each.
 
     A chain that is one ``partition`` routes by label (Muon's matrices and the AdamW rest are two
-    buckets, each compiled). A chain with ``elementwise_for`` transforms routes by shape: params
+    buckets, each compiled). A chain with top-level ``masked`` transforms routes by what they
+    select: the selected params get a chain with the masked transform in its place, the others
+    one without it (CPR on matrices only). A chain with ``elementwise_for`` transforms routes by shape: params
     that pass every test go where those transforms compile over the flat buffer ("flat"); large
     ones that fail go where they compile one param at a time ("tensor"); the rest go where they
     run eagerly ("eager"). A route is ``(label, shapes)``; either part is None
@@ -587,7 +629,14 @@ class FusedRoutes:
     def __init__(self, transform: Transform) -> None:
         inner = transform.children[0] if isinstance(transform, Chain) and len(transform.children) == 1 else transform
         self.partition = inner if isinstance(inner, _Partition) else None
-        children = dict(self.partition.children) if self.partition is not None else {None: transform}
+        self.masks = _masks_of(transform) if self.partition is None else []
+        if self.partition is not None:
+            children = dict(self.partition.children)
+        elif self.masks:
+            children = {on: _unmasked(transform, self.masks, on)
+                        for on in itertools.product((True, False), repeat=len(self.masks))}
+        else:
+            children = {None: transform}
         self.tests = {label: _shape_tests(child) for label, child in children.items()}
         self.chains: dict[tuple, FusedChain] = {}
         for label, child in children.items():
@@ -599,7 +648,12 @@ class FusedRoutes:
     def label(self, name: str | None, param: Tensor) -> tuple:
         """The param's route: its partition label (from the partition's own cache, as its eager
         apply routes) and, for ``elementwise_for`` transforms, where its shape goes."""
-        label = self.partition._cached_route(name, param) if self.partition is not None else None
+        if self.partition is not None:
+            label = self.partition._cached_route(name, param)
+        elif self.masks:
+            label = tuple(m._cached_route(name, param) for m in self.masks)
+        else:
+            label = None
         tests = self.tests.get(label)
         if not tests:
             return (label, None)
@@ -626,6 +680,8 @@ class FusedRoutes:
         ``[flat]``, ``[tensor]`` or ``[eager]`` (where params go by shape)."""
         plan = []
         for (label, shapes), c in self.chains.items():
+            if self.masks:  # which masked transforms this route's params get: +cpr, -cpr
+                label = ",".join(("+" if on else "-") + m.children[True].name for m, on in zip(self.masks, label))
             prefix = ("" if label is None else f"{label}/") + ("" if shapes is None else f"[{shapes}]")
             plan += [(kind, [prefix + n for n in names]) for kind, names in c.describe()]
         return plan
@@ -635,6 +691,6 @@ def fused_chain(transform: Transform) -> FusedChain | FusedRoutes:
     """The fused form of a chain: routed (:class:`FusedRoutes`) when it is one ``partition`` or has
     ``elementwise_for`` transforms, else one :class:`FusedChain`."""
     inner = transform.children[0] if isinstance(transform, Chain) and len(transform.children) == 1 else transform
-    if isinstance(inner, _Partition) or _shape_tests(transform):
+    if isinstance(inner, _Partition) or _masks_of(transform) or _shape_tests(transform):
         return FusedRoutes(transform)
     return FusedChain(transform)

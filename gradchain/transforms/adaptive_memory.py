@@ -25,7 +25,17 @@ import torch
 from torch import Tensor
 
 from .. import ops
-from ..base import Bucket, Leaf, StateDict, Transform, resolve_hyperparam, scalar_state, transform, zeros_state
+from ..base import (
+    Bucket,
+    Leaf,
+    StateDict,
+    Transform,
+    apply_phases,
+    resolve_hyperparam,
+    scalar_state,
+    transform,
+    zeros_state,
+)
 from ..hyperparams import Hyperparam, nonnegative, positive, unit_interval
 
 __all__ = ["adaptive_memory_momentum", "scale_by_am_adamw"]
@@ -37,22 +47,37 @@ def _check_beta_range(hp: Mapping[str, Any]) -> None:
         raise ValueError(f"invalid hyperparameters beta_min={lo!r}, beta_max={hi!r}: need beta_min <= beta_max")
 
 
-def _total(parts: list[Tensor]) -> Tensor:
-    """The sum of 0-d tensors from several buckets, on the first one's device, in the widest dtype."""
-    dtype = parts[0].dtype
-    for x in parts[1:]:
-        dtype = torch.promote_types(dtype, x.dtype)
-    device = parts[0].device
-    return torch.stack([x.to(device=device, dtype=dtype) for x in parts]).sum()
+def _sum_dtype(device: torch.device) -> torch.dtype:
+    """The dtype of AM-SGD's two sums: float64 (mps has none)."""
+    return torch.float32 if device.type == "mps" else torch.float64
 
 
-def _squared_norms(tensors: list[Tensor]) -> Tensor | None:
-    """sum of ||t||^2 over the non-empty tensors (empty ones add nothing and must not change the order)."""
+def _squared_norms(tensors: list[Tensor], dtype: torch.dtype) -> Tensor | None:
+    """``||t||^2`` of each non-empty tensor, as one vector in ``dtype``; None if all are empty (a
+    bucket without elements adds no term)."""
     live = [t for t in tensors if t.numel()]
     if not live:
         return None
-    n = torch.stack(torch._foreach_norm(live))
-    return (n * n).sum()
+    n = torch.stack(torch._foreach_norm(live)).to(dtype)
+    return n * n
+
+
+def _add_in_order(total: Tensor | None, terms: Tensor) -> Tensor:
+    """``total + t_1 + t_2 + ...`` for the vector ``terms`` (``total`` None: no term yet).
+
+    The eager pieces run pass 1 over parts of a bucket: added one term at a time, in order, their
+    sums keep the bits of the whole bucket's. A float64 ``cumsum`` on the CPU adds left to right in
+    one call (pieces run on the CPU only); elsewhere (sharded terms, a trace, another device) the
+    bucket's terms are summed first."""
+    if total is not None:
+        terms = terms.to(device=total.device)  # buckets on several devices: the first one's
+    if terms.device.type == "cpu" and terms.dtype == torch.float64 and not hasattr(terms, "device_mesh") \
+            and not torch.compiler.is_compiling():
+        if total is not None:
+            terms = torch.cat([total.reshape(1), terms])
+        return terms.cumsum(0)[-1]
+    s = terms.sum()
+    return s if total is None else total + s
 
 
 class _AdaptiveMemory(Transform):
@@ -86,52 +111,122 @@ class _AdaptiveMemory(Transform):
     def init_state(self, param: Tensor, name: str | None = None) -> StateDict:
         return {f"{self.name}.memory": zeros_state(param), f"{self.name}.beta": scalar_state(param)}
 
-    def _hp(self, b: Bucket) -> dict[str, float]:
-        return {k: float(resolve_hyperparam(g, self._specs[k], b.group[g], b)) for k, g in self._keys.items()}
-
-    def apply(self, buckets: list[Bucket]) -> None:
-        live = [b for b in buckets if len(b)]
-        if not live:
-            return
-        hps = [self._hp(b) for b in live]
+    # -- one beta for every group ---------------------------------------------------------------
+    def _shared_hp(self, hps: list[Mapping[str, Any]]) -> dict[str, float]:
+        """The hyperparameters of the one ``beta_t`` (host numbers, by local name), which every
+        group must agree on."""
+        values = [{k: float(h[k]) for k in self._specs} for h in hps]
         for k in self._specs:
-            if any(h[k] != hps[0][k] for h in hps):
+            if any(v[k] != values[0][k] for v in values):
                 raise ValueError(
                     f"{self.name}: beta_t is one for all params, but param groups set {self._keys[k]} to "
-                    f"{sorted({h[k] for h in hps})}"
+                    f"{sorted({v[k] for v in values})}"
                 )
-        _check_beta_range(hps[0])
-        lam, lo, hi = hps[0]["am_lambda"], hps[0]["beta_min"], hps[0]["beta_max"]
-        gg, dd = [], []
-        for b in live:
-            g = b.materialize()
-            d = b.state[f"{self.name}.memory"]
-            for i, t in enumerate(b.step_values):
-                if t == 1.0:  # d_0 = g_0: a tensor's first step is its plain gradient, whatever beta
-                    d[i].copy_(g[i])
-            sg = _squared_norms(g)
-            sd = _squared_norms(torch._foreach_sub(d, g))
-            if sg is not None and sd is not None:
-                gg.append(sg)
-                dd.append(sd)
-        if not gg:
-            beta = torch.zeros((), dtype=live[0].dtype, device=live[0].params[0].device)
+        _check_beta_range(values[0])
+        return values[0]
+
+    def validate_groups(self, resolved: list[Mapping[str, Any]]) -> None:
+        """Every group's resolved values (by group key) agree, checked before any state moves."""
+        self._shared_hp([{k: r[g] for k, g in self._keys.items()} for r in resolved])
+
+    # -- the step: pass 1 per bucket (d_0 = g_0, the sums), one beta_t, pass 2 per bucket --------
+    # (the fused path runs accumulate and finish compiled over each flat bucket: ``fused_phases``)
+    fused_phases = True
+    # pass 2 is a lerp per element (its sums are all in pass 1): the eager pieces may run it on slices
+    finish_elementwise = True
+
+    def bucket_hyperparams(self, b: Bucket) -> dict[str, Any]:
+        """This transform's hyperparameters in ``b``'s group (schedules evaluated), by local name."""
+        return {k: resolve_hyperparam(g, self._specs[k], b.group[g], b) for k, g in self._keys.items()}
+
+    def prepare(self, hps: list[dict[str, Any]], gstate: Mapping[str, Tensor] | None) -> dict[str, float]:
+        """``lam``, ``beta_min`` and ``beta_max`` of this step (host numbers), once every group is
+        found to agree on them."""
+        shared = self._shared_hp(hps)
+        return {"lam": shared["am_lambda"], "lo": shared["beta_min"], "hi": shared["beta_max"]}
+
+    def bucket_flags(self, hp: dict[str, Any]) -> dict[str, bool]:
+        return {"frozen": False}  # every group counts in beta_t (an lr of 0 stops it later)
+
+    def init_accumulators(self, c: dict[str, Any], device: torch.device) -> tuple[Tensor | None, Tensor | None]:
+        """``sum ||g||^2`` and ``sum ||d - g||^2``: none yet (the first bucket's terms start them,
+        DTensors under FSDP2)."""
+        return None, None
+
+    def _memory(self, b: Bucket, g: list[Tensor]) -> list[Tensor]:
+        """``d`` with ``d_0 = g_0``: a tensor's first step is its plain gradient, whatever beta.
+
+        With host step numbers, ``d`` is written where a tensor takes its first step (rarely). With
+        tensor step numbers (the fused path's flat bucket, one step for all its params) the rule is a
+        ``where`` and ``d`` is left alone: pass 2 applies the same ``where`` before its lerp, which
+        compiles into the one write of ``d`` per step."""
+        d = b.state[f"{self.name}.memory"]
+        if b.tensor_scalars:
+            return [torch.where(t == 1, y, x) for x, y, t in zip(d, g, b.step_values, strict=True)]
+        for x, y, t in zip(d, g, b.step_values, strict=True):
+            if t == 1.0:
+                x.copy_(y)
+        return d
+
+    def accumulate(self, b: Bucket, hp: dict[str, Any], flags: dict[str, bool], c: dict[str, Any],
+                   acc: tuple[Tensor | None, Tensor | None],
+                   reuse: bool = False) -> tuple[tuple[Tensor | None, Tensor | None], None]:
+        """Pass 1 over one bucket: ``d_0 = g_0``, then adds the bucket's ``||g||^2`` and
+        ``||d - g||^2`` to the sums. Hands nothing to pass 2, which reads ``g`` and ``d`` again."""
+        gg, dd = acc
+        g = b.materialize()
+        diff = torch._foreach_sub(self._memory(b, g), g)
+        dtype = _sum_dtype(g[0].device)
+        if b.segments is not None:
+            # the fused path's flat buffer: per-param sums, which leave out the gaps between params
+            if not any(b.segments[2]):
+                return acc, None  # no element: no term (as a bucket of empty tensors on a list)
+            sg = b.tensor_sums([g[0] * g[0]]).to(dtype).sum()
+            sd = b.tensor_sums([diff[0] * diff[0]]).to(dtype).sum()
+            if gg is None or dd is None:
+                return (sg, sd), None
+            return (gg + sg.to(device=gg.device), dd + sd.to(device=dd.device)), None
+        sg, sd = _squared_norms(g, dtype), _squared_norms(diff, dtype)
+        if sg is None or sd is None:
+            return acc, None
+        return (_add_in_order(gg, sg), _add_in_order(dd, sd)), None
+
+    def estimate(self, c: dict[str, Any], acc: tuple[Tensor | None, Tensor | None],
+                 gstate: Mapping[str, Tensor] | None) -> dict[str, Tensor]:
+        """``beta_t`` from the sums over every bucket, and the weight of pass 2's lerp."""
+        G, B = acc
+        lam, lo, hi = c["lam"], c["lo"], c["hi"]
+        if G is None or B is None:  # no element anywhere: d is the same for any beta
+            beta = torch.zeros((), dtype=torch.float64)
         else:
-            G, B = _total(gg), _total(dd)
             # first-order two-plane solution: ((1+lam) <g,d> - <d-g, g+lam d>) / ||d-g||^2,
             # which simplifies to (1+lam) ||g||^2 / ||d-g||^2 - lam; where d = g it grows without
             # bound (the memory plane lies above: the proximal solution is beta = 1), so beta_max
             beta = torch.where(B > 0, (1.0 + lam) * G / B - lam, hi).clamp(min=lo, max=hi)
-        for b in live:
-            p0 = b.params[0]
-            beta_b = beta.to(device=p0.device, dtype=b.dtype)
-            # d <- ((beta + lam) d + (1 - beta) g) / (1 + lam) = lerp(d, g, (1 - beta)/(1 + lam))
-            w = (1.0 - beta_b) / (1.0 + lam)
-            d = b.state[f"{self.name}.memory"]
-            torch._foreach_lerp_(d, b.updates, [w] * len(d))
-            for s in b.state[f"{self.name}.beta"]:
-                s.copy_(beta_b)
-            b.updates = b.lend(list(d))
+        # d <- ((beta + lam) d + (1 - beta) g) / (1 + lam) = lerp(d, g, (1 - beta)/(1 + lam))
+        return {"beta": beta, "w": (1.0 - beta) / (1.0 + lam)}
+
+    def finish(self, b: Bucket, hp: dict[str, Any], flags: dict[str, bool], c: dict[str, Any], carry: Any) -> None:
+        """Pass 2 over one bucket: the new ``d`` (the update) and the last ``beta``."""
+        g = b.materialize()
+        d = b.state[f"{self.name}.memory"]
+        if b.tensor_scalars:  # pass 1 left d alone (see _memory)
+            for x, y, t in zip(d, g, b.step_values, strict=True):
+                x.copy_(torch.where(t == 1, y, x))
+        device = b.params[0].device
+        beta, w = (c[k].to(device=device, dtype=b.dtype) for k in ("beta", "w"))
+        torch._foreach_lerp_(d, g, [w] * len(d))
+        betas = b.state[f"{self.name}.beta"]
+        if b.segments is None and not hasattr(betas[0], "device_mesh"):
+            torch._foreach_copy_(betas, [beta] * len(betas))
+        else:
+            # the flat bucket's one vector of betas (a broadcast), or DTensors (no foreach copy rule)
+            for s in betas:
+                s.copy_(beta)
+        b.updates = b.lend(list(d))
+
+    def apply(self, buckets: list[Bucket]) -> None:
+        apply_phases(self, buckets)
 
 
 def adaptive_memory_momentum(
@@ -149,16 +244,20 @@ def adaptive_memory_momentum(
                 = clip((1+lam) ||g||^2 / ||d-g||^2 - lam, beta_min, beta_max)
         d_{t+1} = ((beta_t + lam) d_t + (1 - beta_t) g_t) / (1 + lam)
 
-    and the update is ``d_{t+1}`` (put ``scale_by_lr`` after it). The inner products run over
-    every element of every param of every group at once: one ``beta_t`` per step, one global
-    reduction (no host sync; under FSDP2 each sum is a DTensor reduction). ``beta_t`` is the
+    and the update is ``d_{t+1}`` (put ``scale_by_lr`` after it). The inner products run over every
+    element of every param of every group at once: one ``beta_t`` per step, one global reduction,
+    its two sums in float64 (no host sync; under FSDP2 each sum is a DTensor reduction). On the
+    fused path (``fused_phases``) ``d_0 = g_0`` and the two sums are compiled per flat bucket, and
+    the ``d`` update, the elementwise transforms after it (``scale_by_lr``) and the write are one
+    compiled pass per bucket; ``apply`` states the rule once for both paths. ``beta_t`` is the
     maximiser over ``[0, 1]`` of the dual of the two-plane proximal problem described in this
     module's docstring (see the module), capped at ``beta_max``; with the first-order estimate of
-    the memory plane's offset it does not depend on ``lr``. ``lam`` (group key ``am_lambda``)
-    also pulls the new direction toward the old one. Where ``d = g`` the ratio is unbounded and
+    the memory plane's offset it does not depend on ``lr``. ``lam`` (group key ``am_lambda``) also
+    pulls the new direction toward the old one. Where ``d = g`` the ratio is unbounded and
     ``beta_t = beta_max`` (the proximal solution there is ``beta = 1``; ``d`` is the same for any
-    ``beta``). State: ``memory`` (1x) and the last ``beta`` (a 0-d tensor per param, the same for
-    all: for logging). All groups must share ``am_lambda``, ``beta_min`` and ``beta_max``.
+    ``beta``).
+    State: ``memory`` (1x) and the last ``beta`` (a 0-d tensor per param, the same for all: for
+    logging). All groups must share ``am_lambda``, ``beta_min`` and ``beta_max``.
 
     Sources: from the paper itself (Topollai & Choromanska, "Adaptive Memory Momentum via a
     Model-Based Framework for Deep Learning Optimization", arXiv:2510.04988) only the idea was

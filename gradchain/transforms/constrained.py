@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from ..base import Bucket, Leaf, resolve_hyperparam, scalar_state, transform
+from .._dtensor import replicate_like
+from ..base import Bucket, HostStep, Leaf, resolve_hyperparam, scalar_state, transform
 from ..hyperparams import Hyperparam, nonnegative
 
 __all__ = ["KAPPA_INITS", "cpr"]
 
 KAPPA_INITS = ("uniform", "dependent", "warm_start", "inflection_point")
-
-
-def _sq_norms(tensors: list[Tensor]) -> list[Tensor]:
-    norms = torch._foreach_norm(tensors)
-    return torch._foreach_mul(norms, norms)
 
 
 def cpr(
@@ -37,7 +34,9 @@ def cpr(
     ``R = ||p'||^2``; ``lam <- max(0, lam + mu (R - kappa))`` with ``mu = kappa_update / numel``;
     ``p'' = p' - 2 c lam p'`` (``c = lr`` with ``reg_by_lr``, else 1). The projection is folded
     into the update: this returns ``u - 2 c lam p'``, i.e. ``p'' - p``. ``lam`` and ``kappa`` are
-    per-tensor state (``scalar_state``); all reductions and decisions on them are tensor ops.
+    per-tensor state (``scalar_state``); all reductions and decisions on them are tensor ops, and
+    what the step count decides comes as flags from ``host_step``: on the fused path the whole
+    rule compiles (``segmented``: per-tensor sums over the flat buffer, the scalars as vectors).
 
     ``kappa_init`` (``kappa_init_param`` is its parameter):
 
@@ -80,58 +79,84 @@ def cpr(
             st.update({k: scalar_state(p) for k in ("reg_ema", "prev_reg", "prev_slope", "active")})
         return st
 
-    def detect_inflection(i: int, t: float, reg: Tensor, state: dict) -> None:
-        # runs every `period` steps only, so a per-tensor loop costs nothing measurable
-        ema = state["reg_ema"][i]
-        ema.mul_(decay).add_(reg * (1.0 - decay))
-        if t <= period:
-            return
-        slope = ema - state["prev_reg"][i]
-        if t > 3 * period:
-            kappa, active = state["kappa"][i], state["active"][i]
-            fire = (state["prev_slope"][i] > slope) & (active == 0)
-            kappa.copy_(torch.where(fire, reg, kappa))
-            active.copy_(torch.where(fire, torch.ones_like(active), active))
-        state["prev_reg"][i].copy_(ema)
-        if t > 2 * period:
-            state["prev_slope"][i].copy_(slope)
+    def schedule(hp: Mapping, t: int) -> HostStep:
+        # what the step decides, as flags (1.0 / 0.0) the update applies with where(): no branch
+        # on a tensor's step inside the update, so the fused path compiles it once
+        detect = inflection and t % period == 0
+        return HostStep({
+            "first": float(kappa_init == "dependent" and t == 1),
+            "gate": float(t > warm),
+            "warm_set": float(kappa_init == "warm_start" and t == warm),
+            "ema": float(detect),
+            "slope": float(detect and t > period),
+            "fire": float(detect and t > 3 * period),
+            "keep_slope": float(detect and t > 2 * period),
+        })
 
     def update(updates: list, state: dict, hp: Mapping, ctx: Bucket) -> list:
-        steps = ctx.step_values
-        lagmul, kappa = state["lagmul"], state["kappa"]
-        if kappa_init == "dependent":
-            first = [i for i, t in enumerate(steps) if t == 1.0]
-            if first:
-                r0 = _sq_norms([ctx.params[i].to(ctx.dtype) for i in first])
-                torch._foreach_mul_(r0, float(kappa_init_param))
-                for i, r in zip(first, r0):  # a tensor's first step only
-                    kappa[i].copy_(r)
+        # per-tensor values as vectors, one entry per param (the fused path's flat buffer too)
+        lagmul, kappa = ctx.state_vector(state["lagmul"]), ctx.state_vector(state["kappa"])
+
+        def flag(key: str) -> Tensor | None:
+            """A host_step flag per param (a 0-d tensor on the fused path; None if no param has it)."""
+            vals = [v[key] for v in ctx.host_values]
+            if isinstance(vals[0], Tensor):
+                return vals[0] > 0
+            if not any(vals):
+                return None  # eager: skip what no tensor needs this step
+            return replicate_like(torch.tensor(vals, device=lagmul.device) > 0, lagmul)
+
+        first = flag("first")
+        if first is not None:
+            r0 = ctx.tensor_norms([p.to(ctx.dtype) for p in ctx.params])
+            kappa = torch.where(first, r0 * r0 * float(kappa_init_param), kappa)
         theta = torch._foreach_add(updates, ctx.params)
-        reg = _sq_norms(theta)
-        # dual ascent on the multiplier; gated off where the bound is not set yet
-        gate = [1.0 if t > warm else 0.0 for t in steps]
-        # an empty tensor has R = 0 and nothing to project: any finite step size will do
-        step_size = [float(hp["kappa_update"]) * a / max(u.numel(), 1) for a, u in zip(gate, updates)]
-        excess = torch._foreach_sub(reg, kappa)
+        norms = ctx.tensor_norms(theta)
+        reg = norms * norms
+        # dual ascent on the multiplier; gated off where the bound is not set yet. An empty tensor
+        # has R = 0 and nothing to project: any finite step size will do
+        excess = reg - kappa
         if inflection:
-            torch._foreach_mul_(excess, state["active"])
-        torch._foreach_mul_(excess, step_size)
-        torch._foreach_add_(lagmul, excess)
-        torch._foreach_clamp_min_(lagmul, 0.0)
-        if kappa_init == "warm_start":
-            for i in (i for i, t in enumerate(steps) if t == warm):  # the warm-start step only
-                kappa[i].copy_(reg[i])
-        if inflection:
-            for i, t in enumerate(steps):
-                if t % period == 0:
-                    detect_inflection(i, t, reg[i], state)
-        c = 1.0
+            excess = excess * ctx.state_vector(state["active"])
+        gate = flag("gate")
+        step_size = replicate_like(hp["kappa_update"] / ctx.tensor_numels(updates).clamp(min=1), lagmul)
+        if gate is not None:  # (None: no tensor's bound is in force yet)
+            lagmul = torch.where(gate, (lagmul + excess * step_size).clamp(min=0), lagmul)
+        warm_set = flag("warm_set")
+        if warm_set is not None:
+            kappa = torch.where(warm_set, reg, kappa)
+        if inflection and flag("ema") is not None:
+            kappa = detect_inflection(reg, kappa, state, flag, ctx)
+        ctx.store_state_vector(state["lagmul"], lagmul)
+        ctx.store_state_vector(state["kappa"], kappa)
+        c: Any = 1.0
         if reg_by_lr:
-            if lr_key not in ctx.group:
+            if ctx.resolved is not None and lr_key in ctx.resolved:
+                c = ctx.resolved[lr_key]
+            elif lr_key in ctx.group:
+                c = float(resolve_hyperparam(lr_key, Hyperparam(None), ctx.group[lr_key], ctx))
+            else:
                 raise ValueError(f"cpr(reg_by_lr=True) reads the lr from the group key {lr_key!r}, which is absent")
-            c = float(resolve_hyperparam(lr_key, Hyperparam(None), ctx.group[lr_key], ctx))
-        torch._foreach_addcmul_(updates, theta, lagmul, value=-2.0 * c)
+        torch._foreach_addcmul_(updates, theta, ctx.per_tensor(lagmul * (-2.0 * c)))
         return updates
 
+    def detect_inflection(reg: Tensor, kappa: Tensor, state: dict, flag: Callable, ctx: Bucket) -> Tensor:
+        """Every ``period`` steps: the EMA of R, its slope, and the bound set where growth slows."""
+        ema, prev_reg = ctx.state_vector(state["reg_ema"]), ctx.state_vector(state["prev_reg"])
+        prev_slope, active = ctx.state_vector(state["prev_slope"]), ctx.state_vector(state["active"])
+        ema = torch.where(flag("ema"), ema * decay + reg * (1.0 - decay), ema)
+        slope = ema - prev_reg
+        fire_on, slope_on, keep_on = flag("fire"), flag("slope"), flag("keep_slope")
+        if fire_on is not None:
+            fire = fire_on & (prev_slope > slope) & (active == 0)
+            kappa = torch.where(fire, reg, kappa)
+            ctx.store_state_vector(state["active"], torch.where(fire, torch.ones_like(active), active))
+        if slope_on is not None:
+            ctx.store_state_vector(state["prev_reg"], torch.where(slope_on, ema, prev_reg))
+        if keep_on is not None:
+            ctx.store_state_vector(state["prev_slope"], torch.where(keep_on, slope, prev_slope))
+        ctx.store_state_vector(state["reg_ema"], ema)
+        return kappa
+
     spec = {"kappa_update": Hyperparam(kappa_update, nonnegative)}
-    return transform(name, spec, init, update, inplace=True)
+    return transform(name, spec, init, update, inplace=True, segmented=True, host_step=schedule)
