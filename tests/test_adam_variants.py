@@ -194,6 +194,47 @@ def test_sadam_floor_and_no_overflow() -> None:
     assert u[1] == pytest.approx(1.0, rel=1e-12) and u[2] == pytest.approx(1.0, rel=1e-12)
 
 
+def _softplus_ulps(x: torch.Tensor, beta: float, compiled: bool) -> torch.Tensor:
+    f = gc.ops.softplus_nonneg_polynomial
+    f = torch.compile(f, fullgraph=True) if compiled else f
+    exact = torch.nn.functional.softplus(x.double(), beta=beta, threshold=20.0)
+    near = exact.float().abs()
+    spacing = (torch.nextafter(near, torch.tensor(math.inf)) - near).double()
+    return (f(x, beta).double() - exact).abs() / spacing
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("beta", [50.0, 1.0, 3.0])
+def test_fused_softplus_polynomial_is_within_4_ulp(beta: float, compiled: bool) -> None:
+    # Sadam's compiled denominator (x = sqrt(v^) >= 0): many decades, up to and past the threshold
+    g = torch.Generator().manual_seed(1)
+    x = torch.cat([torch.logspace(-40, 3, 100_000), torch.rand(100_000, generator=g) * 30.0 / beta])
+    err = _softplus_ulps(x, beta, compiled)
+    assert err.max() <= 4.0, err.max()
+    assert err.mean() < 0.5  # most results within half an ulp, not merely within the bound
+
+
+def test_fused_softplus_polynomial_special_values() -> None:
+    x = torch.tensor([0.0, -0.0, math.inf, math.nan, 0.4, 0.4 + 1e-7, 1e-45])
+    got = gc.ops.softplus_nonneg_polynomial(x, 50.0)
+    want = torch.nn.functional.softplus(x.double(), beta=50.0, threshold=20.0).float()
+    torch.testing.assert_close(got, want, rtol=3e-7, atol=0, equal_nan=True)
+    assert got[2] == math.inf and got[5] == x[5]  # past the threshold: x itself, as torch
+
+
+def test_sadam_fused_uses_the_polynomial_eager_keeps_torch(monkeypatch) -> None:
+    # the compiled kernel calls the polynomial (float32); float64 and eager keep F.softplus
+    calls = []
+    real = gc.ops.softplus_nonneg_polynomial
+    monkeypatch.setattr(gc.ops, "softplus_nonneg_polynomial", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for dtype, fused, used in [(torch.float32, True, True), (torch.float64, True, False), (torch.float32, False, False)]:
+        calls.clear()
+        p = torch.nn.Parameter(torch.ones(5, dtype=dtype))
+        p.grad = torch.ones_like(p)
+        ChainOptimizer([p], recipes.sadam(), fused=fused).step()
+        assert bool(calls) == used, (dtype, fused)
+
+
 def test_adanorm_zero_norm_and_state_is_per_tensor_scalar() -> None:
     t = gc.scale_by_adanorm()
     ps = [torch.zeros(3, 2, dtype=torch.float64), torch.zeros((), dtype=torch.float64)]

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
-import torch.nn.functional as F
 
 from .. import ops
 from ..base import Bucket, Leaf, transform, zeros_state
@@ -122,8 +121,9 @@ def scale_by_adam_softplus(
         m, v = _update_moments(updates, state, b1, b2)
         den = torch._foreach_div(v, ctx.per_step(lambda t: ops.bias_correction(b2, t)))
         torch._foreach_sqrt_(den)
-        # torch has no foreach softplus; it is elementwise, so one call per tensor
-        den = [F.softplus(d, beta=beta, threshold=20.0) for d in den]
+        # compiled, one exp and a polynomial (a CPU's exp and log1p at full accuracy would make
+        # the step compute-bound); torch has no foreach softplus: one call per tensor eagerly
+        den = ops.softplus_nonneg(den, beta, threshold=20.0)
         ctx.defer_scale(ctx.per_step(lambda t: 1.0 / ops.bias_correction(b1, t)))
         return torch._foreach_div(m, den)
 
