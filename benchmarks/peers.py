@@ -21,7 +21,9 @@ an optimizer whose last step moved no param is reported as an error instead of t
   as a reference (the host's bandwidth moves during a run; three probes before and after the
   cases, a triad, an in-place update and the same AdamW step, are reported too). Bytes per step:
   read p and g, write p (12 bytes per fp32 param), plus every state buffer of the eager gradchain
-  optimizer read and written once (its per-tensor 0-d step counters left out). A recipe whose
+  optimizer read and written once (its per-tensor 0-d step counters left out; state a step only
+  reads, such as the older slots of the fractional gradient's ring, counted once:
+  ``Spec.read_only``). A recipe whose
   state moves less often than every step (lookahead's slow weights) or whose step is
   compute-bound (muon's Newton-Schulz matmuls) can sit well above this floor.
 - floor: the roofline plus the bytes a step must read again because a reduction over a tensor
@@ -132,6 +134,11 @@ class Spec:
     # bytes per element of a large tensor that every implementation reads again: a reduction over
     # the tensor (or over all tensors) finishes before any of its elements can be written
     reread: int = 0
+    # bytes per element of state that a step reads but never writes (a ring's older slots): the
+    # roofline counts them once, not as a read and a write
+    read_only: int = 0
+    # the recipe takes the loss at every step (AdaLo): each step gets the same loss value
+    loss: bool = False
 
 
 def _plain(named: Named) -> list[torch.nn.Parameter]:
@@ -242,8 +249,9 @@ SPECS: dict[str, Spec] = {
 }
 
 # recipes with no peer in these libraries, measured against their own roofline only (``--recipes``
-# names them, ``--peerless`` adds them all); AdaLo needs a loss at every step and is left out
+# names them, ``--peerless`` adds them all)
 PEERLESS: dict[str, Spec] = {
+    "adalo": Spec([], loss=True),
     "adamomentum": Spec([]),
     "sadam": Spec([]),
     "smmf": Spec([]),
@@ -251,9 +259,10 @@ PEERLESS: dict[str, Spec] = {
     "gc_adamw": Spec([], reread=4),  # the row means of g first
     "nsgda": Spec([], reread=8),  # the norm of the new momentum first (g and m)
     "softclip_adamw": Spec([], reread=8),  # the unit RMS of p and g first
-    "cpr_adamw": Spec([]),
-    "fractional_adam": Spec([]),
-    "fractional_sgd": Spec([], kwargs={"momentum": 0.9}),
+    "cpr_adamw": Spec([], reread=16),  # the norm of p + u per matrix first (p, g, m and v)
+    # the ring's 9 older slots (of 10) are only read: the newest gradient overwrites the oldest
+    "fractional_adam": Spec([], read_only=36),
+    "fractional_sgd": Spec([], kwargs={"momentum": 0.9}, read_only=36),
     "adamw_spectral": Spec([]),
     "am_adamw": Spec([], reread=12),  # the per-tensor sums over g, v and d first
     "am_sgd": Spec([], reread=8),  # the global inner products of g and d first
@@ -312,6 +321,17 @@ def build_recipe(name: str) -> Any:
     return spec.build() if spec.build else getattr(recipes, name)(**spec.kwargs)
 
 
+class _WithLoss:
+    """An optimizer that takes the loss, stepped with one fixed value (a step's work does not depend on it)."""
+
+    def __init__(self, opt: Any, device: torch.device) -> None:
+        self.opt = opt
+        self.loss = torch.tensor(0.5, device=device)
+
+    def step(self) -> None:
+        self.opt.step(loss=self.loss)
+
+
 def state_bytes(opt: Any) -> int:
     """Bytes of the per-element state (0-d counters left out), each storage counted once."""
     seen, total = set(), 0
@@ -368,15 +388,18 @@ def measure(name: str, shapes: NamedShapes, device: torch.device, libs: set[str]
 
     eager_opt: dict[str, Any] = {}
 
+    def gradchain(named: Named, fused: bool) -> Any:
+        opt = ChainOptimizer(named, build_recipe(name), fused=fused)
+        return _WithLoss(opt, device) if SPECS[name].loss else opt
+
     def make_eager(named: Named) -> Any:
-        eager_opt["opt"] = ChainOptimizer(named, build_recipe(name))
-        return eager_opt["opt"]
+        opt = gradchain(named, False)
+        eager_opt["opt"] = getattr(opt, "opt", opt)
+        return opt
 
     makers = {"gradchain eager": on_params("gradchain eager", make_eager)}
     if fused:
-        makers["gradchain fused"] = on_params(
-            "gradchain fused", lambda named: ChainOptimizer(named, build_recipe(name), fused=True)
-        )
+        makers["gradchain fused"] = on_params("gradchain fused", lambda named: gradchain(named, True))
     makers.update({p.label: on_params(p.label, p.make) for p in peers})
 
     def make_reference() -> Any:  # the bandwidth a hand-written kernel reaches, in this round-robin
@@ -398,7 +421,7 @@ def measure(name: str, shapes: NamedShapes, device: torch.device, libs: set[str]
     nbytes = floor = None
     if "opt" in eager_opt and timings["gradchain eager"].error is None:
         p_bytes = 4 * numel(shapes)
-        nbytes = 3 * p_bytes + 2 * state_bytes(eager_opt["opt"])
+        nbytes = 3 * p_bytes + 2 * state_bytes(eager_opt["opt"]) - SPECS[name].read_only * numel(shapes)
         floor = nbytes + SPECS[name].reread * sum(n for _, s in shapes if (n := torch.Size(s).numel()) > LARGE)
     eager_opt.clear()
     bw = 28 * numel(shapes) / ref.median if not ref.error and ref.times else None
@@ -597,7 +620,8 @@ def main(argv: list[str] | None = None) -> None:
         + " (`_timing.bandwidth_probes`; the host's bandwidth moves during a run). Each recipe's roofline uses "
         "the bandwidth that torch's fused AdamW, over one param of the case's size, reaches in that recipe's own "
         "round-robin (a reference stepped with the others, not a peer). Bytes per step: read p and g, "
-        "write p, and read and write every per-element state buffer of the eager gradchain optimizer once. "
+        "write p, and read and write every per-element state buffer of the eager gradchain optimizer once "
+        "(read once where a step never writes it: the fractional gradient's older slots, `Spec.read_only`). "
         f"Floor: the roofline plus what a reduction makes a step read again from a tensor of over {LARGE} "
         "elements, which does not stay in a core's cache between the passes (LAMB's trust ratio, the cautious "
         "mask's mean, Adafactor's factored statistics and RMS, AdaNorm's and Amos's per-tensor norms, the "

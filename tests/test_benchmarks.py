@@ -113,6 +113,17 @@ def test_peerless_recipes_are_measured_against_their_roofline(bench, tmp_path: P
     assert bench.measure("gc_adamw", shapes, torch.device("cpu"), set(), False, 1, 0).floor_bytes == 32 * 300_000
 
 
+def test_ring_slots_count_once_and_adalo_gets_a_loss(bench) -> None:
+    # the fractional gradient's 9 older slots (of 10) are read, never written: counted once
+    shapes = [("big", (600, 500))]
+    frac = bench.measure("fractional_adam", shapes, torch.device("cpu"), set(), False, 1, 0)
+    assert frac.bytes_per_step == (12 + 2 * 4 * 12 - 36) * 300_000
+    # AdaLo takes the loss at every step: measured (a step without it would raise), and it moved
+    adalo = bench.measure("adalo", shapes, torch.device("cpu"), set(), True, 1, 0)
+    assert adalo.eager.error is None and adalo.fused.error is None, (adalo.eager.error, adalo.fused.error)
+    assert adalo.bytes_per_step == 20 * 300_000
+
+
 def test_peers_rejects_unknown_recipe(bench) -> None:
     with pytest.raises(SystemExit):
         bench.main(["--sizes", "tiny", "--recipes", "adamw,no_such_recipe"])
