@@ -581,7 +581,7 @@ class Bucket:
 
     # -- sub-buckets, for combinators and the eager step in pieces -----------------------------
     def subset(self, indices: Sequence[int], slices: Sequence[slice | None] | None = None,
-               keys: Iterable[str] | None = None, *, carry_pending: bool = False) -> Bucket:
+               keys: Iterable[str] | None = None, *, carry_pending: bool = False, rows: bool = False) -> Bucket:
         """A bucket over the tensors at ``indices`` (updates materialized), sharing this step.
 
         ``slices`` (one per index, None for the whole tensor) takes part of a contiguous tensor:
@@ -589,12 +589,18 @@ class Bucket:
         (``keys``, every key by default; state of another shape comes whole). Whatever this bucket may not
         write in place (a gradient, a lent tensor), the sub-bucket may not write either.
         ``carry_pending`` gives the sub-bucket this bucket's pending form instead: the caller then
-        owns that form.
+        owns that form. With ``rows`` each slice is a block of whole rows, viewed with the tensor's
+        trailing shape (for ``rowwise`` transforms).
         """
         if not carry_pending:
             self.materialize()
         slices = [None] * len(indices) if slices is None else list(slices)
-        part = lambda x, s: x if s is None or x is None else x.view(-1)[s]  # noqa: E731
+
+        def part(x: Tensor | None, s: slice | None) -> Tensor | None:
+            if s is None or x is None:
+                return x
+            return x.view(-1)[s].view(-1, *x.shape[1:]) if rows else x.view(-1)[s]
+
         sub = Bucket.__new__(Bucket)
         sub.params = [part(self.params[i], s) for i, s in zip(indices, slices, strict=True)]
         sub.grads = [part(self.grads[i], s) for i, s in zip(indices, slices, strict=True)]
@@ -653,7 +659,7 @@ class Bucket:
                 if slices[j] is None or mine[i].shape != self.params[i].shape:
                     mine[i] = v[j]
                 elif v[j] is not None and v[j].data_ptr() != (view := mine[i].view(-1)[slices[j]]).data_ptr():
-                    view.copy_(v[j])
+                    view.copy_(v[j].reshape(-1))  # a block of rows has the param's trailing shape
 
     # -- the final write ----------------------------------------------------------------------
     def write(self) -> None:
@@ -875,6 +881,7 @@ class Leaf(Transform):
         static: Sequence[str] = (),
         momentum_state: Sequence[str] = (),
         reads_pending: bool = False,
+        rowwise: bool = False,
         host_step: Callable[[Mapping[str, Any], int], HostStep] | None = None,
     ) -> None:
         if not name or "." in name:
@@ -910,6 +917,9 @@ class Leaf(Transform):
         # are (it reads the updates only through ``ctx.update_norms()`` and defers its own factors),
         # so a divisor formed in row blocks stays pending; traced, it sees them materialized
         self._reads_pending = reads_pending
+        # rowwise: on a tensor with ndim >= 2 the update treats each slice along dim 0 alone (per-row
+        # reductions only), so the eager step in pieces may give it a block of whole rows
+        self.rowwise = rowwise
         # host_step(hp, t): what the update needs of the step count, worked out on the host (per
         # tensor on the eager path; once per flat bucket before a fused kernel, whose inputs its
         # values then are: a new step neither recompiles nor syncs)
@@ -1076,6 +1086,11 @@ def transform(
     slices of a large tensor, each slice from the same 0-d state, as it runs ``elementwise`` ones.
     ``momentum_state=("exp_avg",)`` declares which buffers hold a momentum (Lookahead's
     momentum reset and pullback find them so).
+    ``rowwise=True`` (with ``elementwise_for``) declares that on a tensor with ``ndim >= 2`` the
+    update treats each slice along dim 0 alone and reduces only within it (gradient
+    centralization's row means, AGC's unit norms): the eager step in pieces then runs it, with the
+    elementwise transforms around it, on cache-sized blocks of whole rows of a large tensor
+    (views with the tensor's trailing shape); 1-d tensors stay whole.
     ``host_step=fn(hp, t) -> HostStep`` declares what the update needs of the step count ``t``
     (an int) beyond arithmetic: numbers it reads as ``ctx.host_values[i]`` (a ring buffer's
     weights this step) and the names under which it sees some state buffers (the ring's slots in

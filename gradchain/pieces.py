@@ -10,7 +10,8 @@ twice.
 The chain's top-level transforms are cut into runs, as the fused path cuts them. A run of
 ``elementwise`` (and ``segmented`` or shape-dependent) leaves runs piece by piece. A tensor is
 sliced only when its state in that run is shaped like it, contiguous, and only for leaves that
-are plain ``elementwise`` (a per-tensor reduction needs the whole tensor). In the chain's last
+are plain ``elementwise`` (a per-tensor reduction needs the whole tensor), or ``rowwise`` ones
+(gradient centralization, AGC: per-row reductions), which get blocks of whole rows. In the chain's last
 run the slices write their params; a run before it hands the next run whole tensors, which its
 slices' updates are views of (a lent momentum, Adam's ``m``; Adam's pending divisor is formed
 from ``v`` later), or, where they are not, copied together once, that run going over whole
@@ -52,12 +53,15 @@ PIECE_NUMEL = 1 << 18
 
 
 def _kind(t: Transform) -> str | None:
-    """"slice" (elementwise: any slice of a tensor will do), "whole" (per-tensor reductions or
-    shape-dependent rules: whole tensors only), or None (runs over the whole buckets)."""
+    """"slice" (elementwise: any slice of a tensor will do), "rows" (``rowwise``: a block of whole
+    rows of a tensor with ndim >= 2 will do), "whole" (per-tensor reductions or shape-dependent
+    rules: whole tensors only), or None (runs over the whole buckets)."""
     if not isinstance(t, Leaf):
         return None
     if t.elementwise_for is None and ((t.elementwise and not t.segmented) or t.step_scalars):
         return "slice"
+    if t.rowwise:
+        return "rows"
     if t.elementwise or t.segmented or t.elementwise_for is not None:
         return "whole"
     return None
@@ -143,13 +147,20 @@ class PiecewiseChain:
             # a run before the chain's last is cut into slices too while its updates come back as
             # the tensors their slices are views of (a lent momentum, Adam's numerator and divisor
             # formed from state); a run that had to copy them together runs over whole tensors
-            sliced = all(_kind(t) == "slice" for t in ts) and (last or j not in self._copies)
+            sliced = _slicing(ts) if last or j not in self._copies else None
             for b in buckets:
                 if len(b) and _run_pieces(b, ts, owners, last, sliced, writer):
                     self._copies.add(j)
 
 
 Writer = Callable[[Bucket], None]
+
+
+def _slicing(ts: list[Transform]) -> str | None:
+    """How a run may cut a large tensor: "flat" (any slice: every transform elementwise), "rows"
+    (blocks of whole rows: every transform elementwise or rowwise), or None (whole tensors)."""
+    kinds = {_kind(t) for t in ts}
+    return "flat" if kinds == {"slice"} else "rows" if kinds <= {"slice", "rows"} else None
 
 
 def _write_materialized(b: Bucket) -> None:
@@ -176,9 +187,9 @@ def _prime_allocator() -> None:
         del block
 
 
-def _sliceable(b: Bucket, i: int, keys: list[str]) -> bool:
+def _sliceable(b: Bucket, i: int, keys: list[str], mode: str) -> bool:
     p = b.params[i]
-    if hasattr(p, "device_mesh") or p.numel() <= PIECE_NUMEL:
+    if hasattr(p, "device_mesh") or p.numel() <= PIECE_NUMEL or (mode == "rows" and p.dim() < 2):
         return False
     state = [b.state[k][i] for k in keys]
     if not all(isinstance(t, Tensor) and (t.shape == p.shape or t.dim() == 0) for t in state):
@@ -187,17 +198,22 @@ def _sliceable(b: Bucket, i: int, keys: list[str]) -> bool:
     return all(isinstance(t, Tensor) and t.shape == p.shape and t.is_contiguous() for t in tensors)
 
 
-def _plan(b: Bucket, keys: list[str], sliced: bool) -> Iterator[list[tuple[int, slice | None]]]:
-    """Pieces of about PIECE_NUMEL elements: ``[(tensor index, slice of its flat view or None)]``."""
+def _plan(b: Bucket, keys: list[str], sliced: str | None) -> Iterator[list[tuple[int, slice | None]]]:
+    """Pieces of about PIECE_NUMEL elements: ``[(tensor index, slice of its flat view or None)]``
+    (``sliced="rows"``: slices of whole rows, at least one)."""
     piece: list[tuple[int, slice | None]] = []
     size = 0
     for i, n in enumerate(map(Tensor.numel, b.params)):
-        if sliced and n > PIECE_NUMEL and _sliceable(b, i, keys):
+        if sliced and n > PIECE_NUMEL and _sliceable(b, i, keys, sliced):
             if piece:
                 yield piece
                 piece, size = [], 0
-            for start in range(0, n, PIECE_NUMEL):
-                yield [(i, slice(start, min(n, start + PIECE_NUMEL)))]
+            step = PIECE_NUMEL
+            if sliced == "rows":
+                row = n // b.params[i].shape[0]
+                step = max(1, PIECE_NUMEL // row) * row
+            for start in range(0, n, step):
+                yield [(i, slice(start, min(n, start + step)))]
             continue
         if piece and size + n > PIECE_NUMEL:
             yield piece
@@ -216,7 +232,7 @@ def _owned_keys(b: Bucket, owners: set[str]) -> list[str]:
     return [k for k in b.state if k.split(".", 1)[0] in owners]
 
 
-def _run_pieces(b: Bucket, ts: list[Transform], owners: set[str], last: bool, sliced: bool,
+def _run_pieces(b: Bucket, ts: list[Transform], owners: set[str], last: bool, sliced: str | None,
                 writer: Writer = Bucket.write) -> bool:
     """``ts`` over ``b`` piece by piece, written if ``last``. Returns True where a sliced tensor's
     update had to be copied together for the next run (see :func:`_hand_over`)."""
@@ -240,7 +256,7 @@ def _run_pieces(b: Bucket, ts: list[Transform], owners: set[str], last: bool, sl
             elif s is not None:
                 for k, value in before[i]:
                     b.state[k][i].copy_(value)
-        sub = b.subset(indices, slices, keys, carry_pending=True)
+        sub = b.subset(indices, slices, keys, carry_pending=True, rows=sliced == "rows")
         for t in ts:
             t.apply([sub])
         if last:
@@ -289,7 +305,8 @@ def _run_phased(buckets: list[Bucket], t: Transform, tail: list[Transform], owne
     hps, flags, c, _ = estimate_phases(t, live, parts)
     # pass 1 sums per tensor (whole tensors keep those sums' bits); pass 2, when the transform says
     # it is elementwise, may cut a large tensor into slices in the chain's last run
-    sliced = last and getattr(t, "finish_elementwise", False) and all(_kind(x) == "slice" for x in tail)
+    finish_sliced = last and getattr(t, "finish_elementwise", False)
+    sliced = (_slicing(tail) if tail else "flat") if finish_sliced else None
     for b, hp, f in zip(live, hps, flags, strict=True):
         _run_pieces(b, [_Finish(t, hp, f, c), *tail], owners, last, sliced, writer)
 
@@ -337,7 +354,7 @@ def _copied(parts: list[tuple[Tensor, slice]], like: Tensor) -> Tensor:
     out = torch.empty(like.shape, dtype=parts[0][0].dtype, device=parts[0][0].device)
     flat = out.view(-1)
     for u, s in parts:
-        flat[s].copy_(u)
+        flat[s].copy_(u.reshape(-1))  # a block of rows has the param's trailing shape
     return out
 
 

@@ -119,6 +119,24 @@ def test_what_is_cut(small_pieces: int, monkeypatch: pytest.MonkeyPatch) -> None
     assert seen and all(s is None for _, sl in seen for s in sl)
 
 
+@pytest.mark.parametrize("name", ["gc_adamw", "agc_sgd", "softclip_adamw"])
+def test_rowwise_runs_cut_whole_rows(name: str, small_pieces: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    # per-row reductions (row means, unit norms): a large matrix goes in blocks of whole rows, each
+    # viewed with the matrix's trailing shape; a large vector (one unit for AGC) stays whole
+    seen = _record(monkeypatch)
+    _run(name, True, steps=1)
+    sliced = [(i, s) for idx, sl in seen for i, s in zip(idx, sl) if s is not None]
+    for i, shape in enumerate(SHAPES):
+        n = torch.Size(shape).numel()
+        if len(shape) < 2 or n <= small_pieces:
+            assert all(j != i for j, _ in sliced), (name, shape)
+            continue
+        row = n // shape[0]
+        step = max(1, small_pieces // row) * row
+        assert [s for j, s in sliced if j == i] == [slice(a, min(a + step, n)) for a in range(0, n, step)], shape
+    _assert_identical(_run(name, False), _run(name, True))
+
+
 def test_phased_transform_in_pieces(small_pieces: int, monkeypatch: pytest.MonkeyPatch) -> None:
     # Prodigy: pass 1 (sums per tensor) over whole tensors in groups, pass 2 (elementwise) sliced
     seen = _record(monkeypatch)

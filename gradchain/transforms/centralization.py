@@ -43,4 +43,5 @@ def centralize(min_ndim: int = 2, *, name: str = "centralize") -> Leaf:
     # the identity for the other shapes: the fused path compiles it into the kernel of the chain's
     # elementwise transforms, over a flat buffer of those params, and one large param at a time
     # for the shapes it centers (the row means and the rest of the chain in one kernel)
-    return transform(name, update=update, elementwise_for=lambda shape: not centered(shape))
+    # (and row by row: the eager step in pieces gives it blocks of whole rows of a large matrix)
+    return transform(name, update=update, elementwise_for=lambda shape: not centered(shape), rowwise=True)

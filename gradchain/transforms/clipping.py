@@ -87,8 +87,10 @@ def _unitwise_clip(
 
     # a vector is one unit, reduced as a segment of a flat buffer: the fused path compiles the clip
     # with the chain over the vectors' flat buffer, and for one large matrix at a time (its rows
-    # reduced in the kernel); smaller matrices clip eagerly
-    return transform(name, spec, update=update, elementwise_for=lambda shape: len(shape) <= 1)
+    # reduced in the kernel); smaller matrices clip eagerly. Units along dim 0 are rows: the eager
+    # step in pieces gives a large matrix to it in blocks of whole rows
+    return transform(name, spec, update=update, elementwise_for=lambda shape: len(shape) <= 1,
+                     rowwise=unit_dim == 0)
 
 
 def adaptive_grad_clip(
