@@ -12,6 +12,7 @@ from harness import RecipeCase, check_fsdp2, check_recipe
 
 import gradchain as gc
 from gradchain import recipes
+from gradchain.transforms import smmf
 
 
 def unit_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -281,6 +282,33 @@ def test_smmf_state_is_packed_and_small() -> None:
     got = [t.update([g.bfloat16()], state, [pb])[0] for g in gs]
     assert state[0]["smmf.m_row"].dtype == torch.float32 and state[0]["smmf.sign"].dtype == torch.uint8
     _close([x.double() for x in got], ref_smmf([g.bfloat16().double() for g in gs]), rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(30, 20), (1001,), (9, 8)], ids=str)
+def test_smmf_in_row_blocks_matches_reference(shape: tuple[int, ...], monkeypatch: pytest.MonkeyPatch) -> None:
+    # a tensor larger than a block is stepped a block of rows at a time: (25, 24) in blocks of 2
+    # rows; (77, 13) of 8 rows, the last 5 rows ending mid-byte; (9, 8) of 8 rows
+    monkeypatch.setattr(smmf, "WRITE_BLOCK", 64)
+    gs = _grads(shape, 5)
+    _close(_run(gc.scale_by_smmf(), gs), ref_smmf(gs))
+
+
+def test_smmf_tensors_stepped_together_keep_their_bits() -> None:
+    # the eager step batches tensors (their signs in one buffer, a piece per tensor from its first
+    # byte on) and runs list ops over them: each tensor gets the bits of its step alone, also
+    # when the step counts differ
+    shapes = [(7,), (5, 3), (16,), (), (4, 4, 3), (0,), (33,)]
+    t = gc.scale_by_smmf()
+    ps = [torch.zeros(s, dtype=torch.float64) for s in shapes]
+    alone, together = [t.init([p]) for p in ps], [t.init([p])[0] for p in ps]
+    for k in range(4):
+        gs = [_grads(s, 1, seed=10 * k + i)[0] for i, s in enumerate(shapes)]
+        live = [i for i in range(len(shapes)) if not (k == 1 and i % 2)]  # odd ones skip a step
+        got = t.update([gs[i] for i in live], [together[i] for i in live], [ps[i] for i in live])
+        for i, u in zip(live, got, strict=True):
+            assert torch.equal(u, t.update([gs[i]], alone[i], [ps[i]])[0]), (k, shapes[i])
+    for (a,), b in zip(alone, together, strict=True):
+        assert all(torch.equal(a[key], b[key]) for key in a), a["smmf.m_row"].shape
 
 
 @pytest.mark.parametrize("n", [0, 1, 7, 8, 9, 64, 1001])
