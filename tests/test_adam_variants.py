@@ -227,7 +227,8 @@ def test_sadam_fused_uses_the_polynomial_eager_keeps_torch(monkeypatch) -> None:
     calls = []
     real = gc.ops.softplus_nonneg_polynomial
     monkeypatch.setattr(gc.ops, "softplus_nonneg_polynomial", lambda *a, **k: calls.append(1) or real(*a, **k))
-    for dtype, fused, used in [(torch.float32, True, True), (torch.float64, True, False), (torch.float32, False, False)]:
+    cases = [(torch.float32, True, True), (torch.float64, True, False), (torch.float32, False, False)]
+    for dtype, fused, used in cases:
         calls.clear()
         p = torch.nn.Parameter(torch.ones(5, dtype=dtype))
         p.grad = torch.ones_like(p)

@@ -88,6 +88,15 @@ def test_a_large_step_is_capped_at_tau_sigma_w(shape) -> None:
     assert torch.allclose(out / u, (out / u).flatten()[0].expand_as(u), rtol=1e-12)  # a scalar multiple
 
 
+def test_the_callers_update_is_never_written() -> None:
+    # the bound scales the step in place (no model-sized buffer per step), so a tensor the caller
+    # passed in, as a gradient is, must be copied first
+    w, u = _randn(12, 8, seed=3), 10.0 * _randn(12, 8, seed=4)
+    before = u.clone()
+    out = _bounded(0.05, w, u, iters=5)
+    assert torch.equal(u, before) and sigma1(out) < 0.1 * sigma1(u)
+
+
 def test_few_rounds_converge_across_steps() -> None:
     # the default two rounds per step, warm-started from the kept vectors: the same matrices over
     # several steps reach the exact bound (the vectors persist in the state)

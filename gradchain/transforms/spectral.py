@@ -34,11 +34,20 @@ def power_iteration(matrix: Tensor, v: Tensor, iters: int) -> tuple[Tensor, Tens
     makes a few rounds enough when the matrix changes slowly. Works on DTensors (sharded rows, a
     replicated ``v``): matrix-vector products and norms only, the result is replicated.
     """
+    # traced (the fused path), each product is a one-column matrix product: torch.compile turns
+    # ``M @ v`` into a reduction of its own that recomputes M from its inputs on every pass (the
+    # whole Adam step, when M is the update) and reads M^T down its columns; ``mm`` is a BLAS call
+    # on M stored once (the sums of ``M @ v``, bit for bit with MKL on a CPU)
+    mv = _mm_vec if torch.compiler.is_compiling() else torch.matmul
     for _ in range(iters):
-        w = _replicated(matrix.T @ (matrix @ v))
+        w = _replicated(mv(matrix.T, mv(matrix, v)))
         n = torch.linalg.vector_norm(w)
         v = torch.where(n > 0, w / n, v)
-    return torch.linalg.vector_norm(matrix @ v), v
+    return torch.linalg.vector_norm(mv(matrix, v)), v
+
+
+def _mm_vec(matrix: Tensor, v: Tensor) -> Tensor:
+    return torch.mm(matrix, v.unsqueeze(1)).squeeze(1)
 
 
 def _start_vector(param: Tensor) -> Tensor:
@@ -54,6 +63,12 @@ def _start_vector(param: Tensor) -> Tensor:
 
         v = DTensor.from_local(v, mesh, [Replicate()] * mesh.ndim, run_check=False)
     return v
+
+
+def _unbounded(shape: tuple[int, ...]) -> bool:
+    """Whether the bound leaves a param of this shape alone (0-d and 1-d params): the fused path's
+    ``elementwise_for`` test, under which the transform is the identity."""
+    return len(shape) < 2
 
 
 def _check_power_iters(value: Any) -> None:
@@ -84,6 +99,13 @@ def spectral_lr_bound(tau: float = 0.02, power_iters: int = 2, *, name: str = "s
     vectors are replicated and the products are DTensor ops: no host sync, the same result as one
     process.
 
+    On the fused path (``ChainOptimizer(fused=True)``) the transform is elementwise for 0-d and
+    1-d params (the identity): those compile with the rest of the chain over one flat buffer. A
+    matrix of at least ``fused.runner.PER_TENSOR_MIN_NUMEL`` elements compiles one at a time, the
+    whole chain in one graph (AdamW's step, the power iterations as BLAS matrix-vector products,
+    the capped write; ``tau`` a tensor, so a new value does not recompile); smaller ones run the
+    bound eagerly. The numbers and the state are the eager path's: checkpoints cross the paths.
+
     ``tau`` (group key ``spectral_tau``) has **no published universal default**: the paper tunes
     this threshold per architecture. The default 0.02 (the top singular value may change by at
     most 2% per step) is this library's choice: it leaves ordinary late-training steps alone and
@@ -100,7 +122,9 @@ def spectral_lr_bound(tau: float = 0.02, power_iters: int = 2, *, name: str = "s
         return {"param_vector": _start_vector(p), "update_vector": _start_vector(p)}
 
     def update(updates: list, state: dict, hp: Mapping, ctx: Bucket) -> list:
-        tau = float(hp["spectral_tau"])
+        if ctx.segments is not None:
+            return updates  # the fused path's flat buffer of the params it leaves alone (_unbounded)
+        tau = hp["spectral_tau"]  # a number, or a 0-d float64 tensor on the fused path
         out = list(updates)
         pv, uv = state.get("param_vector"), state.get("update_vector")
         for i, (u, p) in enumerate(zip(updates, ctx.params)):
@@ -111,8 +135,12 @@ def spectral_lr_bound(tau: float = 0.02, power_iters: int = 2, *, name: str = "s
             s_u, v_u = power_iteration(_as_matrix(u), uv[i], power_iters)
             pv[i].copy_(v_w)
             uv[i].copy_(v_u)
-            ratio = torch.where((s_w > 0) & (s_u > 0), (tau * s_w / s_u).clamp(max=1.0), 1.0)
-            out[i] = u * ratio
+            # a tensor tau (fused) in the norms' dtype, as a number is applied: the eager path's ratio
+            t = tau.to(s_w.dtype) if isinstance(tau, Tensor) else tau
+            ratio = torch.where((s_w > 0) & (s_u > 0), (t * s_w / s_u).clamp(max=1.0), 1.0)
+            # in place: a fresh model-sized buffer each step costs page faults on a CPU (more than its pass)
+            out[i] = u.mul_(ratio)
         return out
 
-    return transform(name, {"spectral_tau": Hyperparam(tau, positive)}, init, update)
+    return transform(name, {"spectral_tau": Hyperparam(tau, positive)}, init, update, inplace=True,
+                     elementwise_for=_unbounded)
