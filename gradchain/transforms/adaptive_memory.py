@@ -215,7 +215,13 @@ class _AdaptiveMemory(Transform):
                 x.copy_(torch.where(t == 1, y, x))
         device = b.params[0].device
         beta, w = (c[k].to(device=device, dtype=b.dtype) for k in ("beta", "w"))
-        torch._foreach_lerp_(d, g, [w] * len(d))
+        if b.tensor_scalars:
+            # traced: a lerp per tensor fuses into the kernel, where a foreach lerp with tensor
+            # weights stays an opaque call (a pass of its own over d and g)
+            for x, y in zip(d, g, strict=True):
+                x.lerp_(y, w)
+        else:
+            torch._foreach_lerp_(d, g, [w] * len(d))
         betas = b.state[f"{self.name}.beta"]
         if b.segments is None and not hasattr(betas[0], "device_mesh"):
             torch._foreach_copy_(betas, [beta] * len(betas))

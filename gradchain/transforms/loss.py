@@ -153,9 +153,10 @@ class _LossEMA(Declared):
             lr = torch.where(finite, lr.clamp(min=float(hp["eps"])), torch.zeros_like(lr))
             p0 = b.params[0]
             lr = replicate_like(lr.to(dtype=b.dtype, device=p0.device), p0)
-            # u * 0, not a where: a non-finite update entry (a NaN gradient already kept by the state
-            # before this) stays non-finite, so apply_if_finite can undo the step
-            b.updates = [u * lr for u in b.materialize()]
+            # pending, folded into the final write (no pass and no model-sized buffer of its own);
+            # u * 0, not a where: a non-finite update entry (a NaN gradient already kept by the
+            # state before this) stays non-finite, so apply_if_finite can undo the step
+            b.defer_scale(lr)
 
 
 def scale_by_loss_ema(
