@@ -60,3 +60,28 @@ def test_adalo_nonfinite_loss_holds_the_compiled_ema() -> None:
 @pytest.mark.parametrize("name", sorted(PORTED))
 def test_inductor_kernels_equal_eager(name: str, monkeypatch) -> None:
     check_inductor_equals_eager(run, name, monkeypatch, steps=3)
+
+
+def test_eager_last_segment_writes_the_flat_buffer_in_one_op(monkeypatch) -> None:
+    # AdaLo's loss EMA runs eagerly after the compiled EMA and only leaves a scale pending on the
+    # flat update: the final write is one op over the flat params, not a list op per param
+    named = make_params(torch.float32)
+    opt = gc.ChainOptimizer(named, recipes.adalo(), fused=True)
+    seen = []
+    real = gc.Bucket.write
+
+    def spy(self) -> None:
+        seen.append(len(self.params))
+        real(self)
+
+    monkeypatch.setattr(gc.Bucket, "write", spy)
+    for i in range(2):
+        set_grads(named, i, torch.float32)
+        opt.step(loss=torch.tensor(0.5))
+    assert len(named) > 1 and seen == [1, 1]
+    # updates an eager transform replaced (the global clip multiplies them) keep the per-param write
+    seen.clear()
+    opt = gc.ChainOptimizer(named, gc.chain(gc.scale_by_adam(), gc.clip_by_global_norm(1.0), gc.scale_by_lr(0.1)),
+                            fused=True)
+    opt.step()
+    assert seen == [len(named)]

@@ -550,7 +550,8 @@ class FusedChain:
                         st[key] = t
             fb.resync_state()
             if seg.last:
-                b.write()
+                if not _write_flat(b, fb, updates[i], inputs[i]):
+                    b.write()
                 out.append(None)
                 continue
             ups = b.materialize()
@@ -564,6 +565,20 @@ class FusedChain:
                 out.append(fb.join(ups, out=fb.workspace(ups[0].dtype, avoid=updates[i])) if ups
                            else grads[i].new_empty(0))
         return out
+
+
+def _write_flat(b: Bucket, fb: FlatBucket, update: Tensor | None, inputs: list[Tensor]) -> bool:
+    """The final write of an eager last segment as one op over the flat buffers, where its
+    transforms only left a scale or a decay pending on the flat update they got (AdaLo's loss-driven
+    lr): one pass, not a list op per param. False where the write needs the per-param form."""
+    if (update is None or b.divisor is not None or b.toward is not None or isinstance(b.scale, list)
+            or isinstance(b.decay, list) or fb.flat_params.dtype != update.dtype
+            or len(b.updates) != len(inputs) or not all(u is v for u, v in zip(b.updates, inputs))):
+        return False
+    flat = Bucket([fb.flat_params], [update], {}, [], [None], {}, None, {}, update.dtype, step_values=[])
+    flat.scale, flat.decay = b.scale, b.decay
+    flat.write()  # over the gaps between params too, as a compiled last segment writes
+    return True
 
 
 def _shape_tests(transform: Transform) -> list:
