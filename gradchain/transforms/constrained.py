@@ -17,6 +17,11 @@ __all__ = ["KAPPA_INITS", "cpr"]
 KAPPA_INITS = ("uniform", "dependent", "warm_start", "inflection_point")
 
 
+def _select(flag: Tensor | bool, new: Tensor, old: Tensor) -> Tensor:
+    """``new`` where ``flag`` (True: everywhere, without an op), else ``old``."""
+    return new if flag is True else torch.where(flag, new, old)
+
+
 def cpr(
     kappa_init: str = "inflection_point",
     kappa_init_param: float = 1000.0,
@@ -97,19 +102,23 @@ def cpr(
         # per-tensor values as vectors, one entry per param (the fused path's flat buffer too)
         lagmul, kappa = ctx.state_vector(state["lagmul"]), ctx.state_vector(state["kappa"])
 
-        def flag(key: str) -> Tensor | None:
-            """A host_step flag per param (a 0-d tensor on the fused path; None if no param has it)."""
+        def flag(key: str) -> Tensor | bool | None:
+            """A host_step flag per param: a bool tensor (the fused path's 0-d one, or one entry per
+            param), True where every param has it and None where none has it (eager: what no
+            tensor needs this step is skipped, and a flag all share costs no op)."""
             vals = [v[key] for v in ctx.host_values]
             if isinstance(vals[0], Tensor):
                 return vals[0] > 0
             if not any(vals):
-                return None  # eager: skip what no tensor needs this step
+                return None
+            if all(vals):
+                return True
             return replicate_like(torch.tensor(vals, device=lagmul.device) > 0, lagmul)
 
         first = flag("first")
         if first is not None:
             r0 = ctx.tensor_norms([p.to(ctx.dtype) for p in ctx.params])
-            kappa = torch.where(first, r0 * r0 * float(kappa_init_param), kappa)
+            kappa = _select(first, r0 * r0 * float(kappa_init_param), kappa)
         theta = torch._foreach_add(updates, ctx.params)
         norms = ctx.tensor_norms(theta)
         reg = norms * norms
@@ -121,10 +130,10 @@ def cpr(
         gate = flag("gate")
         step_size = replicate_like(hp["kappa_update"] / ctx.tensor_numels(updates).clamp(min=1), lagmul)
         if gate is not None:  # (None: no tensor's bound is in force yet)
-            lagmul = torch.where(gate, (lagmul + excess * step_size).clamp(min=0), lagmul)
+            lagmul = _select(gate, (lagmul + excess * step_size).clamp(min=0), lagmul)
         warm_set = flag("warm_set")
         if warm_set is not None:
-            kappa = torch.where(warm_set, reg, kappa)
+            kappa = _select(warm_set, reg, kappa)
         if inflection and flag("ema") is not None:
             kappa = detect_inflection(reg, kappa, state, flag, ctx)
         ctx.store_state_vector(state["lagmul"], lagmul)
@@ -144,17 +153,18 @@ def cpr(
         """Every ``period`` steps: the EMA of R, its slope, and the bound set where growth slows."""
         ema, prev_reg = ctx.state_vector(state["reg_ema"]), ctx.state_vector(state["prev_reg"])
         prev_slope, active = ctx.state_vector(state["prev_slope"]), ctx.state_vector(state["active"])
-        ema = torch.where(flag("ema"), ema * decay + reg * (1.0 - decay), ema)
+        ema = _select(flag("ema"), ema * decay + reg * (1.0 - decay), ema)
         slope = ema - prev_reg
         fire_on, slope_on, keep_on = flag("fire"), flag("slope"), flag("keep_slope")
         if fire_on is not None:
-            fire = fire_on & (prev_slope > slope) & (active == 0)
+            fire = (prev_slope > slope) & (active == 0)
+            fire = fire if fire_on is True else fire & fire_on
             kappa = torch.where(fire, reg, kappa)
             ctx.store_state_vector(state["active"], torch.where(fire, torch.ones_like(active), active))
         if slope_on is not None:
-            ctx.store_state_vector(state["prev_reg"], torch.where(slope_on, ema, prev_reg))
+            ctx.store_state_vector(state["prev_reg"], _select(slope_on, ema, prev_reg))
         if keep_on is not None:
-            ctx.store_state_vector(state["prev_slope"], torch.where(keep_on, slope, prev_slope))
+            ctx.store_state_vector(state["prev_slope"], _select(keep_on, slope, prev_slope))
         ctx.store_state_vector(state["reg_ema"], ema)
         return kappa
 
