@@ -303,11 +303,12 @@ def test_grads_copied_in_step_after_step_warn_once(aot_eager) -> None:
     assert len(mine) == 1 and "zero_grad()" in str(mine[0].message)
 
 
-def test_param_without_grad_falls_back_exactly(aot_eager) -> None:
+@pytest.mark.parametrize("name", ["adamw", "am_sgd"])  # AM-SGD: a phased transform, one beta for all
+def test_param_without_grad_falls_back_exactly(name: str, aot_eager) -> None:
     results = []
     for fused in (False, True):
         named = make_params(torch.float64)
-        opt = gc.ChainOptimizer(named, recipes.adamw(), fused=fused)
+        opt = gc.ChainOptimizer(named, getattr(recipes, name)(), fused=fused)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             for i in range(5):
@@ -320,6 +321,7 @@ def test_param_without_grad_falls_back_exactly(aot_eager) -> None:
     assert_same(a, oa, b, ob, rtol=1e-12, atol=1e-14)
     assert float(ob.state[b[1][1]]["step"]) == 4.0 and float(ob.state[b[0][1]]["step"]) == 5.0
     assert any("different numbers of steps" in str(w.message) for w in caught)
+    assert ob.compile_seconds > 0  # the first steps were fused
 
 
 @pytest.mark.parametrize("events", [{3: "no grad"}, {5: "new grad", 6: "rebound data"}])

@@ -191,26 +191,6 @@ def test_a_bucket_whose_first_step_comes_later() -> None:
         torch.testing.assert_close(memory, g0, rtol=1e-14, atol=0)
 
 
-def test_param_without_grad_in_a_bucket_falls_back_exactly() -> None:
-    results = []
-    for fused in (False, True):
-        named = make_params(F64)
-        opt = gc.ChainOptimizer(named, build(), fused=fused)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            for i in range(5):
-                set_grads(named, i, F64)
-                if i == 2:
-                    named[1][1].grad = None  # conv bias: no grad this step
-                opt.step()
-        results.append((named, opt, caught))
-    (a, oa, _), (b, ob, caught) = results
-    assert_same(a, oa, b, ob, rtol=1e-12, atol=1e-14)
-    assert float(ob.state[b[1][1]]["step"]) == 4.0 and float(ob.state[b[0][1]]["step"]) == 5.0
-    assert any("different numbers of steps" in str(w.message) for w in caught)
-    assert ob.compile_seconds > 0  # the first steps were fused
-
-
 # -- checkpoints ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("first", [False, True])
 def test_checkpoints_move_between_paths(first: bool) -> None:
