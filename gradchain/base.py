@@ -626,6 +626,7 @@ class Bucket:
         sub.step_values = pick(self.step_values)
         sub.tensor_scalars, sub.resolved, sub.segments = self.tensor_scalars, self.resolved, None
         sub.scale, sub.decay, sub.divisor, sub.toward = 1.0, 0.0, None, None
+        sub.host_values = None
         if carry_pending:
             sub.scale, sub.decay = (x if not isinstance(x, list) else pick(x) for x in (self.scale, self.decay))
             d = self.divisor
