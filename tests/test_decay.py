@@ -388,13 +388,15 @@ CPR_FUSED = {
 def test_cpr_fused_equals_eager(name: str, dtype, rtol: float, atol: float) -> None:
     from test_fused import assert_same
 
+    steps = 16
     if name == "inflection_all_params" and dtype == torch.float32:
         # once a bound is set at R's value, lam grows with R - kappa, a difference of near-equal
-        # numbers: fp32 rounding of R (a sum in another order on the flat buffer) grows ~100x
-        # over the run. Compared in float64 here, and in float32 on the matrices-only case
-        pytest.skip("ill-conditioned in float32; float64 covers it")
-    a = _cpr_fused_run(CPR_FUSED[name], False, dtype)
-    b = _cpr_fused_run(CPR_FUSED[name], True, dtype)
+        # numbers: fp32 rounding of R (a sum in another order on the flat buffer) grows ~10x every
+        # few steps. In float32 the comparison stops at step 9, the first at which a bound bites
+        # here (by step 10 the gap passes fp32's tolerance); float64 runs all 16
+        steps = 9
+    a = _cpr_fused_run(CPR_FUSED[name], False, dtype, steps)
+    b = _cpr_fused_run(CPR_FUSED[name], True, dtype, steps)
     plan = b[1].fused_plan()
     assert all(kind == "compiled" for kind, _ in plan), plan
     assert any("cpr" in n for _, names in plan for n in names)
