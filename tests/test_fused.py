@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import warnings
 import weakref
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -507,20 +508,29 @@ def test_failed_step_leaves_everything_as_before(aot_eager) -> None:
     assert all(torch.equal(opt.state[named[0][1]][k], v) for k, v in state.items())
 
 
-@pytest.mark.parametrize("name", ["adamw", "lamb", "adafactor"])
-def test_compiled_user_step_has_no_graph_break(name: str) -> None:
-    # torch.compile of a step that calls opt.step(): the common path traces as one graph
+def user_step_runs(make: Callable[[], list], build: Callable[[], gc.Transform],
+                   grads: Callable[[list, int], None]) -> list[tuple[list, gc.ChainOptimizer]]:
+    """``(named, opt)`` after 4 steps, plain and with ``opt.step`` under ``torch.compile(fullgraph=True)``
+    (a graph break raises)."""
     results = []
     for compiled in (False, True):
-        named = make_params(torch.float64)
-        opt = gc.ChainOptimizer(named, getattr(recipes, name)())
-        set_grads(named, 0, torch.float64)
+        named = make()
+        opt = gc.ChainOptimizer(named, build())
+        grads(named, 0)
         opt.step()  # state exists before tracing, as torch's own optimizers need
         step = torch.compile(opt.step, fullgraph=True, backend="eager") if compiled else opt.step
         for i in range(1, 4):
-            set_grads(named, i, torch.float64)
+            grads(named, i)
             step()
         results.append((named, opt))
+    return results
+
+
+@pytest.mark.parametrize("name", ["adamw", "lamb", "adafactor"])
+def test_compiled_user_step_has_no_graph_break(name: str) -> None:
+    # torch.compile of a step that calls opt.step(): the common path traces as one graph
+    results = user_step_runs(lambda: make_params(torch.float64), getattr(recipes, name),
+                             lambda named, i: set_grads(named, i, torch.float64))
     assert_same(*results[0], *results[1], rtol=1e-12, atol=1e-14)
 
 

@@ -9,7 +9,7 @@ import warnings
 
 import pytest
 import torch
-from test_fused import assert_same
+from test_fused import assert_same, user_step_runs
 from torch import nn
 
 import gradchain as gc
@@ -109,17 +109,8 @@ def test_compiled_user_step_has_no_graph_break() -> None:
     # torch.compile of a step that calls opt.step(): every param through the traced step, whatever
     # its size (a scalar, a vector, rows of groups of 16 or not)
     shapes = [(), (33,), (40, 32), (5, 7, 3)]
-    results = []
-    for compiled in (False, True):
-        named = make(torch.float64, shapes)
-        opt = gc.ChainOptimizer(named, build())
-        grads(named, 0, torch.float64)
-        opt.step()  # state exists before tracing
-        step = torch.compile(opt.step, fullgraph=True, backend="eager") if compiled else opt.step
-        for i in range(1, 4):
-            grads(named, i, torch.float64)
-            step()
-        results.append((named, opt))
+    results = user_step_runs(lambda: make(torch.float64, shapes), build,
+                             lambda named, i: grads(named, i, torch.float64))
     assert_same(*results[0], *results[1], rtol=1e-12, atol=1e-14)
     assert_signs_equal(*results)
 
