@@ -884,6 +884,7 @@ class Leaf(Transform):
         reads_pending: bool = False,
         rowwise: bool = False,
         host_step: Callable[[Mapping[str, Any], int], HostStep] | None = None,
+        tensor_view: Callable[[tuple[int, ...]], tuple[int, ...]] | None = None,
     ) -> None:
         if not name or "." in name:
             raise ValueError(f"transform name {name!r} must be non-empty and contain no '.'")
@@ -925,6 +926,9 @@ class Leaf(Transform):
         # tensor on the eager path; once per flat bucket before a fused kernel, whose inputs its
         # values then are: a new step neither recompiles nor syncs)
         self.host_step = host_step
+        # tensor_view(shape): the shape in which the update works on a param (SMMF's square matrix);
+        # the fused path's per-tensor route presents the param in it where that changes nothing else
+        self.tensor_view = tensor_view
         self.momentum_state = tuple(momentum_state)
         self.static = frozenset(static)
         unknown_static = self.static - set(self._specs)
@@ -1098,6 +1102,13 @@ def transform(
     order of age). The eager path calls it per tensor; the fused path once per flat bucket and
     step, outside the kernel, whose inputs the values and the renamed buffers then are: an
     ``elementwise`` update that needs the step only so compiles once (the fractional gradient).
+    ``tensor_view=fn(shape) -> shape`` (with ``elementwise_for``) declares the shape in which the
+    update works on a param of ``shape`` (SMMF reshapes every tensor to its most square matrix):
+    where the fused path compiles one large param at a time and the rest of that segment is
+    stateless and elementwise, it gives the segment the param, its grad and its update as
+    contiguous views of that shape, so that the compiled write loops over the same rows and
+    columns as the update (over the param's own shape the index arithmetic of the reshape keeps
+    the loop from vectorizing).
     ``static=("key",)`` names hyperparameters the update branches on in Python (a change of
     their value recompiles the fused kernel). Other transforms run on the fused path eagerly,
     over per-tensor views of the flat buffers.

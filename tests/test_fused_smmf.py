@@ -5,6 +5,7 @@ included; checkpoints cross the paths; the packing forms of both steps agree wit
 from __future__ import annotations
 
 import io
+import math
 import warnings
 
 import pytest
@@ -91,6 +92,25 @@ def test_fused_equals_eager(static_shapes: int, dtype: torch.dtype, per_tensor, 
     assert_signs_equal(a, b)
     seg = b[1]._fused_chain.chains[(None, "tensor")].segments[0]
     assert not seg._failed and len(seg.static_shapes) == min(static_shapes, len(SHAPES))
+    if static_shapes == len(SHAPES) + 1:
+        # each kernel took its param as SMMF's square matrix (tensor_view), not in the param's shape
+        assert seg.static_shapes == {smmf.square_shape(math.prod(s)) for s in SHAPES}
+
+
+def test_a_stateful_transform_after_smmf_keeps_the_params_shape(per_tensor) -> None:
+    # momentum's buffer has the param's shape: the segment is not given the square view
+    def chain() -> gc.Transform:
+        return gc.chain(smmf.scale_by_smmf(), gc.trace(0.5), gc.scale_by_lr(1e-2))
+
+    results = []
+    for fused in (False, True):
+        named = make(torch.float64)
+        opt = gc.ChainOptimizer(named, chain(), fused=fused)
+        results.append(run(fused, torch.float64, steps=3, named=named, opt=opt))
+    assert_same(*results[0], *results[1], rtol=1e-12, atol=1e-14)
+    seg = results[1][1]._fused_chain.chains[(None, "tensor")].segments[0]
+    assert seg.tensor_view is None and not seg._failed
+    assert seg.static_shapes == {tuple(s) for s in SHAPES}
 
 
 def test_inductor_kernels_equal_eager(monkeypatch) -> None:

@@ -216,6 +216,11 @@ def _deferred(t: Transform) -> bool:
     return isinstance(t, Leaf) and t._update is None
 
 
+def _shape_free(t: Transform) -> bool:
+    """Whether ``t``'s update is the same over any view of a param: stateless and elementwise."""
+    return isinstance(t, Leaf) and t.elementwise and t._init is None and t.host_step is None
+
+
 class Segment:
     """Consecutive transforms that run together: compiled (elementwise leaves) or eager (one transform)."""
 
@@ -239,6 +244,12 @@ class Segment:
         self.phased = transforms[0] if getattr(transforms[0], "fused_phases", False) else None
         self.tail: list[Leaf] = list(transforms[1:]) if self.phased is not None else []
         self.host_stepped = [t for t in transforms if getattr(t, "host_step", None) is not None]
+        # the shape a per-tensor kernel sees each param in: the one its transform declares
+        # (``tensor_view``), when the others are stateless and elementwise (no state of the
+        # param's shape to match)
+        views = [t.tensor_view for t in transforms if getattr(t, "tensor_view", None) is not None]
+        self.tensor_view = views[0] if len(views) == 1 and all(
+            getattr(t, "tensor_view", None) is not None or _shape_free(t) for t in transforms) else None
         self._fns: dict[Any, Any] = {}
         self._eager_fn = None
         self._failed: set[Any] = set()
@@ -414,8 +425,13 @@ class FusedChain:
         for j, p in enumerate(fb.param_views):
             st = fb.states[j]
             state = _renamed({k: [st[k]] for k in seg.keys_of(st)}, renames)
-            args = ([p], [grads[j]], None if ups is None else [ups[j]], state, tensor_hp[i], host, fb.flat_steps[0],
-                    lossv, dtype, True, None, None if outs is None else outs[j], values)
+            views = [p, grads[j], None if ups is None else ups[j], None if outs is None else outs[j]]
+            if seg.tensor_view is not None:
+                shape = seg.tensor_view(tuple(p.shape))
+                views = [None if x is None else x.view(shape) for x in views]
+            p, g, u, o = views
+            args = ([p], [g], None if u is None else [u], state, tensor_hp[i], host, fb.flat_steps[0],
+                    lossv, dtype, True, None, o, values)
             ok = False
             if self.compile:
                 shape = tuple(p.shape)

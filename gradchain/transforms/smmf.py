@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -329,6 +330,12 @@ def _never_elementwise(shape: tuple[int, ...]) -> bool:
     return False
 
 
+@functools.lru_cache(maxsize=1024)  # called per param and step: the divisor search once per shape
+def _square_view(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """SMMF's ``tensor_view``: the square matrix it works on (:func:`square_shape`)."""
+    return square_shape(math.prod(shape))
+
+
 def scale_by_smmf(
     beta: float = 0.9,
     growth_rate: float = 0.999,
@@ -397,7 +404,7 @@ def scale_by_smmf(
         "decay_rate": Hyperparam(decay_rate, _check_decay_rate),
         "eps": Hyperparam(eps, nonnegative),
     }
-    return transform(name, spec, init, update, elementwise_for=_never_elementwise)
+    return transform(name, spec, init, update, elementwise_for=_never_elementwise, tensor_view=_square_view)
 
 
 def _check_decay_rate(value: object) -> str | None:
