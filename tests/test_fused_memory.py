@@ -4,6 +4,9 @@ twice rather than stored in a fresh full-size buffer (on CPU each one costs page
 
 from __future__ import annotations
 
+import gc as pygc
+import weakref
+
 import pytest
 import torch
 from test_fused import assert_same
@@ -79,3 +82,27 @@ def test_inductor_stores_no_full_size_update(name: str, monkeypatch) -> None:
     ref[0].grad = ps[0].grad.clone()
     eager.step()
     torch.testing.assert_close(ps[0].detach(), ref[0].detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_views_of_the_buckets_own_buffers_are_made_once() -> None:
+    # an eager segment over many params splits the flat grads and updates at every step: the views
+    # of buffers the bucket keeps are reused (a fresh list each time), any other tensor's are new
+    # and not kept (its memory is freed with it)
+    ps = params(torch.float32)
+    for p in ps:
+        p.grad = torch.ones_like(p)
+    fb = FlatBucket(ps, [{"step": torch.zeros(())} for _ in ps], [None] * len(ps))
+    ws = fb.workspace(torch.float32)
+    for flat in (fb.flat_grads, fb.flat_params, ws):
+        a, b = fb.split(flat), fb.split(flat)
+        assert a is not b and all(x is y for x, y in zip(a, b, strict=True))
+        assert all(v.data_ptr() == flat[o:].data_ptr() for v, o in zip(a, fb.offsets, strict=True))
+        a[0] = torch.zeros(1)  # a caller rebinding an entry changes only its own list
+        assert fb.split(flat)[0] is b[0]
+    other = torch.randn(fb.total)
+    views = fb.split(other)
+    assert views[1].data_ptr() == other[fb.offsets[1]:].data_ptr() and views[0] is not fb.split(other)[0]
+    ref = weakref.ref(other)
+    del other, views
+    pygc.collect()
+    assert ref() is None

@@ -44,6 +44,7 @@ class FlatBucket:
         self.device, self.dtype = p0.device, p0.dtype
         self._segments: tuple | None = None
         self._workspaces: dict[torch.dtype, list[Tensor]] = {}
+        self._workspace_views: dict[int, tuple[Tensor, list[Tensor]]] = {}
         # the step's hyperparameters as 0-d tensors, kept while their values stay (fused.runner)
         self.hp_cache: dict[str, tuple[Any, Tensor]] = {}
         self.flat_params = torch.zeros(total, dtype=p0.dtype, device=p0.device)
@@ -120,7 +121,7 @@ class FlatBucket:
             return torch.cat(flat) if out is None else torch.cat(flat, out=out)
         if out is None:
             out = torch.zeros(self.total, dtype=tensors[0].dtype, device=self.device)
-        for v, t in zip(self._views(out), tensors, strict=True):
+        for v, t in zip(self.split(out), tensors, strict=True):
             v.copy_(t)
         return out
 
@@ -198,8 +199,19 @@ class FlatBucket:
                 st["step"] = v
 
     def split(self, flat: Tensor) -> list[Tensor]:
-        """Per-param views of a flat tensor laid out like the params."""
-        return self._views(flat)
+        """Per-param views of a flat tensor laid out like the params (a new list; the views of the
+        bucket's own buffers are made once: a view per param costs microseconds at every step)."""
+        if flat is self.flat_grads:
+            return list(self.grad_views)
+        if flat is self.flat_params:
+            return list(self.param_views)
+        kept = self._workspace_views.get(id(flat))
+        if kept is not None and kept[0] is flat:
+            return list(kept[1])
+        views = self._views(flat)
+        if any(flat is ws for spaces in self._workspaces.values() for ws in spaces):
+            self._workspace_views[id(flat)] = (flat, views)  # kept as long as the bucket keeps it
+        return list(views)
 
     def zero_grad(self) -> None:
         self.flat_grads.zero_()
