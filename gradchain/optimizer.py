@@ -59,7 +59,9 @@ class ChainOptimizer(torch.optim.Optimizer):
     tensors, so schedulers do not recompile. Transforms declared ``segmented`` (per-tensor
     reductions and state) compile too; a chain that is one ``partition`` compiles per label. Other
     transforms run eagerly over views of the same storage (:meth:`fused_plan`). ``zero_grad()``
-    then zeroes the flat grads in place.
+    then zeroes the flat grads in place. Inside a ``torch.compile``'d training step, ``step()`` and
+    ``zero_grad()`` of a fused optimizer break the graph and run outside it (its own kernels are
+    compiled already); without ``fused`` the eager step traces into the graph.
 
     ``atomic``: a step either completes or leaves params and state as they were. Hyperparameters
     are always checked before anything moves; a step that raises inside a transform is rolled back
@@ -384,8 +386,21 @@ class ChainOptimizer(torch.optim.Optimizer):
         if loss is not None:
             loss_t = loss.detach() if isinstance(loss, Tensor) else torch.tensor(float(loss))
         if torch.compiler.is_compiling():
-            self._step_eager(loss_t, batch_size)
+            if self.fused:
+                # traced, the flat buffers' views would make their offsets symbols of the user's
+                # graph: a graph break instead, and the fused step runs its own compiled kernels
+                self._step_outside_graph(loss_t, batch_size)
+            else:
+                self._step_eager(loss_t, batch_size)
             return loss
+        self._atomic_step(loss_t, batch_size)
+        return loss
+
+    @torch.compiler.disable
+    def _step_outside_graph(self, loss_t: Tensor | None, batch_size: Any) -> None:
+        self._atomic_step(loss_t, batch_size)
+
+    def _atomic_step(self, loss_t: Tensor | None, batch_size: Any) -> None:
         self._created = []
         snapshot = None
         try:
@@ -400,7 +415,6 @@ class ChainOptimizer(torch.optim.Optimizer):
             self._rollback(snapshot)
             raise
         self._proven.add(key)
-        return loss
 
     # -- all or nothing ------------------------------------------------------------------------
     def _structure(self, loss: Tensor | None, batch_size: Any, collected: list) -> tuple:
@@ -559,16 +573,26 @@ class ChainOptimizer(torch.optim.Optimizer):
         """Reset the gradients. On the fused path (and ``set_to_none`` not given) the flat gradient
         buffers are zeroed in place and ``p.grad`` stays a view into them; elsewhere as torch."""
         if self.fused and set_to_none is None:
-            flat_params = set()
-            for fb in self._flats.values():
-                fb.zero_grad()
-                flat_params.update(id(p) for p in fb.params)
-            for group in self.param_groups:
-                for p in group["params"]:
-                    if id(p) not in flat_params and p.grad is not None:
-                        p.grad = None
+            if torch.compiler.is_compiling():
+                self._zero_flat_grads_outside_graph()  # a graph break, as step()
+            else:
+                self._zero_flat_grads()
             return
         super().zero_grad(set_to_none=True if set_to_none is None else set_to_none)
+
+    @torch.compiler.disable
+    def _zero_flat_grads_outside_graph(self) -> None:
+        self._zero_flat_grads()
+
+    def _zero_flat_grads(self) -> None:
+        flat_params = set()
+        for fb in self._flats.values():
+            fb.zero_grad()
+            flat_params.update(id(p) for p in fb.params)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if id(p) not in flat_params and p.grad is not None:
+                    p.grad = None
 
     def fused_plan(self) -> list[tuple[str, list[str]]]:
         """What the fused path does with this chain: ``("compiled" | "eager", [transform names])`` per segment."""

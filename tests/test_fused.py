@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 import gradchain as gc
 from gradchain import recipes
@@ -524,6 +524,33 @@ def user_step_runs(make: Callable[[], list], build: Callable[[], gc.Transform],
             step()
         results.append((named, opt))
     return results
+
+
+@pytest.mark.parametrize("recipe", ["adamw", "adafactor"])
+def test_compiled_user_step_with_a_fused_optimizer(aot_eager, recipe: str) -> None:
+    # torch.compile of a whole training step with fused=True: the forward and backward compile in
+    # the user's graph, opt.step() and opt.zero_grad() break it and run the fused kernels outside
+    results = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
+        opt = gc.ChainOptimizer(model.named_parameters(), getattr(recipes, recipe)(), fused=True)
+        x = torch.randn(32, 8, generator=torch.Generator().manual_seed(1))
+
+        def step(model: nn.Module = model, opt: gc.ChainOptimizer = opt, x: Tensor = x) -> Tensor:
+            loss = model(x).pow(2).mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            return loss.detach()
+
+        run = torch.compile(step, backend="eager") if compiled else step
+        losses = [run() for _ in range(4)]
+        assert opt._flats and opt.compile_seconds > 0  # the fused path ran, with its own kernels
+        assert all(p.grad is not None and not p.grad.any() for p in model.parameters())
+        results.append((list(model.named_parameters()), opt, losses))
+    assert_same(*results[0][:2], *results[1][:2], rtol=0, atol=0)
+    assert results[0][2] == results[1][2]
 
 
 @pytest.mark.parametrize("name", ["adamw", "lamb", "adafactor"])
