@@ -542,6 +542,15 @@ class ChainOptimizer(torch.optim.Optimizer):
         if why is not None:
             self._warn_eager(key, why)
             return None
+        strided = [x[3] or f"#{i}" for i, x in enumerate(items) if not x[0].is_contiguous()]
+        if strided and ("layout", key) not in self._warned:
+            self._warned.add(("layout", key))
+            warnings.warn(
+                f"ChainOptimizer(fused=True): in param group {key[0]}, {len(strided)} params are not contiguous "
+                f"({', '.join(map(str, strided[:3]))}{', ...' if len(strided) > 3 else ''}: channels_last, or "
+                "another memory format); the flat buffers hold them contiguously, so they lose that format (a "
+                "convolution then converts its weight at every call). fused=False keeps it",
+                UserWarning, stacklevel=4)
         old = self._flats.pop(key, None)
         if old is not None:
             old.resync_state()

@@ -526,6 +526,33 @@ def user_step_runs(make: Callable[[], list], build: Callable[[], gc.Transform],
     return results
 
 
+def test_channels_last_params_are_stored_contiguously_with_a_warning(aot_eager) -> None:
+    # the flat buffers hold every param contiguously: a channels_last conv weight loses its format,
+    # which the user is told once (fused=False keeps it); the numbers are the eager path's
+    results = []
+    for fused in (False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 4 * 4, 2)).to(
+            memory_format=torch.channels_last)
+        opt = gc.ChainOptimizer(model.named_parameters(), recipes.adamw(lr=0.1), fused=fused)
+        x = torch.randn(2, 3, 6, 6).to(memory_format=torch.channels_last)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(3):
+                model(x).square().mean().backward()
+                opt.step()
+                opt.zero_grad()
+        layout = [w for w in caught if "not contiguous" in str(w.message)]
+        weight = model[0].weight
+        if fused:
+            assert len(layout) == 1 and "0.weight" in str(layout[0].message)
+            assert weight.is_contiguous()
+        else:
+            assert not layout and weight.is_contiguous(memory_format=torch.channels_last)
+        results.append((list(model.named_parameters()), opt))
+    assert_same(*results[0], *results[1], rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize("recipe", ["adamw", "adafactor"])
 def test_compiled_user_step_with_a_fused_optimizer(aot_eager, recipe: str) -> None:
     # torch.compile of a whole training step with fused=True: the forward and backward compile in
