@@ -4,6 +4,7 @@ the others, in flat buckets of their own."""
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import pytest
@@ -265,3 +266,21 @@ def test_inductor_unit_transforms_compile_one_large_matrix_at_a_time(name: str, 
     names = [t.name for t in b[1].transform.leaves()]
     assert ("compiled", [f"[tensor]{n}" for n in names]) in b[1].fused_plan()
     assert {key[3][1] for key in b[1]._flats} == {"flat", "tensor", "eager"}
+
+
+def test_a_tensor_view_that_loses_elements_is_refused_by_name(monkeypatch) -> None:
+    monkeypatch.setattr(runner, "BACKEND", "aot_eager")
+    monkeypatch.setattr(runner, "PER_TENSOR_MIN_NUMEL", 0)
+
+    def halve(updates: list, state: dict, hp: dict, ctx: gc.Bucket) -> list:
+        return [u * 0.5 for u in updates]
+
+    bad = gc.transform("bad_view", update=halve, elementwise_for=lambda shape: False,
+                       tensor_view=lambda shape: (math.prod(shape) + 1,))
+    p = nn.Parameter(torch.randn(4, 6))
+    opt = gc.ChainOptimizer([p], gc.chain(bad, gc.scale_by_lr(0.1)), fused=True)
+    p.grad = torch.ones_like(p)
+    before = p.detach().clone()
+    with pytest.raises(ValueError, match=r"'bad_view': tensor_view\(4, 6\) returned \(25,\)"):
+        opt.step()
+    assert torch.equal(p, before)

@@ -15,6 +15,7 @@ with a ``sync_flat`` (Lookahead) runs after its inner chain's segments; a chain 
 from __future__ import annotations
 
 import itertools
+import math
 import time
 import types
 import warnings
@@ -214,6 +215,16 @@ def _tensorize(value: Any, device: torch.device) -> Any:
 def _deferred(t: Transform) -> bool:
     """A scale or a decay: on the eager path it only updates the pending form of the final write."""
     return isinstance(t, Leaf) and t._update is None
+
+
+def _tensor_view(seg: Segment, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The segment's ``tensor_view`` of a param of ``shape``, checked to hold its elements."""
+    view = tuple(seg.tensor_view(shape))  # type: ignore[misc]
+    if math.prod(view) != math.prod(shape):
+        names = [t.name for t in seg.transforms if getattr(t, "tensor_view", None) is not None]
+        raise ValueError(f"transform {names[0]!r}: tensor_view{shape} returned {view}, which does not hold "
+                         f"the param's {math.prod(shape)} elements")
+    return view
 
 
 def _shape_free(t: Transform) -> bool:
@@ -427,7 +438,7 @@ class FusedChain:
             state = _renamed({k: [st[k]] for k in seg.keys_of(st)}, renames)
             views = [p, grads[j], None if ups is None else ups[j], None if outs is None else outs[j]]
             if seg.tensor_view is not None:
-                shape = seg.tensor_view(tuple(p.shape))
+                shape = _tensor_view(seg, tuple(p.shape))
                 views = [None if x is None else x.view(shape) for x in views]
             p, g, u, o = views
             args = ([p], [g], None if u is None else [u], state, tensor_hp[i], host, fb.flat_steps[0],
