@@ -122,13 +122,11 @@ def spectral_lr_bound(tau: float = 0.02, power_iters: int = 2, *, name: str = "s
         return {"param_vector": _start_vector(p), "update_vector": _start_vector(p)}
 
     def update(updates: list, state: dict, hp: Mapping, ctx: Bucket) -> list:
-        if ctx.segments is not None:
-            return updates  # the fused path's flat buffer of the params it leaves alone (_unbounded)
         tau = hp["spectral_tau"]  # a number, or a 0-d float64 tensor on the fused path
         out = list(updates)
         pv, uv = state.get("param_vector"), state.get("update_vector")
         for i, (u, p) in enumerate(zip(updates, ctx.params)):
-            if u.ndim < 2 or not u.numel():
+            if u.ndim < 2 or not u.numel():  # left alone (the fused path's flat buffer of them too)
                 continue
             w = _as_matrix(p).to(ctx.dtype)
             s_w, v_w = power_iteration(w, pv[i], power_iters)
