@@ -16,7 +16,7 @@ from torch import nn
 import gradchain as gc
 from gradchain import recipes
 from gradchain.fused import runner
-from gradchain.transforms import smmf
+from gradchain.transforms import _smmf_steps, smmf
 
 # square shapes (square_shape of the numel): (40, 32) whole groups of 16 per row but not of 16
 # rows; (64, 48) both; (15, 7) and (12, 10) neither, with 105 and 33 elements not whole bytes
@@ -167,7 +167,7 @@ def test_eager_sign_forms_round_trip() -> None:
     masks = [m for _, m in _masks()]
     packed = [gc.pack_signs(m) for m in masks]
     nonempty = [p for p in packed if p.numel()]
-    flat = smmf._signs(nonempty, torch.float32)
+    flat = _smmf_steps._signs(nonempty, torch.float32)
     assert set(flat.unique().tolist()) == {-1.0, 1.0}
     # each mask's signs at its first byte's place, as many as its bytes hold
     pos = iter(flat.split([8 * p.numel() for p in nonempty]))
@@ -175,7 +175,7 @@ def test_eager_sign_forms_round_trip() -> None:
         if p.numel():
             assert torch.equal(next(pos)[: m.numel()] > 0, m)
     out = [torch.full_like(p, 0xA5) for p in nonempty]
-    smmf._pack_positive(flat, out)
+    _smmf_steps._pack_positive(flat, out)
     assert all(torch.equal(o, p) for o, p in zip(out, nonempty, strict=True))
 
 
@@ -186,5 +186,5 @@ def test_traced_sign_forms_round_trip() -> None:
     for r, c in shapes:
         mask = torch.rand(r, c, generator=g) < torch.rand((), generator=g)
         packed = gc.pack_signs(mask)
-        assert torch.equal(smmf._signs_traced(packed, r, c), mask), (r, c)
-        assert torch.equal(smmf._pack_traced(mask, packed.numel()), packed), (r, c)
+        assert torch.equal(_smmf_steps._signs_traced(packed, r, c), mask), (r, c)
+        assert torch.equal(_smmf_steps._pack_traced(mask, packed.numel()), packed), (r, c)

@@ -12,7 +12,7 @@ from harness import RecipeCase, check_fsdp2, check_recipe
 
 import gradchain as gc
 from gradchain import recipes
-from gradchain.transforms import smmf
+from gradchain.transforms import _smmf_steps
 
 
 def unit_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -288,7 +288,7 @@ def test_smmf_state_is_packed_and_small() -> None:
 def test_smmf_in_row_blocks_matches_reference(shape: tuple[int, ...], monkeypatch: pytest.MonkeyPatch) -> None:
     # a tensor larger than a block is stepped a block of rows at a time: (25, 24) in blocks of 2
     # rows; (77, 13) of 8 rows, the last 5 rows ending mid-byte; (9, 8) of 8 rows
-    monkeypatch.setattr(smmf, "WRITE_BLOCK", 64)
+    monkeypatch.setattr(_smmf_steps, "WRITE_BLOCK", 64)
     gs = _grads(shape, 5)
     _close(_run(gc.scale_by_smmf(), gs), ref_smmf(gs))
 
