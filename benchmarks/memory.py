@@ -5,10 +5,16 @@ Each recipe is built with its defaults (a wrapper such as ``lookahead(inner)`` g
 its state is allocated up front by ``ChainOptimizer.init_state()`` (transforms allocate all their
 state in ``init``), and every state tensor is counted once (shared storage counted once; the
 per-param ``step`` counters included). ``--step`` also takes one real step on random gradients
-and reports any recipe whose state grew.
+and reports any recipe whose state grew. ``--fused`` also reports what ``ChainOptimizer(fused=True)``
+keeps beyond params, grads and state after two steps: the flat buffers that pass updates between
+segments of a chain cut into several (a CPU keeps them from step to step; a GPU frees them after
+each step) and the gaps between params in a bucket of many (each param starts a row of 64 elements
+there). The steps run uncompiled (``torch.compiler.set_stance("force_eager")``): the buffers are the
+same, and nothing compiles.
 
     python benchmarks/memory.py                 # full GPT-2 small shapes, writes benchmarks/memory.md
     python benchmarks/memory.py --scale 0.25    # d_model, vocab and context scaled by 0.25 (quick)
+    python benchmarks/memory.py --fused         # and what the fused path keeps besides
 """
 
 from __future__ import annotations
@@ -80,6 +86,39 @@ def state_bytes(opt: torch.optim.Optimizer) -> int:
     return total
 
 
+def fused_extra_bytes(opt: ChainOptimizer) -> int:
+    """Bytes a fused optimizer keeps beyond params, grads and state: its buckets' workspaces and the
+    gaps between params in their flat buffers (params, grads and per-element state alike)."""
+    total = 0
+    for fb in opt._flats.values():
+        total += sum(ws.untyped_storage().nbytes() for spaces in fb._workspaces.values() for ws in spaces)
+        gap = fb.total - sum(fb.numels)
+        flats = [fb.flat_params, fb.flat_grads, *(b for b in fb.flat_state.values() if b.numel() == fb.total)]
+        total += gap * sum(b.element_size() for b in flats)
+    return total
+
+
+def measure_fused(names: list[str], shapes: list[tuple[str, tuple[int, ...]]]) -> dict[str, float]:
+    """``fused_extra_bytes`` over the param bytes, per recipe, after two uncompiled fused steps."""
+    out = {}
+    with torch.compiler.set_stance("force_eager"):
+        for name in names:
+            transform = build(name)
+            if transform is None:
+                continue
+            params = [(n, torch.nn.Parameter(torch.randn(s) * 0.02)) for n, s in shapes]  # named: Muon routes by name
+            param_bytes = sum(p.numel() * p.element_size() for _, p in params)
+            opt = ChainOptimizer(params, transform, fused=True)
+            for _ in range(2):
+                for _, p in params:
+                    p.grad = torch.randn_like(p) * 1e-3
+                opt.step(loss=torch.tensor(2.0))
+            out[name] = fused_extra_bytes(opt) / param_bytes
+            print(f"{name:24s} fused keeps {out[name]:8.4f} x params besides", flush=True)
+            del opt, params
+    return out
+
+
 def measure(names: list[str], params: list[tuple[str, torch.nn.Parameter]], step: bool = False) -> list[dict]:
     param_bytes = sum(p.numel() * p.element_size() for _, p in params)
     rows = []
@@ -119,22 +158,27 @@ def verdict(name: str, ratio: float | None) -> str:
     return f"{text} {'✓' if ok else '✗'}"
 
 
-def table(rows: list[dict], param_count: int, scale: float, step: bool) -> str:
+def table(rows: list[dict], param_count: int, scale: float, step: bool, fused: dict[str, float] | None = None) -> str:
+    extra = fused is not None
     lines = [
         f"Optimizer state / param bytes, GPT-2 small shapes (scale {scale:g}: {param_count / 1e6:.1f}M fp32 "
-        f"params), state allocated by init_state(){', checked after one step' if step else ''}; "
+        f"params), state allocated by init_state(){', checked after one step' if step else ''}"
+        f"{'; fused: what fused=True keeps besides after two steps, on a CPU' if extra else ''}; "
         f"torch {torch.__version__}, {platform.machine()}.",
         "",
-        "| recipe | state (MB) | state / params | target |",
-        "|---|---:|---:|---|",
+        "| recipe | state (MB) | state / params | target |" + (" fused keeps besides / params |" if extra else ""),
+        "|---|---:|---:|---|" + ("---:|" if extra else ""),
     ]
     for r in rows:
+        more = ""
+        if extra:
+            more = f" {fused[r['recipe']]:.4f} |" if r["recipe"] in fused else " – |"
         if "state_bytes" not in r:
-            lines.append(f"| {r['recipe']} | – | – | {verdict(r['recipe'], None)} (not run: {r['error']}) |")
+            lines.append(f"| {r['recipe']} | – | – | {verdict(r['recipe'], None)} (not run: {r['error']}) |" + more)
         else:
             note = f" ({r['error']})" if "error" in r else ""
             lines.append(f"| {r['recipe']} | {r['state_bytes'] / 2**20:.1f} | {r['ratio']:.4f} | "
-                         f"{verdict(r['recipe'], r['ratio'])}{note} |")
+                         f"{verdict(r['recipe'], r['ratio'])}{note} |" + more)
     return "\n".join(lines) + "\n"
 
 
@@ -143,6 +187,7 @@ def main() -> None:
     ap.add_argument("--scale", type=float, default=1.0, help="shrink d_model, vocab and context (1.0 = GPT-2 small)")
     ap.add_argument("--recipes", default="", help="comma-separated subset (default: all of recipes.__all__)")
     ap.add_argument("--step", action="store_true", help="also take one step and check the state did not grow")
+    ap.add_argument("--fused", action="store_true", help="also report what fused=True keeps besides params and state")
     ap.add_argument("--out", default=str(Path(__file__).with_name("memory.md")))
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -154,10 +199,14 @@ def main() -> None:
     count = sum(p.numel() for _, p in params)
     names = [n for n in args.recipes.split(",") if n] or list(recipes.__all__)
     rows = measure(names, params, args.step)
-    md = table(rows, count, args.scale, args.step)
+    del params
+    fused = measure_fused(names, gpt2_shapes(args.scale)) if args.fused else None
+    md = table(rows, count, args.scale, args.step, fused)
     print()
     print(md)
-    Path(args.out).write_text("# Optimizer-state memory\n\nGenerated by `python benchmarks/memory.py`.\n\n" + md)
+    flags = "".join(f" --{k}" for k in ("step", "fused") if getattr(args, k))
+    head = f"# Optimizer-state memory\n\nGenerated by `python benchmarks/memory.py{flags}`.\n\n"
+    Path(args.out).write_text(head + md)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from . import pieces
 from .base import Bucket, Transform, compute_dtype, initializing_for, resolve_group
-from .fused import FlatBucket, FusedRoutes, fused_chain
+from .fused import FlatBucket, FusedRoutes, fused_chain, step_scales
 from .pieces import PiecewiseChain
 from .schedules import decode_groups, encode_groups
 
@@ -477,11 +477,15 @@ class ChainOptimizer(torch.optim.Optimizer):
             fb.step_host += 1.0
         shared = {"global_state": self._init_global_state(flats[0].device)}
         chains = {None: self._fused_chain} if routes is None else routes.chains
+        # factors a transform works out from the loss alone (AdaLo's lr): once for every route
+        scales = step_scales(list(chains.values()), flats, groups, resolved, host_steps, loss, shared, dtypes)
         for label, chain in chains.items():
             idx = [i for i, x in enumerate(labels) if x == label]
             if idx:
                 chain.step(*([v[i] for i in idx] for v in (flats, groups, resolved, host_steps)), loss, shared,
-                           [dtypes[i] for i in idx])
+                           [dtypes[i] for i in idx], scales)
+        for fb in flats:
+            fb.end_step()
         return True
 
     @staticmethod

@@ -162,3 +162,16 @@ def test_step_time_still_runs(monkeypatch: pytest.MonkeyPatch) -> None:
     step_time = importlib.import_module("step_time")
     ms = step_time.time_optimizers([(64,), (16, 8)], repeats=2)
     assert sorted(ms) == sorted(step_time.OPTIMIZERS) and all(t > 0 for t in ms.values())
+
+
+def test_memory_reports_what_the_fused_path_keeps(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # AdamS passes Adam's update to its decay pass in a flat buffer a CPU keeps (one params' worth);
+    # AdamW and AdaLo are one kernel each and keep only the gaps between params
+    monkeypatch.syspath_prepend(str(BENCH))
+    memory = importlib.import_module("memory")
+    shapes = memory.gpt2_shapes(scale=0.02, layers=2)
+    extra = memory.measure_fused(["adamw", "adalo", "adams"], shapes)
+    assert extra["adams"] >= 1.0
+    assert extra["adamw"] < 0.05 and extra["adalo"] < 0.05
+    md = memory.table([{"recipe": "adams", "state_bytes": 8, "ratio": 2.0}], 4, 0.02, False, extra)
+    assert "fused keeps besides / params" in md and f"{extra['adams']:.4f}" in md

@@ -1,7 +1,8 @@
-"""AdaLo on the fused path: its loss-gated EMA compiles, its loss EMA (one scalar for the whole
-optimizer) runs eagerly after it.
+"""AdaLo on the fused path: the whole chain is one compiled segment. Its loss EMA (one scalar for
+the whole optimizer) works out the step's lr before the kernel (``step_scales``), which takes it as
+a 0-d tensor.
 
-The compiled part runs in a compiled segment, and the fused trajectory equals the eager one in
+The fused trajectory equals the eager one in
 float32, non-finite losses included (the float64 check of every recipe is in ``test_fused.py``;
 recipes that compile whole are in ``test_fused_whole.py``). The ``aot_eager`` backend traces the
 graphs (conftest.py); one test compiles the real inductor kernels.
@@ -15,18 +16,59 @@ from test_fused import assert_same, check_inductor_equals_eager, make_params, ru
 
 import gradchain as gc
 from gradchain import recipes
+from gradchain.transforms._declared import Declared
 
-# recipe -> the transform of it that now compiles
-PORTED = {"adalo": "ema"}
+# recipe -> the transforms of it that compile
+PORTED = {"adalo": ["ema", "wd", "loss_ema", "lr"]}
 
 
 @pytest.mark.parametrize("name", sorted(PORTED))
 def test_ported_transform_runs_compiled(name: str) -> None:
     opt = gc.ChainOptimizer(make_params(torch.float32), getattr(recipes, name)(), fused=True)
-    plan = opt.fused_plan()
-    compiled = [t for kind, ts in plan if kind == "compiled" for t in ts]
-    eager = [t for kind, ts in plan if kind == "eager" for t in ts]
-    assert PORTED[name] in compiled and PORTED[name] not in eager, plan
+    assert opt.fused_plan() == [("compiled", PORTED[name])]
+
+
+def test_loss_ema_advances_once_per_step_and_keeps_no_workspace() -> None:
+    # the lr is worked out once per step for every bucket (two groups: two buckets, one EMA), and the
+    # chain is one kernel per bucket: no flat buffer is kept for updates between segments
+    losses = [0.5, 0.4, 0.3]
+    out = []
+    for fused in (False, True):
+        named = make_params(torch.float32)
+        half = len(named) // 2
+        groups = [{"params": [p for _, p in named[:half]]}, {"params": [p for _, p in named[half:]], "kappa": 2.0}]
+        opt = gc.ChainOptimizer(groups, recipes.adalo(), fused=fused)
+        opt.param_names = {p: n for n, p in named}
+        emas = []
+        for i, loss in enumerate(losses):
+            set_grads(named, i, torch.float32)
+            opt.step(loss=torch.tensor(loss))
+            emas.append(opt.global_state["loss_ema.loss_ema"].item())
+        if fused:
+            assert len(opt._flats) == 2
+            assert all(not fb._workspaces for fb in opt._flats.values())
+        out.append((named, opt, emas))
+    # a = 0.999 a + 0.001 / (2 + L), from a = 0, in float32 as the eager path keeps it
+    a, expected = torch.tensor(0.0), []
+    for loss in losses:
+        a = a + (1.0 / (2.0 + torch.tensor(loss)) - a) * torch.tensor(0.001)
+        expected.append(a.item())
+    for _, _, emas in out:
+        assert emas == pytest.approx(expected, rel=1e-6)
+    assert_same(out[0][0], out[0][1], out[1][0], out[1][1], rtol=1e-5, atol=1e-6)
+
+
+def test_missing_loss_raises_before_any_kernel() -> None:
+    named = make_params(torch.float32)
+    opt = gc.ChainOptimizer(named, recipes.adalo(), fused=True)
+    set_grads(named, 0, torch.float32)
+    opt.step(loss=torch.tensor(0.5))
+    before = [p.detach().clone() for _, p in named]
+    ema = opt.global_state["loss_ema.loss_ema"].clone()
+    with pytest.raises(ValueError, match="loss_ema: the loss sets the step"):
+        opt.step()
+    assert all(torch.equal(p.detach(), b) for (_, p), b in zip(named, before))
+    assert torch.equal(opt.global_state["loss_ema.loss_ema"], ema)
 
 
 @pytest.mark.parametrize("name", sorted(PORTED))
@@ -62,11 +104,26 @@ def test_inductor_kernels_equal_eager(name: str, monkeypatch) -> None:
     check_inductor_equals_eager(run, name, monkeypatch, steps=3)
 
 
+class _HalveEagerly(Declared):
+    """A user's transform with no fused form: it only leaves a scale pending (eagerly, every bucket)."""
+
+    def __init__(self) -> None:
+        self._declare("halve", {})
+
+    def init_state(self, param, name=None):
+        return {}
+
+    def apply(self, buckets) -> None:
+        for b in buckets:
+            b.defer_scale(0.5)
+
+
 def test_eager_last_segment_writes_the_flat_buffer_in_one_op(monkeypatch) -> None:
-    # AdaLo's loss EMA runs eagerly after the compiled EMA and only leaves a scale pending on the
-    # flat update: the final write is one op over the flat params, not a list op per param
+    # an eager last segment that only leaves a scale pending on the flat update it got: the final
+    # write is one op over the flat params, not a list op per param
     named = make_params(torch.float32)
-    opt = gc.ChainOptimizer(named, recipes.adalo(), fused=True)
+    opt = gc.ChainOptimizer(named, gc.chain(gc.ema(0.9), _HalveEagerly(), gc.scale_by_lr(0.1)), fused=True)
+    assert [kind for kind, _ in opt.fused_plan()] == ["compiled", "eager"]
     seen = []
     real = gc.Bucket.write
 
@@ -77,7 +134,7 @@ def test_eager_last_segment_writes_the_flat_buffer_in_one_op(monkeypatch) -> Non
     monkeypatch.setattr(gc.Bucket, "write", spy)
     for i in range(2):
         set_grads(named, i, torch.float32)
-        opt.step(loss=torch.tensor(0.5))
+        opt.step()
     assert len(named) > 1 and seen == [1, 1]
     # updates an eager transform replaced (the global clip multiplies them) keep the per-param write
     seen.clear()
@@ -85,3 +142,31 @@ def test_eager_last_segment_writes_the_flat_buffer_in_one_op(monkeypatch) -> Non
                             fused=True)
     opt.step()
     assert seen == [len(named)]
+
+
+def test_loss_ema_advances_once_per_step_over_routes_by_shape() -> None:
+    # SM3 routes params by shape (vectors over one flat buffer, a large matrix alone, a small one
+    # eagerly): three chains, one loss EMA, advanced once per step for all of them, as eagerly
+    def build() -> gc.Transform:
+        return gc.chain(gc.scale_by_sm3(), gc.scale_by_loss_ema(0.9).renamed({"eps": "lr_floor"}), gc.scale_by_lr(0.1))
+
+    out = []
+    for fused in (False, True):
+        torch.manual_seed(0)
+        ps = [torch.nn.Parameter(torch.randn(s)) for s in ((512, 512), (8, 16), (32,))]
+        opt = gc.ChainOptimizer(ps, build(), fused=fused)
+        if fused:
+            assert {p.split("]")[0] for _, names in opt.fused_plan() for p in names} == {
+                "[flat", "[tensor", "[eager"}
+        for i in range(3):
+            g = torch.Generator().manual_seed(i)
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=g)
+            opt.step(loss=torch.tensor(1.0 + i))
+        out.append((list(zip("abc", ps)), opt))
+    a = torch.tensor(0.0)
+    for i in range(3):
+        a = a + (1.0 / (2.0 + torch.tensor(1.0 + i)) - a) * torch.tensor(0.1)
+    for _, opt in out:
+        assert opt.global_state["loss_ema.loss_ema"].item() == pytest.approx(a.item(), rel=1e-6)
+    assert_same(*out[0], *out[1], rtol=1e-5, atol=1e-6)

@@ -15,6 +15,7 @@ from torch._inductor.utils import run_and_get_code
 
 import gradchain as gc
 from gradchain import recipes
+from gradchain.fused import flat as flat_module
 from gradchain.fused import runner
 from gradchain.fused.flat import FlatBucket
 
@@ -106,3 +107,26 @@ def test_views_of_the_buckets_own_buffers_are_made_once() -> None:
     del other, views
     pygc.collect()
     assert ref() is None
+
+
+def test_workspaces_are_freed_after_each_step_off_the_cpu(monkeypatch) -> None:
+    # on a GPU the buffers for updates between segments go back to the caching allocator after each
+    # step (the forward and backward passes can use that memory); on a CPU they are kept (a fresh
+    # one costs page faults). The CPU stands in for a device that does not keep them here.
+    monkeypatch.setattr(runner, "BACKEND", "aot_eager")
+    kept, freed, ref = params(torch.float64), params(torch.float64), params(torch.float64)
+    ok, of, oe = (gc.ChainOptimizer(kept, chain(), fused=True), gc.ChainOptimizer(freed, chain(), fused=True),
+                  gc.ChainOptimizer(ref, chain()))
+    steps(kept, ok, 3)
+    assert all(fb._workspaces for fb in ok._flats.values())
+    monkeypatch.setattr(flat_module, "KEEP_WORKSPACES", frozenset())
+    for i in range(3):
+        g = torch.Generator().manual_seed(i)  # the grads of steps()
+        for p in freed:
+            p.grad = torch.randn(p.shape, generator=g, dtype=torch.float64)
+        of.step()
+        (fb,) = of._flats.values()
+        assert not fb._workspaces and not fb._workspace_views
+    steps(ref, oe, 3)
+    assert_same(list(zip("abc", freed)), of, list(zip("abc", ref)), oe, rtol=1e-12, atol=1e-14)
+    assert_same(list(zip("abc", freed)), of, list(zip("abc", kept)), ok, rtol=0, atol=0)

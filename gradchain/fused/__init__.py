@@ -5,6 +5,6 @@ A second way to run the same chain, never a second copy of its math: see
 """
 
 from .flat import FlatBucket
-from .runner import FusedChain, FusedRoutes, fused_chain
+from .runner import FusedChain, FusedRoutes, fused_chain, step_scales
 
-__all__ = ["FlatBucket", "FusedChain", "FusedRoutes", "fused_chain"]
+__all__ = ["FlatBucket", "FusedChain", "FusedRoutes", "fused_chain", "step_scales"]

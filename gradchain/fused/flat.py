@@ -18,6 +18,11 @@ from .. import base
 from ..base import SEGMENT_ROW as CHUNK
 
 _GRAD = operator.attrgetter("grad")
+# device types whose workspaces (flat buffers for updates passed between segments) are kept from
+# step to step: on a CPU a fresh model-sized buffer costs page faults at every step. Elsewhere they
+# are freed after each step (a GPU's caching allocator hands the memory back at no cost), so the
+# forward and backward passes can use that memory between steps.
+KEEP_WORKSPACES = frozenset({"cpu"})
 
 
 class FlatBucket:
@@ -84,9 +89,9 @@ class FlatBucket:
             self.flat_state[key], self.state_views[key] = buf, views
 
     def workspace(self, dtype: torch.dtype, avoid: Any = None) -> Tensor:
-        """A flat buffer of ``dtype`` kept from step to step, for updates passed between segments (on
-        CPU a fresh full-size buffer costs page faults every step). Two are kept: the one returned
-        never shares storage with ``avoid`` (the segment's input)."""
+        """A flat buffer of ``dtype`` for updates passed between segments, kept for the step (and from
+        step to step on a CPU: ``KEEP_WORKSPACES``). Two at most: the one returned never shares
+        storage with ``avoid`` (the segment's input)."""
         taken = avoid.untyped_storage().data_ptr() if isinstance(avoid, Tensor) else None
         spaces = self._workspaces.setdefault(dtype, [])
         for ws in spaces:
@@ -95,6 +100,12 @@ class FlatBucket:
         ws = torch.zeros(self.total, dtype=dtype, device=self.device)
         spaces.append(ws)
         return ws
+
+    def end_step(self) -> None:
+        """After a step: free the workspaces where they are not kept (``KEEP_WORKSPACES``)."""
+        if self._workspaces and self.device.type not in KEEP_WORKSPACES:
+            self._workspaces.clear()
+            self._workspace_views.clear()
 
     def segments(self) -> tuple:
         """``(lengths, rows, numels, names, shapes)``: each param's element count (a tensor); for a

@@ -69,7 +69,10 @@ def _segment(leaves: list[Leaf], last: bool):
         if updates is not None:
             b.updates = list(updates)
         for leaf in leaves:
-            leaf.apply([b])
+            if _scales_only(leaf):  # its factor, worked out before the kernels (step_scales)
+                b.defer_scale(host_values[leaf.name]["scale"])
+            else:
+                leaf.apply([b])
         return _end(b, state, last, out)
 
     # a fresh code object per segment: torch.compile keeps one cache per code object, so one
@@ -78,11 +81,12 @@ def _segment(leaves: list[Leaf], last: bool):
                               run.__closure__)
 
 
-def _phase(transform: Transform, tail: list[Leaf], name: str, last: bool):
+def _phase(transform: Transform, head: list[Leaf], tail: list[Leaf], name: str, last: bool):
     """One per-bucket pass of a transform that reduces over every bucket (``fused_phases``: pass 1
     ``accumulate``, one eager ``estimate``, pass 2 ``finish``), as a function over a flat bucket.
-    ``finish`` is followed by the elementwise leaves after the transform (``tail``) and the final
-    write; ``frozen`` is that pass for a bucket the transform leaves alone (zero updates)."""
+    Each pass first runs the stateless elementwise leaves before the transform (``head``) again;
+    ``finish`` is followed by the elementwise leaves after it (``tail``) and the final write;
+    ``frozen`` is that pass for a bucket the transform leaves alone (zero updates)."""
 
     def run(params, grads, updates, state, hp, flags, coefs, acc, dtype, step, resolved, host, loss, segments,
             out=None):
@@ -92,6 +96,10 @@ def _phase(transform: Transform, tail: list[Leaf], name: str, last: bool):
         b.segments = segments
         if updates is not None:
             b.updates = list(updates)
+        if head and name != "frozen":
+            for leaf in head:
+                leaf.apply([b])
+            b.materialize()
         if name == "accumulate":
             sums = transform.accumulate(b, hp, flags, coefs, acc, reuse=False)[0]
         elif name == "frozen":
@@ -212,6 +220,30 @@ def _tensorize(value: Any, device: torch.device) -> Any:
     return value
 
 
+def _scales_only(t: Transform) -> bool:
+    """Whether ``t`` only scales each bucket's update, by a factor it works out from the loss, the
+    hyperparameters and its own optimizer-level state, never from the updates (``step_scales``:
+    AdaLo's loss-driven lr). The fused step works the factors out once, before its kernels, and
+    passes them in as 0-d tensors, so ``t`` compiles with the transforms around it."""
+    return callable(getattr(t, "step_scales", None))
+
+
+def step_scales(chains: list[FusedChain], flats: list[FlatBucket], groups: list, resolved: list[dict],
+                host_steps: list[float], loss: Tensor | None, shared: dict,
+                dtypes: list[torch.dtype]) -> dict[str, dict[FlatBucket, Tensor]]:
+    """This step's factors of the ``step_scales`` transforms of ``chains`` (the routes of one chain),
+    per flat bucket: each transform is called once per step over every bucket of every route (its
+    state advances once), before any kernel runs (a bad loss raises before anything is written)."""
+    scaled = {t.name: t for c in chains for seg in c.segments for t in seg.scaled}
+    if not scaled:
+        return {}
+    # the factors read the loss, the group and the bucket's dtype and device, not the updates
+    buckets = [Bucket(fb.param_views, fb.grad_views, {}, fb.step_views, fb.names, group or {}, loss, shared,
+                      dtype, step_values=[step] * len(fb.params), resolved=res)
+               for fb, group, res, step, dtype in zip(flats, groups, resolved, host_steps, dtypes, strict=True)]
+    return {name: dict(zip(flats, t.step_scales(buckets), strict=True)) for name, t in scaled.items()}
+
+
 def _deferred(t: Transform) -> bool:
     """A scale or a decay: on the eager path it only updates the pending form of the final write."""
     return isinstance(t, Leaf) and t._update is None
@@ -251,10 +283,14 @@ class Segment:
         self.segmented = any(getattr(t, "segmented", False) or getattr(t, "elementwise_for", None) is not None
                              for t in transforms)
         # a transform whose two passes compile around one reduction over every bucket (Prodigy,
-        # AdamS's decay), followed in its second pass by the elementwise leaves after it (``tail``)
-        self.phased = transforms[0] if getattr(transforms[0], "fused_phases", False) else None
-        self.tail: list[Leaf] = list(transforms[1:]) if self.phased is not None else []
+        # AdamS's decay), each pass after the stateless leaves before it (``head``: AM-SGD's L2),
+        # the second followed by the elementwise leaves after it (``tail``)
+        at = next((j for j, t in enumerate(transforms) if getattr(t, "fused_phases", False)), None)
+        self.phased = None if at is None else transforms[at]
+        self.head: list[Leaf] = [] if at is None else list(transforms[:at])  # type: ignore[arg-type]
+        self.tail: list[Leaf] = [] if at is None else list(transforms[at + 1:])  # type: ignore[arg-type]
         self.host_stepped = [t for t in transforms if getattr(t, "host_step", None) is not None]
+        self.scaled = [t for t in transforms if _scales_only(t)]
         # the shape a per-tensor kernel sees each param in: the one its transform declares
         # (``tensor_view``), when the others are stateless and elementwise (no state of the
         # param's shape to match)
@@ -304,12 +340,15 @@ class FusedChain:
         runs: list[tuple[Any, list[Transform]]] = []
         for t in top:
             if getattr(t, "fused_phases", False):
-                runs.append(("phased", [t]))
+                # stateless elementwise leaves just before it (AM-SGD's coupled L2) run again at the
+                # start of each pass: no kernel and no kept flat buffer for their output
+                head = runs.pop()[1] if runs and runs[-1][0] is True and all(map(_shape_free, runs[-1][1])) else []
+                runs.append(("phased", [*head, t]))
                 continue
             if runs and runs[-1][0] == "phased" and _tail_ok(t):
                 runs[-1][1].append(t)
                 continue
-            fusable = isinstance(t, Leaf) and bool(t.elementwise or t.segmented or (
+            fusable = _scales_only(t) or isinstance(t, Leaf) and bool(t.elementwise or t.segmented or (
                 shapes in ("flat", "tensor") and t.elementwise_for is not None))
             if runs and runs[-1][0] == fusable:
                 runs[-1][1].append(t)
@@ -325,7 +364,8 @@ class FusedChain:
             # likewise a stateless run after an eager one: the eager updates would first be copied
             # into a flat buffer, and the kernel saves no more than that copy costs
             for j in range(1, len(runs)):
-                if runs[j][0] is True and runs[j - 1][0] is False and not any(t._init is not None for t in runs[j][1]):
+                if runs[j][0] is True and runs[j - 1][0] is False and not any(
+                        getattr(t, "_init", None) is not None for t in runs[j][1]):
                     runs[j] = (False, runs[j][1])
         merged: list[tuple[Any, list[Transform]]] = []
         for kind, ts in runs:
@@ -342,6 +382,8 @@ class FusedChain:
         # nothing to compile: the fused step is the eager step (over the same flat storage)
         self.all_eager = not any(s.compiled for s in self.segments)
         self.compile = compile
+        # this step's factors of the step_scales transforms, per flat bucket (step_scales)
+        self._scales: dict[str, dict[FlatBucket, Tensor]] = {}
 
     @property
     def compile_seconds(self) -> float:
@@ -363,30 +405,42 @@ class FusedChain:
         loss: Tensor | None,
         shared: dict,
         dtypes: list[torch.dtype],
+        scales: dict[str, dict[FlatBucket, Tensor]] | None = None,
     ) -> None:
+        """One step over ``flats``; ``scales``: the factors of the ``step_scales`` transforms, worked
+        out for the buckets of every route at once (:func:`step_scales`; here if None)."""
         grads = []
         for fb, group in zip(flats, groups):
             grads.append(torch.neg(fb.flat_grads) if group["maximize"] else fb.flat_grads)
         updates: list[Tensor | None] = [None] * len(flats)
         tensor_hp = [None] * len(flats)
-        for seg in self.segments:
-            if seg.per_tensor:
-                for i, fb in enumerate(flats):
-                    updates[i] = self._run_per_tensor(seg, i, fb, grads[i], updates[i], resolved[i], tensor_hp,
-                                                      host_steps[i], loss, dtypes[i])
-            elif seg.phased is not None:
-                updates = self._run_phased(seg, flats, groups, grads, updates, resolved, tensor_hp, host_steps,
-                                           loss, shared, dtypes)
-            elif seg.compiled:
-                for i, fb in enumerate(flats):
-                    updates[i] = self._run_compiled(seg, i, fb, grads[i], updates[i], resolved[i], tensor_hp,
-                                                    host_steps[i], loss, dtypes[i])
-            else:
-                updates = self._run_eager(seg, flats, groups, grads, updates, resolved, host_steps, loss, shared,
-                                          dtypes)
+        self._scales = scales if scales is not None else step_scales(
+            [self], flats, groups, resolved, host_steps, loss, shared, dtypes)
+        try:
+            for seg in self.segments:
+                if seg.per_tensor:
+                    for i, fb in enumerate(flats):
+                        updates[i] = self._run_per_tensor(seg, i, fb, grads[i], updates[i], resolved[i], tensor_hp,
+                                                          host_steps[i], loss, dtypes[i])
+                elif seg.phased is not None:
+                    updates = self._run_phased(seg, flats, groups, grads, updates, resolved, tensor_hp, host_steps,
+                                               loss, shared, dtypes)
+                elif seg.compiled:
+                    for i, fb in enumerate(flats):
+                        updates[i] = self._run_compiled(seg, i, fb, grads[i], updates[i], resolved[i], tensor_hp,
+                                                        host_steps[i], loss, dtypes[i])
+                else:
+                    updates = self._run_eager(seg, flats, groups, grads, updates, resolved, host_steps, loss, shared,
+                                              dtypes)
+        finally:
+            self._scales = {}  # not kept: they would keep a replaced bucket's buffers alive
         if self.wrapper is not None:
             for fb, res, step in zip(flats, resolved, host_steps):
                 self.wrapper.sync_flat(fb, res, step)
+
+    def _scale_values(self, seg: Segment, fb: FlatBucket) -> dict[str, dict[str, Tensor]]:
+        """The factors of ``seg``'s ``step_scales`` transforms for ``fb``, as the kernel's host values."""
+        return {t.name: {"scale": self._scales[t.name][fb]} for t in seg.scaled}
 
     def _run_compiled(self, seg: Segment, i: int, fb: FlatBucket, grad: Tensor, update: Tensor | None,
                       resolved: dict, tensor_hp: list, host_step: float, loss: Tensor | None,
@@ -402,6 +456,7 @@ class FusedChain:
             # the updates for the next segment go into a buffer of the bucket's, not a fresh one
             ws = None if seg.last else fb.workspace(dtype, avoid=update)
             renames, values = _host_steps(seg, resolved, host_step, fb.device)
+            values.update(self._scale_values(seg, fb))
             args = ([fb.flat_params], [grad], upd, _renamed(state, renames), tensor_hp[i], host, fb.flat_steps[0],
                     lossv, dtype, True, segments, ws, values)
             # a function of its own per bucket: buckets of other sizes never recompile another's
@@ -413,7 +468,7 @@ class FusedChain:
             return self._run_eager(seg, [fb], [None], [grad], [update], [resolved], [host_step], loss, {},
                                    [dtype])[0]
         return seg.eager_fn()([fb.flat_params], [grad], upd, state, resolved, resolved, host_step, loss, dtype,
-                              False, segments)
+                              False, segments, host_values=self._scale_values(seg, fb))
 
     def _run_per_tensor(self, seg: Segment, i: int, fb: FlatBucket, grad: Tensor, update: Tensor | None,
                         resolved: dict, tensor_hp: list, host_step: float, loss: Tensor | None,
@@ -429,6 +484,7 @@ class FusedChain:
         flat_out = None if seg.last else fb.workspace(dtype, avoid=update)
         outs = None if flat_out is None else fb.split(flat_out)
         renames, values = _host_steps(seg, resolved, host_step, fb.device)
+        values.update(self._scale_values(seg, fb))
 
         def make():
             return _segment(seg.transforms, seg.last)
@@ -506,7 +562,7 @@ class FusedChain:
                 fb.flat_steps[0], tensor_hp, host, loss, fb.segments(), ws)
 
         def make():
-            return _phase(seg.phased, seg.tail, name, seg.last)
+            return _phase(seg.phased, seg.head, seg.tail, name, seg.last)
 
         ok, out = (self._try_compiled(seg, (name, i), make, args, f"{seg.phased.name}.{name}") if self.compile
                    else (False, None))
@@ -551,8 +607,7 @@ class FusedChain:
             seg.compile_seconds += time.perf_counter() - t0
         return True, out
 
-    @staticmethod
-    def _run_eager(seg: Segment, flats: list[FlatBucket], groups: list, grads: list[Tensor],
+    def _run_eager(self, seg: Segment, flats: list[FlatBucket], groups: list, grads: list[Tensor],
                    updates: list[Tensor | None], resolved: list[dict], host_steps: list[float],
                    loss: Tensor | None, shared: dict, dtypes: list[torch.dtype]) -> list[Tensor | None]:
         buckets, inputs = [], []
@@ -568,7 +623,11 @@ class FusedChain:
             inputs.append(list(b.updates))
             buckets.append(b)
         for t in seg.transforms:
-            t.apply(buckets)
+            if _scales_only(t):  # its factors, worked out before the segments (step_scales)
+                for b, fb in zip(buckets, flats, strict=True):
+                    b.defer_scale(self._scales[t.name][fb])
+            else:
+                t.apply(buckets)
         out: list[Tensor | None] = []
         for i, (b, fb) in enumerate(zip(buckets, flats)):
             for key, lst in b.state.items():
@@ -614,7 +673,8 @@ def _shape_tests(transform: Transform) -> list:
     routed apart, params of other shapes would be left out of its reduction."""
     inner = transform.inner if hasattr(transform, "sync_flat") else transform
     top = inner.children if isinstance(inner, Chain) else [inner]
-    if not all(isinstance(t, Leaf) for t in top):  # a Leaf maps each bucket alone
+    # a Leaf maps each bucket alone; step_scales are worked out over the buckets of every route at once
+    if not all(isinstance(t, Leaf) or _scales_only(t) for t in top):
         return []
     return [t.elementwise_for for t in top if getattr(t, "elementwise_for", None) is not None]
 

@@ -116,9 +116,19 @@ class _LossEMA(Declared):
         return st
 
     def apply(self, buckets: list[Bucket]) -> None:
-        buckets = [b for b in buckets if len(b)]
+        live = [b for b in buckets if len(b)]
+        # pending, folded into the final write (no pass and no model-sized buffer of its own);
+        # u * 0, not a where: a non-finite update entry (a NaN gradient already kept by the
+        # state before this) stays non-finite, so apply_if_finite can undo the step
+        for b, lr in zip(live, self.step_scales(live), strict=True):
+            b.defer_scale(lr)
+
+    def step_scales(self, buckets: list[Bucket]) -> list[Tensor]:
+        """This step's learning rate for each bucket, as a 0-d tensor: from the loss and the EMA,
+        which it advances, never from the updates (so the fused path works it out before its
+        kernels and passes it in: one kernel for the whole chain)."""
         if not buckets:
-            return
+            return []
         shared = buckets[0].shared.get("global_state")
         if shared is None:
             raise RuntimeError(
@@ -145,18 +155,16 @@ class _LossEMA(Declared):
             norm = shared[f"{self.name}.norm"]
             norm.lerp_(torch.ones_like(norm), w)
             value = ema / norm
-        for b, hp in zip(buckets, hps):
+        scales = []
+        for b, hp in zip(buckets, hps, strict=True):
             if self._mode == "compliant":
                 lr = (1.0 - value) / float(hp["kappa"])
             else:
                 lr = value / float(hp["kappa"])
             lr = torch.where(finite, lr.clamp(min=float(hp["eps"])), torch.zeros_like(lr))
             p0 = b.params[0]
-            lr = replicate_like(lr.to(dtype=b.dtype, device=p0.device), p0)
-            # pending, folded into the final write (no pass and no model-sized buffer of its own);
-            # u * 0, not a where: a non-finite update entry (a NaN gradient already kept by the
-            # state before this) stays non-finite, so apply_if_finite can undo the step
-            b.defer_scale(lr)
+            scales.append(replicate_like(lr.to(dtype=b.dtype, device=p0.device), p0))
+        return scales
 
 
 def scale_by_loss_ema(
