@@ -38,7 +38,6 @@ def test_loss_ema_advances_once_per_step_and_keeps_no_workspace() -> None:
         half = len(named) // 2
         groups = [{"params": [p for _, p in named[:half]]}, {"params": [p for _, p in named[half:]], "kappa": 2.0}]
         opt = gc.ChainOptimizer(groups, recipes.adalo(), fused=fused)
-        opt.param_names = {p: n for n, p in named}
         emas = []
         for i, loss in enumerate(losses):
             set_grads(named, i, torch.float32)
