@@ -8,7 +8,7 @@ per-param ``step`` counters included). ``--step`` also takes one real step on ra
 and reports any recipe whose state grew. ``--fused`` also reports what ``ChainOptimizer(fused=True)``
 keeps beyond params, grads and state after two steps: the flat buffers that pass updates between
 segments of a chain cut into several (a CPU keeps them from step to step; a GPU frees them after
-each step) and the gaps between params in a bucket of many (each param starts a row of 64 elements
+each step) and the gaps between params in a bucket of many (each param starts a row of 256 elements
 there). The steps run uncompiled (``torch.compiler.set_stance("force_eager")``): the buffers are the
 same, and nothing compiles.
 

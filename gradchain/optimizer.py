@@ -61,10 +61,10 @@ class ChainOptimizer(torch.optim.Optimizer):
     matrices one at a time), ``fused_phases`` transforms as two passes around their sum over every
     bucket, and ``step_scales`` transforms (a loss-driven lr) as kernel inputs; a chain that is one
     ``partition`` compiles per label. Other transforms run eagerly over views of the same storage
-    (:meth:`fused_plan`). ``zero_grad()``
-    then zeroes the flat grads in place. Inside a ``torch.compile``'d training step, ``step()`` and
-    ``zero_grad()`` of a fused optimizer break the graph and run outside it (its own kernels are
-    compiled already); without ``fused`` the eager step traces into the graph.
+    (:meth:`fused_plan`). ``zero_grad()`` then zeroes the flat grads in place. Inside a
+    ``torch.compile``'d training step, ``step()`` and ``zero_grad()`` of a fused optimizer break
+    the graph and run outside it (its own kernels are compiled already); without ``fused`` the
+    eager step traces into the graph.
 
     ``atomic``: a step either completes or leaves params and state as they were. Hyperparameters
     are always checked before anything moves; a step that raises inside a transform is rolled back

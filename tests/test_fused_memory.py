@@ -25,8 +25,8 @@ def params(dtype: torch.dtype, shapes=((6, 5), (4, 3), (7,))) -> list:
     return [nn.Parameter(torch.randn(s, dtype=dtype)) for s in shapes]
 
 
-def steps(ps: list, opt: gc.ChainOptimizer, n: int) -> None:
-    for i in range(n):
+def steps(ps: list, opt: gc.ChainOptimizer, n: int, start: int = 0) -> None:
+    for i in range(start, start + n):
         g = torch.Generator().manual_seed(i)
         for p in ps:
             p.grad = torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype)
@@ -121,10 +121,7 @@ def test_workspaces_are_freed_after_each_step_off_the_cpu(monkeypatch) -> None:
     assert all(fb._workspaces for fb in ok._flats.values())
     monkeypatch.setattr(flat_module, "KEEP_WORKSPACES", frozenset())
     for i in range(3):
-        g = torch.Generator().manual_seed(i)  # the grads of steps()
-        for p in freed:
-            p.grad = torch.randn(p.shape, generator=g, dtype=torch.float64)
-        of.step()
+        steps(freed, of, 1, start=i)
         (fb,) = of._flats.values()
         assert not fb._workspaces and not fb._workspace_views
     steps(ref, oe, 3)

@@ -405,17 +405,16 @@ class FusedChain:
         loss: Tensor | None,
         shared: dict,
         dtypes: list[torch.dtype],
-        scales: dict[str, dict[FlatBucket, Tensor]] | None = None,
+        scales: dict[str, dict[FlatBucket, Tensor]],
     ) -> None:
         """One step over ``flats``; ``scales``: the factors of the ``step_scales`` transforms, worked
-        out for the buckets of every route at once (:func:`step_scales`; here if None)."""
+        out for the buckets of every route at once (:func:`step_scales`)."""
         grads = []
         for fb, group in zip(flats, groups):
             grads.append(torch.neg(fb.flat_grads) if group["maximize"] else fb.flat_grads)
         updates: list[Tensor | None] = [None] * len(flats)
         tensor_hp = [None] * len(flats)
-        self._scales = scales if scales is not None else step_scales(
-            [self], flats, groups, resolved, host_steps, loss, shared, dtypes)
+        self._scales = scales
         try:
             for seg in self.segments:
                 if seg.per_tensor:
