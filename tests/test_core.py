@@ -484,3 +484,34 @@ def test_addcdiv_with_a_cpu_tensor_factor() -> None:
     for x, y, ai, bi in zip(with_tensor, with_number, a, b, strict=True):
         assert torch.equal(x, y)
         torch.testing.assert_close(x, 1.0 + (ai / bi) * s)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_list_scaling_by_a_number_keeps_the_bits_of_torch_foreach(dtype: torch.dtype) -> None:
+    # on CPU a number becomes one 0-d tensor of the list's dtype (not one per tensor): the bits
+    # of torch's list op with the number, for awkward factors and divisors
+    from gradchain import ops
+
+    gen = torch.Generator().manual_seed(3)
+    xs = [torch.randn(n, generator=gen, dtype=dtype) * 1e3 for n in (1, 7, 300)]
+    for s in (0.1, 1.0 / 3.0, 1e-30, 7.0e20, -2.5):
+        for ours, theirs in ((ops.mul_, torch._foreach_mul_), (ops.div_, torch._foreach_div_)):
+            a, b = [x.clone() for x in xs], [x.clone() for x in xs]
+            ours(a, s)
+            theirs(b, s)
+            assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True)), (ours.__name__, s)
+
+
+def test_sums_of_nonnegative_tensors() -> None:
+    # each tensor's sum (what the list L1 norm gives for entries >= 0), in the list's dtype
+    from gradchain import ops
+
+    gen = torch.Generator().manual_seed(4)
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        xs = [torch.rand(n, generator=gen).to(dtype) for n in (1, 5, 4097)] + [torch.zeros(0, dtype=dtype)]
+        got = ops.sums_nonneg(xs)
+        assert [g.dtype for g in got] == [dtype] * 4
+        want = [x.double().sum() for x in xs]
+        tol = {torch.float32: 1e-6, torch.float64: 1e-12, torch.bfloat16: 1e-2}[dtype]
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g.double(), w, rtol=tol, atol=0.0)

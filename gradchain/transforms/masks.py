@@ -7,6 +7,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
+from .. import ops
 from ..base import Bucket, Leaf, transform
 
 __all__ = ["CAUTIOUS_RESCALINGS", "cautious_mask"]
@@ -26,9 +27,9 @@ def _factors(mask: list[Tensor], rescale: str, ctx: Bucket) -> list[Tensor] | No
         if rescale == "timm":
             return ctx.per_tensor(1.0 / torch.clamp_min(kept / numel, 1e-3))
         return ctx.per_tensor(numel / torch.clamp_min(kept, 1.0))
-    # mask entries are 0/1, so the L1 norm is the number kept; a reduction that stays a DTensor op.
+    # mask entries are 0/1, so the sum is the number kept; a reduction that stays a DTensor op.
     # Out-of-place ops on these 0-d results: under FSDP2 they are partial until the first one.
-    kept = torch._foreach_norm(mask, 1)
+    kept = ops.sums_nonneg(mask)
     numel = [float(m.numel()) for m in mask]
     if rescale == "c_optim":
         # numel / (kept + 1): finite when nothing is kept

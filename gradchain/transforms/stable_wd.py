@@ -99,11 +99,12 @@ class _StableWD(Declared):
                 sums = [t.sum() for t in v]
                 torch._foreach_div_(sums, correction)
             else:
-                # plain v >= 0: its L1 norms are its sums, one call for the bucket rather than a
-                # small op per tensor
-                sums = list(torch._foreach_norm(v, 1))
-                torch._foreach_div_(sums, correction)
-                sums = [torch.stack(sums).sum()]
+                # plain v >= 0, each sum divided by its own correction: one division for the
+                # bucket, not a small op per tensor
+                sums = torch.stack(ops.sums_nonneg(v))
+                per = correction if not isinstance(correction, list) else torch.stack(
+                    [torch.as_tensor(x, dtype=sums.dtype, device=sums.device) for x in correction])
+                sums = [(sums / per).sum()]
             count += sum(t.numel() for t in v)
         for s in sums:
             total = s if total is None else total + s.to(device=total.device)
