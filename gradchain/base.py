@@ -885,6 +885,7 @@ class Leaf(Transform):
         rowwise: bool = False,
         host_step: Callable[[Mapping[str, Any], int], HostStep] | None = None,
         tensor_view: Callable[[tuple[int, ...]], tuple[int, ...]] | None = None,
+        from_state: Callable[[dict, Mapping, Bucket], list] | None = None,
     ) -> None:
         if not name or "." in name:
             raise ValueError(f"transform name {name!r} must be non-empty and contain no '.'")
@@ -929,6 +930,10 @@ class Leaf(Transform):
         # tensor_view(shape): the shape in which the update works on a param (SMMF's square matrix);
         # the fused path's per-tensor route presents the param in it where that changes nothing else
         self.tensor_view = tensor_view
+        # from_state(state, hp, ctx): the updates of the step just taken, worked out again from the
+        # state it wrote (Adam's m^/(sqrt(v^) + eps)); the fused path then takes the step in one pass
+        # and recomputes its output in a later one, where it would keep it in a model-sized buffer
+        self._from_state = from_state
         self.momentum_state = tuple(momentum_state)
         self.static = frozenset(static)
         unknown_static = self.static - set(self._specs)
@@ -1028,6 +1033,20 @@ class Leaf(Transform):
             else:
                 self._apply_host_step(b, local, hp)
 
+    @property
+    def recomputable(self) -> bool:
+        """Whether the updates of a step can be worked out again from the state it wrote (``from_state``)."""
+        return self._from_state is not None
+
+    def apply_from_state(self, buckets: list[Bucket]) -> None:
+        """The updates of the step just taken, again, from the state it wrote (``from_state``); the
+        state is left as it is."""
+        prefix = self.name + "."
+        for b in buckets:
+            if len(b):
+                local = {k[len(prefix):]: v for k, v in b.state.items() if k.startswith(prefix)}
+                b.updates = list(self._from_state(local, self.hp(b), b))  # type: ignore[misc]
+
     def _apply_host_step(self, b: Bucket, stored: dict[str, list], hp: Mapping[str, Any]) -> None:
         """The update of a ``host_step`` transform on the eager path: its values and state names per
         tensor (each tensor has its own step count)."""
@@ -1109,6 +1128,12 @@ def transform(
     contiguous views of that shape, so that the compiled write loops over the same rows and
     columns as the update (over the param's own shape the index arithmetic of the reshape keeps
     the loop from vectorizing).
+    ``from_state=fn(state, hp, ctx) -> updates`` (with ``elementwise``) declares what the update
+    returns as a function of the state it has just written, read and not written (Adam's
+    ``m^/(sqrt(v^) + eps)``): before a transform whose two compiled passes surround a reduction
+    over every bucket (``fused_phases``: AdamS's mean of ``v^``), the fused path then takes the
+    step in the first pass and works its output out again in the second, where it would keep it
+    in a model-sized buffer between them.
     ``static=("key",)`` names hyperparameters the update branches on in Python (a change of
     their value recompiles the fused kernel). Other transforms run on the fused path eagerly,
     over per-tensor views of the flat buffers.

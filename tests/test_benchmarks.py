@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import math
 import subprocess
 import sys
 import time
@@ -10,6 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from gradchain import recipes
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 COLUMNS = [
@@ -165,13 +168,15 @@ def test_step_time_still_runs(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_memory_reports_what_the_fused_path_keeps(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    # AdamS passes Adam's update to its decay pass in a flat buffer a CPU keeps (one params' worth);
-    # AdamW and AdaLo are one kernel each and keep only the gaps between params
+    # Muon passes the momentum of its hidden matrices to the eager Newton-Schulz in a flat buffer a
+    # CPU keeps (at least their share of the params); AdamW, AdaLo and AdamS (whose decay pass gets
+    # Adam's update again from its state) keep only the gaps between params
     monkeypatch.syspath_prepend(str(BENCH))
     memory = importlib.import_module("memory")
     shapes = memory.gpt2_shapes(scale=0.02, layers=2)
-    extra = memory.measure_fused(["adamw", "adalo", "adams"], shapes)
-    assert extra["adams"] >= 1.0
-    assert extra["adamw"] < 0.05 and extra["adalo"] < 0.05
-    md = memory.table([{"recipe": "adams", "state_bytes": 8, "ratio": 2.0}], 4, 0.02, False, extra)
-    assert "fused keeps besides / params" in md and f"{extra['adams']:.4f}" in md
+    extra = memory.measure_fused(["adamw", "adalo", "adams", "muon"], shapes)
+    hidden = sum(math.prod(s) for name, s in shapes if recipes.muon_hidden_matrix(name, torch.empty(s, device="meta")))
+    assert extra["muon"] >= hidden / sum(math.prod(s) for _, s in shapes) > 0.1
+    assert extra["adamw"] < 0.05 and extra["adalo"] < 0.05 and extra["adams"] < 0.05
+    md = memory.table([{"recipe": "muon", "state_bytes": 8, "ratio": 2.0}], 4, 0.02, False, extra)
+    assert "fused keeps besides / params" in md and f"{extra['muon']:.4f}" in md

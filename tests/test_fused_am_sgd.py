@@ -81,9 +81,13 @@ def test_am_sgd_plan_is_fully_compiled() -> None:
         set_grads(named, i, torch.float32)
         opt.step()
     assert all(not fb._workspaces for fb in opt._flats.values())
-    # a stateful transform before a phased one keeps its own kernel (AdamS: Adam, then the decay)
+    # a stateful transform before a phased one keeps its own kernel unless it can give its update
+    # again from its state (from_state: AdamS's Adam does, a momentum does not)
     adams = gc.ChainOptimizer(make_params(torch.float32), recipes.adams(), fused=True)
-    assert adams.fused_plan() == [("compiled", ["adam"]), ("compiled", ["swd", "lr"])]
+    assert adams.fused_plan() == [("compiled", ["adam", "swd", "lr"])]
+    t = gc.chain(gc.trace(0.5), gc.adaptive_memory_momentum(), gc.scale_by_lr(0.1))
+    assert gc.ChainOptimizer(make_params(torch.float32), t, fused=True).fused_plan() == [
+        ("compiled", ["momentum"]), ("compiled", ["am", "lr"])]
 
 
 # -- the trajectory -------------------------------------------------------------------------------

@@ -75,8 +75,8 @@ def test_inductor_stores_no_full_size_update(name: str, monkeypatch) -> None:
     ps[0].grad = torch.randn(n)
     _, codes = run_and_get_code(opt.step)
     assert codes, "nothing was compiled"
-    # LAMB's and the cautious update are read by a reduction and by the write: computed in both
-    # kernels, never stored; AdamS hands Adam's update to its compiled decay pass in a kept buffer
+    # LAMB's and the cautious update are read by a reduction and by the write, and AdamS's Adam
+    # update by its mean's pass and by the decay's: computed in both kernels, never stored
     assert not any(f"(({n}, ), (1, ), torch.float32)" in code for code in codes)
     ref = params(torch.float32, shapes=((n,),))
     eager = gc.ChainOptimizer(ref, getattr(recipes, name)())

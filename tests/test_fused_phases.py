@@ -85,12 +85,14 @@ def check(a: tuple, b: tuple, rtol: float, atol: float) -> None:
     assert_same(named(a[0]), a[1], named(b[0]), b[1], rtol=rtol, atol=atol)
 
 
-def test_plan_runs_the_decay_and_the_lr_in_one_phased_segment() -> None:
+def test_plan_runs_adam_the_decay_and_the_lr_in_one_phased_segment() -> None:
     ps = make()
     opt = gc.ChainOptimizer(ps, recipes.adams(), fused=True)
-    assert opt.fused_plan() == [("compiled", ["adam"]), ("compiled", ["swd", "lr"])]
-    (seg,) = [s for s in opt._fused_chain.segments if s.phased is not None]
-    assert seg.phased.name == "swd" and [t.name for t in seg.tail] == ["lr"]
+    # Adam steps in the first pass and gives its update again from its new m and v in the second
+    # (from_state): one segment, no kernel and no kept buffer of its own
+    assert opt.fused_plan() == [("compiled", ["adam", "swd", "lr"])]
+    (seg,) = opt._fused_chain.segments
+    assert [t.name for t in seg.head] == ["adam"] and seg.phased.name == "swd" and [t.name for t in seg.tail] == ["lr"]
     # Prodigy alone, and with an elementwise leaf after it (joins its second pass)
     opt = gc.ChainOptimizer(ps, recipes.prodigy(), fused=True)
     assert opt.fused_plan() == [("compiled", ["prodigy"])]
@@ -212,6 +214,44 @@ def test_prodigy_with_a_leaf_after_it_moves_a_frozen_group_as_eager() -> None:
     check(a, b, rtol=1e-12, atol=1e-14)
     start = make()
     assert all(not torch.equal(p.detach(), s) for p, s in zip(b[0], start))
+
+
+def test_a_stateful_head_steps_once_and_in_a_frozen_group() -> None:
+    # Adam before Prodigy: its step in the first pass, its update again from its state in the
+    # second; in the frozen group (lr 0: no first pass, zero updates from Prodigy) it still steps,
+    # as on the eager path. Its state, step by step, is the eager one's
+    def build():
+        return gc.chain(gc.scale_by_adam(), gc.scale_by_prodigy(), share=["betas", "eps"])
+
+    a = run(False, build=build, poison=False)
+    b = run(True, build=build, poison=False)
+    assert b[1].fused_plan() == [("compiled", ["adam", "prodigy"])]
+    check(a, b, rtol=1e-12, atol=1e-14)
+    frozen = b[0][38]
+    assert torch.equal(frozen.detach(), make()[38])
+    assert b[1].state[frozen]["adam.exp_avg"].abs().sum() > 0
+
+
+def test_adam_from_state_is_its_update() -> None:
+    # the contract: what the update returned, worked out again from the state it wrote, with the
+    # state left as it is (amsgrad's running max and eps_root too)
+    gen = torch.Generator().manual_seed(5)
+    for kw in ({}, {"amsgrad": True}, {"eps_root": 1e-6}):
+        t = gc.scale_by_adam(**kw)
+        ps = [torch.randn(4, 3, generator=gen, dtype=torch.float64), torch.randn(5, generator=gen, dtype=torch.float64)]
+        state = t.init(ps)
+        for _ in range(3):
+            gs = [torch.randn(p.shape, generator=gen, dtype=torch.float64) for p in ps]
+            us = t.update(gs, state, ps)
+        before = [{k: v.clone() for k, v in st.items()} for st in state]
+        group = {k: h.default for k, h in t.hyperparams.items()}
+        lists = {k: [st[k] for st in state] for k in state[0] if k != "step"}
+        b = gc.base.Bucket(ps, gs, lists, [st["step"] for st in state], [None, None], group, None)
+        t.apply_from_state([b])
+        again = b.materialize()
+        for u, w in zip(us, again, strict=True):
+            torch.testing.assert_close(w, u, rtol=1e-15, atol=0.0)
+        assert all(torch.equal(st[k], was[k]) for st, was in zip(state, before) for k in st), kw
 
 
 def test_inductor_kernels_equal_eager(monkeypatch) -> None:

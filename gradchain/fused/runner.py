@@ -84,9 +84,12 @@ def _segment(leaves: list[Leaf], last: bool):
 def _phase(transform: Transform, head: list[Leaf], tail: list[Leaf], name: str, last: bool):
     """One per-bucket pass of a transform that reduces over every bucket (``fused_phases``: pass 1
     ``accumulate``, one eager ``estimate``, pass 2 ``finish``), as a function over a flat bucket.
-    Each pass first runs the stateless elementwise leaves before the transform (``head``) again;
-    ``finish`` is followed by the elementwise leaves after it (``tail``) and the final write;
-    ``frozen`` is that pass for a bucket the transform leaves alone (zero updates)."""
+    Each pass first runs the elementwise leaves before the transform (``head``): the first takes
+    their step (stateful ones advance their state), the second works their output out again
+    (stateless ones run again, stateful ones give it ``from_state``: AdamS's Adam); ``finish`` is
+    followed by the elementwise leaves after it (``tail``) and the final write; ``frozen`` is that
+    pass for a bucket the transform leaves alone (zero updates; the head's state still advances)."""
+    stateful = any(leaf._init is not None for leaf in head)
 
     def run(params, grads, updates, state, hp, flags, coefs, acc, dtype, step, resolved, host, loss, segments,
             out=None):
@@ -96,9 +99,12 @@ def _phase(transform: Transform, head: list[Leaf], tail: list[Leaf], name: str, 
         b.segments = segments
         if updates is not None:
             b.updates = list(updates)
-        if head and name != "frozen":
+        if head and (name != "frozen" or stateful):
             for leaf in head:
-                leaf.apply([b])
+                if name == "finish" and leaf._init is not None:
+                    leaf.apply_from_state([b])
+                else:
+                    leaf.apply([b])
             b.materialize()
         if name == "accumulate":
             sums = transform.accumulate(b, hp, flags, coefs, acc, reuse=False)[0]
@@ -264,6 +270,13 @@ def _shape_free(t: Transform) -> bool:
     return isinstance(t, Leaf) and t.elementwise and t._init is None and t.host_step is None
 
 
+def _head_ok(t: Transform) -> bool:
+    """Whether ``t`` may run at the start of each pass of a phased transform (:func:`_phase`):
+    stateless and elementwise, or elementwise with its output worked out again ``from_state``."""
+    return _shape_free(t) or (isinstance(t, Leaf) and t.elementwise and t.recomputable and t.host_step is None
+                              and not _scales_only(t))
+
+
 class Segment:
     """Consecutive transforms that run together: compiled (elementwise leaves) or eager (one transform)."""
 
@@ -283,7 +296,8 @@ class Segment:
         self.segmented = any(getattr(t, "segmented", False) or getattr(t, "elementwise_for", None) is not None
                              for t in transforms)
         # a transform whose two passes compile around one reduction over every bucket (Prodigy,
-        # AdamS's decay), each pass after the stateless leaves before it (``head``: AM-SGD's L2),
+        # AdamS's decay), each pass after the elementwise leaves before it (``head``: AM-SGD's L2,
+        # AdamS's Adam),
         # the second followed by the elementwise leaves after it (``tail``)
         at = next((j for j, t in enumerate(transforms) if getattr(t, "fused_phases", False)), None)
         self.phased = None if at is None else transforms[at]
@@ -340,9 +354,10 @@ class FusedChain:
         runs: list[tuple[Any, list[Transform]]] = []
         for t in top:
             if getattr(t, "fused_phases", False):
-                # stateless elementwise leaves just before it (AM-SGD's coupled L2) run again at the
-                # start of each pass: no kernel and no kept flat buffer for their output
-                head = runs.pop()[1] if runs and runs[-1][0] is True and all(map(_shape_free, runs[-1][1])) else []
+                # elementwise leaves just before it run at the start of each pass, the second working
+                # their output out again (AM-SGD's coupled L2 again, AdamS's Adam from its new m and
+                # v): no kernel and no kept flat buffer for their output
+                head = runs.pop()[1] if runs and runs[-1][0] is True and all(map(_head_ok, runs[-1][1])) else []
                 runs.append(("phased", [*head, t]))
                 continue
             if runs and runs[-1][0] == "phased" and _tail_ok(t):
@@ -541,8 +556,9 @@ class FusedChain:
             coefs = _coefs(t.estimate(c, acc, gstate), device)
         out: list[Tensor | None] = []
         for i, fb in enumerate(flats):
-            if i in live or seg.tail:
-                # a frozen bucket (Prodigy's lr 0) gets zero updates; the leaves after it still run
+            if i in live or seg.tail or any(leaf._init is not None for leaf in seg.head):
+                # a frozen bucket (Prodigy's lr 0) gets zero updates; the leaves after it still run,
+                # and a stateful one before it still takes its step
                 name = "finish" if i in live else "frozen"
                 out.append(self._call_phase(seg, name, i, fb, keys[i], grads[i], updates[i], thp[i], flags[i],
                                             coefs, None, dtypes[i], tensor_hp[i], resolved[i], lossv))

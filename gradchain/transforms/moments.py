@@ -35,7 +35,10 @@ def scale_by_adam(
     ``v^ = v/(1-b2^t)`` (``max`` of all ``v`` so far with ``amsgrad``, a group key as in torch), and
     ``u = m^ / (sqrt(v^ + eps_root) + eps)``: ``eps`` outside the root as torch does, the optional
     ``eps_root`` inside as optax does. Reference: Kingma & Ba, arXiv:1412.6980; AMSGrad, Reddi et
-    al. 2018. Peer: torch ``Adam``/``AdamW``, optax ``scale_by_adam``.
+    al. 2018. Peer: torch ``Adam``/``AdamW``, optax ``scale_by_adam``. The update is the step
+    followed by ``from_state`` (``u`` from the new ``m`` and ``v`` alone), so on the fused path a
+    reduction over every bucket after it (AdamS's mean of ``v^``) gets ``u`` again in its second
+    pass rather than from a kept buffer.
     """
 
     def init(p: torch.Tensor, hp: Mapping) -> dict:
@@ -46,7 +49,6 @@ def scale_by_adam(
 
     def update(updates: list, state: dict, hp: Mapping, ctx: Bucket) -> list:
         b1, b2 = hp["betas"]
-        eps, eps_root = hp["eps"], hp["eps_root"]
         m, v = state["exp_avg"], state["exp_avg_sq"]
         ops.update_moment(m, updates, b1)
         ops.update_moment_per_elem_norm(v, updates, b2)
@@ -57,7 +59,13 @@ def scale_by_adam(
                     "in the group before the first step (as torch, which keeps the running max from then)"
                 )
             torch._foreach_maximum_(state["max_exp_avg_sq"], v)
-            v = state["max_exp_avg_sq"]
+        return from_state(state, hp, ctx)
+
+    def from_state(state: dict, hp: Mapping, ctx: Bucket) -> list:
+        b1, b2 = hp["betas"]
+        eps, eps_root = hp["eps"], hp["eps_root"]
+        m = state["exp_avg"]
+        v = state["max_exp_avg_sq"] if hp["amsgrad"] else state["exp_avg_sq"]
         if eps_root:
             denom = torch._foreach_div(v, ctx.per_step(lambda t: ops.bias_correction(b2, t)))
             ops.add_(denom, eps_root)
@@ -79,4 +87,4 @@ def scale_by_adam(
         "amsgrad": Hyperparam(bool(amsgrad), flag),
     }
     return transform(name, spec, init, update, elementwise=True, static=("eps_root", "amsgrad"),
-                     momentum_state=("exp_avg",))
+                     momentum_state=("exp_avg",), from_state=from_state)
