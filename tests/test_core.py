@@ -487,15 +487,16 @@ def test_addcdiv_with_a_cpu_tensor_factor() -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_list_scaling_by_a_number_keeps_the_bits_of_torch_foreach(dtype: torch.dtype) -> None:
+def test_list_ops_with_a_number_keep_the_bits_of_torch_foreach(dtype: torch.dtype) -> None:
     # on CPU a number becomes one 0-d tensor of the list's dtype (not one per tensor): the bits
-    # of torch's list op with the number, for awkward factors and divisors
+    # of torch's list op with the number, for awkward factors, divisors and terms
     from gradchain import ops
 
     gen = torch.Generator().manual_seed(3)
     xs = [torch.randn(n, generator=gen, dtype=dtype) * 1e3 for n in (1, 7, 300)]
     for s in (0.1, 1.0 / 3.0, 1e-30, 7.0e20, -2.5):
-        for ours, theirs in ((ops.mul_, torch._foreach_mul_), (ops.div_, torch._foreach_div_)):
+        for ours, theirs in ((ops.mul_, torch._foreach_mul_), (ops.div_, torch._foreach_div_),
+                             (ops.add_, torch._foreach_add_)):
             a, b = [x.clone() for x in xs], [x.clone() for x in xs]
             ours(a, s)
             theirs(b, s)
