@@ -81,7 +81,7 @@ def _own_scalar(xs: list[Tensor], s: Scalar) -> Scalar:
     """``s`` as the factor or divisor of a list op over ``xs``: a number on plain CPU tensors as one
     0-d tensor of their dtype (the same bits: a foreach op there wraps a number into a tensor and
     converts it again for every tensor, about 1-3 us each, most of the op's time on a small
-    tensor; an addition converts a 0-d tensor too: :func:`add_` gives it a list of one)."""
+    tensor; an addition converts a 0-d tensor too: :func:`add_` passes a list of it)."""
     if isinstance(s, float) and _plain_cpu(xs):
         return torch.tensor(s, dtype=xs[0].dtype)
     return s
@@ -118,13 +118,11 @@ def add_(xs: list[Tensor], s: Scalar) -> None:
     if isinstance(s, list) and _is_tensor(s):
         for x, a in zip(xs, s):
             x.add_(a)
-    elif isinstance(s, float) and _plain_cpu(xs):
-        # the same bits: a list of one 0-d tensor of the list's dtype takes the binary op over
-        # tensors, which converts nothing per tensor (a number, or one 0-d tensor, is converted for
-        # each: about twice the op's time on a small tensor)
-        torch._foreach_add_(xs, [torch.tensor(s, dtype=xs[0].dtype)] * len(xs))
     else:
-        torch._foreach_add_(xs, s)
+        # the number's 0-d tensor as a list of it: the op over two lists of tensors converts nothing
+        # per tensor (the op with one 0-d tensor converts it for each, as with a number)
+        own = _own_scalar(xs, s)
+        torch._foreach_add_(xs, s if own is s else [own] * len(xs))
 
 
 def axpy_(xs: list[Tensor], ys: Sequence[Tensor], alpha: Scalar = 1.0) -> None:

@@ -60,10 +60,10 @@ class ChainOptimizer(torch.optim.Optimizer):
     reductions and state) compile too, as do ``elementwise_for`` transforms by shape (large
     matrices one at a time), ``fused_phases`` transforms as two passes around their sum over every
     bucket (with the elementwise transforms before them that are stateless or have a
-    ``from_state``), and ``step_scales`` transforms (a loss-driven lr) as kernel inputs; a chain that is one
-    ``partition`` compiles per label. Other transforms run eagerly over views of the same storage
-    (:meth:`fused_plan`). ``zero_grad()`` then zeroes the flat grads in place. Inside a
-    ``torch.compile``'d training step, ``step()`` and ``zero_grad()`` of a fused optimizer break
+    ``from_state``), and ``step_scales`` transforms (a loss-driven lr) as kernel inputs; a chain
+    that is one ``partition`` compiles per label. Other transforms run eagerly over views of the
+    same storage (:meth:`fused_plan`). ``zero_grad()`` then zeroes the flat grads in place. Inside
+    a ``torch.compile``'d training step, ``step()`` and ``zero_grad()`` of a fused optimizer break
     the graph and run outside it (its own kernels are compiled already); without ``fused`` the
     eager step traces into the graph.
 

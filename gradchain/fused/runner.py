@@ -297,8 +297,7 @@ class Segment:
                              for t in transforms)
         # a transform whose two passes compile around one reduction over every bucket (Prodigy,
         # AdamS's decay), each pass after the elementwise leaves before it (``head``: AM-SGD's L2,
-        # AdamS's Adam),
-        # the second followed by the elementwise leaves after it (``tail``)
+        # AdamS's Adam), the second followed by the elementwise leaves after it (``tail``)
         at = next((j for j, t in enumerate(transforms) if getattr(t, "fused_phases", False)), None)
         self.phased = None if at is None else transforms[at]
         self.head: list[Leaf] = [] if at is None else list(transforms[:at])  # type: ignore[arg-type]
