@@ -8,7 +8,8 @@ import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from copy import deepcopy
-from typing import Any
+from itertools import compress, repeat
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -30,9 +31,32 @@ _GROUP_KEYS = frozenset({"params", "param_names"})
 # torch.distributed.checkpoint (which keeps only "state" and "param_groups") carries it too
 _GLOBAL = "@global."
 _GRAD = operator.attrgetter("grad")
+_IS_SPARSE = operator.attrgetter("is_sparse")
 # on the fused path, after this many steps in a row whose grads were new tensors (copied into the
 # flat buffer), a warning says how to keep them views
 COPIED_GRADS_WARN_STEPS = 3
+
+
+def _picker(indices: list[int]) -> Callable[[list], tuple]:
+    """The entries of a list at ``indices``, as a tuple (one C call)."""
+    if len(indices) == 1:
+        i = indices[0]
+        return lambda xs: (xs[i],)
+    return operator.itemgetter(*indices)
+
+
+class _EagerSplit(NamedTuple):
+    """What the eager step's split of a group depends on (``_collected_eager_again``), and the split."""
+
+    params: list[Tensor]
+    has_grad: list[bool]
+    state: Any  # the optimizer's state mapping, its keys and values (the per-param dicts) in order
+    keys: list[Tensor]
+    dicts: list[dict]
+    ptrs: list[int]
+    names: list[str | None]
+    buckets: list[Callable[[list], tuple]]  # per bucket, the entries of a per-param list it holds
+    kept: list[dict | None]  # per param, its state dict (None: no grad)
 
 
 class FusedGradientCopyWarning(UserWarning):
@@ -125,6 +149,8 @@ class ChainOptimizer(torch.optim.Optimizer):
         self._step_vectors: dict[tuple, tuple[Tensor, list[Tensor]]] = {}
         # per group (fused path), the last step's params, grads, state (its entries), storages and buckets
         self._collected: dict[int, tuple] = {}
+        # per group (eager path), the last step's split and what it depends on
+        self._eager_splits: dict[int, _EagerSplit] = {}
         # per flat bucket key, the kept split's items and the flat bucket that took them with every
         # check passed (ids: a new split or a new flat bucket is checked again)
         self._checked: dict[tuple, tuple[int, int]] = {}
@@ -208,15 +234,24 @@ class ChainOptimizer(torch.optim.Optimizer):
     def _collect(self) -> list[tuple[int, dict, list]]:
         """``(group index, group, [(p, grad, state, name)])`` per bucket: params with a grad, by device and dtype."""
         out = []
+        compiling = torch.compiler.is_compiling()
         for gi, group in enumerate(self.param_groups):
             params = group["params"]
-            reused = self._collected_again(gi, params) if self.fused and not torch.compiler.is_compiling() else None
+            if compiling:
+                reused = None
+            elif self.fused:
+                reused = self._collected_again(gi, params)
+            else:
+                reused = self._collected_eager_again(gi, group, params)
             if reused is not None:
                 out.extend((gi, group, items) for items in reused)
                 continue
             self._checked = {k: v for k, v in self._checked.items() if k[0] != gi}
             split: dict[tuple, list] = defaultdict(list)
-            for p, name in zip(params, self._names(group), strict=False):
+            where: dict[tuple, list[int]] = defaultdict(list)
+            names = self._names(group)
+            kept: list[dict | None] = [None] * len(params)
+            for i, (p, name) in enumerate(zip(params, names, strict=False)):
                 g = p.grad
                 if g is None:
                     continue
@@ -235,12 +270,19 @@ class ChainOptimizer(torch.optim.Optimizer):
                     st = self._init_param_state(p, name, group)
                     self._created.append(p)
                 split[(p.device, dtype)].append((p, g, st, name))
+                where[(p.device, dtype)].append(i)
+                kept[i] = st
             buckets = list(split.values())
-            if self.fused and not torch.compiler.is_compiling():
-                # kept on the fused path only: its grads are the flat buffer's views, which live on
-                # anyway; on the eager path the grads kept would be freed ones held alive
+            if self.fused and not compiling:
+                # with its grads: they are the flat buffer's views, which live on anyway
                 self._collected[gi] = (list(params), list(map(_GRAD, params)), self.state, list(self.state),
                                        list(self.state.values()), list(map(Tensor.data_ptr, params)), buckets)
+            elif not compiling:
+                # the eager path keeps what tells the split apart, not the grads (freed ones held alive)
+                self._eager_splits[gi] = _EagerSplit(
+                    list(params), [g is not None for g in map(_GRAD, params)], self.state, list(self.state),
+                    list(self.state.values()), list(map(Tensor.data_ptr, params)), names,
+                    [_picker(idx) for idx in where.values()], kept)
             out.extend((gi, group, items) for items in buckets)
         return out
 
@@ -251,17 +293,41 @@ class ChainOptimizer(torch.optim.Optimizer):
         last = self._collected.get(gi)
         if last is None or len(last[0]) != len(params) or not all(map(operator.is_, last[0], params)):
             return None
-        # every state entry, by identity in order (no hashing of tensors): the same keys mapped to
-        # the same dicts, so each param's state dict is the one this split holds
-        state = self.state
-        if state is not last[2] or len(state) != len(last[3]) or not all(map(operator.is_, state, last[3])) \
-                or not all(map(operator.is_, state.values(), last[4])):
+        # the same keys mapped to the same dicts, so each param's state dict is the one this split holds
+        if not self._same_state(last[2], last[3], last[4]):
             return None
         # a param's grad and storage in one pass: after a step over a large model the tensors are out
         # of the cache, and the two reads of one param then share its first miss
         if not all(p.grad is g and p.data_ptr() == d for p, g, d in zip(params, last[1], last[5])):
             return None
         return last[6]
+
+    def _same_state(self, state: Any, keys: list[Tensor], dicts: list[dict]) -> bool:
+        """Whether ``self.state`` is ``state`` and maps the same params ``keys`` to the same ``dicts``:
+        every entry compared by identity, in order (no hashing of tensors)."""
+        now = self.state
+        return now is state and len(now) == len(keys) and all(map(operator.is_, now, keys)) \
+            and all(map(operator.is_, now.values(), dicts))
+
+    def _collected_eager_again(self, gi: int, group: dict, params: list[Tensor]) -> list[list] | None:
+        """Group ``gi``'s buckets with this step's grads, split as at the last step, where nothing
+        else they depend on changed: the same params (storage included, so the same devices and
+        dtypes) with a grad, the same state dicts and names. The checks run over the whole group at
+        once (C loops), where a full split costs a few attribute reads and a hash per param."""
+        last = self._eager_splits.get(gi)
+        if last is None or len(last.params) != len(params) or not all(map(operator.is_, last.params, params)):
+            return None
+        grads = list(map(_GRAD, params))
+        if list(map(operator.is_not, grads, repeat(None))) != last.has_grad \
+                or not self._same_state(last.state, last.keys, last.dicts) \
+                or list(map(Tensor.data_ptr, params)) != last.ptrs:
+            return None
+        names = group.get("param_names")
+        if (last.names != [None] * len(params)) if names is None else last.names != list(names):
+            return None
+        if any(map(_IS_SPARSE, compress(grads, last.has_grad))) or not all(compress(last.kept, last.has_grad)):
+            return None  # the full split raises the error, or makes the state of a param whose dict was emptied
+        return [list(zip(*(pick(x) for x in (params, grads, last.kept, last.names)))) for pick in last.buckets]
 
     def _resolve(self, group: dict, step: int) -> dict[str, Any]:
         # the values checked at the last step of any group are not checked again (on a small model
@@ -299,8 +365,8 @@ class ChainOptimizer(torch.optim.Optimizer):
             if group["maximize"]:
                 grads = torch._foreach_neg(grads)
             sts = [x[2] for x in items]
-            keys = {k for st in sts for k in st if k != "step"}
-            lists = {k: [st.get(k) for st in sts] for k in keys}
+            keys = set().union(*sts) - {"step"}
+            lists = {k: list(map(dict.get, sts, repeat(k))) for k in keys}
             values = None
             if compiling:
                 torch._foreach_add_(steps, 1.0)
@@ -317,7 +383,8 @@ class ChainOptimizer(torch.optim.Optimizer):
                        step_values=[t.to(torch.float64) for t in steps] if compiling else values,
                        resolved=resolved)
             )
-            states.append(sts)
+            # what the lists held, to find the entries a transform replaced (_step_eager)
+            states.append((sts, {k: list(v) for k, v in lists.items()}))
         if buckets:
             shared["global_state"] = self._init_global_state(buckets[0].params[0].device)
         return buckets, states
@@ -353,8 +420,10 @@ class ChainOptimizer(torch.optim.Optimizer):
             self.transform.apply(buckets)
             for b in buckets:
                 b.write()
-        for b, sts in zip(buckets, states, strict=False):
+        for b, (sts, before) in zip(buckets, states, strict=False):
             for k, lst in b.state.items():
+                if k in before and len(lst) == len(before[k]) and all(map(operator.is_, lst, before[k])):
+                    continue  # the entries the state dicts hold (one C loop, not a lookup per param)
                 for st, t in zip(sts, lst, strict=False):
                     if t is not None and st.get(k) is not t:
                         st[k] = t
