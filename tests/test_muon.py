@@ -12,6 +12,7 @@ import torch.optim._muon as torch_muon
 from harness import RecipeCase, check_fsdp2, check_recipe, make_model
 
 from gradchain import ChainOptimizer, ema, newton_schulz, orthogonalize, recipes, scale_by_shape
+from gradchain.fused import runner
 
 A, B, C = 3.4445, -4.7750, 2.0315
 
@@ -242,3 +243,37 @@ def test_fsdp2() -> None:
     # fc1 (13 x 20) is sharded 7/6 and fc2 (12 x 13) 6/6: Newton–Schulz on the gathered matrix
     # must give the one-process result to float64 rounding
     check_fsdp2(CASES)
+
+
+def _peak_bytes(fn) -> int:
+    """The most bytes ``fn`` holds at once beyond what it started with: the profiler's allocation
+    and free events, summed in order."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    live = peak = 0
+    for e in events:
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_step_holds_one_matrix_of_newton_schulz_at_a_time(fused: bool, monkeypatch) -> None:
+    # Newton–Schulz writes each result into its own update: a step holds the momentum-mixed
+    # updates (eagerly: the fused path has them in a buffer it keeps) and one matrix's iteration,
+    # not a second set of model-sized updates (2.17x and 1.17x the matrices' bytes before). The
+    # fused kernel is inductor's (aot_eager would run the momentum's ops one by one, each with a
+    # model-sized output)
+    monkeypatch.setattr(runner, "BACKEND", "inductor")
+    named = [(f"h{i}.weight", torch.nn.Parameter(torch.randn(64, 96))) for i in range(16)]
+    named.append(("h.bias", torch.nn.Parameter(torch.randn(64))))
+    opt = ChainOptimizer(named, recipes.muon(), fused=fused)
+    for _, p in named:
+        p.grad = torch.randn_like(p)
+    for _ in range(2):
+        opt.step()
+    matrices = 16 * 64 * 96 * 4
+    peak = _peak_bytes(opt.step) / matrices
+    assert peak < (1.5 if not fused else 0.5), peak

@@ -94,7 +94,8 @@ def orthogonalize(
     weights are flattened to ``(out, in·k…)``, tall matrices transposed. ``dtype`` is the
     iteration's precision: bf16 by default like torch.optim.Muon, ``torch.float32`` /
     ``torch.float64`` on request, ``None`` for the update's own dtype. Params with ndim < 2 are an
-    error: route them elsewhere with ``partition``. Under FSDP2 the full matrix is gathered, so a
+    error: route them elsewhere with ``partition``. Each result is written into its own update
+    (``inplace``): one matrix's iteration at a time. Under FSDP2 the full matrix is gathered, so a
     sharded run equals a one-process run. Reference: Jordan et al., "Muon" (kellerjordan.github.io/
     posts/muon); Bernstein & Newhouse, arXiv:2409.20325. Peer: torch ``Muon``, optax ``contrib.muon``.
     """
@@ -102,7 +103,6 @@ def orthogonalize(
     def update(updates: list, state: dict, hp: Mapping, ctx: Bucket) -> list:
         steps, eps_ = int(hp["ns_steps"]), float(hp["eps"])
         coeffs = tuple(float(x) for x in hp["ns_coefficients"])
-        out = []
         for u, n in zip(updates, ctx.names):
             if u.ndim < 2:
                 who = n if n is not None else f"of shape {tuple(u.shape)}"
@@ -110,15 +110,18 @@ def orthogonalize(
                     f"{name}(): param {who} has {u.ndim} dims; Newton–Schulz needs a matrix "
                     "(route 0-d/1-d params to another transform with partition())"
                 )
-            out.append(_orthogonalize_one(u, steps, coeffs, eps_, dtype))
-        return out
+        # each result into its own update (owned: inplace=True), so a step holds one matrix's
+        # iteration at a time beside the updates, not a second set of model-sized updates
+        for u in updates:
+            u.copy_(_orthogonalize_one(u, steps, coeffs, eps_, dtype))
+        return updates
 
     spec = {
         "ns_steps": Hyperparam(ns_steps, _check_ns_steps),
         "ns_coefficients": Hyperparam(tuple(ns_coefficients), _check_coefficients),
         "eps": Hyperparam(eps, nonnegative),
     }
-    return transform(name, spec, None, update)
+    return transform(name, spec, None, update, inplace=True)
 
 
 def shape_ratio(shape: torch.Size | tuple, adjust_lr_fn: str | None) -> float:
