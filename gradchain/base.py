@@ -886,6 +886,7 @@ class Leaf(Transform):
         host_step: Callable[[Mapping[str, Any], int], HostStep] | None = None,
         tensor_view: Callable[[tuple[int, ...]], tuple[int, ...]] | None = None,
         from_state: Callable[[dict, Mapping, Bucket], list] | None = None,
+        per_tensor: bool = False,
     ) -> None:
         if not name or "." in name:
             raise ValueError(f"transform name {name!r} must be non-empty and contain no '.'")
@@ -930,6 +931,10 @@ class Leaf(Transform):
         # tensor_view(shape): the shape in which the update works on a param (SMMF's square matrix);
         # the fused path's per-tensor route presents the param in it where that changes nothing else
         self.tensor_view = tensor_view
+        # per_tensor: the update of a tensor reads that tensor alone (no reduction across tensors,
+        # whatever it does within one: Newton-Schulz), so the eager step in pieces may give it any
+        # group of whole tensors, with the leaves around it: a step then holds one piece's updates
+        self.per_tensor = per_tensor
         # from_state(state, hp, ctx): the updates of the step just taken, worked out again from the
         # state it wrote (Adam's m^/(sqrt(v^) + eps)); the fused path then takes the step in one pass
         # and recomputes its output in a later one, where it would keep it in a model-sized buffer
@@ -1115,6 +1120,9 @@ def transform(
     centralization's row means, AGC's unit norms): the eager step in pieces then runs it, with the
     elementwise transforms around it, on cache-sized blocks of whole rows of a large tensor
     (views with the tensor's trailing shape); 1-d tensors stay whole.
+    ``per_tensor=True`` declares an update whose result for a tensor reads that tensor alone (no
+    reduction across tensors; Newton–Schulz, a shape-dependent scale): the eager step in pieces
+    runs it, with the transforms around it, over pieces of whole tensors instead of whole buckets.
     ``host_step=fn(hp, t) -> HostStep`` declares what the update needs of the step count ``t``
     (an int) beyond arithmetic: numbers it reads as ``ctx.host_values[i]`` (a ring buffer's
     weights this step) and the names under which it sees some state buffers (the ring's slots in

@@ -62,7 +62,7 @@ def _kind(t: Transform) -> str | None:
         return "slice"
     if t.rowwise:
         return "rows"
-    if t.elementwise or t.segmented or t.elementwise_for is not None:
+    if t.elementwise or t.segmented or t.elementwise_for is not None or t.per_tensor:
         return "whole"
     return None
 

@@ -11,7 +11,7 @@ import torch
 import torch.optim._muon as torch_muon
 from harness import RecipeCase, check_fsdp2, check_recipe, make_model
 
-from gradchain import ChainOptimizer, ema, newton_schulz, orthogonalize, recipes, scale_by_shape
+from gradchain import ChainOptimizer, ema, newton_schulz, orthogonalize, pieces, recipes, scale_by_shape
 from gradchain.fused import runner
 
 A, B, C = 3.4445, -4.7750, 2.0315
@@ -261,12 +261,14 @@ def _peak_bytes(fn) -> int:
 
 @pytest.mark.parametrize("fused", [False, True])
 def test_a_step_holds_one_matrix_of_newton_schulz_at_a_time(fused: bool, monkeypatch) -> None:
-    # Newton–Schulz writes each result into its own update: a step holds the momentum-mixed
-    # updates (eagerly: the fused path has them in a buffer it keeps) and one matrix's iteration,
-    # not a second set of model-sized updates (2.17x and 1.17x the matrices' bytes before). The
-    # fused kernel is inductor's (aot_eager would run the momentum's ops one by one, each with a
+    # Newton–Schulz writes each result into its own update, and the eager step runs the matrices'
+    # chain a piece of whole matrices at a time (here one matrix a piece): a step holds one
+    # matrix's momentum mix and iteration (the fused path: beside the momentum mix in a buffer it
+    # keeps), not model-sized updates (2.17x and 1.17x the matrices' bytes before). The fused
+    # kernel is inductor's (aot_eager would run the momentum's ops one by one, each with a
     # model-sized output)
     monkeypatch.setattr(runner, "BACKEND", "inductor")
+    monkeypatch.setattr(pieces, "PIECE_NUMEL", 64 * 96)
     named = [(f"h{i}.weight", torch.nn.Parameter(torch.randn(64, 96))) for i in range(16)]
     named.append(("h.bias", torch.nn.Parameter(torch.randn(64))))
     opt = ChainOptimizer(named, recipes.muon(), fused=fused)
@@ -276,4 +278,4 @@ def test_a_step_holds_one_matrix_of_newton_schulz_at_a_time(fused: bool, monkeyp
         opt.step()
     matrices = 16 * 64 * 96 * 4
     peak = _peak_bytes(opt.step) / matrices
-    assert peak < (1.5 if not fused else 0.5), peak
+    assert peak < 0.5, peak

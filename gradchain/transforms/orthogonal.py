@@ -121,7 +121,7 @@ def orthogonalize(
         "ns_coefficients": Hyperparam(tuple(ns_coefficients), _check_coefficients),
         "eps": Hyperparam(eps, nonnegative),
     }
-    return transform(name, spec, None, update, inplace=True)
+    return transform(name, spec, None, update, inplace=True, per_tensor=True)
 
 
 def shape_ratio(shape: torch.Size | tuple, adjust_lr_fn: str | None) -> float:
@@ -150,5 +150,6 @@ def scale_by_shape(adjust_lr_fn: str | None = None, *, name: str = "shape_scale"
     """
     spec = {"adjust_lr_fn": Hyperparam(adjust_lr_fn, _check_adjust_lr_fn)}
     return transform(
-        name, spec, scale=lambda hp, ctx: [shape_ratio(p.shape, hp["adjust_lr_fn"]) for p in ctx.params]
+        name, spec, scale=lambda hp, ctx: [shape_ratio(p.shape, hp["adjust_lr_fn"]) for p in ctx.params],
+        per_tensor=True,
     )
