@@ -70,8 +70,10 @@ def _kind(t: Transform) -> str | None:
 class PiecewiseChain:
     """A chain's top-level transforms cut into runs; ``step`` applies them and writes the params."""
 
-    def __init__(self, transform: Transform) -> None:
-        top = transform.children if isinstance(transform, Chain) else [transform]
+    def __init__(self, transform: Transform | list[Transform]) -> None:
+        # a list: those transforms in turn (a segment of a fused chain)
+        top = transform if isinstance(transform, list) else transform.children if isinstance(transform, Chain) \
+            else [transform]
         # runs of kind "pieced" (leaves, piece by piece), "whole" (over whole buckets), "phased" (a
         # phased transform's two passes piece by piece, the pieced leaves after it in its second),
         # "routed" (a partition or mask: each child's chain in pieces over its params) or "wrapped"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import math
 import subprocess
 import sys
 import time
@@ -12,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gradchain import recipes
+import gradchain as gc
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 COLUMNS = [
@@ -168,15 +167,19 @@ def test_step_time_still_runs(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_memory_reports_what_the_fused_path_keeps(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    # Muon passes the momentum of its hidden matrices to the eager Newton-Schulz in a flat buffer a
-    # CPU keeps (at least their share of the params); AdamW, AdaLo and AdamS (whose decay pass gets
-    # Adam's update again from its state) keep only the gaps between params
+    # a buffer passed from a compiled segment to an eager one, which a CPU keeps, counts (here a
+    # momentum's, handed to an update that declares nothing); AdamW, AdaLo, AdamS (whose decay pass
+    # gets Adam's update again from its state) and Muon (whose momentum runs with its eager
+    # Newton-Schulz, in pieces) keep only the gaps between params
     monkeypatch.syspath_prepend(str(BENCH))
     memory = importlib.import_module("memory")
     shapes = memory.gpt2_shapes(scale=0.02, layers=2)
-    extra = memory.measure_fused(["adamw", "adalo", "adams", "muon"], shapes)
-    hidden = sum(math.prod(s) for name, s in shapes if recipes.muon_hidden_matrix(name, torch.empty(s, device="meta")))
-    assert extra["muon"] >= hidden / sum(math.prod(s) for _, s in shapes) > 0.1
-    assert extra["adamw"] < 0.05 and extra["adalo"] < 0.05 and extra["adams"] < 0.05
+    undeclared = gc.transform("doubled", None, None, lambda u, state, hp, ctx: [x * 2 for x in u])
+    build = memory.build
+    monkeypatch.setattr(memory, "build", lambda name: gc.chain(gc.trace(0.9), undeclared, gc.scale_by_lr(0.1))
+                        if name == "momentum_then_undeclared" else build(name))
+    extra = memory.measure_fused(["adamw", "adalo", "adams", "muon", "momentum_then_undeclared"], shapes)
+    assert extra["momentum_then_undeclared"] >= 1.0
+    assert max(extra["adamw"], extra["adalo"], extra["adams"], extra["muon"]) < 0.05, extra
     md = memory.table([{"recipe": "muon", "state_bytes": 8, "ratio": 2.0}], 4, 0.02, False, extra)
     assert "fused keeps besides / params" in md and f"{extra['muon']:.4f}" in md

@@ -25,9 +25,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .. import pieces
 from ..base import Bucket, Chain, Leaf, Transform, _storage, state_owners
 from ..combinators import _Masked, _Partition
 from ..hyperparams import same_value
+from ..pieces import PiecewiseChain
 from .flat import FlatBucket
 from .hoist import hoisting_backend
 
@@ -270,6 +272,12 @@ def _shape_free(t: Transform) -> bool:
     return isinstance(t, Leaf) and t.elementwise and t._init is None and t.host_step is None
 
 
+def _per_tensor(t: Transform) -> bool:
+    """Whether ``t`` steps each tensor alone: declared so (``per_tensor``), or elementwise, or a
+    scale or decay folded into the write."""
+    return isinstance(t, Leaf) and (t.per_tensor or t.elementwise or t._update is None) and not _scales_only(t)
+
+
 def _head_ok(t: Transform) -> bool:
     """Whether ``t`` may run at the start of each pass of a phased transform (:func:`_phase`):
     stateless and elementwise, or elementwise with its output worked out again ``from_state``."""
@@ -310,6 +318,8 @@ class Segment:
         views = [t.tensor_view for t in transforms if getattr(t, "tensor_view", None) is not None]
         self.tensor_view = views[0] if len(views) == 1 and all(
             getattr(t, "tensor_view", None) is not None or _shape_free(t) for t in transforms) else None
+        # an eager last segment that steps each tensor alone: its step in pieces on a CPU
+        self.pieces: PiecewiseChain | None = None
         self._fns: dict[Any, Any] = {}
         self._eager_fn = None
         self._failed: set[Any] = set()
@@ -387,12 +397,23 @@ class FusedChain:
                 merged[-1][1].extend(ts)
             else:
                 merged.append((kind, list(ts)))
+        if len(merged) > 1 and merged[-1][0] is False and merged[-2][0] is True \
+                and all(map(_per_tensor, merged[-2][1] + merged[-1][1])) \
+                and any(getattr(t, "per_tensor", False) for t in merged[-1][1]):
+            # elementwise leaves before a last eager segment that steps each tensor alone (Muon's
+            # momentum before Newton-Schulz) join it: on a CPU that segment runs in pieces of whole
+            # tensors (gradchain.pieces), so no model-sized buffer passes between them, kept or not
+            merged[-2:] = [(False, merged[-2][1] + merged[-1][1])]
         self.segments = [Segment(ts, compiled=kind is not False) for kind, ts in merged]
         for seg in self.segments:
             seg.per_tensor = shapes == "tensor" and seg.compiled and any(
                 getattr(t, "elementwise_for", None) is not None for t in seg.transforms)
         if self.segments:
-            self.segments[-1].last = True
+            last = self.segments[-1]
+            last.last = True
+            if not last.compiled and not last.scaled and any(getattr(t, "per_tensor", False) for t in last.transforms):
+                in_pieces = PiecewiseChain(list(last.transforms))
+                last.pieces = in_pieces if in_pieces.useful else None
         # nothing to compile: the fused step is the eager step (over the same flat storage)
         self.all_eager = not any(s.compiled for s in self.segments)
         self.compile = compile
@@ -636,7 +657,11 @@ class FusedChain:
                 b.updates = fb.split(updates[i])
             inputs.append(list(b.updates))
             buckets.append(b)
-        for t in seg.transforms:
+        # in pieces of whole tensors on a CPU, which also write their params (seg.pieces)
+        in_pieces = seg.pieces is not None and pieces.PIECE_NUMEL > 0 and all(fb.device.type == "cpu" for fb in flats)
+        if in_pieces:
+            seg.pieces.step(buckets)  # type: ignore[union-attr]
+        for t in () if in_pieces else seg.transforms:
             if _scales_only(t):  # its factors, worked out before the segments (step_scales)
                 for b, fb in zip(buckets, flats, strict=True):
                     b.defer_scale(self._scales[t.name][fb])
@@ -650,7 +675,7 @@ class FusedChain:
                         st[key] = t
             fb.resync_state()
             if seg.last:
-                if not _write_flat(b, fb, updates[i], inputs[i]):
+                if not in_pieces and not _write_flat(b, fb, updates[i], inputs[i]):
                     b.write()
                 out.append(None)
                 continue
