@@ -10,11 +10,14 @@ keeps beyond params, grads and state after two steps: the flat buffers that pass
 segments of a chain cut into several (a CPU keeps them from step to step; a GPU frees them after
 each step) and the gaps between params in a bucket of many (each param starts a row of 256 elements
 there). The steps run uncompiled (``torch.compiler.set_stance("force_eager")``): the buffers are the
-same, and nothing compiles.
+same, and nothing compiles. ``--peak`` also reports the most a step holds at once beyond params,
+grads and state, eagerly and fused (compiled): the allocations and frees the torch profiler records
+during the third step (CPU memory), summed in order.
 
     python benchmarks/memory.py                 # full GPT-2 small shapes, writes benchmarks/memory.md
     python benchmarks/memory.py --scale 0.25    # d_model, vocab and context scaled by 0.25 (quick)
     python benchmarks/memory.py --fused         # and what the fused path keeps besides
+    python benchmarks/memory.py --peak          # and each step's peak, eager and fused
 """
 
 from __future__ import annotations
@@ -119,6 +122,39 @@ def measure_fused(names: list[str], shapes: list[tuple[str, tuple[int, ...]]]) -
     return out
 
 
+def step_peak(name: str, shapes: list[tuple[str, tuple[int, ...]]], fused: bool) -> float | None:
+    """The most bytes the third step of ``name`` holds at once beyond what it started with, over the
+    param bytes (None: not an optimizer): the profiler's allocation (+) and free (-) events in order."""
+    transform = build(name)
+    if transform is None:
+        return None
+    params = [(n, torch.nn.Parameter(torch.randn(s) * 0.02)) for n, s in shapes]  # named: Muon routes by name
+    opt = ChainOptimizer(params, transform, fused=fused)
+    for _ in range(2):  # state made and kernels compiled before the step measured
+        for _, p in params:
+            p.grad = torch.randn_like(p) * 1e-3
+        opt.step(loss=torch.tensor(2.0))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        opt.step(loss=torch.tensor(2.0))
+    held = highest = 0
+    for event in sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                        key=lambda e: e.start_ns()):
+        held += event.nbytes()
+        highest = max(highest, held)
+    return highest / sum(p.numel() * p.element_size() for _, p in params)
+
+
+def measure_peaks(names: list[str], shapes: list[tuple[str, tuple[int, ...]]]) -> dict[str, tuple[float, float]]:
+    """``(eager, fused)`` step peaks per recipe (:func:`step_peak`)."""
+    out = {}
+    for name in names:
+        eager, fused = step_peak(name, shapes, False), step_peak(name, shapes, True)
+        if eager is not None and fused is not None:
+            out[name] = (eager, fused)
+            print(f"{name:24s} step peak {eager:8.4f} eager, {fused:8.4f} fused x params", flush=True)
+    return out
+
+
 def measure(names: list[str], params: list[tuple[str, torch.nn.Parameter]], step: bool = False) -> list[dict]:
     param_bytes = sum(p.numel() * p.element_size() for _, p in params)
     rows = []
@@ -158,21 +194,26 @@ def verdict(name: str, ratio: float | None) -> str:
     return f"{text} {'✓' if ok else '✗'}"
 
 
-def table(rows: list[dict], param_count: int, scale: float, step: bool, fused: dict[str, float] | None = None) -> str:
+def table(rows: list[dict], param_count: int, scale: float, step: bool, fused: dict[str, float] | None = None,
+          peaks: dict[str, tuple[float, float]] | None = None) -> str:
     extra = fused is not None
     lines = [
         f"Optimizer state / param bytes, GPT-2 small shapes (scale {scale:g}: {param_count / 1e6:.1f}M fp32 "
         f"params), state allocated by init_state(){', checked after one step' if step else ''}"
-        f"{'; fused: what fused=True keeps besides after two steps, on a CPU' if extra else ''}; "
+        f"{'; fused: what fused=True keeps besides after two steps, on a CPU' if extra else ''}"
+        f"{'; step peak: the most a step holds at once besides params, grads and state' if peaks else ''}; "
         f"torch {torch.__version__}, {platform.machine()}.",
         "",
-        "| recipe | state (MB) | state / params | target |" + (" fused keeps besides / params |" if extra else ""),
-        "|---|---:|---:|---|" + ("---:|" if extra else ""),
+        "| recipe | state (MB) | state / params | target |" + (" fused keeps besides / params |" if extra else "")
+        + (" step peak / params (eager) | step peak / params (fused) |" if peaks else ""),
+        "|---|---:|---:|---|" + ("---:|" if extra else "") + ("---:|---:|" if peaks else ""),
     ]
     for r in rows:
         more = ""
         if extra:
             more = f" {fused[r['recipe']]:.4f} |" if r["recipe"] in fused else " – |"
+        if peaks:
+            more += " {:.4f} | {:.4f} |".format(*peaks[r["recipe"]]) if r["recipe"] in peaks else " – | – |"
         if "state_bytes" not in r:
             lines.append(f"| {r['recipe']} | – | – | {verdict(r['recipe'], None)} (not run: {r['error']}) |" + more)
         else:
@@ -188,6 +229,7 @@ def main() -> None:
     ap.add_argument("--recipes", default="", help="comma-separated subset (default: all of recipes.__all__)")
     ap.add_argument("--step", action="store_true", help="also take one step and check the state did not grow")
     ap.add_argument("--fused", action="store_true", help="also report what fused=True keeps besides params and state")
+    ap.add_argument("--peak", action="store_true", help="also report each step's peak besides params, grads and state")
     ap.add_argument("--out", default=str(Path(__file__).with_name("memory.md")))
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -201,10 +243,11 @@ def main() -> None:
     rows = measure(names, params, args.step)
     del params
     fused = measure_fused(names, gpt2_shapes(args.scale)) if args.fused else None
-    md = table(rows, count, args.scale, args.step, fused)
+    peaks = measure_peaks(names, gpt2_shapes(args.scale)) if args.peak else None
+    md = table(rows, count, args.scale, args.step, fused, peaks)
     print()
     print(md)
-    flags = "".join(f" --{k}" for k in ("step", "fused") if getattr(args, k))
+    flags = "".join(f" --{k}" for k in ("step", "fused", "peak") if getattr(args, k))
     head = f"# Optimizer-state memory\n\nGenerated by `python benchmarks/memory.py{flags}`.\n\n"
     Path(args.out).write_text(head + md)
 

@@ -12,6 +12,8 @@ import pytest
 import torch
 
 import gradchain as gc
+from gradchain import pieces
+from gradchain.fused import runner
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 COLUMNS = [
@@ -183,3 +185,19 @@ def test_memory_reports_what_the_fused_path_keeps(monkeypatch: pytest.MonkeyPatc
     assert max(extra["adamw"], extra["adalo"], extra["adams"], extra["muon"]) < 0.05, extra
     md = memory.table([{"recipe": "muon", "state_bytes": 8, "ratio": 2.0}], 4, 0.02, False, extra)
     assert "fused keeps besides / params" in md and f"{extra['muon']:.4f}" in md
+
+
+def test_memory_reports_step_peaks(monkeypatch: pytest.MonkeyPatch) -> None:
+    # --peak: the most a step holds at once besides params, grads and state, from the profiler's
+    # allocation events. Muon's matrices run a piece of whole matrices at a time, on both paths
+    # (here pieces of 1024 elements: a few matrices each); before, a step held its momentum mix
+    # for every matrix, plus a second set of updates eagerly (1.37x and 0.69x of the params here)
+    monkeypatch.syspath_prepend(str(BENCH))
+    monkeypatch.setattr(runner, "BACKEND", "inductor")  # AdamW's kernel, not its ops one by one
+    monkeypatch.setattr(pieces, "PIECE_NUMEL", 1 << 10)
+    memory = importlib.import_module("memory")
+    eager, fused = memory.measure_peaks(["muon"], memory.gpt2_shapes(scale=0.05, layers=2))["muon"]
+    assert 0 < eager < 0.35 and 0 < fused < 0.35, (eager, fused)
+    md = memory.table([{"recipe": "muon", "state_bytes": 8, "ratio": 2.0}], 4, 0.05, False, None,
+                      {"muon": (eager, fused)})
+    assert "step peak / params (eager)" in md and f"{eager:.4f} | {fused:.4f} |" in md
