@@ -412,9 +412,7 @@ class ChainOptimizer(torch.optim.Optimizer):
         buckets, states = self._buckets(loss, batch_size, collected)
         if not buckets:
             return
-        # in cache-sized pieces on a CPU; on a GPU each piece would only add kernel launches
-        if (self._pieces is not None and pieces.PIECE_NUMEL > 0 and not torch.compiler.is_compiling()
-                and all(b.params[0].device.type == "cpu" for b in buckets)):
+        if self._pieces is not None and pieces.runs_here(buckets):  # in cache-sized pieces
             self._pieces.step(buckets)
         else:
             self.transform.apply(buckets)

@@ -67,6 +67,13 @@ def _kind(t: Transform) -> str | None:
     return None
 
 
+def runs_here(buckets: list[Bucket]) -> bool:
+    """Whether a step over ``buckets`` goes in pieces: on a CPU (on a GPU each piece would only add
+    kernel launches), not while traced, and unless ``PIECE_NUMEL`` is 0."""
+    return PIECE_NUMEL > 0 and not torch.compiler.is_compiling() and all(
+        b.params[0].device.type == "cpu" for b in buckets if b.params)
+
+
 class PiecewiseChain:
     """A chain's top-level transforms cut into runs; ``step`` applies them and writes the params."""
 

@@ -658,7 +658,7 @@ class FusedChain:
             inputs.append(list(b.updates))
             buckets.append(b)
         # in pieces of whole tensors on a CPU, which also write their params (seg.pieces)
-        in_pieces = seg.pieces is not None and pieces.PIECE_NUMEL > 0 and all(fb.device.type == "cpu" for fb in flats)
+        in_pieces = seg.pieces is not None and pieces.runs_here(buckets)
         if in_pieces:
             seg.pieces.step(buckets)  # type: ignore[union-attr]
         for t in () if in_pieces else seg.transforms:
