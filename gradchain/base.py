@@ -1039,6 +1039,11 @@ class Leaf(Transform):
                 self._apply_host_step(b, local, hp)
 
     @property
+    def stateful(self) -> bool:
+        """Whether it keeps state per param (built with an ``init``)."""
+        return self._init is not None
+
+    @property
     def recomputable(self) -> bool:
         """Whether the updates of a step can be worked out again from the state it wrote (``from_state``)."""
         return self._from_state is not None

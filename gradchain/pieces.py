@@ -18,7 +18,8 @@ from ``v`` later), or, where they are not, copied together once, that run going 
 tensors from the next step on. A phased transform
 (Prodigy, AdamS's mean) runs its first pass over whole tensors in order and its second, with the
 leaves after it, in pieces; a ``partition`` or ``masked`` runs each child's chain in pieces (as
-the chain's last run, the children write their params), Lookahead its inner chain; any other
+the chain's last run, the children write their params, and a run of leaves just before it runs
+with each child's chain over that child's params), Lookahead its inner chain; any other
 transform runs over the whole buckets. Elementwise ops give each element the bits it gets in one
 pass over the whole tensor; vectorized transcendental functions (exp, log, atan2) may differ in
 the last bit at the seams of a slice.
@@ -103,6 +104,18 @@ class PiecewiseChain:
             else:
                 runs.append((kind, [t]))
         self.runs = runs
+        # a chain's last run routed (a partition or mask) right after a run of pieced leaves: as
+        # the chain's last two runs, each child runs those leaves and its own chain in pieces over
+        # its params, and the params no child takes run those leaves alone, so no model-sized
+        # updates pass between the two runs (the leaves reduce per tensor at most: any split of
+        # the params gives each tensor the same step)
+        self._prefixed: dict[int, PiecewiseChain] = {}
+        self._prefix_only: PiecewiseChain | None = None
+        if len(runs) >= 2 and runs[-1][0] == "routed" and runs[-2][0] == "pieced":
+            prefix = runs[-2][1]
+            for c in runs[-1][1][0].children.values():
+                self._prefixed[id(c)] = PiecewiseChain(prefix + (c.children if isinstance(c, Chain) else [c]))
+            self._prefix_only = PiecewiseChain(list(prefix))
         # runs before the last whose sliced updates had to be copied together: run whole from then on
         self._copies: set[int] = set()
         # scales and decays alone (folded into the write, one pass) gain nothing from pieces
@@ -112,12 +125,39 @@ class PiecewiseChain:
     def _write_child(self, child: Transform, subs: list[Bucket]) -> None:
         self._inner[id(child)].step(subs, writer=_write_materialized)
 
+    def _step_prefixed(self, buckets: list[Bucket], routed: Transform, writer: Writer) -> None:
+        """The last two runs, pieced leaves then a routing, as one: each child's params take the
+        leaves and the child's chain in pieces, the rest the leaves alone, and each writes its params
+        (its updates materialized, then ``p + u``: the bits of the two runs in turn, where the
+        routing's split materializes every update of a bucket it splits, and the parent's write
+        folds no pending form there)."""
+        prefix_only = self._prefix_only
+        assert prefix_only is not None
+        written = routed.apply_routed(
+            buckets, lambda child, subs: self._prefixed[id(child)].step(subs, writer=_write_materialized),
+            written=True)
+        for b, done in zip(buckets, written, strict=True):
+            rest = [i for i in range(len(b)) if i not in done]
+            if not rest:
+                continue
+            if len(rest) == len(b):
+                # no sub-bucket of this one was split off, so nothing materialized its updates:
+                # its write folds the pending forms, as the parent's would
+                prefix_only.step([b], writer=writer)
+                continue
+            sub = b.subset(rest)
+            prefix_only.step([sub], writer=_write_materialized)
+            b.absorb(sub, rest, updates=False)
+
     def step(self, buckets: list[Bucket], write: bool = True, writer: Writer = Bucket.write) -> None:
         """Apply the chain to ``buckets`` and write their params (``writer``, ``Bucket.write`` by
         default); with ``write=False`` leave the updates in the buckets instead (nothing is sliced then)."""
         _prime_allocator()
         for j, (kind, ts) in enumerate(self.runs):
             last = write and j == len(self.runs) - 1
+            if write and self._prefix_only is not None and j == len(self.runs) - 2:
+                self._step_prefixed(buckets, self.runs[-1][1][0], writer)
+                return
             if kind == "routed" and last:
                 # each child writes its params piece by piece, while its updates are in the caches,
                 # with the bits of the step over whole buckets: its updates materialized, then p + u

@@ -18,10 +18,11 @@ This module only re-exports them for the test files and turns a check that canno
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pytest
+import torch
 
 from gradchain import testing
 from gradchain.testing import (  # noqa: F401
@@ -60,3 +61,17 @@ def check_fsdp2(cases: Sequence[Case], **kwargs: Any) -> None:
         testing.check_fsdp2(cases, **kwargs)
     except CheckSkipped as e:
         pytest.skip(str(e))
+
+
+def peak_bytes(fn: Callable[[], Any]) -> int:
+    """The most bytes ``fn`` holds at once beyond what it started with: the torch profiler's
+    allocation and free events, summed in order."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    live = peak = 0
+    for e in events:
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak

@@ -10,7 +10,7 @@ from functools import partial
 
 import pytest
 import torch
-from harness import RecipeCase, check_fsdp2, check_recipe, lockstep_gap, make_model
+from harness import RecipeCase, check_fsdp2, check_recipe, lockstep_gap, make_model, peak_bytes
 
 import gradchain as gc
 from gradchain import ChainOptimizer, recipes
@@ -320,3 +320,16 @@ def test_harness(case: RecipeCase) -> None:
 @pytest.mark.distributed
 def test_fsdp2() -> None:
     check_fsdp2(CASES, steps=4)
+
+
+def test_a_large_tensor_holds_three_temporaries_at_most() -> None:
+    # the eager step of a tensor that a piece cannot cut (AM-AdamW's beta is a sum per tensor)
+    # holds P, 1 + lam P and one scratch of its size at a time (six before)
+    named = [("w", torch.nn.Parameter(torch.randn(512, 512))), ("b", torch.nn.Parameter(torch.randn(16)))]
+    opt = ChainOptimizer(named, recipes.am_adamw())
+    for _, p in named:
+        p.grad = torch.randn_like(p)
+    for _ in range(2):
+        opt.step()
+    peak = peak_bytes(opt.step) / (512 * 512 * 4)
+    assert 2.5 < peak < 3.5, peak

@@ -9,7 +9,7 @@ from functools import partial
 import pytest
 import torch
 import torch.optim._muon as torch_muon
-from harness import RecipeCase, check_fsdp2, check_recipe, make_model
+from harness import RecipeCase, check_fsdp2, check_recipe, make_model, peak_bytes
 
 from gradchain import ChainOptimizer, ema, newton_schulz, orthogonalize, pieces, recipes, scale_by_shape
 from gradchain.fused import runner
@@ -245,20 +245,6 @@ def test_fsdp2() -> None:
     check_fsdp2(CASES)
 
 
-def _peak_bytes(fn) -> int:
-    """The most bytes ``fn`` holds at once beyond what it started with: the profiler's allocation
-    and free events, summed in order."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    live = peak = 0
-    for e in events:
-        live += e.nbytes()
-        peak = max(peak, live)
-    return peak
-
-
 @pytest.mark.parametrize("fused", [False, True])
 def test_a_step_holds_one_matrix_of_newton_schulz_at_a_time(fused: bool, monkeypatch) -> None:
     # Newton–Schulz writes each result into its own update, and the eager step runs the matrices'
@@ -277,5 +263,5 @@ def test_a_step_holds_one_matrix_of_newton_schulz_at_a_time(fused: bool, monkeyp
     for _ in range(2):
         opt.step()
     matrices = 16 * 64 * 96 * 4
-    peak = _peak_bytes(opt.step) / matrices
+    peak = peak_bytes(opt.step) / matrices
     assert peak < 0.5, peak

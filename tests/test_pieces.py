@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from harness import peak_bytes
 from torch import nn
 
 import gradchain as gc
@@ -291,3 +292,48 @@ def test_updates_of_slices_handed_over(head: str, small_pieces: int, monkeypatch
     finally:
         del FACTORIES["handed_over"]
 
+
+
+def _prefixed_chains() -> dict[str, gc.Transform]:
+    # leaves, then a routing as the chain's last run: a mask (CPR-AdamW's shape) taking some, all
+    # or none of the params, and a partition
+    def masked(select):
+        cpr = gc.cpr(kappa_init="uniform", kappa_init_param=1.0)
+        return lambda: gc.chain(gc.scale_by_adam(), gc.scale_by_lr(0.1), gc.masked(cpr, select))
+    return {
+        "mask_some": masked(lambda name, p: p.ndim >= 2),
+        "mask_all": masked(lambda name, p: True),
+        "mask_none": masked(lambda name, p: False),
+        "partition": lambda: gc.chain(gc.trace(0.9), gc.partition(
+            {"lamb": gc.chain(gc.scale_by_trust_ratio(), gc.scale_by_lr(0.1)), "sgd": gc.scale(0.2)},
+            lambda name, p: "lamb" if p.ndim == 2 else "sgd")),
+    }
+
+
+@pytest.mark.parametrize("name", list(_prefixed_chains()))
+def test_leaves_before_a_last_routing_run_with_each_child(name: str, small_pieces: int) -> None:
+    # the leaves before a last partition or mask run in pieces with each child's chain over its
+    # params (the rest alone): the bits of the two runs over whole buckets, state included
+    FACTORIES[name] = _prefixed_chains()[name]
+    try:
+        assert pieces.PiecewiseChain(FACTORIES[name]())._prefix_only is not None
+        _assert_identical(_run(name, False), _run(name, True))
+        _assert_identical(_run(name, False, skip=2), _run(name, True, skip=2))
+    finally:
+        del FACTORIES[name]
+
+
+def test_no_model_sized_updates_before_a_last_mask(monkeypatch: pytest.MonkeyPatch) -> None:
+    # CPR-AdamW (Adam, lr, then CPR masked to the matrices): each matrix's Adam update and CPR's
+    # p + u are piece-sized; the step held every matrix's update and its p + u at once before (32
+    # matrices' bytes here), now two matrices' worth
+    monkeypatch.setattr(pieces, "PIECE_NUMEL", 64 * 96)
+    named = [(f"h{i}.weight", nn.Parameter(torch.randn(64, 96))) for i in range(16)]
+    named.append(("h.bias", nn.Parameter(torch.randn(64))))
+    opt = gc.ChainOptimizer(named, recipes.cpr_adamw(kappa_init="uniform", kappa_init_param=1.0))
+    for _, p in named:
+        p.grad = torch.randn_like(p)
+    for _ in range(2):
+        opt.step()
+    peak = peak_bytes(opt.step) / (64 * 96 * 4)
+    assert peak < 2.5, peak

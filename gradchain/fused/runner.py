@@ -91,7 +91,7 @@ def _phase(transform: Transform, head: list[Leaf], tail: list[Leaf], name: str, 
     (stateless ones run again, stateful ones give it ``from_state``: AdamS's Adam); ``finish`` is
     followed by the elementwise leaves after it (``tail``) and the final write; ``frozen`` is that
     pass for a bucket the transform leaves alone (zero updates; the head's state still advances)."""
-    stateful = any(leaf._init is not None for leaf in head)
+    stateful = any(leaf.stateful for leaf in head)
 
     def run(params, grads, updates, state, hp, flags, coefs, acc, dtype, step, resolved, host, loss, segments,
             out=None):
@@ -103,7 +103,7 @@ def _phase(transform: Transform, head: list[Leaf], tail: list[Leaf], name: str, 
             b.updates = list(updates)
         if head and (name != "frozen" or stateful):
             for leaf in head:
-                if name == "finish" and leaf._init is not None:
+                if name == "finish" and leaf.stateful:
                     leaf.apply_from_state([b])
                 else:
                     leaf.apply([b])
@@ -269,7 +269,7 @@ def _tensor_view(seg: Segment, shape: tuple[int, ...]) -> tuple[int, ...]:
 
 def _shape_free(t: Transform) -> bool:
     """Whether ``t``'s update is the same over any view of a param: stateless and elementwise."""
-    return isinstance(t, Leaf) and t.elementwise and t._init is None and t.host_step is None
+    return isinstance(t, Leaf) and t.elementwise and not t.stateful and t.host_step is None
 
 
 def _per_tensor(t: Transform) -> bool:
@@ -576,7 +576,7 @@ class FusedChain:
             coefs = _coefs(t.estimate(c, acc, gstate), device)
         out: list[Tensor | None] = []
         for i, fb in enumerate(flats):
-            if i in live or seg.tail or any(leaf._init is not None for leaf in seg.head):
+            if i in live or seg.tail or any(leaf.stateful for leaf in seg.head):
                 # a frozen bucket (Prodigy's lr 0) gets zero updates; the leaves after it still run,
                 # and a stateful one before it still takes its step
                 name = "finish" if i in live else "frozen"

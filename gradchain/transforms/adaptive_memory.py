@@ -345,22 +345,29 @@ def scale_by_am_adamw(
         # each tensor has its own beta_t: per-tensor sums, and per-tensor factors as vectors
         pv = ctx.state_vector(prod)
         torch._foreach_mul_(P, ctx.per_tensor(1.0 - hi * pv))
+        # at most P, q and one scratch list alive at once (a large tensor's step holds three
+        # temporaries of its size): each scratch is dropped before the next is made
+        scratch = torch._foreach_mul(updates, updates)
+        torch._foreach_div_(scratch, P)
+        sum_gg = ctx.tensor_sums(scratch)
+        del scratch
         q = torch._foreach_mul(P, lam)
         torch._foreach_add_(q, 1.0)
-        dq = torch._foreach_sub(d, updates)
-        torch._foreach_mul_(dq, dq)
-        torch._foreach_div_(dq, q)
-        gg = torch._foreach_mul(updates, updates)
-        torch._foreach_div_(gg, P)
-        num = ctx.tensor_sums(gg) - lam * ctx.tensor_sums(dq)
-        torch._foreach_div_(dq, P)
-        den_b = ctx.tensor_sums(dq)
+        scratch = torch._foreach_sub(d, updates)
+        torch._foreach_mul_(scratch, scratch)
+        torch._foreach_div_(scratch, q)
+        num = sum_gg - lam * ctx.tensor_sums(scratch)
+        torch._foreach_div_(scratch, P)
+        den_b = ctx.tensor_sums(scratch)
+        del scratch
         beta = torch.where(den_b > 0, num / den_b, hi).clamp(min=lo, max=hi)
         coef = torch._foreach_mul(P, lam)
         torch._foreach_add_(coef, ctx.per_tensor(beta))
         torch._foreach_mul_(d, coef)
+        del coef
         torch._foreach_addcmul_(d, updates, ctx.per_tensor(1.0 - beta))
         torch._foreach_div_(d, q)
+        del q
         ctx.store_state_vector(prod, pv * beta)
         ctx.store_state_vector(last, beta)
         return torch._foreach_div(d, P)
