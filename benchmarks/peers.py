@@ -263,7 +263,10 @@ PEERLESS: dict[str, Spec] = {
     # the ring's 9 older slots (of 10) are only read: the newest gradient overwrites the oldest
     "fractional_adam": Spec([], read_only=36),
     "fractional_sgd": Spec([], kwargs={"momentum": 0.9}, read_only=36),
-    "adamw_spectral": Spec([]),
+    # two rounds of power iteration and the norm, over W and over the step u, per matrix: five
+    # matrix-vector products each, the first of each riding on the pass that forms u. Left: four
+    # more reads of W, u written once and read four more times, then again by the write
+    "adamw_spectral": Spec([], reread=40),
     "am_adamw": Spec([], reread=12),  # the per-tensor sums over g, v and d first
     "am_sgd": Spec([], reread=8),  # the global inner products of g and d first
 }
@@ -625,7 +628,7 @@ def main(argv: list[str] | None = None) -> None:
         f"Floor: the roofline plus what a reduction makes a step read again from a tensor of over {LARGE} "
         "elements, which does not stay in a core's cache between the passes (LAMB's trust ratio, the cautious "
         "mask's mean, Adafactor's factored statistics and RMS, AdaNorm's and Amos's per-tensor norms, the "
-        "global sums of AdamS and Prodigy; see `Spec.reread`). "
+        "global sums of AdamS and Prodigy, spectral AdamW's power iterations; see `Spec.reread`). "
         "Compile (fused): the fused path's first step minus its median step, "
         + ("inductor's on-disk cache empty at the start (a cold compile)" if cold_cache()
            else "inductor's on-disk cache as found (compiles may be warm)")
