@@ -13,6 +13,7 @@ import copy
 import functools
 import inspect
 import math
+import operator
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -601,25 +602,30 @@ class Bucket:
                 return x
             return x.view(-1)[s].view(-1, *x.shape[1:]) if rows else x.view(-1)[s]
 
+        # whole tensors (the eager pieces' many small ones): the lists picked in C
+        pick = lambda xs: list(map(xs.__getitem__, indices))  # noqa: E731
+        whole = not any(slices)
         sub = Bucket.__new__(Bucket)
-        sub.params = [part(self.params[i], s) for i, s in zip(indices, slices, strict=True)]
-        sub.grads = [part(self.grads[i], s) for i, s in zip(indices, slices, strict=True)]
-        # the gradient's own view where the update is the gradient: the in-place check is by identity
-        sub.updates = [g if self.updates[i] is self.grads[i] else part(self.updates[i], s)
-                       for i, s, g in zip(indices, slices, sub.grads, strict=True)]
+        if whole:
+            sub.params, sub.grads, sub.updates = pick(self.params), pick(self.grads), pick(self.updates)
+        else:
+            sub.params = [part(self.params[i], s) for i, s in zip(indices, slices, strict=True)]
+            sub.grads = [part(self.grads[i], s) for i, s in zip(indices, slices, strict=True)]
+            # the gradient's own view where the update is the gradient: the in-place check is by identity
+            sub.updates = [g if self.updates[i] is self.grads[i] else part(self.updates[i], s)
+                           for i, s, g in zip(indices, slices, sub.grads, strict=True)]
         sub._borrowed = set(self._borrowed)
         if self._borrowed:
             sub._borrowed.update(id(u) for i, u in zip(indices, sub.updates, strict=True)
                                  if id(self.updates[i]) in self._borrowed)
         # state shaped like its param is sliced alike; other state (0-d) comes whole
         keys = self.state if keys is None else keys
-        if any(s is not None for s in slices):
+        if not whole:
             sub.state = {k: [part(x, s) if x is None or x.shape == self.params[i].shape else x
                              for i, s in zip(indices, slices, strict=True) for x in (self.state[k][i],)]
                          for k in keys}
         else:
-            sub.state = {k: [self.state[k][i] for i in indices] for k in keys}
-        pick = lambda xs: [xs[i] for i in indices]  # noqa: E731
+            sub.state = {k: pick(self.state[k]) for k in keys}
         sub.steps, sub.names = pick(self.steps), pick(self.names)
         sub.group, sub.loss, sub.shared, sub.dtype = self.group, self.loss, self.shared, self.dtype
         sub.batch_size = self.batch_size
@@ -654,8 +660,19 @@ class Bucket:
                 if slices[j] is not None:
                     raise ValueError("a sliced sub-bucket writes its params; absorb it with updates=False")
                 self.updates[i] = sub.updates[j]
+        whole = not any(slices)
         for k, v in sub.state.items():
-            mine = self.state.setdefault(k, [None] * len(self.params))
+            mine = self.state.get(k)
+            if mine is None:
+                mine = self.state[k] = [None] * len(self.params)
+            if whole:
+                # whole tensors: the state lists back, unless they hold the same tensors (the usual
+                # case, state written in place: checked in C, one piece of many small tensors costs
+                # an attribute test per tensor rather than a Python loop)
+                if not all(map(operator.is_, v, map(mine.__getitem__, indices))):
+                    for i, x in zip(indices, v, strict=True):
+                        mine[i] = x
+                continue
             for j, i in enumerate(indices):
                 if slices[j] is None or mine[i].shape != self.params[i].shape:
                     mine[i] = v[j]
