@@ -104,50 +104,50 @@ class PiecewiseChain:
             else:
                 runs.append((kind, [t]))
         self.runs = runs
-        # a chain's last run routed (a partition or mask) right after a run of pieced leaves: as
-        # the chain's last two runs, each child runs those leaves and its own chain in pieces over
-        # its params, and the params no child takes run those leaves alone, so no model-sized
-        # updates pass between the two runs (the leaves reduce per tensor at most: any split of
-        # the params gives each tensor the same step)
-        self._prefixed: dict[int, PiecewiseChain] = {}
-        self._prefix_only: PiecewiseChain | None = None
-        if len(runs) >= 2 and runs[-1][0] == "routed" and runs[-2][0] == "pieced":
-            prefix = runs[-2][1]
-            for c in runs[-1][1][0].children.values():
-                self._prefixed[id(c)] = PiecewiseChain(prefix + (c.children if isinstance(c, Chain) else [c]))
-            self._prefix_only = PiecewiseChain(list(prefix))
+        # a chain's last run routed (a partition or mask): each child writes its params, its chain in
+        # pieces over them. Right after a run of pieced leaves, the two runs are one: each child runs
+        # those leaves and its own chain over its params, and the params no child takes the leaves
+        # alone, so no model-sized updates pass between the runs (the leaves reduce per tensor at
+        # most: any split of the params gives each tensor the same step). (index of the first run,
+        # each child's chain by id, the chain of the leaves alone or None)
+        self._routed_last: tuple[int, dict[int, PiecewiseChain], PiecewiseChain | None] | None = None
+        if runs and runs[-1][0] == "routed":
+            if len(runs) >= 2 and runs[-2][0] == "pieced":
+                prefix = runs[-2][1]
+                chains = {id(c): PiecewiseChain(prefix + (c.children if isinstance(c, Chain) else [c]))
+                          for c in runs[-1][1][0].children.values()}
+                self._routed_last = (len(runs) - 2, chains, PiecewiseChain(list(prefix)))
+            else:
+                self._routed_last = (len(runs) - 1, self._inner, None)
         # runs before the last whose sliced updates had to be copied together: run whole from then on
         self._copies: set[int] = set()
         # scales and decays alone (folded into the write, one pass) gain nothing from pieces
         self.useful = any(kind == "phased" or kind == "pieced" and any(t._update is not None for t in ts)
                           for kind, ts in runs) or any(inner.useful for inner in self._inner.values())
 
-    def _write_child(self, child: Transform, subs: list[Bucket]) -> None:
-        self._inner[id(child)].step(subs, writer=_write_materialized)
-
-    def _step_prefixed(self, buckets: list[Bucket], routed: Transform, writer: Writer) -> None:
-        """The last two runs, pieced leaves then a routing, as one: each child's params take the
-        leaves and the child's chain in pieces, the rest the leaves alone, and each writes its params
-        (its updates materialized, then ``p + u``: the bits of the two runs in turn, where the
-        routing's split materializes every update of a bucket it splits, and the parent's write
-        folds no pending form there)."""
-        prefix_only = self._prefix_only
-        assert prefix_only is not None
+    def _step_routed_last(self, buckets: list[Bucket], routed: Transform, chains: dict[int, PiecewiseChain],
+                          leaves: PiecewiseChain | None, writer: Writer) -> None:
+        """The chain's last run, a routing (with the pieced ``leaves`` before it, if any): each child's
+        params take the child's chain (after those leaves) in pieces and write themselves while their
+        updates are in the caches, the rest take the leaves alone and are written. The bits are
+        those of the runs in turn over whole buckets: there the routing's split materializes every
+        update of a bucket it splits, then ``p + u`` (the parent's write folds no pending form)."""
         written = routed.apply_routed(
-            buckets, lambda child, subs: self._prefixed[id(child)].step(subs, writer=_write_materialized),
-            written=True)
+            buckets, lambda child, subs: chains[id(child)].step(subs, writer=_write_materialized), written=True)
         for b, done in zip(buckets, written, strict=True):
             rest = [i for i in range(len(b)) if i not in done]
             if not rest:
                 continue
-            if len(rest) == len(b):
-                # no sub-bucket of this one was split off, so nothing materialized its updates:
-                # its write folds the pending forms, as the parent's would
-                prefix_only.step([b], writer=writer)
+            # a bucket none of whose params a child took was not split, nor its updates materialized:
+            # its write folds the pending forms, as the parent's would
+            whole = len(rest) == len(b)
+            sub = b if whole else b.subset(rest)
+            if leaves is None:
+                writer(sub)
                 continue
-            sub = b.subset(rest)
-            prefix_only.step([sub], writer=_write_materialized)
-            b.absorb(sub, rest, updates=False)
+            leaves.step([sub], writer=writer if whole else _write_materialized)
+            if not whole:
+                b.absorb(sub, rest, updates=False)
 
     def step(self, buckets: list[Bucket], write: bool = True, writer: Writer = Bucket.write) -> None:
         """Apply the chain to ``buckets`` and write their params (``writer``, ``Bucket.write`` by
@@ -155,20 +155,9 @@ class PiecewiseChain:
         _prime_allocator()
         for j, (kind, ts) in enumerate(self.runs):
             last = write and j == len(self.runs) - 1
-            if write and self._prefix_only is not None and j == len(self.runs) - 2:
-                self._step_prefixed(buckets, self.runs[-1][1][0], writer)
+            if write and self._routed_last is not None and j == self._routed_last[0]:
+                self._step_routed_last(buckets, self.runs[-1][1][0], *self._routed_last[1:], writer)
                 return
-            if kind == "routed" and last:
-                # each child writes its params piece by piece, while its updates are in the caches,
-                # with the bits of the step over whole buckets: its updates materialized, then p + u
-                # (the parent's write folds no child's pending form); the params no child took
-                # (masked) are written here
-                written = ts[0].apply_routed(buckets, self._write_child, written=True)
-                for b, done in zip(buckets, written, strict=True):
-                    rest = [i for i in range(len(b)) if i not in done]
-                    if rest:
-                        writer(b.subset(rest) if len(rest) < len(b) else b)
-                continue
             if kind == "routed":
                 # each child's updates come back to the bucket (as over whole buckets, where the
                 # write folds no child's pending form): the same bits

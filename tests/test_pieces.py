@@ -316,7 +316,7 @@ def test_leaves_before_a_last_routing_run_with_each_child(name: str, small_piece
     # params (the rest alone): the bits of the two runs over whole buckets, state included
     FACTORIES[name] = _prefixed_chains()[name]
     try:
-        assert pieces.PiecewiseChain(FACTORIES[name]())._prefix_only is not None
+        assert pieces.PiecewiseChain(FACTORIES[name]())._routed_last[2] is not None  # the leaves' own chain
         _assert_identical(_run(name, False), _run(name, True))
         _assert_identical(_run(name, False, skip=2), _run(name, True, skip=2))
     finally:

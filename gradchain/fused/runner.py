@@ -272,7 +272,7 @@ def _shape_free(t: Transform) -> bool:
     return isinstance(t, Leaf) and t.elementwise and not t.stateful and t.host_step is None
 
 
-def _per_tensor(t: Transform) -> bool:
+def _steps_each_tensor_alone(t: Transform) -> bool:
     """Whether ``t`` steps each tensor alone: declared so (``per_tensor``), or elementwise, or a
     scale or decay folded into the write."""
     return isinstance(t, Leaf) and (t.per_tensor or t.elementwise or t._update is None) and not _scales_only(t)
@@ -398,7 +398,7 @@ class FusedChain:
             else:
                 merged.append((kind, list(ts)))
         if len(merged) > 1 and merged[-1][0] is False and merged[-2][0] is True \
-                and all(map(_per_tensor, merged[-2][1] + merged[-1][1])) \
+                and all(map(_steps_each_tensor_alone, merged[-2][1] + merged[-1][1])) \
                 and any(getattr(t, "per_tensor", False) for t in merged[-1][1]):
             # elementwise leaves before a last eager segment that steps each tensor alone (Muon's
             # momentum before Newton-Schulz) join it: on a CPU that segment runs in pieces of whole
