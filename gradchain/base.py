@@ -667,8 +667,7 @@ class Bucket:
                 mine = self.state[k] = [None] * len(self.params)
             if whole:
                 # whole tensors: the state lists back, unless they hold the same tensors (the usual
-                # case, state written in place: checked in C, one piece of many small tensors costs
-                # an attribute test per tensor rather than a Python loop)
+                # case, state written in place): one identity test per tensor, in C
                 if not all(map(operator.is_, v, map(mine.__getitem__, indices))):
                     for i, x in zip(indices, v, strict=True):
                         mine[i] = x

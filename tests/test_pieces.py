@@ -336,4 +336,4 @@ def test_no_model_sized_updates_before_a_last_mask(monkeypatch: pytest.MonkeyPat
     for _ in range(2):
         opt.step()
     peak = peak_bytes(opt.step) / (64 * 96 * 4)
-    assert peak < 2.5, peak
+    assert 1.0 < peak < 2.5, peak  # at least a matrix's update: the profiler saw the step
