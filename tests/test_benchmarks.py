@@ -201,3 +201,52 @@ def test_memory_reports_step_peaks(monkeypatch: pytest.MonkeyPatch) -> None:
     md = memory.table([{"recipe": "muon", "state_bytes": 8, "ratio": 2.0}], 4, 0.05, False, None,
                       {"muon": (eager, fused)})
     assert "step peak / params (eager)" in md and f"{eager:.4f} | {fused:.4f} |" in md
+
+
+@pytest.fixture
+def compile_time(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    return importlib.import_module("compile_time")
+
+
+def test_compile_time_child_times_the_fused_first_step(compile_time) -> None:
+    threads = torch.get_num_threads()
+    try:
+        got = compile_time.child("adalo", "c", "tiny", threads=1, steps=2)  # adalo: the step takes a loss
+    finally:
+        torch.set_num_threads(threads)
+    assert sorted(got) == ["compile", "compiling", "start", "step"]
+    assert got["start"] > 0 and got["step"] > 0
+    # the first step traces the chain (the suite's backend skips code generation, not tracing),
+    # which dynamo's own account of the step's compiling sees
+    assert got["compile"] > 10 * got["step"], got
+    assert 0 < got["compiling"] < got["compile"] + got["step"], got
+
+
+def test_compile_time_writes_cold_and_warm_per_case(compile_time, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[str, str, str]] = []
+
+    def fake(name: str, case: str, args, cache: str) -> dict[str, float] | str:
+        calls.append((name, case, cache))
+        if name == "sgd" and case == "c":
+            return "failed: RuntimeError: boom"
+        warm = sum(1 for n, c, _ in calls if (n, c) == (name, case)) == 2
+        return {"start": 4.0 if warm else 9.0, "compile": 0.5 if warm else 3.0, "compiling": 0.3 if warm else 2.0,
+                "step": 0.01}
+
+    monkeypatch.setattr(compile_time, "run_child", fake)
+    out = tmp_path / "ct.md"
+    compile_time.main(["--sizes", "tiny", "--recipes", "adamw,sgd", "--cases", "a,c", "--out", str(out)])
+    # cold then warm, over one cache directory per recipe and case, removed afterwards
+    assert [(n, c) for n, c, _ in calls] == [("adamw", "a")] * 2 + [("adamw", "c")] * 2 + [("sgd", "a")] * 2 \
+        + [("sgd", "c")] * 2
+    assert all(calls[i][2] == calls[i + 1][2] for i in range(0, 8, 2)) and len({c for *_, c in calls}) == 4
+    assert not any(Path(c).exists() for *_, c in calls)
+    text = out.read_text()
+    assert "| adamw | 3.0 s (2.0 s) | 0.5 s (0.3 s) | 3.0 s (2.0 s) | 0.5 s (0.3 s) |" in text
+    assert "| sgd | 3.0 s (2.0 s) | 0.5 s (0.3 s) | – | – |" in text
+    assert "cold 9.0-9.0 s; warm 4.0-4.0 s" in text
+    assert "Failed: sgd (c): failed: RuntimeError: boom; sgd (c): failed: RuntimeError: boom" in text
+    with pytest.raises(SystemExit):
+        compile_time.main(["--sizes", "tiny", "--recipes", "adamw,no_such_recipe"])
