@@ -80,7 +80,10 @@ def run_child(name: str, case: str, args: argparse.Namespace, cache: str) -> dic
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", name, "--cases", case, "--sizes", args.sizes,
            "--threads", str(args.threads), "--steps", str(args.steps)]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
+    try:
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        return f"failed: no result within {args.timeout:.0f} s"
     lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
     if done.returncode or not lines:
         tail = (done.stderr.strip().splitlines() or ["no output"])[-1]

@@ -250,3 +250,12 @@ def test_compile_time_writes_cold_and_warm_per_case(compile_time, tmp_path: Path
     assert "Failed: sgd (c): failed: RuntimeError: boom; sgd (c): failed: RuntimeError: boom" in text
     with pytest.raises(SystemExit):
         compile_time.main(["--sizes", "tiny", "--recipes", "adamw,no_such_recipe"])
+
+
+def test_compile_time_reports_a_child_that_times_out(compile_time, monkeypatch: pytest.MonkeyPatch) -> None:
+    def hangs(cmd, **kw):
+        raise subprocess.TimeoutExpired(cmd, kw["timeout"])
+
+    monkeypatch.setattr(compile_time.subprocess, "run", hangs)
+    args = compile_time.argparse.Namespace(sizes="tiny", threads=1, steps=1, timeout=7.0)
+    assert compile_time.run_child("adamw", "c", args, "/nonexistent") == "failed: no result within 7 s"
