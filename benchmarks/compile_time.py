@@ -91,10 +91,6 @@ def run_child(name: str, case: str, args: argparse.Namespace, cache: str) -> dic
     return json.loads(lines[-1])
 
 
-def _s(x: dict[str, float] | str, key: str) -> str:
-    return "–" if isinstance(x, str) else f"{x[key]:.1f} s"
-
-
 def _cell(x: dict[str, float] | str) -> str:
     return "–" if isinstance(x, str) else f"{x['compile']:.1f} s ({x['compiling']:.1f} s)"
 
@@ -138,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
             finally:
                 shutil.rmtree(cache, ignore_errors=True)
             results.append((cold, warm))
-            print(name, case, "cold", _s(cold, "compile"), "warm", _s(warm, "compile"),
+            print(name, case, "cold", _cell(cold), "warm", _cell(warm),
                   "" if not isinstance(cold, str) else cold, flush=True)
         rows.append((name, results))
 
