@@ -32,6 +32,9 @@ _GROUP_KEYS = frozenset({"params", "param_names"})
 _GLOBAL = "@global."
 _GRAD = operator.attrgetter("grad")
 _IS_SPARSE = operator.attrgetter("is_sparse")
+_UNEVEN_STEPS = ("its params have taken different numbers of steps (a param had no grad at a step and was "
+                 "skipped, as torch does; the bucket stays eager from then on. To keep the fused path, give "
+                 "every param a grad at every step: opt.zero_grad() keeps the grads, as zeros)")
 # on the fused path, after this many steps in a row whose grads were new tensors (copied into the
 # flat buffer), a warning says how to keep them views
 COPIED_GRADS_WARN_STEPS = 3
@@ -602,7 +605,7 @@ class ChainOptimizer(torch.optim.Optimizer):
         if fb.step_host is None:
             fb.step_host = fb.uniform_step()
             if fb.step_host is None:
-                self._warn_eager(key, "its params have taken different numbers of steps (one had no grad)")
+                self._warn_eager(key, _UNEVEN_STEPS)
                 return False
         flats.append(fb)
         groups.append(group)
@@ -615,7 +618,7 @@ class ChainOptimizer(torch.optim.Optimizer):
         if any(getattr(p, "device_mesh", None) is not None for p in params):
             why = "its params are DTensors (FSDP2): the fused path keeps flat buffers of plain tensors"
         elif len({float(x[2]["step"]) for x in items}) != 1:
-            why = "its params have taken different numbers of steps"
+            why = _UNEVEN_STEPS
         if why is not None:
             self._warn_eager(key, why)
             return None
