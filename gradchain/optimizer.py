@@ -38,6 +38,10 @@ _UNEVEN_STEPS = ("its params have taken different numbers of steps (a param had 
 # on the fused path, after this many steps in a row whose grads were new tensors (copied into the
 # flat buffer), a warning says how to keep them views
 COPIED_GRADS_WARN_STEPS = 3
+# the mean elements per param from which a bucket whose params have taken different numbers of steps
+# runs its compiled segments one param at a time (below it, eagerly: a kernel call per small param
+# costs more than the eager step's list ops over all of them)
+UNEVEN_MIN_NUMEL = 1 << 18
 
 
 def _picker(indices: list[int]) -> Callable[[list], tuple]:
@@ -89,7 +93,10 @@ class ChainOptimizer(torch.optim.Optimizer):
     bucket (with the elementwise transforms before them that are stateless or have a
     ``from_state``), and ``step_scales`` transforms (a loss-driven lr) as kernel inputs; a chain
     that is one ``partition`` compiles per label. Other transforms run eagerly over views of the
-    same storage (:meth:`fused_plan`). ``zero_grad()`` then zeroes the flat grads in place. Inside
+    same storage (:meth:`fused_plan`). ``zero_grad()`` then zeroes the flat grads in place. Once a
+    param has been skipped (no grad at a step), its bucket's step counts differ: its compiled
+    segments then run one param at a time, each with its own step (for large params; small ones,
+    and chains needing one step per bucket, step eagerly), with a warning. Inside
     a ``torch.compile``'d training step, ``step()`` and ``zero_grad()`` of a fused optimizer break
     the graph and run outside it (its own kernels are compiled already); without ``fused`` the
     eager step traces into the graph.
@@ -586,6 +593,12 @@ class ChainOptimizer(torch.optim.Optimizer):
             fb.copied_steps = 0
         else:
             params = [x[0] for x in items]
+            if fb is not None and len(params) < len(fb.params) and fb.holds(params):
+                # some of the bucket's params have no grad this step: an eager step skips them, as
+                # torch does, and the flat buffers stay for the steps where they all have one (made
+                # again for this subset, they would cost a copy of the bucket and a compile now,
+                # and the same again at the next step)
+                return False
             if fb is None or len(fb.params) != len(params) or not all(map(operator.is_, fb.params, params)) \
                     or not fb.intact():
                 fb = self._flatten(key, items)
@@ -604,20 +617,43 @@ class ChainOptimizer(torch.optim.Optimizer):
             self._checked[key] = (id(items), id(fb))
         if fb.step_host is None:
             fb.step_host = fb.uniform_step()
-            if fb.step_host is None:
-                self._warn_eager(key, _UNEVEN_STEPS)
-                return False
+            fb.uneven = fb.step_host is None
+            if fb.uneven:
+                if not self._runs_uneven(fb):
+                    self._warn_eager(key, _UNEVEN_STEPS)
+                    return False
+                # schedules are evaluated at the bucket's largest step, as on the eager path
+                fb.step_host = float(fb.flat_steps.max())
+                self._warn_per_param(key)
         flats.append(fb)
         groups.append(group)
         dtypes.append(self.state_dtype or compute_dtype(p0.dtype))
         return True
+
+    def _runs_uneven(self, fb: FlatBucket) -> bool:
+        """Whether a bucket whose params have taken different numbers of steps can take a fused step:
+        its compiled segments then run one param at a time (a kernel call each, with the param's own
+        step count), worth it for large params only, and never for a 0-d one (torch 2.13 may
+        specialize a 0-d graph input into a number, and its in-place write be lost)."""
+        return (self._fused_chain.takes_uneven_steps and fb.total >= UNEVEN_MIN_NUMEL * len(fb.params)
+                and all(p.dim() > 0 for p in fb.params))
+
+    def _warn_per_param(self, key: tuple) -> None:
+        if ("uneven", key) not in self._warned:
+            self._warned.add(("uneven", key))
+            warnings.warn(
+                f"ChainOptimizer(fused=True): the params of param group {key[0]} have taken different numbers "
+                "of steps (a param had no grad at a step and was skipped, as torch does); from now on its "
+                "compiled kernels run one param at a time, each with its own step count (slower than one "
+                "kernel for the bucket). To keep one kernel, give every param a grad at every step: "
+                "opt.zero_grad() keeps the grads, as zeros", UserWarning, stacklevel=4)
 
     def _flatten(self, key: tuple, items: list) -> FlatBucket | None:
         params = [x[0] for x in items]
         why = None
         if any(getattr(p, "device_mesh", None) is not None for p in params):
             why = "its params are DTensors (FSDP2): the fused path keeps flat buffers of plain tensors"
-        elif len({float(x[2]["step"]) for x in items}) != 1:
+        elif not self._fused_chain.takes_uneven_steps and len({float(x[2]["step"]) for x in items}) != 1:
             why = _UNEVEN_STEPS
         if why is not None:
             self._warn_eager(key, why)

@@ -309,6 +309,7 @@ def test_grads_copied_in_step_after_step_warn_once(aot_eager) -> None:
 
 @pytest.mark.parametrize("name", ["adamw", "am_sgd"])  # AM-SGD: a phased transform, one beta for all
 def test_param_without_grad_falls_back_exactly(name: str, aot_eager) -> None:
+    # small params (and a 0-d one): once their step counts differ, the bucket steps eagerly
     results = []
     for fused in (False, True):
         named = make_params(torch.float64)
@@ -328,6 +329,70 @@ def test_param_without_grad_falls_back_exactly(name: str, aot_eager) -> None:
     assert any("different numbers of steps" in str(w.message) and "opt.zero_grad()" in str(w.message)
                for w in caught)
     assert ob.compile_seconds > 0  # the first steps were fused
+
+
+def _uneven_run(name: str, fused: bool, skip: int = 2, steps: int = 6):
+    """``name``'s trajectory over the test net without its 0-d param, one param without a grad at step ``skip``."""
+    named = [x for x in make_params(torch.float64) if x[1].dim() > 0]
+    opt = gc.ChainOptimizer(named, FACTORIES[name]() if name in FACTORIES else getattr(recipes, name)(), fused=fused)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for i in range(steps):
+            set_grads(named, i, torch.float64)
+            if i == skip:
+                named[1][1].grad = None  # conv bias: skipped, one step behind from then on
+                flats = dict(opt._flats)
+            opt.step(loss=torch.tensor(1.0 / (i + 2)))
+    # the step without a grad was an eager step over the same flat buffers: none made again
+    assert opt._flats == flats
+    return named, opt, [str(w.message) for w in caught]
+
+
+# NAdam: per-param 0-d state; LAMB: per-tensor norms; Adafactor and SMMF: routed by shape (a kernel
+# per large param already); schedule-free: per-tensor state advanced by the step
+@pytest.mark.parametrize("name", ["adamw", "nadam", "lamb", "adafactor", "smmf", "schedule_free_adamw", "sgd"])
+def test_uneven_steps_run_one_param_at_a_time(name: str, aot_eager, monkeypatch) -> None:
+    # large params whose step counts differ (one was skipped without a grad) keep the fused path:
+    # its compiled segments run once per param, each with the param's own step count
+    monkeypatch.setattr(gc.optimizer, "UNEVEN_MIN_NUMEL", 0)
+    a, oa, _ = _uneven_run(name, fused=False)
+    b, ob, messages = _uneven_run(name, fused=True)
+    assert_same(a, oa, b, ob, rtol=1e-12, atol=1e-14)
+    assert float(ob.state[b[1][1]]["step"]) == 5.0 and float(ob.state[b[0][1]]["step"]) == 6.0
+    assert any(fb.uneven for fb in ob._flats.values())
+    assert not any("runs on the eager path" in m for m in messages)
+    assert sum("one param at a time" in m for m in messages) >= 1
+
+
+@pytest.mark.parametrize("name", ["prodigy", "lookahead", "fractional_adam", "adalo"])
+def test_uneven_steps_fall_back_where_a_transform_needs_one_step(name: str, aot_eager, monkeypatch) -> None:
+    # a reduction over every bucket (Prodigy), a wrapper's sync (Lookahead), host values of the
+    # step (the fractional ring) or a factor from the loss (AdaLo): the bucket steps eagerly
+    monkeypatch.setattr(gc.optimizer, "UNEVEN_MIN_NUMEL", 0)
+    a, oa, _ = _uneven_run(name, fused=False)
+    b, ob, messages = _uneven_run(name, fused=True)
+    assert_same(a, oa, b, ob, rtol=1e-12, atol=1e-14)
+    assert not ob._fused_chain.takes_uneven_steps
+    assert any("runs on the eager path" in m and "different numbers of steps" in m for m in messages)
+
+
+def test_uneven_steps_from_a_checkpoint_run_fused(aot_eager, monkeypatch) -> None:
+    # a checkpoint whose params have taken different numbers of steps flattens and steps fused
+    monkeypatch.setattr(gc.optimizer, "UNEVEN_MIN_NUMEL", 0)
+    a, oa, _ = _uneven_run("adamw", fused=False, steps=4)
+    b = [(n, nn.Parameter(p.detach().clone())) for n, p in a]
+    ob = gc.ChainOptimizer(b, recipes.adamw(), fused=True)
+    ob.load_state_dict(oa.state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for i in range(4, 7):
+            set_grads(a, i, torch.float64)
+            set_grads(b, i, torch.float64)
+            oa.step()
+            ob.step()
+    assert_same(a, oa, b, ob, rtol=1e-12, atol=1e-14)
+    (fb,) = ob._flats.values()
+    assert fb.uneven and ob.compile_seconds > 0
 
 
 @pytest.mark.parametrize("events", [{3: "no grad"}, {5: "new grad", 6: "rebound data"}])

@@ -48,6 +48,7 @@ class FlatBucket:
         p0 = params[0]
         self.device, self.dtype = p0.device, p0.dtype
         self._segments: tuple | None = None
+        self._ids: frozenset[int] | None = None
         self._workspaces: dict[torch.dtype, list[Tensor]] = {}
         self._workspace_views: dict[int, tuple[Tensor, list[Tensor]]] = {}
         # the step's hyperparameters as 0-d tensors, kept while their values stay (fused.runner)
@@ -57,6 +58,8 @@ class FlatBucket:
         self.param_views = self._views(self.flat_params)
         self.grad_views = self._views(self.flat_grads)
         self.grads_taken = False
+        # whether the params' step counts differ (then compiled segments run one param at a time)
+        self.uneven = False
         # consecutive steps whose grads were copied in (ChainOptimizer warns at a few)
         self.copied_steps = 0
         for p, v, gv in zip(params, self.param_views, self.grad_views):
@@ -168,6 +171,12 @@ class FlatBucket:
         """Copy a gradient that arrived as a new tensor into the flat buffer; ``p.grad`` becomes the view."""
         view.copy_(p.grad)
         p.grad = view
+
+    def holds(self, params: list[Tensor]) -> bool:
+        """Whether every one of ``params`` is a param of this bucket."""
+        if self._ids is None:
+            self._ids = frozenset(map(id, self.params))
+        return all(id(p) in self._ids for p in params)
 
     def intact(self) -> bool:
         """Whether every param is still a view into the flat buffer (``p.data`` was not rebound)."""

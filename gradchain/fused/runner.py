@@ -416,6 +416,13 @@ class FusedChain:
                 last.pieces = in_pieces if in_pieces.useful else None
         # nothing to compile: the fused step is the eager step (over the same flat storage)
         self.all_eager = not any(s.compiled for s in self.segments)
+        # a bucket whose params have taken different numbers of steps (one had no grad at a step)
+        # can run its compiled segments one param at a time, each with its own step count, unless
+        # a transform needs one step for the whole bucket: host values of the step (host_step), a
+        # reduction over every bucket (fused_phases), a factor from the loss (step_scales) or a
+        # wrapper's sync (Lookahead)
+        self.takes_uneven_steps = self.wrapper is None and not any(
+            s.phased is not None or s.host_stepped or s.scaled for s in self.segments)
         self.compile = compile
         # this step's factors of the step_scales transforms, per flat bucket (step_scales)
         self._scales: dict[str, dict[FlatBucket, Tensor]] = {}
@@ -461,8 +468,10 @@ class FusedChain:
                                                loss, shared, dtypes)
                 elif seg.compiled:
                     for i, fb in enumerate(flats):
-                        updates[i] = self._run_compiled(seg, i, fb, grads[i], updates[i], resolved[i], tensor_hp,
-                                                        host_steps[i], loss, dtypes[i])
+                        # uneven step counts: a kernel per param, with the param's own step
+                        run = self._run_per_tensor if fb.uneven else self._run_compiled
+                        updates[i] = run(seg, i, fb, grads[i], updates[i], resolved[i], tensor_hp, host_steps[i],
+                                         loss, dtypes[i])
                 else:
                     updates = self._run_eager(seg, flats, groups, grads, updates, resolved, host_steps, loss, shared,
                                               dtypes)
@@ -527,11 +536,11 @@ class FusedChain:
             st = fb.states[j]
             state = _renamed({k: [st[k]] for k in seg.keys_of(st)}, renames)
             views = [p, grads[j], None if ups is None else ups[j], None if outs is None else outs[j]]
-            if seg.tensor_view is not None:
+            if seg.tensor_view is not None and seg.per_tensor:
                 shape = _tensor_view(seg, tuple(p.shape))
                 views = [None if x is None else x.view(shape) for x in views]
             p, g, u, o = views
-            args = ([p], [g], None if u is None else [u], state, tensor_hp[i], host, fb.flat_steps[0],
+            args = ([p], [g], None if u is None else [u], state, tensor_hp[i], host, fb.flat_steps[j],
                     lossv, dtype, True, None, o, values)
             ok = False
             if self.compile:
@@ -651,8 +660,9 @@ class FusedChain:
             for key in set().union(*(st.keys() for st in fb.states)) - {"step"}:
                 state[key] = fb.state_views.get(key) or [st.get(key) for st in fb.states]
             group = groups[i] if groups[i] is not None else {}
+            steps = fb.flat_steps.tolist() if fb.uneven else [host_steps[i]] * len(fb.params)
             b = Bucket(fb.param_views, fb.split(grads[i]), state, fb.step_views, fb.names, group, loss, shared,
-                       dtypes[i], step_values=[host_steps[i]] * len(fb.params), resolved=resolved[i])
+                       dtypes[i], step_values=steps, resolved=resolved[i])
             if updates[i] is not None:
                 b.updates = fb.split(updates[i])
             inputs.append(list(b.updates))
@@ -784,6 +794,7 @@ class FusedRoutes:
             for shapes in (("flat", "tensor", "eager") if self.tests[label] else (None,)):
                 self.chains[(label, shapes)] = FusedChain(child, shapes=shapes)
         self.all_eager = all(c.all_eager for c in self.chains.values())
+        self.takes_uneven_steps = all(c.takes_uneven_steps for c in self.chains.values())
         self._routes: dict[tuple, str] = {}
 
     def label(self, name: str | None, param: Tensor) -> tuple:
