@@ -331,6 +331,17 @@ class Bucket:
             return fn(s)
         return [fn(t) for t in self.step_values]
 
+    def per_step_vector(self, fn: Callable[[Any], Any], like: Tensor) -> Any:
+        """``fn(step)`` for each tensor as one vector of ``like``'s dtype and device (one value when
+        all tensors share a step, as :meth:`per_step`). Host numbers eagerly; traced, 0-d tensors
+        stacked (a new tensor from a list of them would read their values while tracing)."""
+        s = self.per_step(fn)
+        if not isinstance(s, list):
+            return s
+        if any(isinstance(x, Tensor) for x in s):
+            return torch.stack([torch.as_tensor(x).to(like.device, like.dtype) for x in s])
+        return like.new_tensor(s)
+
     # -- per-tensor reductions, on lists or on one flat buffer ----------------------------------
     def tensor_norms(self, xs: list[Tensor], dtype: torch.dtype | None = None) -> Tensor:
         """The L2 norm of each param's tensor in ``xs`` (laid out like the params), as one vector.

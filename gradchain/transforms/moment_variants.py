@@ -21,10 +21,6 @@ def _moments(p: torch.Tensor) -> dict:
     return {"exp_avg": zeros_state(p), "exp_avg_sq": zeros_state(p)}
 
 
-def _vector(ctx: Bucket, fn, like: torch.Tensor) -> torch.Tensor:
-    """``fn(step)`` for each param as a vector like ``like`` (the steps may differ on the eager path)."""
-    s = ctx.per_step(fn)
-    return like.new_tensor(s) if isinstance(s, list) else s
 
 
 def scale_by_nadam(
@@ -71,8 +67,8 @@ def scale_by_nadam(
             ops.mul_(prod, ctx.per_step(mu))
             # the coefficients depend on the stored product (one per tensor): a vector, no host sync
             pv = ctx.state_vector(prod)
-            cg = ctx.per_tensor((1.0 - pv).reciprocal() * _vector(ctx, lambda t: 1.0 - mu(t), pv))
-            mu_next = _vector(ctx, lambda t: mu(t + 1), pv)
+            cg = ctx.per_tensor((1.0 - pv).reciprocal() * ctx.per_step_vector(lambda t: 1.0 - mu(t), pv))
+            mu_next = ctx.per_step_vector(lambda t: mu(t + 1), pv)
             cm = ctx.per_tensor((1.0 - pv * mu_next).reciprocal() * mu_next)
         out = torch._foreach_mul(m, cm)
         ops.axpy_(out, updates, cg)

@@ -171,7 +171,7 @@ def schedule_free(
         beta = hp["betas"][0] if betas is not None else hp["momentum"]
         lr, warmup, r_, power = hp["lr"], hp["warmup_steps"], hp["r"], hp["weight_lr_power"]
         lr_max_v, wsum_v = ctx.state_vector(state["lr_max"]), ctx.state_vector(state["weight_sum"])
-        t = torch.as_tensor(ctx.per_step(lambda s: s), dtype=torch.float64, device=lr_max_v.device)
+        t = torch.as_tensor(ctx.per_step_vector(lambda s: s, lr_max_v), dtype=torch.float64, device=lr_max_v.device)
         lr_t = lr * torch.where(t - 1 < warmup, t / warmup, torch.ones_like(t))
         lr_max_v = torch.maximum(lr_max_v, lr_t)
         weight = t**r_ * lr_max_v**power
