@@ -64,9 +64,12 @@ def scale_by_nadam(
         else:
             mu = lambda t: b1 * (1.0 - 0.5 * 0.96 ** (t * psi))  # noqa: E731
             prod = state["mu_product"]
-            ops.mul_(prod, ctx.per_step(mu))
-            # the coefficients depend on the stored product (one per tensor): a vector, no host sync
+            # the product as one vector, written back: an in-place op on each 0-d state is lost
+            # when torch.compile (AOT) traces a step and specializes one of them (torch 2.13).
+            # The coefficients depend on it (one per tensor): a vector, no host sync
             pv = ctx.state_vector(prod)
+            pv = pv * ctx.per_step_vector(mu, pv)
+            ctx.store_state_vector(prod, pv)
             cg = ctx.per_tensor((1.0 - pv).reciprocal() * ctx.per_step_vector(lambda t: 1.0 - mu(t), pv))
             mu_next = ctx.per_step_vector(lambda t: mu(t + 1), pv)
             cm = ctx.per_tensor((1.0 - pv * mu_next).reciprocal() * mu_next)
