@@ -42,6 +42,9 @@ COPIED_GRADS_WARN_STEPS = 3
 # runs its compiled segments one param at a time (below it, eagerly: a kernel call per small param
 # costs more than the eager step's list ops over all of them)
 UNEVEN_MIN_NUMEL = 1 << 18
+# after this many steps in a row at which the same params of a flat bucket have no grad, the bucket
+# is made again without them (before, such a step is eager over the bucket's flat buffers)
+SUBSET_FLATTEN_STEPS = 3
 
 
 def _picker(indices: list[int]) -> Callable[[list], tuple]:
@@ -591,14 +594,22 @@ class ChainOptimizer(torch.optim.Optimizer):
             # step found them this bucket's views): nothing to check per tensor again
             fb.grads_taken = False
             fb.copied_steps = 0
+            fb.subset = None
         else:
             params = [x[0] for x in items]
             if fb is not None and len(params) < len(fb.params) and fb.holds(params):
                 # some of the bucket's params have no grad this step: an eager step skips them, as
                 # torch does, and the flat buffers stay for the steps where they all have one (made
                 # again for this subset, they would cost a copy of the bucket and a compile now,
-                # and the same again at the next step)
-                return False
+                # and the same again at the next step). The same params without a grad for
+                # SUBSET_FLATTEN_STEPS steps in a row (a frozen layer): the bucket is made again without them
+                ids = frozenset(map(id, params))
+                seen = fb.subset[1] + 1 if fb.subset is not None and fb.subset[0] == ids else 1
+                fb.subset = (ids, seen)
+                if seen < SUBSET_FLATTEN_STEPS:
+                    return False
+            elif fb is not None:
+                fb.subset = None
             if fb is None or len(fb.params) != len(params) or not all(map(operator.is_, fb.params, params)) \
                     or not fb.intact():
                 fb = self._flatten(key, items)

@@ -364,6 +364,28 @@ def test_uneven_steps_run_one_param_at_a_time(name: str, aot_eager, monkeypatch)
     assert sum("one param at a time" in m for m in messages) >= 1
 
 
+def test_params_without_grads_for_a_few_steps_leave_the_bucket(aot_eager) -> None:
+    # a layer frozen for good (its grads None from step 2 on): eager steps over the same flat
+    # buffers at first, then the bucket is made again without it, one kernel with even steps
+    runs = []
+    for fused in (False, True):
+        named = make_params(torch.float64)
+        opt = gc.ChainOptimizer(named, recipes.adamw(), fused=fused)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for i in range(8):
+                set_grads(named, i, torch.float64)
+                if i >= 2:
+                    named[0][1].grad = None  # the conv weight
+                opt.step()
+        runs.append((named, opt))
+    assert_same(*runs[0], *runs[1], rtol=1e-12, atol=1e-14)
+    named, opt = runs[1]
+    (fb,) = opt._flats.values()
+    assert len(fb.params) == len(named) - 1 and not fb.uneven
+    assert float(opt.state[named[0][1]]["step"]) == 2.0 and float(opt.state[named[1][1]]["step"]) == 8.0
+
+
 @pytest.mark.parametrize("name", ["prodigy", "lookahead", "fractional_adam", "adalo"])
 def test_uneven_steps_fall_back_where_a_transform_needs_one_step(name: str, aot_eager, monkeypatch) -> None:
     # a reduction over every bucket (Prodigy), a wrapper's sync (Lookahead), host values of the

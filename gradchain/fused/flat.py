@@ -60,6 +60,9 @@ class FlatBucket:
         self.grads_taken = False
         # whether the params' step counts differ (then compiled segments run one param at a time)
         self.uneven = False
+        # the params with a grad at the last steps, when some of the bucket's had none, and for how
+        # many steps in a row (ChainOptimizer makes the bucket again without the others at a few)
+        self.subset: tuple[frozenset[int], int] | None = None
         # consecutive steps whose grads were copied in (ChainOptimizer warns at a few)
         self.copied_steps = 0
         for p, v, gv in zip(params, self.param_views, self.grad_views):
