@@ -19,7 +19,7 @@ import math
 import time
 import types
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -48,12 +48,17 @@ def _end(b: Bucket, state: dict, last: bool, out: Tensor | None, update: bool = 
     the flat storage; then the final write (``last``), or the update into ``out`` (a buffer kept from
     step to step: no fresh full-size allocation), or the update returned."""
     for key, lst in b.state.items():
-        if lst[0] is not state[key][0]:
-            state[key][0].copy_(lst[0])
+        for new, kept in zip(lst, state[key]):
+            if new is not kept:
+                kept.copy_(new)
     if not update:
         return None
     if last:
         b.write()
+        return None
+    if isinstance(out, list):  # params of one shape traced together: each update into its own view
+        for o, u in zip(out, b.materialize(), strict=True):
+            o.copy_(u)
         return None
     if out is not None:
         out.copy_(b.materialize()[0])
@@ -65,8 +70,10 @@ def _segment(leaves: list[Leaf], last: bool):
     def run(params, grads, updates, state, resolved, host, step, loss, dtype, tensor_scalars, segments, out=None,
             host_values=None):
         shared = {"host_hyperparams": host, "host_values": host_values}
-        b = Bucket(params, grads, dict(state), [step] if tensor_scalars else [], [None], {}, loss, shared, dtype,
-                   step_values=[step], tensor_scalars=tensor_scalars, resolved=resolved)
+        # one step count, or one per param (params of one shape traced together, their counts uneven)
+        steps = step if isinstance(step, list) else [step]
+        b = Bucket(params, grads, dict(state), steps if tensor_scalars else [], [None] * len(params), {}, loss,
+                   shared, dtype, step_values=steps, tensor_scalars=tensor_scalars, resolved=resolved)
         b.segments = segments
         if updates is not None:
             b.updates = list(updates)
@@ -294,6 +301,7 @@ class Segment:
         self.last = False
         self.per_tensor = False  # compiled one param at a time (a kernel per shape), not over the flat buffer
         self.static_shapes: set[tuple[int, ...]] = set()
+        self.group_keys: set[tuple] = set()  # the shape groups compiled for buckets of uneven step counts
         # whose state these keep or read (declared in ``reads_state``: AdamS reads Adam's v)
         self.owners = state_owners(transforms)
         # group keys, which a renamed transform's differ from its local names (adamw_eps_root)
@@ -417,7 +425,8 @@ class FusedChain:
         # nothing to compile: the fused step is the eager step (over the same flat storage)
         self.all_eager = not any(s.compiled for s in self.segments)
         # a bucket whose params have taken different numbers of steps (one had no grad at a step)
-        # can run its compiled segments one param at a time, each with its own step count, unless
+        # can run its compiled segments per shape (the params of a shape traced together, a step count
+        # each) and per param for the rest, unless
         # a transform needs one step for the whole bucket: host values of the step (host_step), a
         # reduction over every bucket (fused_phases), a factor from the loss (step_scales) or a
         # wrapper's sync (Lookahead)
@@ -517,7 +526,9 @@ class FusedChain:
                         resolved: dict, tensor_hp: list, host_step: float, loss: Tensor | None,
                         dtype: torch.dtype) -> Tensor | None:
         """A segment compiled for one param at a time (a kernel per shape) over per-param views:
-        transforms that are elementwise for other shapes only (Adafactor's factored matrices).
+        transforms that are elementwise for other shapes only (Adafactor's factored matrices), and
+        any compiled segment of a bucket whose step counts differ (its params of one shape first,
+        together: :meth:`_run_shape_groups`).
         Each param's update goes into its view of a kept flat buffer, which is returned."""
         _tensor_hp(tensor_hp, i, resolved, fb)
         host = seg.host(resolved)
@@ -532,7 +543,12 @@ class FusedChain:
         def make():
             return _segment(seg.transforms, seg.last)
 
-        for j, p in enumerate(fb.param_views):
+        rest: Sequence[int] = range(len(fb.param_views))
+        if fb.uneven and not seg.per_tensor and self.compile:
+            rest = self._run_shape_groups(seg, fb, grads, ups, outs, renames, tensor_hp[i], host, lossv, dtype,
+                                          values, make)
+        for j in rest:
+            p = fb.param_views[j]
             st = fb.states[j]
             state = _renamed({k: [st[k]] for k in seg.keys_of(st)}, renames)
             views = [p, grads[j], None if ups is None else ups[j], None if outs is None else outs[j]]
@@ -555,6 +571,34 @@ class FusedChain:
             if not ok:
                 make()(*args)
         return flat_out
+
+    def _run_shape_groups(self, seg: Segment, fb: FlatBucket, grads: list[Tensor], ups: list[Tensor] | None,
+                          outs: list[Tensor] | None, renames: dict, hp: dict, host: dict, lossv: Tensor | None,
+                          dtype: torch.dtype, values: dict, make: Any) -> list[int]:
+        """A bucket with uneven step counts: the params that share their shape with others, one
+        compiled call per shape (their list traced together, a step count each), for the first
+        few shapes. Returns the params left for a call each."""
+        by_shape: dict[tuple, list[int]] = {}
+        for j, p in enumerate(fb.param_views):
+            by_shape.setdefault((tuple(p.shape), p.dtype), []).append(j)
+        rest = []
+        for (shape, pdtype), idx in by_shape.items():
+            key = ("shape group", shape, pdtype, len(idx))
+            if len(idx) == 1 or (key not in seg.group_keys and len(seg.group_keys) >= PER_TENSOR_STATIC_SHAPES):
+                rest.extend(idx)
+                continue
+            seg.group_keys.add(key)
+            sts = [fb.states[j] for j in idx]
+            state = _renamed({k: [st[k] for st in sts] for k in seg.keys_of(sts[0])}, renames)
+            args = ([fb.param_views[j] for j in idx], [grads[j] for j in idx],
+                    None if ups is None else [ups[j] for j in idx], state, hp, host,
+                    [fb.flat_steps[j] for j in idx], lossv, dtype, True, None,
+                    None if outs is None else [outs[j] for j in idx], values)
+            ok, _ = self._try_compiled(seg, key, make, args,
+                                       f"{[t.name for t in seg.transforms]} for {len(idx)} params of shape {shape}")
+            if not ok:
+                make()(*args)
+        return sorted(rest)
 
     def _run_phased(self, seg: Segment, flats: list[FlatBucket], groups: list, grads: list[Tensor],
                     updates: list[Tensor | None], resolved: list[dict], tensor_hp: list, host_steps: list[float],
