@@ -80,9 +80,7 @@ def scale_by_amos(
         # factors (a, c) of the update u = a g + c theta, one entry per tensor
         xi, beta, zeta, fr, eps = (hp[k] for k in ("lr", "beta", "zeta", "finetune_rate", "eps"))
         v, b = ctx.state_vector(state["v"]), ctx.state_vector(state["b"])
-        steps = ctx.per_step(lambda t: t)
-        t = torch.stack([torch.as_tensor(x) for x in steps]) if isinstance(steps, list) else torch.as_tensor(steps)
-        t = t.to(device=v.device, dtype=v.dtype)
+        t = torch.as_tensor(ctx.per_step_vector(lambda t: t, v)).to(device=v.device, dtype=v.dtype)
         # a norm, not mean(g * g): no model-sized square of g (max(n, 1): an empty tensor's mean is 0)
         g2 = ctx.tensor_norms(updates, v.dtype) ** 2 / ctx.tensor_numels(updates).to(v.dtype).clamp(min=1.0)
         v_new = v * beta + g2 * (1.0 - beta)
