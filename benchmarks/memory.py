@@ -27,6 +27,7 @@ import inspect
 import platform
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -144,6 +145,92 @@ def step_peak(name: str, shapes: list[tuple[str, tuple[int, ...]]], fused: bool)
     return highest / sum(p.numel() * p.element_size() for _, p in params)
 
 
+def first_step_peak(name: str, shapes: list[tuple[str, tuple[int, ...]]], fused: bool, resumed: bool,
+                    atomic: str = "first") -> float | None:
+    """The most bytes held at once during the first step of ``name`` (the fused path compiled as in
+    a run), counting params, grads and state, over the param bytes (None: not an optimizer).
+    ``resumed``: the state is loaded from a checkpoint first (one eager step of another optimizer)."""
+    if build(name) is None:
+        return None
+    return profile_first_step(lambda ps: ChainOptimizer(ps, build(name), fused=fused, atomic=atomic),
+                              lambda ps: ChainOptimizer(ps, build(name)), shapes, resumed)
+
+
+def torch_first_step_peak(shapes: list[tuple[str, tuple[int, ...]]], resumed: bool) -> float:
+    """:func:`first_step_peak` of ``torch.optim.AdamW(fused=True)``, the reference."""
+    def make(ps: list) -> torch.optim.Optimizer:
+        return torch.optim.AdamW([p for _, p in ps], fused=True)
+
+    return profile_first_step(make, make, shapes, resumed)
+
+
+_MARKER = 3_000_017  # fp32 elements: a size no param or state buffer has
+
+
+def profile_first_step(make: Callable[[list], torch.optim.Optimizer],
+                       make_saved: Callable[[list], torch.optim.Optimizer],
+                       shapes: list[tuple[str, tuple[int, ...]]], resumed: bool) -> float:
+    """Everything is allocated while the profiler records, so that the frees of params and grads the
+    fused path copies into its flat buffers count too; the peak is read from the step on."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        params = [(n, torch.nn.Parameter(torch.randn(s) * 0.02)) for n, s in shapes]  # named: Muon routes by name
+        for _, p in params:
+            p.grad = torch.randn_like(p) * 1e-3
+        opt = make(params)
+        if resumed:
+            saved = make_saved(params)
+            saved.step(lambda: torch.tensor(2.0))
+            opt.load_state_dict(saved.state_dict())
+            del saved
+        marker = torch.empty(_MARKER)  # its free marks the start of the step measured
+        del marker
+        opt.step(lambda: torch.tensor(2.0))
+    held = highest = 0
+    started = False
+    for event in sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                        key=lambda e: e.start_ns()):
+        held += event.nbytes()
+        started = started or event.nbytes() == -_MARKER * 4
+        if started:
+            highest = max(highest, held)
+    return highest / sum(p.numel() * p.element_size() for _, p in params)
+
+
+def measure_first_steps(names: list[str], shapes: list[tuple[str, tuple[int, ...]]]) -> dict[str, tuple]:
+    """Per recipe: first-step peaks (:func:`first_step_peak`) fresh and resumed, eager and fused, and
+    resumed fused with ``atomic="never"``."""
+    out = {}
+    for name in names:
+        cells = (first_step_peak(name, shapes, False, False), first_step_peak(name, shapes, True, False),
+                 first_step_peak(name, shapes, False, True), first_step_peak(name, shapes, True, True),
+                 first_step_peak(name, shapes, True, True, atomic="never"))
+        if None not in cells:
+            out[name] = cells
+            print(f"{name:24s} first-step peak " + " ".join(f"{c:6.2f}" for c in cells) + " x params", flush=True)
+    return out
+
+
+def first_step_table(first: dict[str, tuple], reference: tuple[float, float]) -> str:
+    lines = [
+        "## The first step",
+        "",
+        "The most memory the first step holds at once, params, grads and state included, over the param "
+        "bytes (AdamW holds 4.00 between steps: params, grads and two moments), from a fresh start and "
+        "resumed from a checkpoint (state loaded first), each path as a run takes it (the fused path "
+        "compiles and makes its flat buffers then). A first step runs under a snapshot of the params "
+        "and of the state it did not create (`atomic=\"first\"`), so that a step that raises leaves "
+        "nothing half-updated: after a resume that is a copy of the loaded state; `atomic=\"never\"` "
+        f"takes none. torch.optim.AdamW(fused=True), the reference: {reference[0]:.2f} fresh, "
+        f"{reference[1]:.2f} resumed.",
+        "",
+        "| recipe | fresh, eager | fresh, fused | resumed, eager | resumed, fused | resumed, fused, atomic=\"never\" |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, cells in first.items():
+        lines.append(f"| {name} | " + " | ".join(f"{c:.2f}" for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def measure_peaks(names: list[str], shapes: list[tuple[str, tuple[int, ...]]]) -> dict[str, tuple[float, float]]:
     """``(eager, fused)`` step peaks per recipe (:func:`step_peak`)."""
     out = {}
@@ -230,6 +317,8 @@ def main() -> None:
     ap.add_argument("--step", action="store_true", help="also take one step and check the state did not grow")
     ap.add_argument("--fused", action="store_true", help="also report what fused=True keeps besides params and state")
     ap.add_argument("--peak", action="store_true", help="also report each step's peak besides params, grads and state")
+    ap.add_argument("--first", action="store_true",
+                    help="also report the first step's peak, fresh and resumed, eager and fused")
     ap.add_argument("--out", default=str(Path(__file__).with_name("memory.md")))
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -245,9 +334,13 @@ def main() -> None:
     fused = measure_fused(names, gpt2_shapes(args.scale)) if args.fused else None
     peaks = measure_peaks(names, gpt2_shapes(args.scale)) if args.peak else None
     md = table(rows, count, args.scale, args.step, fused, peaks)
+    if args.first:
+        shapes = gpt2_shapes(args.scale)
+        reference = (torch_first_step_peak(shapes, False), torch_first_step_peak(shapes, True))
+        md += "\n" + first_step_table(measure_first_steps(names, shapes), reference)
     print()
     print(md)
-    flags = "".join(f" --{k}" for k in ("step", "fused", "peak") if getattr(args, k))
+    flags = "".join(f" --{k}" for k in ("step", "fused", "peak", "first") if getattr(args, k))
     head = f"# Optimizer-state memory\n\nGenerated by `python benchmarks/memory.py{flags}`.\n\n"
     Path(args.out).write_text(head + md)
 

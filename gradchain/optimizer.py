@@ -108,7 +108,11 @@ class ChainOptimizer(torch.optim.Optimizer):
     are always checked before anything moves; a step that raises inside a transform is rolled back
     from a snapshot taken on the first step of each structure (``"first"``, the default: which
     params have grads, whether a loss or batch size is given) or on every step (``"always"``, for
-    chains whose transforms may raise on values; it costs a copy of the state per step).
+    chains whose transforms may raise on values; it costs a copy of the state per step). The
+    snapshot is a copy of the params and of the state that existed before the step: at a fresh
+    start a copy of the params, after ``load_state_dict`` the params and the loaded state (for
+    AdamW, three params' worth held during that step). ``"never"`` takes none, as torch.optim: a
+    step that raises part-way may leave some params and state updated.
     """
 
     def __init__(
@@ -128,8 +132,8 @@ class ChainOptimizer(torch.optim.Optimizer):
             raise TypeError(f"state_dtype must be a floating torch.dtype such as torch.bfloat16, got {state_dtype!r}")
         if not isinstance(fused, bool):
             raise TypeError(f"fused must be a bool, got {fused!r}")
-        if atomic not in ("first", "always"):
-            raise ValueError(f"atomic must be 'first' or 'always', got {atomic!r}")
+        if atomic not in ("first", "always", "never"):
+            raise ValueError(f"atomic must be 'first', 'always' or 'never', got {atomic!r}")
         self.state_dtype = state_dtype
         self.fused = fused
         self.atomic = atomic
@@ -168,6 +172,8 @@ class ChainOptimizer(torch.optim.Optimizer):
         # check passed (ids: a new split or a new flat bucket is checked again)
         self._checked: dict[tuple, tuple[int, int]] = {}
         self._created: list = []
+        # during a guarded step (atomic): takes the snapshot, once, right before the first write
+        self._pending_snapshot: Callable[[], None] | None = None
         # the hyperparameter values that passed their checks last (_resolve)
         self._checked_values: dict[str, Any] | None = None
         # the transforms whose checks span param groups (Prodigy's one estimate), found once
@@ -248,6 +254,7 @@ class ChainOptimizer(torch.optim.Optimizer):
         """``(group index, group, [(p, grad, state, name)])`` per bucket: params with a grad, by device and dtype."""
         out = []
         compiling = torch.compiler.is_compiling()
+        fused_split = self.fused and not compiling
         for gi, group in enumerate(self.param_groups):
             params = group["params"]
             if compiling:
@@ -282,7 +289,9 @@ class ChainOptimizer(torch.optim.Optimizer):
                 if not st:
                     st = self._init_param_state(p, name, group)
                     self._created.append(p)
-                split[(p.device, dtype)].append((p, g, st, name))
+                # the fused path holds no reference to a grad it may copy into its flat buffer (that one is
+                # freed there, a param's worth of memory at the first step); the step reads p.grad
+                split[(p.device, dtype)].append((p, None if fused_split else g, st, name))
                 where[(p.device, dtype)].append(i)
                 kept[i] = st
             buckets = list(split.values())
@@ -375,7 +384,7 @@ class ChainOptimizer(torch.optim.Optimizer):
         buckets, states = [], []
         for gi, group, items, steps, resolved in plans:
             params = [x[0] for x in items]
-            grads = [x[1] for x in items]
+            grads = [x[0].grad if x[1] is None else x[1] for x in items]
             if group["maximize"]:
                 grads = torch._foreach_neg(grads)
             sts = [x[2] for x in items]
@@ -487,19 +496,35 @@ class ChainOptimizer(torch.optim.Optimizer):
 
     def _atomic_step(self, loss_t: Tensor | None, batch_size: Any) -> None:
         self._created = []
-        snapshot = None
+        self._pending_snapshot = None
+        taken: list[dict[str, Any]] = []
         try:
             collected = self._collect()
             key = self._structure(loss_t, batch_size, collected)
-            guard = self.atomic == "always" or key not in self._proven
-            snapshot = self._snapshot(collected) if guard else None
+            if self.atomic == "always" or (self.atomic == "first" and key not in self._proven):
+                # taken right before the first write: after the fused path has moved params and state
+                # into its flat buffers, so the snapshot holds what a rollback must restore (the flat
+                # views) and the copies of the params it displaced are already freed
+                self._pending_snapshot = lambda: taken.append(self._snapshot(collected))
             fused = self.fused and batch_size is None and not self._fused_chain.all_eager
             if not (fused and self._step_fused(loss_t, collected)):
+                self._take_snapshot()
                 self._step_eager(loss_t, batch_size, collected)
         except BaseException:
-            self._rollback(snapshot)
+            if self.atomic == "never":
+                for fb in self._flats.values():
+                    fb.step_host = None  # read again from the step counts, whichever moved
+            else:
+                self._rollback(taken[0] if taken else None)
             raise
+        finally:
+            self._pending_snapshot = None
         self._proven.add(key)
+
+    def _take_snapshot(self) -> None:
+        if self._pending_snapshot is not None:
+            take, self._pending_snapshot = self._pending_snapshot, None
+            take()
 
     # -- all or nothing ------------------------------------------------------------------------
     def _structure(self, loss: Tensor | None, batch_size: Any, collected: list) -> tuple:
@@ -521,8 +546,15 @@ class ChainOptimizer(torch.optim.Optimizer):
         }
 
     def _rollback(self, snapshot: dict[str, Any] | None) -> None:
+        created = set(map(id, self._created))
         for p in self._created:
             self.state.pop(p, None)
+        # a flat bucket made this step over state that is now dropped: made again at the next step,
+        # from the params (their values restored) and the state then made
+        for key in [k for k, fb in self._flats.items() if any(id(p) in created for p in fb.params)]:
+            del self._flats[key]
+        self._collected.clear()
+        self._checked.clear()
         if snapshot is None:
             return
         for p, value in snapshot["params"]:
@@ -557,6 +589,7 @@ class ChainOptimizer(torch.optim.Optimizer):
             resolved.append(self._resolve(group, int(fb.step_host) + 1))
             host_steps.append(fb.step_host + 1.0)
         self._validate_across_groups(resolved)
+        self._take_snapshot()
         for fb in flats:
             fb.flat_steps.add_(1.0)
             fb.step_host += 1.0
@@ -682,6 +715,9 @@ class ChainOptimizer(torch.optim.Optimizer):
         old = self._flats.pop(key, None)
         if old is not None:
             old.resync_state()
+        # the kept split holds this step's grads, which the flat buffer replaces: let them go first
+        self._collected.pop(key[0], None)
+        self._checked.pop(key, None)
         fb = FlatBucket(params, [x[2] for x in items], [x[3] for x in items])
         fb.step_host = None
         self._flats[key] = fb

@@ -111,6 +111,66 @@ def test_a_failing_transform_leaves_params_and_state_as_before(atomic: str) -> N
             assert not opt.state.get(p)  # no state appears for a step that did not happen
 
 
+def raising_once(raises: bool = True) -> gc.Leaf:
+    """Raises at its first call only: the step is then taken again, as a caller who caught it would."""
+    raised = [] if raises else [False]
+
+    def update(updates, state, hp, ctx):
+        if not raised:
+            raised.append(True)
+            raise RuntimeError("boom")
+        return updates
+
+    return gc.transform("boom", {}, None, update)
+
+
+@pytest.mark.parametrize("resumed", [False, True], ids=["fresh", "resumed"])
+@pytest.mark.parametrize("fused", [False, True], ids=["eager", "fused"])
+def test_a_first_step_that_raises_leaves_the_run_as_if_it_had_not_happened(fused: bool, resumed: bool) -> None:
+    # the fused path moves params and state into its flat buffers before it writes: the rollback
+    # must restore those buffers (not the tensors they replaced) and forget a bucket made over
+    # state that the failed step created
+    def run(fail: bool) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(5, dtype=torch.float64)),
+                  torch.nn.Parameter(torch.randn(2, 3, dtype=torch.float64))]
+        chain = gc.chain(gc.scale_by_adam(), raising_once(fail), gc.scale_by_lr(0.1))
+        opt = gc.ChainOptimizer(params, chain, fused=fused)
+        gen = torch.Generator().manual_seed(1)
+        if resumed:
+            saved = gc.ChainOptimizer(params, gc.chain(gc.scale_by_adam(), raising_once(False), gc.scale_by_lr(0.1)))
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen, dtype=torch.float64)
+            saved.step()
+            opt.load_state_dict(saved.state_dict())
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen, dtype=torch.float64)
+            if fail and _ == 0:
+                with pytest.raises(RuntimeError, match="boom"):
+                    opt.step()
+            opt.step()
+        state = opt.state_dict()["state"]
+        return [p.detach().clone() for p in params] + [v for st in state.values() for v in st.values()]
+
+    for got, want in zip(run(fail=True), run(fail=False), strict=True):
+        assert torch.equal(got, want)
+
+
+def test_atomic_never_takes_no_snapshot() -> None:
+    # torch.optim's behaviour, for a step that cannot afford a copy: what ran before the raise stays
+    params = [torch.nn.Parameter(torch.randn(5))]
+    opt = gc.ChainOptimizer(params, gc.chain(gc.scale_by_adam(), raising_once(), gc.scale_by_lr(0.1)),
+                            atomic="never")
+    params[0].grad = torch.randn(5)
+    with pytest.raises(RuntimeError, match="boom"):
+        opt.step()
+    assert float(opt.state[params[0]]["step"]) == 1.0
+    assert torch.equal(opt.state[params[0]]["adam.exp_avg"], 0.1 * params[0].grad)
+    with pytest.raises(ValueError, match="atomic must be 'first', 'always' or 'never'"):
+        gc.ChainOptimizer(params, recipes.adamw(), atomic="sometimes")
+
+
 def test_an_invalid_schedule_value_moves_nothing() -> None:
     params = [torch.nn.Parameter(torch.randn(5))]
     opt = gc.ChainOptimizer(params, recipes.adamw())

@@ -127,3 +127,20 @@ def test_workspaces_are_freed_after_each_step_off_the_cpu(monkeypatch) -> None:
     steps(ref, oe, 3)
     assert_same(list(zip("abc", freed)), of, list(zip("abc", ref)), oe, rtol=1e-12, atol=1e-14)
     assert_same(list(zip("abc", freed)), of, list(zip("abc", kept)), ok, rtol=0, atol=0)
+
+
+def test_the_first_fused_step_frees_the_tensors_its_flat_buffers_replace() -> None:
+    # at the first step the fused path copies params and grads into flat buffers; the storages they
+    # replace must not stay alive through the optimizer (a params' worth of memory each)
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    ps = [nn.Parameter(torch.randn(64, 32)), nn.Parameter(torch.randn(32))]
+    opt = gc.ChainOptimizer(ps, recipes.adamw(), fused=True)
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    old = [StorageWeakRef(t.untyped_storage()) for p in ps for t in (p, p.grad)]
+    assert not any(r.expired() for r in old)
+    opt.step()
+    assert all(r.expired() for r in old)
+    (fb,) = opt._flats.values()
+    assert ps[0].grad.data_ptr() == fb.flat_grads.data_ptr() and ps[0].data_ptr() == fb.flat_params.data_ptr()

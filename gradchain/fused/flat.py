@@ -53,9 +53,15 @@ class FlatBucket:
         self._workspace_views: dict[int, tuple[Tensor, list[Tensor]]] = {}
         # the step's hyperparameters as 0-d tensors, kept while their values stay (fused.runner)
         self.hp_cache: dict[str, tuple[Any, Tensor]] = {}
+        # params first, then grads: each one copied in frees the tensor it replaces (where nothing else
+        # holds it) before the next flat buffer is made, so making the bucket needs one model-sized
+        # buffer more than it ends with, not two
         self.flat_params = torch.zeros(total, dtype=p0.dtype, device=p0.device)
-        self.flat_grads = torch.zeros(total, dtype=p0.dtype, device=p0.device)
         self.param_views = self._views(self.flat_params)
+        for p, v in zip(params, self.param_views):
+            v.copy_(p.detach())
+            p.data = v
+        self.flat_grads = torch.zeros(total, dtype=p0.dtype, device=p0.device)
         self.grad_views = self._views(self.flat_grads)
         self.grads_taken = False
         # whether the params' step counts differ (then compiled segments run per shape, a step count per param)
@@ -65,9 +71,7 @@ class FlatBucket:
         self.subset: tuple[frozenset[int], int] | None = None
         # consecutive steps whose grads were copied in (ChainOptimizer warns at a few)
         self.copied_steps = 0
-        for p, v, gv in zip(params, self.param_views, self.grad_views):
-            v.copy_(p.detach())
-            p.data = v
+        for p, gv in zip(params, self.grad_views):
             if p.grad is not None:
                 self.take_grad(p, gv)
         self._param_ptrs = [p.data_ptr() for p in params]
