@@ -1053,7 +1053,7 @@ class Leaf(Transform):
                 b.updates = list(self._update(b.updates, local, hp, b))
                 for k, v in local.items():
                     b.state[prefix + k] = v
-            elif b.tensor_scalars:
+            elif b.tensor_scalars and "host_values" in b.shared:
                 # fused: the runner has called host_step and passed its state already renamed
                 b.host_values = [b.shared["host_values"][self.name]]
                 try:
@@ -1062,6 +1062,10 @@ class Leaf(Transform):
                     b.host_values = None
                 for k, v in local.items():
                     b.state[prefix + k] = v
+            elif b.tensor_scalars:
+                # the eager step traced into a user's torch.compile: the step counts are values the
+                # trace does not have; this transform runs outside the graph (a graph break)
+                self._apply_host_step_outside_graph(b, local, hp)
             else:
                 self._apply_host_step(b, local, hp)
 
@@ -1084,10 +1088,14 @@ class Leaf(Transform):
                 local = {k[len(prefix):]: v for k, v in b.state.items() if k.startswith(prefix)}
                 b.updates = list(self._from_state(local, self.hp(b), b))  # type: ignore[misc]
 
+    @torch.compiler.disable
+    def _apply_host_step_outside_graph(self, b: Bucket, stored: dict[str, list], hp: Mapping[str, Any]) -> None:
+        self._apply_host_step(b, stored, hp)
+
     def _apply_host_step(self, b: Bucket, stored: dict[str, list], hp: Mapping[str, Any]) -> None:
         """The update of a ``host_step`` transform on the eager path: its values and state names per
         tensor (each tensor has its own step count)."""
-        made = [self.host_step(hp, round(t)) for t in b.step_values]
+        made = [self.host_step(hp, round(float(t))) for t in b.step_values]
         renamed = {s for m in made for s in m.state.values()}
         seen = {k: v for k, v in stored.items() if k not in renamed}
         for v in {v for m in made for v in m.state}:

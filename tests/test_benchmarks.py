@@ -259,3 +259,21 @@ def test_compile_time_reports_a_child_that_times_out(compile_time, monkeypatch: 
     monkeypatch.setattr(compile_time.subprocess, "run", hangs)
     args = compile_time.argparse.Namespace(sizes="tiny", threads=1, steps=1, timeout=7.0)
     assert compile_time.run_child("adamw", "c", args, "/nonexistent") == "failed: no result within 7 s"
+
+
+def test_memory_reports_the_first_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    # --first: the first step's peak, params, grads and state included. AdamW holds 4 params' worth
+    # between steps; its first step adds the atomic snapshot (a copy of the params, and after a
+    # resume of the loaded moments too) and, fused, one flat buffer in the making, never both at once
+    monkeypatch.syspath_prepend(str(BENCH))
+    monkeypatch.setattr(runner, "BACKEND", "inductor")  # AdamW's kernel, not its ops one by one
+    monkeypatch.setattr(pieces, "_primed", True)  # the allocator's one-time 16 MB block, not counted
+    memory = importlib.import_module("memory")
+    shapes = memory.gpt2_shapes(scale=0.05, layers=2)
+    cells = memory.measure_first_steps(["adamw"], shapes)["adamw"]
+    # the eager step's own temporaries (a model this small runs in one piece) come on top of the snapshot
+    extra = memory.measure_peaks(["adamw"], shapes)["adamw"][0]
+    assert cells == pytest.approx((5.0 + extra, 5.0, 7.0 + extra, 7.0, 5.0), abs=0.1), (cells, extra)
+    assert memory.torch_first_step_peak(shapes, resumed=True) == pytest.approx(4.0, abs=0.1)
+    md = memory.first_step_table({"adamw": cells}, (4.0, 4.0))
+    assert "resumed, fused" in md and f"| adamw | {cells[0]:.2f} |" in md
