@@ -69,6 +69,51 @@ class _EagerSplit(NamedTuple):
     kept: list[dict | None]  # per param, its state dict (None: no grad)
 
 
+class _ParamState(dict):
+    """A param's state dict that counts its edits (an entry set or removed) in a counter its
+    optimizer shares: the fused path's state entries are views into flat buffers, and an entry a
+    user replaced (``opt.state[p]["step"] = torch.tensor(0.0)``) is copied into them before the next
+    step. Pickled and copied as a plain dict."""
+
+    __slots__ = ("_edits",)
+
+    def __init__(self, entries: dict, edits: list[int]) -> None:
+        super().__init__(entries)
+        self._edits = edits
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        dict.__setitem__(self, key, value)
+        self._edits[0] += 1
+
+    def __delitem__(self, key: Any) -> None:
+        dict.__delitem__(self, key)
+        self._edits[0] += 1
+
+    def __ior__(self, other: Any) -> _ParamState:
+        self.update(other)
+        return self
+
+    def _edited(name: str) -> Callable:  # type: ignore[misc]
+        method = getattr(dict, name)
+
+        def edit(self: _ParamState, *args: Any, **kwargs: Any) -> Any:
+            self._edits[0] += 1
+            return method(self, *args, **kwargs)
+
+        edit.__name__ = name
+        return edit
+
+    pop = _edited("pop")
+    popitem = _edited("popitem")
+    clear = _edited("clear")
+    update = _edited("update")
+    setdefault = _edited("setdefault")
+    del _edited
+
+    def __reduce__(self) -> tuple:
+        return (dict, (dict(self),))
+
+
 class FusedGradientCopyWarning(UserWarning):
     """The fused path copies gradients that arrive as new tensors at every step (a cost, not an error)."""
 
@@ -172,6 +217,12 @@ class ChainOptimizer(torch.optim.Optimizer):
         # check passed (ids: a new split or a new flat bucket is checked again)
         self._checked: dict[tuple, tuple[int, int]] = {}
         self._created: list = []
+        # edits of the params' state dicts (_ParamState), and the count the fused path last read them at
+        self._state_edits = [0]
+        self._edits_seen = 0
+        state = self.__dict__.get("state", {})  # (none yet when called from __init__)
+        for p, st in list(state.items()):
+            state[p] = _ParamState(st, self._state_edits)
         # during a guarded step (atomic): takes the snapshot, once, right before the first write
         self._pending_snapshot: Callable[[], None] | None = None
         # the hyperparameter values that passed their checks last (_resolve)
@@ -225,7 +276,7 @@ class ChainOptimizer(torch.optim.Optimizer):
                 shaped = {k for k, v in probe.items() if v.dim() > 0}
             st = {k: v.to(self.state_dtype) if v.is_floating_point() and k in shaped else v for k, v in st.items()}
         st["step"] = torch.zeros((), dtype=torch.float32)
-        self.state[p] = st
+        st = self.state[p] = _ParamState(st, self._state_edits)
         return st
 
     @staticmethod
@@ -289,6 +340,8 @@ class ChainOptimizer(torch.optim.Optimizer):
                 if not st:
                     st = self._init_param_state(p, name, group)
                     self._created.append(p)
+                elif type(st) is not _ParamState:  # a dict put in by hand
+                    st = self.state[p] = _ParamState(st, self._state_edits)
                 # the fused path holds no reference to a grad it may copy into its flat buffer (that one is
                 # freed there, a param's worth of memory at the first step); the step reads p.grad
                 split[(p.device, dtype)].append((p, None if fused_split else g, st, name))
@@ -578,6 +631,12 @@ class ChainOptimizer(torch.optim.Optimizer):
         """One step over flat buffers; False (nothing done) when a bucket cannot take it this step."""
         flats, groups, resolved, host_steps, dtypes, labels = [], [], [], [], [], []
         routes = self._fused_chain if isinstance(self._fused_chain, FusedRoutes) else None
+        if self._state_edits[0] != self._edits_seen:
+            # state entries set since the last fused step (by hand, or by an eager step): copied
+            # into the flat buffers, which the kernels read
+            for fb in self._flats.values():
+                fb.resync_state()
+                fb.step_host = None
         for gi, group, bucket in collected:
             for label, items in self._by_label(routes, bucket):
                 if not self._add_flat(gi, group, label, items, flats, groups, dtypes):
@@ -604,6 +663,7 @@ class ChainOptimizer(torch.optim.Optimizer):
                            [dtypes[i] for i in idx], scales)
         for fb in flats:
             fb.end_step()
+        self._edits_seen = self._state_edits[0]
         return True
 
     @staticmethod
@@ -643,8 +703,9 @@ class ChainOptimizer(torch.optim.Optimizer):
                     return False
             elif fb is not None:
                 fb.subset = None
+            # (a param's state dict replaced by hand, or made anew after it was deleted: from it)
             if fb is None or len(fb.params) != len(params) or not all(map(operator.is_, fb.params, params)) \
-                    or not fb.intact():
+                    or not fb.intact() or not all(map(operator.is_, fb.states, [x[2] for x in items])):
                 fb = self._flatten(key, items)
                 if fb is None:
                     return False
@@ -780,6 +841,7 @@ class ChainOptimizer(torch.optim.Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """torch's state dict, plus ``"gradchain"``: the chain's transform names, checked on load."""
         sd = super().state_dict()
+        sd["state"] = {k: dict(v) for k, v in sd["state"].items()}  # plain dicts (torch.load weights_only)
         encode_groups(sd["param_groups"])  # schedules as plain descriptions (torch.load weights_only)
         sd["gradchain"] = {"transforms": self.transform.signature()}
         if self.global_state and sd["param_groups"] and sd["param_groups"][0]["params"]:

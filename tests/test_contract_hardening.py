@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import io
 import pickle
+import warnings
 
 import pytest
 import torch
@@ -155,6 +156,58 @@ def test_a_first_step_that_raises_leaves_the_run_as_if_it_had_not_happened(fused
 
     for got, want in zip(run(fail=True), run(fail=False), strict=True):
         assert torch.equal(got, want)
+
+
+def _reset_moment(opt, p):
+    opt.state[p]["adam.exp_avg"] = torch.zeros_like(p)
+
+
+def _reset_step(opt, p):
+    opt.state[p]["step"] = torch.tensor(0.0)
+
+
+def _copy_dict(opt, p):
+    opt.state[p] = {k: v.clone() for k, v in opt.state[p].items()}
+
+
+def _del_state(opt, p):
+    del opt.state[p]
+
+
+def _update_entries(opt, p):
+    opt.state[p].update({"adam.exp_avg_sq": torch.ones_like(p)})
+
+
+@pytest.mark.parametrize("edit", [_reset_moment, _reset_step, _copy_dict, _del_state, _update_entries,
+                                  lambda opt, p: opt.state.clear()],
+                         ids=["set-entry", "set-step", "new-dict", "del-state", "update", "clear"])
+def test_state_edited_by_hand_between_steps_is_what_the_next_step_reads(edit) -> None:
+    # the fused path keeps state in flat buffers whose views the state dicts hold: an entry or a
+    # dict replaced by hand must reach the kernels, as the eager path reads it (it was ignored, and
+    # a later state_dict() returned the replaced tensors)
+    runs = []
+    for fused in (False, True):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(5, dtype=torch.float64)),
+                  torch.nn.Parameter(torch.randn(2, 3, dtype=torch.float64))]
+        opt = gc.ChainOptimizer(params, recipes.adamw(lr=0.1), fused=fused)
+        gen = torch.Generator().manual_seed(1)
+        for i in range(5):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen, dtype=torch.float64)
+            if i == 2:
+                edit(opt, params[0])
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # a reset step count: the bucket's counts differ
+                opt.step()
+        runs.append((params, opt.state_dict()))
+    (pe, se), (pf, sf) = runs
+    for a, b in zip(pe, pf, strict=True):
+        torch.testing.assert_close(b.detach(), a.detach(), rtol=1e-12, atol=1e-14)
+    for i, st in se["state"].items():
+        assert type(sf["state"][i]) is dict and sf["state"][i].keys() == st.keys()
+        for k, v in st.items():
+            torch.testing.assert_close(sf["state"][i][k], v, rtol=1e-12, atol=1e-14)
 
 
 def test_atomic_never_takes_no_snapshot() -> None:
