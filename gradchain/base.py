@@ -287,6 +287,9 @@ class Bucket:
         self._borrowed: set[int] = set()
         # the values of the transform being applied's ``host_step``, one mapping per tensor
         self.host_values: list[Mapping[str, Any]] | None = None
+        # on the fused path's flat buffer of params whose step counts differ: one count per param
+        # (a vector), read through ``per_step`` and ``per_step_vector`` and broadcast per param
+        self.step_vector: Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.params)
@@ -294,7 +297,10 @@ class Bucket:
     # -- the step count -------------------------------------------------------------------
     @property
     def step_values(self) -> list:
-        """Each tensor's step number (this step included): floats on the eager path, 0-d tensors traced."""
+        """Each tensor's step number (this step included): floats on the eager path, 0-d tensors traced
+        (on a flat buffer with a count per param, each element's count)."""
+        if self.step_vector is not None:
+            return self.per_tensor(self.step_vector.to(self.dtype))
         if self._step_values is None:
             self._step_values = torch.stack(self.steps).tolist() if self.steps else []
         return self._step_values
@@ -309,6 +315,8 @@ class Bucket:
 
         A float on the eager path; on the fused path the bucket's one step count, a 0-d tensor.
         """
+        if self.step_vector is not None:
+            return None
         v = self.step_values
         if not v:
             return None
@@ -326,6 +334,10 @@ class Bucket:
 
     def per_step(self, fn: Callable[[Any], Any]) -> Scalar:
         """``fn(step)`` as one value when all tensors share a step, else a list (one per tensor)."""
+        if self.step_vector is not None:
+            # worked out once per param in float64 (as the host does), then broadcast per param
+            v = fn(self.step_vector)
+            return self.per_tensor(v.to(self.dtype)) if isinstance(v, Tensor) and v.dim() else v
         s = self.step
         if s is not None:
             return fn(s)
@@ -335,6 +347,8 @@ class Bucket:
         """``fn(step)`` for each tensor as one vector of ``like``'s dtype and device (one value when
         all tensors share a step, as :meth:`per_step`). Host numbers eagerly; traced, 0-d tensors
         stacked (a new tensor from a list of them would read their values while tracing)."""
+        if self.step_vector is not None:
+            return torch.as_tensor(fn(self.step_vector)).to(like.device, like.dtype)
         s = self.per_step(fn)
         if not isinstance(s, list):
             return s
@@ -644,6 +658,7 @@ class Bucket:
         sub.tensor_scalars, sub.resolved, sub.segments = self.tensor_scalars, self.resolved, None
         sub.scale, sub.decay, sub.divisor, sub.toward = 1.0, 0.0, None, None
         sub.host_values = None
+        sub.step_vector = None  # (the fused path's flat buckets are not split)
         if carry_pending:
             sub.scale, sub.decay = (x if not isinstance(x, list) else pick(x) for x in (self.scale, self.decay))
             d = self.divisor

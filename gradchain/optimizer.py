@@ -38,10 +38,6 @@ _UNEVEN_STEPS = ("its params have taken different numbers of steps (a param had 
 # on the fused path, after this many steps in a row whose grads were new tensors (copied into the
 # flat buffer), a warning says how to keep them views
 COPIED_GRADS_WARN_STEPS = 3
-# the mean elements per param from which a bucket whose params have taken different numbers of steps
-# runs its compiled segments per shape and per param (below it, eagerly: a kernel call per small
-# param costs more than the eager step's list ops over all of them)
-UNEVEN_MIN_NUMEL = 1 << 18
 # after this many steps in a row at which the same params of a flat bucket have no grad, the bucket
 # is made again without them (before, such a step is eager over the bucket's flat buffers)
 SUBSET_FLATTEN_STEPS = 3
@@ -142,9 +138,9 @@ class ChainOptimizer(torch.optim.Optimizer):
     ``from_state``), and ``step_scales`` transforms (a loss-driven lr) as kernel inputs; a chain
     that is one ``partition`` compiles per label. Other transforms run eagerly over views of the
     same storage (:meth:`fused_plan`). ``zero_grad()`` then zeroes the flat grads in place. Once a
-    param has been skipped (no grad at a step), its bucket's step counts differ: its compiled
-    segments then run per shape, each param with its own step (for large params; small ones,
-    and chains needing one step per bucket, step eagerly), with a warning. Inside
+    param has been skipped (no grad at a step), its bucket's step counts differ: its kernels then
+    read a step count per param (compiled once more; chains needing one step per bucket step
+    eagerly), with a warning. Inside
     a ``torch.compile``'d training step, ``step()`` and ``zero_grad()`` of a fused optimizer break
     the graph and run outside it (its own kernels are compiled already); without ``fused`` the
     eager step traces into the graph.
@@ -724,7 +720,8 @@ class ChainOptimizer(torch.optim.Optimizer):
             fb.step_host = fb.uniform_step()
             fb.uneven = fb.step_host is None
             if fb.uneven:
-                if not self._runs_uneven(fb):
+                # a chain that needs one step for the whole bucket steps eagerly
+                if not self._fused_chain.takes_uneven_steps:
                     self._warn_eager(key, _UNEVEN_STEPS)
                     return False
                 # schedules are evaluated at the bucket's largest step, as on the eager path
@@ -735,24 +732,15 @@ class ChainOptimizer(torch.optim.Optimizer):
         dtypes.append(self.state_dtype or compute_dtype(p0.dtype))
         return True
 
-    def _runs_uneven(self, fb: FlatBucket) -> bool:
-        """Whether a bucket whose params have taken different numbers of steps can take a fused step:
-        its compiled segments then run per shape (the params of a shape traced together, each with
-        its own step count) and per param, a kernel call each: worth it for large params only, and
-        never with a 0-d one (torch 2.13 may specialize a 0-d graph input into a number, and its
-        in-place write be lost)."""
-        return (self._fused_chain.takes_uneven_steps and fb.total >= UNEVEN_MIN_NUMEL * len(fb.params)
-                and all(p.dim() > 0 for p in fb.params))
-
     def _warn_per_param(self, key: tuple) -> None:
         if ("uneven", key) not in self._warned:
             self._warned.add(("uneven", key))
             warnings.warn(
                 f"ChainOptimizer(fused=True): the params of param group {key[0]} have taken different numbers "
                 "of steps (a param had no grad at a step and was skipped, as torch does); from now on its "
-                "compiled kernels run one shape at a time, each param with its own step count (slower than "
-                "one kernel for the bucket, and compiled again once). To keep one kernel, give every param a "
-                "grad at every step: opt.zero_grad() keeps the grads, as zeros", UserWarning, stacklevel=4)
+                "kernels read a step count per param (compiled once more, and a little slower). To keep "
+                "the counts even, give every param a grad at every step: opt.zero_grad() keeps the grads, "
+                "as zeros", UserWarning, stacklevel=4)
 
     def _flatten(self, key: tuple, items: list) -> FlatBucket | None:
         params = [x[0] for x in items]

@@ -308,8 +308,9 @@ def test_grads_copied_in_step_after_step_warn_once(aot_eager) -> None:
 
 
 @pytest.mark.parametrize("name", ["adamw", "am_sgd"])  # AM-SGD: a phased transform, one beta for all
-def test_param_without_grad_falls_back_exactly(name: str, aot_eager) -> None:
-    # small params (and a 0-d one): once their step counts differ, the bucket steps eagerly
+def test_param_without_grad_keeps_the_eager_trajectory(name: str, aot_eager) -> None:
+    # small params (and a 0-d one): once their step counts differ, AdamW's kernels read a step count
+    # per param and AM-SGD's bucket steps eagerly, each as the eager path steps
     results = []
     for fused in (False, True):
         named = make_params(torch.float64)
@@ -329,11 +330,12 @@ def test_param_without_grad_falls_back_exactly(name: str, aot_eager) -> None:
     assert any("different numbers of steps" in str(w.message) and "opt.zero_grad()" in str(w.message)
                for w in caught)
     assert ob.compile_seconds > 0  # the first steps were fused
+    assert any("runs on the eager path" in str(w.message) for w in caught) == (name == "am_sgd")
 
 
 def _uneven_run(name: str, fused: bool, skip: int = 2, steps: int = 6):
-    """``name``'s trajectory over the test net without its 0-d param, one param without a grad at step ``skip``."""
-    named = [x for x in make_params(torch.float64) if x[1].dim() > 0]
+    """``name``'s trajectory over the test net, one param without a grad at step ``skip``."""
+    named = make_params(torch.float64)
     opt = gc.ChainOptimizer(named, FACTORIES[name]() if name in FACTORIES else getattr(recipes, name)(), fused=fused)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -349,19 +351,36 @@ def _uneven_run(name: str, fused: bool, skip: int = 2, steps: int = 6):
 
 
 # NAdam: per-param 0-d state; LAMB: per-tensor norms; Adafactor and SMMF: routed by shape (a kernel
-# per large param already); schedule-free: per-tensor state advanced by the step
-@pytest.mark.parametrize("name", ["adamw", "nadam", "lamb", "adafactor", "smmf", "schedule_free_adamw", "sgd"])
-def test_uneven_steps_run_one_param_at_a_time(name: str, aot_eager, monkeypatch) -> None:
-    # large params whose step counts differ (one was skipped without a grad) keep the fused path:
-    # its compiled segments run once per param, each with the param's own step count
-    monkeypatch.setattr(gc.optimizer, "UNEVEN_MIN_NUMEL", 0)
+# per large param); schedule-free and Amos: per-tensor state advanced by the step; Muon: its
+# matrices eager; a bucket of more than 32 params is laid out in rows (chunked)
+@pytest.mark.parametrize("chunked", [False, True], ids=["slices", "rows"])
+@pytest.mark.parametrize("name", ["adamw", "nadam", "lamb", "adafactor", "smmf", "schedule_free_adamw", "sgd",
+                                  "amos", "cautious_adamw", "muon"])
+def test_uneven_steps_keep_one_kernel(name: str, chunked: bool, aot_eager, monkeypatch) -> None:
+    # params whose step counts differ (one was skipped without a grad) keep the fused path: the
+    # kernels read a step count per param, a vector broadcast per param (not a kernel per param)
+    if chunked:
+        monkeypatch.setattr(gc.base, "SEGMENT_UNROLL", 0)
+    per_param = []
+    monkeypatch.setattr(runner.FusedChain, "_run_per_tensor",
+                        _recording(runner.FusedChain._run_per_tensor, per_param))
     a, oa, _ = _uneven_run(name, fused=False)
     b, ob, messages = _uneven_run(name, fused=True)
     assert_same(a, oa, b, ob, rtol=1e-12, atol=1e-14)
     assert float(ob.state[b[1][1]]["step"]) == 5.0 and float(ob.state[b[0][1]]["step"]) == 6.0
     assert any(fb.uneven for fb in ob._flats.values())
     assert not any("runs on the eager path" in m for m in messages)
-    assert sum("one shape at a time" in m for m in messages) >= 1
+    assert sum("a step count per param" in m for m in messages) >= 1
+    # a segment runs per param only where it did with even counts (Adafactor's large matrices)
+    assert all(seg.per_tensor for seg in per_param)
+
+
+def _recording(method, calls: list):
+    def run(self, seg, *args, **kwargs):
+        calls.append(seg)
+        return method(self, seg, *args, **kwargs)
+
+    return run
 
 
 def test_params_without_grads_for_a_few_steps_leave_the_bucket(aot_eager) -> None:
@@ -390,7 +409,6 @@ def test_params_without_grads_for_a_few_steps_leave_the_bucket(aot_eager) -> Non
 def test_uneven_steps_fall_back_where_a_transform_needs_one_step(name: str, aot_eager, monkeypatch) -> None:
     # a reduction over every bucket (Prodigy), a wrapper's sync (Lookahead), host values of the
     # step (the fractional ring) or a factor from the loss (AdaLo): the bucket steps eagerly
-    monkeypatch.setattr(gc.optimizer, "UNEVEN_MIN_NUMEL", 0)
     a, oa, _ = _uneven_run(name, fused=False)
     b, ob, messages = _uneven_run(name, fused=True)
     assert_same(a, oa, b, ob, rtol=1e-12, atol=1e-14)
@@ -400,7 +418,6 @@ def test_uneven_steps_fall_back_where_a_transform_needs_one_step(name: str, aot_
 
 def test_uneven_steps_from_a_checkpoint_run_fused(aot_eager, monkeypatch) -> None:
     # a checkpoint whose params have taken different numbers of steps flattens and steps fused
-    monkeypatch.setattr(gc.optimizer, "UNEVEN_MIN_NUMEL", 0)
     a, oa, _ = _uneven_run("adamw", fused=False, steps=4)
     b = [(n, nn.Parameter(p.detach().clone())) for n, p in a]
     ob = gc.ChainOptimizer(b, recipes.adamw(), fused=True)
@@ -456,7 +473,8 @@ def test_kept_split_sees_every_change(events: dict, aot_eager) -> None:
 
 def test_kept_split_sees_a_replaced_state_dict(aot_eager) -> None:
     # the state's entries are compared by identity in order (no tensor hashing): a param's state
-    # dict replaced, or a new param's state made, is a new split, checked in full again
+    # dict replaced, or a new param's state made, is a new split, checked in full again (and the
+    # flat bucket is made again from the new dict, which then holds the views)
     named = make_params(torch.float32)
     ps = [p for _, p in named]
     opt = gc.ChainOptimizer(named, recipes.adamw(), fused=True)
@@ -476,6 +494,9 @@ def test_kept_split_sees_a_replaced_state_dict(aot_eager) -> None:
     opt._collect()
     assert not opt._checked  # the flat bucket's checks run in full on this step
     step(3)
+    (fb,) = opt._flats.values()
+    assert fb.states[1] is opt.state[ps[1]] and opt.state[ps[1]]["step"] is fb.step_views[1]
+    step(4)
     assert opt._collected_again(0, ps) is not None and opt._checked
     del opt.state[ps[0]]
     opt.state[ps[0]] = {}
@@ -778,3 +799,27 @@ def test_no_float_specializations_leak_into_later_compiles(name: str, monkeypatc
         set_grads(named, i, torch.float32)
         opt.step()
     assert opt.compile_seconds > 0 and TensorifyState.empty()
+
+
+def test_a_transform_that_cannot_take_a_step_count_per_param_runs_eagerly(aot_eager) -> None:
+    # scalar math in Python on the step (min() of a number and the count) traces for neither a
+    # 0-d count nor a vector of them: the segment then runs eagerly over the flat buffers, with
+    # each param's own step count as a number once the counts differ
+    def capped_warmup(steps: int = 4) -> gc.Leaf:
+        def update(updates, state, hp, ctx):
+            return torch._foreach_mul(updates, ctx.per_step(lambda t: min(1.0, float(t) / steps)))
+
+        return gc.transform("capped_warmup", {}, None, update, elementwise=True)
+
+    def chain() -> gc.Transform:
+        return gc.chain(gc.scale_by_adam(), capped_warmup(), gc.scale_by_lr(0.1))
+
+    FACTORIES["capped_warmup_adam"] = chain
+    try:
+        a, oa, _ = _uneven_run("capped_warmup_adam", fused=False)
+        b, ob, messages = _uneven_run("capped_warmup_adam", fused=True)
+    finally:
+        del FACTORIES["capped_warmup_adam"]
+    assert_same(a, oa, b, ob, rtol=1e-12, atol=1e-14)
+    assert any(fb.uneven for fb in ob._flats.values())
+    assert any("could not compile" in m for m in messages)

@@ -64,7 +64,7 @@ class FlatBucket:
         self.flat_grads = torch.zeros(total, dtype=p0.dtype, device=p0.device)
         self.grad_views = self._views(self.flat_grads)
         self.grads_taken = False
-        # whether the params' step counts differ (then compiled segments run per shape, a step count per param)
+        # whether the params' step counts differ (then the kernels read a step count per param)
         self.uneven = False
         # the params with a grad at the last steps, when some of the bucket's had none, and for how
         # many steps in a row (ChainOptimizer makes the bucket again without the others at a few)

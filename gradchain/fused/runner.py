@@ -19,7 +19,7 @@ import math
 import time
 import types
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -70,11 +70,14 @@ def _segment(leaves: list[Leaf], last: bool):
     def run(params, grads, updates, state, resolved, host, step, loss, dtype, tensor_scalars, segments, out=None,
             host_values=None):
         shared = {"host_hyperparams": host, "host_values": host_values}
-        # one step count, or one per param (params of one shape traced together, their counts uneven)
+        # one step count, or one per param: a list (params of one shape traced together), or a
+        # vector over a flat buffer (its params' counts uneven)
         steps = step if isinstance(step, list) else [step]
         b = Bucket(params, grads, dict(state), steps if tensor_scalars else [], [None] * len(params), {}, loss,
                    shared, dtype, step_values=steps, tensor_scalars=tensor_scalars, resolved=resolved)
         b.segments = segments
+        if isinstance(step, Tensor) and step.dim() == 1:
+            b.step_vector = step.to(torch.float64)  # (as the host's step math, and a 0-d float64 count)
         if updates is not None:
             b.updates = list(updates)
         for leaf in leaves:
@@ -301,7 +304,6 @@ class Segment:
         self.last = False
         self.per_tensor = False  # compiled one param at a time (a kernel per shape), not over the flat buffer
         self.static_shapes: set[tuple[int, ...]] = set()
-        self.group_keys: set[tuple] = set()  # the shape groups compiled for buckets of uneven step counts
         # whose state these keep or read (declared in ``reads_state``: AdamS reads Adam's v)
         self.owners = state_owners(transforms)
         # group keys, which a renamed transform's differ from its local names (adamw_eps_root)
@@ -425,9 +427,8 @@ class FusedChain:
         # nothing to compile: the fused step is the eager step (over the same flat storage)
         self.all_eager = not any(s.compiled for s in self.segments)
         # a bucket whose params have taken different numbers of steps (one had no grad at a step)
-        # can run its compiled segments per shape (the params of a shape traced together, a step count
-        # each) and per param for the rest, unless
-        # a transform needs one step for the whole bucket: host values of the step (host_step), a
+        # runs its kernels with a step count per param (a vector, broadcast per param), unless a
+        # transform needs one step for the whole bucket: host values of the step (host_step), a
         # reduction over every bucket (fused_phases), a factor from the loss (step_scales) or a
         # wrapper's sync (Lookahead)
         self.takes_uneven_steps = self.wrapper is None and not any(
@@ -477,10 +478,8 @@ class FusedChain:
                                                loss, shared, dtypes)
                 elif seg.compiled:
                     for i, fb in enumerate(flats):
-                        # uneven step counts: a kernel per param, with the param's own step
-                        run = self._run_per_tensor if fb.uneven else self._run_compiled
-                        updates[i] = run(seg, i, fb, grads[i], updates[i], resolved[i], tensor_hp, host_steps[i],
-                                         loss, dtypes[i])
+                        updates[i] = self._run_compiled(seg, i, fb, grads[i], updates[i], resolved[i], tensor_hp,
+                                                        host_steps[i], loss, dtypes[i])
                 else:
                     updates = self._run_eager(seg, flats, groups, grads, updates, resolved, host_steps, loss, shared,
                                               dtypes)
@@ -501,7 +500,9 @@ class FusedChain:
         state = {k: [fb.flat_state[k]] for k in keys if k in fb.flat_state}
         upd = None if update is None else [update]
         host = seg.host(resolved)
-        segments = fb.segments() if seg.segmented else None
+        # uneven step counts: a count per param, broadcast per param through the bucket's segments
+        step = fb.flat_steps if fb.uneven else fb.flat_steps[0]
+        segments = fb.segments() if seg.segmented or fb.uneven else None
         if self.compile and len(state) == len(keys):
             _tensor_hp(tensor_hp, i, resolved, fb)
             lossv = None if loss is None else loss.detach().to(fb.device)
@@ -509,14 +510,18 @@ class FusedChain:
             ws = None if seg.last else fb.workspace(dtype, avoid=update)
             renames, values = _host_steps(seg, resolved, host_step, fb.device)
             values.update(self._scale_values(seg, fb))
-            args = ([fb.flat_params], [grad], upd, _renamed(state, renames), tensor_hp[i], host, fb.flat_steps[0],
+            args = ([fb.flat_params], [grad], upd, _renamed(state, renames), tensor_hp[i], host, step,
                     lossv, dtype, True, segments, ws, values)
-            # a function of its own per bucket: buckets of other sizes never recompile another's
-            ok, out = self._try_compiled(seg, i, lambda: _segment(seg.transforms, seg.last), args,
-                                         str([t.name for t in seg.transforms]))
+            # a function of its own per bucket: buckets of other sizes never recompile another's (and
+            # one for a count per param: a transform that cannot trace it falls back alone)
+            ok, out = self._try_compiled(seg, (i, "uneven") if fb.uneven else i,
+                                         lambda: _segment(seg.transforms, seg.last), args,
+                                         str([t.name for t in seg.transforms])
+                                         + (" with a step count per param" if fb.uneven else ""))
             if ok:
                 return ws if ws is not None else out
-        if len(state) != len(keys):
+        if len(state) != len(keys) or fb.uneven:
+            # (uneven: each param's update from its own step count, as numbers)
             return self._run_eager(seg, [fb], [None], [grad], [update], [resolved], [host_step], loss, {},
                                    [dtype])[0]
         return seg.eager_fn()([fb.flat_params], [grad], upd, state, resolved, resolved, host_step, loss, dtype,
@@ -526,9 +531,7 @@ class FusedChain:
                         resolved: dict, tensor_hp: list, host_step: float, loss: Tensor | None,
                         dtype: torch.dtype) -> Tensor | None:
         """A segment compiled for one param at a time (a kernel per shape) over per-param views:
-        transforms that are elementwise for other shapes only (Adafactor's factored matrices), and
-        any compiled segment of a bucket whose step counts differ (its params of one shape first,
-        together: :meth:`_run_shape_groups`).
+        transforms that are elementwise for other shapes only (Adafactor's factored matrices).
         Each param's update goes into its view of a kept flat buffer, which is returned."""
         _tensor_hp(tensor_hp, i, resolved, fb)
         host = seg.host(resolved)
@@ -543,11 +546,7 @@ class FusedChain:
         def make():
             return _segment(seg.transforms, seg.last)
 
-        rest: Sequence[int] = range(len(fb.param_views))
-        if fb.uneven and not seg.per_tensor and self.compile:
-            rest = self._run_shape_groups(seg, fb, grads, ups, outs, renames, tensor_hp[i], host, lossv, dtype,
-                                          values, make)
-        for j in rest:
+        for j in range(len(fb.param_views)):
             p = fb.param_views[j]
             st = fb.states[j]
             state = _renamed({k: [st[k]] for k in seg.keys_of(st)}, renames)
@@ -571,34 +570,6 @@ class FusedChain:
             if not ok:
                 make()(*args)
         return flat_out
-
-    def _run_shape_groups(self, seg: Segment, fb: FlatBucket, grads: list[Tensor], ups: list[Tensor] | None,
-                          outs: list[Tensor] | None, renames: dict, hp: dict, host: dict, lossv: Tensor | None,
-                          dtype: torch.dtype, values: dict, make: Any) -> list[int]:
-        """A bucket with uneven step counts: the params that share their shape with others, one
-        compiled call per shape (their list traced together, a step count each), for the first
-        few shapes. Returns the params left for a call each."""
-        by_shape: dict[tuple, list[int]] = {}
-        for j, p in enumerate(fb.param_views):
-            by_shape.setdefault((tuple(p.shape), p.dtype), []).append(j)
-        rest = []
-        for (shape, pdtype), idx in by_shape.items():
-            key = ("shape group", shape, pdtype, len(idx))
-            if len(idx) == 1 or (key not in seg.group_keys and len(seg.group_keys) >= PER_TENSOR_STATIC_SHAPES):
-                rest.extend(idx)
-                continue
-            seg.group_keys.add(key)
-            sts = [fb.states[j] for j in idx]
-            state = _renamed({k: [st[k] for st in sts] for k in seg.keys_of(sts[0])}, renames)
-            args = ([fb.param_views[j] for j in idx], [grads[j] for j in idx],
-                    None if ups is None else [ups[j] for j in idx], state, hp, host,
-                    [fb.flat_steps[j] for j in idx], lossv, dtype, True, None,
-                    None if outs is None else [outs[j] for j in idx], values)
-            ok, _ = self._try_compiled(seg, key, make, args,
-                                       f"{[t.name for t in seg.transforms]} for {len(idx)} params of shape {shape}")
-            if not ok:
-                make()(*args)
-        return sorted(rest)
 
     def _run_phased(self, seg: Segment, flats: list[FlatBucket], groups: list, grads: list[Tensor],
                     updates: list[Tensor | None], resolved: list[dict], tensor_hp: list, host_steps: list[float],
