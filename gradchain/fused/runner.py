@@ -56,10 +56,6 @@ def _end(b: Bucket, state: dict, last: bool, out: Tensor | None, update: bool = 
     if last:
         b.write()
         return None
-    if isinstance(out, list):  # params of one shape traced together: each update into its own view
-        for o, u in zip(out, b.materialize(), strict=True):
-            o.copy_(u)
-        return None
     if out is not None:
         out.copy_(b.materialize()[0])
         return None
@@ -70,13 +66,13 @@ def _segment(leaves: list[Leaf], last: bool):
     def run(params, grads, updates, state, resolved, host, step, loss, dtype, tensor_scalars, segments, out=None,
             host_values=None):
         shared = {"host_hyperparams": host, "host_values": host_values}
-        # one step count, or one per param: a list (params of one shape traced together), or a
-        # vector over a flat buffer (its params' counts uneven)
-        steps = step if isinstance(step, list) else [step]
+        # the bucket's one step count, or a vector of one per param over a flat buffer (uneven counts)
+        vector = isinstance(step, Tensor) and step.dim() == 1
+        steps = [] if vector else [step]
         b = Bucket(params, grads, dict(state), steps if tensor_scalars else [], [None] * len(params), {}, loss,
                    shared, dtype, step_values=steps, tensor_scalars=tensor_scalars, resolved=resolved)
         b.segments = segments
-        if isinstance(step, Tensor) and step.dim() == 1:
+        if vector:
             b.step_vector = step.to(torch.float64)  # (as the host's step math, and a 0-d float64 count)
         if updates is not None:
             b.updates = list(updates)
