@@ -137,12 +137,21 @@ def step_peak(name: str, shapes: list[tuple[str, tuple[int, ...]]], fused: bool)
         opt.step(loss=torch.tensor(2.0))
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
         opt.step(loss=torch.tensor(2.0))
+    return held_peak(prof) / sum(p.numel() * p.element_size() for _, p in params)
+
+
+def held_peak(prof: torch.profiler.profile, start: int | None = None) -> int:
+    """The most bytes held at once, from the profiler's allocation (+) and free (-) events summed
+    in order; with ``start``, counted from the free of that many bytes on (a marker's)."""
     held = highest = 0
+    started = start is None
     for event in sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
                         key=lambda e: e.start_ns()):
         held += event.nbytes()
-        highest = max(highest, held)
-    return highest / sum(p.numel() * p.element_size() for _, p in params)
+        started = started or event.nbytes() == -start
+        if started:
+            highest = max(highest, held)
+    return highest
 
 
 def first_step_peak(name: str, shapes: list[tuple[str, tuple[int, ...]]], fused: bool, resumed: bool,
@@ -185,15 +194,7 @@ def profile_first_step(make: Callable[[list], torch.optim.Optimizer],
         marker = torch.empty(_MARKER)  # its free marks the start of the step measured
         del marker
         opt.step(lambda: torch.tensor(2.0))
-    held = highest = 0
-    started = False
-    for event in sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                        key=lambda e: e.start_ns()):
-        held += event.nbytes()
-        started = started or event.nbytes() == -_MARKER * 4
-        if started:
-            highest = max(highest, held)
-    return highest / sum(p.numel() * p.element_size() for _, p in params)
+    return held_peak(prof, start=_MARKER * 4) / sum(p.numel() * p.element_size() for _, p in params)
 
 
 def measure_first_steps(names: list[str], shapes: list[tuple[str, tuple[int, ...]]]) -> dict[str, tuple]:

@@ -419,9 +419,7 @@ def test_uneven_steps_fall_back_where_a_transform_needs_one_step(name: str, aot_
 def test_uneven_steps_from_a_checkpoint_run_fused(aot_eager, monkeypatch) -> None:
     # a checkpoint whose params have taken different numbers of steps flattens and steps fused
     a, oa, _ = _uneven_run("adamw", fused=False, steps=4)
-    b = [(n, nn.Parameter(p.detach().clone())) for n, p in a]
-    ob = gc.ChainOptimizer(b, recipes.adamw(), fused=True)
-    ob.load_state_dict(oa.state_dict())
+    b, ob = resume(a, saved(oa), recipes.adamw, fused=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for i in range(4, 7):
