@@ -346,8 +346,9 @@ class ChainOptimizer(torch.optim.Optimizer):
             buckets = list(split.values())
             if self.fused and not compiling:
                 # with its grads: they are the flat buffer's views, which live on anyway
+                # (and, filled by _by_label, each bucket's split by route: kept while the split is)
                 self._collected[gi] = (list(params), list(map(_GRAD, params)), self.state, list(self.state),
-                                       list(self.state.values()), list(map(Tensor.data_ptr, params)), buckets)
+                                       list(self.state.values()), list(map(Tensor.data_ptr, params)), buckets, {})
             elif not compiling:
                 # the eager path keeps what tells the split apart, not the grads (freed ones held alive)
                 self._eager_splits[gi] = _EagerSplit(
@@ -634,7 +635,7 @@ class ChainOptimizer(torch.optim.Optimizer):
                 fb.resync_state()
                 fb.step_host = None
         for gi, group, bucket in collected:
-            for label, items in self._by_label(routes, bucket):
+            for label, items in self._by_label(routes, gi, bucket):
                 if not self._add_flat(gi, group, label, items, flats, groups, dtypes):
                     return False
                 labels.append(label)
@@ -662,15 +663,39 @@ class ChainOptimizer(torch.optim.Optimizer):
         self._edits_seen = self._state_edits[0]
         return True
 
-    @staticmethod
-    def _by_label(routes: FusedRoutes | None, items: list) -> list[tuple[Any, list]]:
-        """A bucket's items per partition label (one part, label None, without a partition)."""
+    def _by_label(self, routes: FusedRoutes | None, gi: int, items: list) -> list[tuple[Any, list]]:
+        """A bucket's items per route label (one part, label None, without routes). A bucket of the
+        split ``_collect`` kept is split once, and its parts kept with it: the same lists at every
+        step while nothing they hold changes, so ``_add_flat`` skips its checks per tensor for them
+        as for an unrouted bucket (a label lookup and those checks are a few us per param)."""
         if routes is None:
             return [(None, items)]
+        kept = self._kept_parts(gi, items)
+        if kept is not None and id(items) in kept:
+            return kept[id(items)]
         parts: dict[Any, list] = {}
         for x in items:
             parts.setdefault(routes.label(x[3], x[0]), []).append(x)
-        return list(parts.items())
+        split = list(parts.items())
+        if kept is not None:
+            kept[id(items)] = split
+        return split
+
+    def _kept_parts(self, gi: int, items: list) -> dict[int, list] | None:
+        """The split by route of group ``gi``'s kept buckets, if ``items`` is one of them (ids are
+        safe keys there: the kept split holds the buckets alive)."""
+        last = self._collected.get(gi)
+        return last[7] if last is not None and any(b is items for b in last[6]) else None
+
+    def _kept(self, gi: int, label: Any, items: list) -> bool:
+        """Whether ``items`` is a list the kept split of group ``gi`` holds alive (a bucket, or one
+        of its parts by route), so its id stands for it until that split is dropped."""
+        last = self._collected.get(gi)
+        if last is None:
+            return False
+        if label is None:
+            return True
+        return any(part is items for split in last[7].values() for lb, part in split if lb == label)
 
     def _add_flat(self, gi: int, group: dict, label: Any, items: list, flats: list, groups: list,
                   dtypes: list) -> bool:
@@ -714,7 +739,7 @@ class ChainOptimizer(torch.optim.Optimizer):
             # the split kept by _collect holds the grads just copied in: let them go
             self._collected.pop(gi, None)
             self._checked.pop(key, None)
-        elif label is None and gi in self._collected:
+        elif self._kept(gi, label, items):
             self._checked[key] = (id(items), id(fb))
         if fb.step_host is None:
             fb.step_host = fb.uniform_step()

@@ -432,16 +432,18 @@ def test_uneven_steps_from_a_checkpoint_run_fused(aot_eager, monkeypatch) -> Non
     assert fb.uneven and ob.compile_seconds > 0
 
 
+@pytest.mark.parametrize("name", ["adamw", "muon", "sm3"])  # unrouted; routed by partition; routed by shape
 @pytest.mark.parametrize("events", [{3: "no grad"}, {5: "new grad", 6: "rebound data"}])
-def test_kept_split_sees_every_change(events: dict, aot_eager) -> None:
-    # the fused path reuses the last step's split while params, grads and state dicts stay the same
-    # objects (backward accumulating into the flat views); a grad gone for a step, a new grad tensor
-    # and a rebound p.data must each be seen, with the trajectory the eager path's
+def test_kept_split_sees_every_change(events: dict, name: str, aot_eager) -> None:
+    # the fused path reuses the last step's split (and its split by route) while params, grads and
+    # state dicts stay the same objects (backward accumulating into the flat views); a grad gone
+    # for a step, a new grad tensor and a rebound p.data must each be seen, with the trajectory
+    # the eager path's
     results = []
     for fused in (False, True):
         named = make_params(torch.float64)
         ps = [p for _, p in named]
-        opt = gc.ChainOptimizer(named, recipes.adamw(), fused=fused)
+        opt = gc.ChainOptimizer(named, getattr(recipes, name)(), fused=fused)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the step without a grad warns on the fused path
             for i in range(9):
@@ -464,9 +466,11 @@ def test_kept_split_sees_every_change(events: dict, aot_eager) -> None:
     assert_same(*results[0], *results[1], rtol=1e-12, atol=1e-14)
     named, opt = results[1]
     assert opt._collected_again(0, opt.param_groups[0]["params"]) is not None
-    if "no grad" not in events.values():  # (after which the params' step counts differ: eager)
-        (fb,) = opt._flats.values()
-        assert fb.intact() and all(p.grad is v for (_, p), v in zip(named, fb.grad_views))
+    # the steps since the last change took the fast path in every bucket, routed ones included
+    assert set(opt._checked) == set(opt._flats) and len(opt._flats) == (1 if name == "adamw" else 2)
+    grads = {id(p): p.grad for _, p in named}
+    for fb in opt._flats.values():
+        assert fb.intact() and all(grads[id(p)] is v for p, v in zip(fb.params, fb.grad_views))
 
 
 def test_kept_split_sees_a_replaced_state_dict(aot_eager) -> None:
