@@ -207,6 +207,8 @@ class ChainOptimizer(torch.optim.Optimizer):
         self._step_vectors: dict[tuple, tuple[Tensor, list[Tensor]]] = {}
         # per group (fused path), the last step's params, grads, state (its entries), storages and buckets
         self._collected: dict[int, tuple] = {}
+        # params whose state this step makes later (``_defer_param_state``): id -> (param, name, group)
+        self._pending: dict[int, tuple[Tensor, str | None, dict]] = {}
         # per group (eager path), the last step's split and what it depends on
         self._eager_splits: dict[int, _EagerSplit] = {}
         # per flat bucket key, the kept split's items and the flat bucket that took them with every
@@ -260,6 +262,11 @@ class ChainOptimizer(torch.optim.Optimizer):
 
     # -- state --------------------------------------------------------------------------------
     def _init_param_state(self, p: Tensor, name: str | None, group: dict[str, Any]) -> dict[str, Tensor]:
+        st = self.state[p] = _ParamState(self._new_state(p, name, group), self._state_edits)
+        return st
+
+    def _new_state(self, p: Tensor, name: str | None, group: dict[str, Any]) -> dict[str, Tensor]:
+        """A new state for ``p``: the chain's, in ``state_dtype`` if set, and its step count (0)."""
         with initializing_for(group):
             st = self.transform.init_state(p, name)
         if self.state_dtype is not None:
@@ -272,8 +279,28 @@ class ChainOptimizer(torch.optim.Optimizer):
                 shaped = {k for k, v in probe.items() if v.dim() > 0}
             st = {k: v.to(self.state_dtype) if v.is_floating_point() and k in shaped else v for k, v in st.items()}
         st["step"] = torch.zeros((), dtype=torch.float32)
-        st = self.state[p] = _ParamState(st, self._state_edits)
         return st
+
+    def _defer_param_state(self, p: Tensor, name: str | None, group: dict[str, Any]) -> dict[str, Tensor]:
+        """A state of ``p`` that holds only its step count (0) until the fused path makes the rest
+        inside its flat buffers (``FlatBucket``'s ``fill``), or the step goes eager (``_fill_pending``)."""
+        st = self.state[p] = _ParamState({"step": torch.zeros((), dtype=torch.float32)}, self._state_edits)
+        self._pending[id(p)] = (p, name, group)
+        return st
+
+    def _fill_pending_state(self, p: Tensor, st: dict) -> bool:
+        """Make the state of ``p`` in place if it was deferred; whether it was."""
+        entry = self._pending.pop(id(p), None)
+        if entry is None or entry[0] is not p:
+            return False
+        dict.clear(st)
+        dict.update(st, self._new_state(*entry))
+        return True
+
+    def _fill_pending(self) -> None:
+        """Make every deferred state that the fused path did not (the step goes eager)."""
+        for p, _, _ in list(self._pending.values()):
+            self._fill_pending_state(p, self.state[p])
 
     @staticmethod
     def _names(group: dict[str, Any]) -> list[str | None]:
@@ -297,8 +324,10 @@ class ChainOptimizer(torch.optim.Optimizer):
         return self.global_state
 
     # -- the step -----------------------------------------------------------------------------
-    def _collect(self) -> list[tuple[int, dict, list]]:
-        """``(group index, group, [(p, grad, state, name)])`` per bucket: params with a grad, by device and dtype."""
+    def _collect(self, defer: bool = False) -> list[tuple[int, dict, list]]:
+        """``(group index, group, [(p, grad, state, name)])`` per bucket: params with a grad, by device
+        and dtype. With ``defer``, a param without state gets one that holds only its step count,
+        made whole later in the step (``_defer_param_state``)."""
         out = []
         compiling = torch.compiler.is_compiling()
         fused_split = self.fused and not compiling
@@ -334,7 +363,8 @@ class ChainOptimizer(torch.optim.Optimizer):
                     )
                 st = self.state.get(p)
                 if not st:
-                    st = self._init_param_state(p, name, group)
+                    make = self._defer_param_state if defer and not compiling else self._init_param_state
+                    st = make(p, name, group)
                     self._created.append(p)
                 elif type(st) is not _ParamState:  # a dict put in by hand
                     st = self.state[p] = _ParamState(st, self._state_edits)
@@ -548,16 +578,18 @@ class ChainOptimizer(torch.optim.Optimizer):
         self._created = []
         self._pending_snapshot = None
         taken: list[dict[str, Any]] = []
+        fused = self.fused and batch_size is None and not self._fused_chain.all_eager
         try:
-            collected = self._collect()
+            # the fused path makes a new param's state inside its flat buffers, a param at a time
+            collected = self._collect(defer=fused)
             key = self._structure(loss_t, batch_size, collected)
             if self.atomic == "always" or (self.atomic == "first" and key not in self._proven):
                 # taken right before the first write: after the fused path has moved params and state
                 # into its flat buffers, so the snapshot holds what a rollback must restore (the flat
                 # views) and the copies of the params it displaced are already freed
                 self._pending_snapshot = lambda: taken.append(self._snapshot(collected))
-            fused = self.fused and batch_size is None and not self._fused_chain.all_eager
             if not (fused and self._step_fused(loss_t, collected)):
+                self._fill_pending()
                 self._take_snapshot()
                 self._step_eager(loss_t, batch_size, collected)
         except BaseException:
@@ -569,6 +601,7 @@ class ChainOptimizer(torch.optim.Optimizer):
             raise
         finally:
             self._pending_snapshot = None
+            self._pending.clear()
         self._proven.add(key)
 
     def _take_snapshot(self) -> None:
@@ -792,7 +825,9 @@ class ChainOptimizer(torch.optim.Optimizer):
         # the kept split holds this step's grads, which the flat buffer replaces: let them go first
         self._collected.pop(key[0], None)
         self._checked.pop(key, None)
-        fb = FlatBucket(params, [x[2] for x in items], [x[3] for x in items])
+        states = [x[2] for x in items]
+        fill = (lambda i: self._fill_pending_state(params[i], states[i])) if self._pending else None
+        fb = FlatBucket(params, states, [x[3] for x in items], fill)
         fb.step_host = None
         self._flats[key] = fb
         return fb

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 import gradchain as gc
 from gradchain import recipes
 from gradchain.fused import runner
-from gradchain.fused.flat import CHUNK
+from gradchain.fused.flat import CHUNK, FlatBucket
 
 RECIPES = sorted(n for n in recipes.__all__ if n != "muon_hidden_matrix")
 # recipes that wrap another
@@ -825,3 +825,55 @@ def test_a_transform_that_cannot_take_a_step_count_per_param_runs_eagerly(aot_ea
     assert_same(a, oa, b, ob, rtol=1e-12, atol=1e-14)
     assert any(fb.uneven for fb in ob._flats.values())
     assert any("could not compile" in m for m in messages)
+
+
+def test_a_new_bucket_makes_its_state_in_the_flat_buffers(aot_eager, monkeypatch) -> None:
+    # a fresh bucket's state is made a param at a time inside the flat buffers; which entries are
+    # laid out flat is found as the params are made: "a" fits every param (a 0-d one first, before
+    # any buffer exists), "b" fits the vectors only, "c" only some params have, "n" is not floating
+    def init(p: Tensor) -> dict:
+        st = {"a": torch.zeros_like(p), "b": torch.zeros_like(p) if p.dim() <= 1 else torch.zeros(1, dtype=p.dtype),
+              "n": torch.zeros(p.shape, dtype=torch.int64)}
+        if p.numel() > 4:
+            st["c"] = torch.zeros_like(p)
+        return st
+
+    def update(updates: list, state: dict, hp: dict, ctx) -> list:
+        out = []
+        for g, a, b, c, n in zip(updates, state["a"], state["b"], state["c"], state["n"], strict=True):
+            a.mul_(0.5).add_(g)
+            b.add_(g.abs().sum())
+            n.add_(1)
+            if c is not None:
+                c.add_(g * g)
+            out.append(a + 0.1 * b.sum() + (0.0 if c is None else 0.01 * c.sum()))
+        return out
+
+    def chain() -> gc.Transform:
+        return gc.chain(gc.transform("odd", {}, init, update), recipes.adamw(lr=0.1))
+
+    # the keys the bucket lays out after every state is made (none, where each param's was laid out
+    # as it was made; a param of over a quarter of the bucket would have them all made first)
+    laid_out_after: list[list[str]] = []
+    flat_keys = FlatBucket._flat_keys
+    monkeypatch.setattr(FlatBucket, "_flat_keys",
+                        lambda self: laid_out_after.append(flat_keys(self)) or flat_keys(self))
+    results = []
+    for fused in (False, True):
+        torch.manual_seed(0)
+        shapes = [(), (3,), (3, 4), (12,)] + [(10,)] * 8
+        params = [nn.Parameter(torch.randn(s, dtype=torch.float64)) for s in shapes]
+        named = [(f"p{i}", p) for i, p in enumerate(params)]
+        opt = gc.ChainOptimizer(named, chain(), fused=fused, atomic="never")
+        for i in range(4):
+            set_grads(named, i, torch.float64)
+            opt.step()
+        results.append((named, opt))
+    assert_same(*results[0], *results[1], rtol=1e-12, atol=1e-14)
+    named, opt = results[1]
+    (fb,) = opt._flats.values()
+    assert sorted(fb.flat_state) == ["adam.exp_avg", "adam.exp_avg_sq", "odd.a"] and laid_out_after == [[]]
+    for (_, p), v in zip(named, fb.state_views["odd.a"]):
+        assert opt.state[p]["odd.a"] is v
+        assert opt.state[p]["odd.b"].untyped_storage().data_ptr() != fb.flat_state["odd.a"].untyped_storage().data_ptr()
+    assert "odd.c" not in opt.state[named[0][1]] and "odd.c" in opt.state[named[2][1]]

@@ -9,6 +9,7 @@ the fused path.
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -28,7 +29,11 @@ KEEP_WORKSPACES = frozenset({"cpu"})
 class FlatBucket:
     """The flat buffers of one bucket (the params of one group, device and dtype that have grads)."""
 
-    def __init__(self, params: list[Tensor], states: list[dict[str, Any]], names: list[str | None]) -> None:
+    def __init__(self, params: list[Tensor], states: list[dict[str, Any]], names: list[str | None],
+                 fill: Callable[[int], bool] | None = None) -> None:
+        """``fill(i)``, if given, makes the state of param ``i`` when it has none yet (its dict holds
+        only ``step``), in place, and says whether it did: a bucket of such params makes their state
+        one param at a time, each moved into the flat buffers before the next is made."""
         self.params = params
         self.states = states
         self.names = names
@@ -75,14 +80,20 @@ class FlatBucket:
             if p.grad is not None:
                 self.take_grad(p, gv)
         self._param_ptrs = [p.data_ptr() for p in params]
+        self.flat_state: dict[str, Tensor] = {}
+        self.state_views: dict[str, list[Tensor]] = {}
+        if fill is not None:
+            if all(map(self._unmade, states)):
+                self._make_state_flat(fill)
+            else:
+                for i in range(len(params)):
+                    fill(i)
         # the step count, one entry per param: each state["step"] is a 0-d view
         self.flat_steps = torch.stack([st["step"].detach().float().cpu() for st in states]).to(
             states[0]["step"].device)
         self.step_views = list(self.flat_steps.unbind())
         for st, v in zip(states, self.step_views):
             st["step"] = v
-        self.flat_state: dict[str, Tensor] = {}
-        self.state_views: dict[str, list[Tensor]] = {}
         # per-param 0-d state (NAdam's running product): one vector, each entry a 0-d view
         for key in self._scalar_keys():
             vec = torch.stack([st[key].detach() for st in states])
@@ -97,6 +108,72 @@ class FlatBucket:
                 v.copy_(st[key])
                 st[key] = v
             self.flat_state[key], self.state_views[key] = buf, views
+
+    @staticmethod
+    def _unmade(st: dict[str, Any]) -> bool:
+        return len(st) == 1 and "step" in st
+
+    def _make_state_flat(self, fill: Callable[[int], bool]) -> None:
+        """Make every param's state (none has any yet) one param at a time, each entry that will be a
+        flat view moved into its flat buffer before the next param's state is made: the bucket never
+        holds a second copy of its state (made whole first, then copied, it would: a param's worth
+        of memory more per state buffer at the first step, and each page faulted in twice).
+
+        The entries laid out flat are those of :meth:`_flat_keys`: a floating tensor of the param's
+        shape, dtype and device for every param, found as the params are made. A buffer starts at
+        the first param that is not 0-d (a key 0-d for every param is a per-param scalar,
+        :meth:`_scalar_keys`); an entry that turns out not to fit takes its own copies back.
+
+        The flat buffers are made before the largest param's state, which is then held twice for a
+        moment: where that costs more than making every state first (its k entries at least one
+        bucket's worth: a param holding over 1/k of the bucket), every state is made first."""
+        st0 = self.states[0]
+        fill(0)
+        k = sum(1 for key, t in st0.items() if key != "step" and isinstance(t, Tensor) and t.is_floating_point()
+                and t.shape == self.params[0].shape)
+        if k * max(self.numels) >= self.total:
+            for i in range(1, len(self.params)):
+                fill(i)
+            return
+        seen: dict[str, tuple[int, torch.dtype]] = {}  # entries that fit every param so far: (count, dtype)
+        flat: dict[str, tuple[Tensor, list[Tensor]]] = {}
+        out: set[str] = set()
+
+        def drop(key: str, upto: int) -> None:
+            out.add(key)
+            seen.pop(key, None)
+            taken = flat.pop(key, None)
+            if taken is not None:  # the params laid out so far take their entries back
+                for st, v in zip(self.states[:upto], taken[1]):
+                    st[key] = v.clone()
+
+        for i, (p, st) in enumerate(zip(self.params, self.states)):
+            if i:
+                fill(i)
+            for key, t in st.items():
+                if key == "step" or key in out:
+                    continue
+                count, dtype = seen.get(key, (0, t.dtype if isinstance(t, Tensor) else None))
+                fits = (count == i and isinstance(t, Tensor) and t.is_floating_point() and t.dtype == dtype
+                        and t.shape == p.shape and t.device == p.device)
+                if not fits:
+                    drop(key, i)
+                    continue
+                seen[key] = (i + 1, dtype)
+                if key not in flat and p.dim() > 0:
+                    buf = torch.zeros(self.total, dtype=dtype, device=self.device)
+                    views = self._views(buf)
+                    for earlier, v in zip(self.states[:i], views):  # 0-d params before it
+                        v.copy_(earlier[key])
+                        earlier[key] = v
+                    flat[key] = (buf, views)
+            for key in [k for k, (count, _) in seen.items() if count == i]:
+                drop(key, i)  # an entry this param lacks
+            for key, (_, views) in flat.items():
+                views[i].copy_(st[key])
+                st[key] = views[i]
+        for key in sorted(flat):
+            self.flat_state[key], self.state_views[key] = flat[key]
 
     def workspace(self, dtype: torch.dtype, avoid: Any = None) -> Tensor:
         """A flat buffer of ``dtype`` for updates passed between segments, kept for the step (and from
