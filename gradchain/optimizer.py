@@ -596,6 +596,9 @@ class ChainOptimizer(torch.optim.Optimizer):
             if self.atomic == "never":
                 for fb in self._flats.values():
                     fb.step_host = None  # read again from the step counts, whichever moved
+                for p, _, _ in self._pending.values():  # a state not made yet is made at the next step
+                    self.state.pop(p, None)
+                self._collected.clear()
             else:
                 self._rollback(taken[0] if taken else None)
             raise

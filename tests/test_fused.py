@@ -877,3 +877,32 @@ def test_a_new_bucket_makes_its_state_in_the_flat_buffers(aot_eager, monkeypatch
         assert opt.state[p]["odd.a"] is v
         assert opt.state[p]["odd.b"].untyped_storage().data_ptr() != fb.flat_state["odd.a"].untyped_storage().data_ptr()
     assert "odd.c" not in opt.state[named[0][1]] and "odd.c" in opt.state[named[2][1]]
+
+
+def test_a_first_step_that_raises_before_the_state_is_made_leaves_none_half_made(aot_eager) -> None:
+    # atomic="never" rolls nothing back; a new param whose state the fused path had not made yet when
+    # the step raised (here: its route) gets it made at the next step, as the eager path's
+    calls = [0]
+
+    def labels(name: str, p: Tensor) -> str:
+        calls[0] += 1
+        if calls[0] == 1:
+            raise RuntimeError("label lookup failed once")
+        return "a" if p.dim() > 1 else "b"
+
+    results = []
+    for fused in (False, True):
+        calls[0] = 0
+        named = make_params(torch.float64)
+        chain = gc.partition({"a": recipes.adamw(lr=0.1),
+                              "b": recipes.adamw(lr=0.01).renamed({"lr": "lr_b", "weight_decay": "wd_b"})}, labels)
+        opt = gc.ChainOptimizer(named, chain, fused=fused, atomic="never")
+        set_grads(named, 0, torch.float64)
+        with pytest.raises(RuntimeError, match="label lookup failed once"):
+            opt.step()
+        assert all(len(opt.state[p]) > 1 for _, p in named if p in opt.state)  # no state holds only its step
+        for i in range(1, 4):
+            set_grads(named, i, torch.float64)
+            opt.step()
+        results.append((named, opt))
+    assert_same(*results[0], *results[1], rtol=1e-12, atol=1e-14)

@@ -167,7 +167,7 @@ class FlatBucket:
                         v.copy_(earlier[key])
                         earlier[key] = v
                     flat[key] = (buf, views)
-            for key in [k for k, (count, _) in seen.items() if count == i]:
+            for key in [name for name, (count, _) in seen.items() if count == i]:
                 drop(key, i)  # an entry this param lacks
             for key, (_, views) in flat.items():
                 views[i].copy_(st[key])
