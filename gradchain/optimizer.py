@@ -377,8 +377,10 @@ class ChainOptimizer(torch.optim.Optimizer):
             if self.fused and not compiling:
                 # with its grads: they are the flat buffer's views, which live on anyway
                 # (and, filled by _by_label, each bucket's split by route: kept while the split is)
+                given = group.get("param_names")
                 self._collected[gi] = (list(params), list(map(_GRAD, params)), self.state, list(self.state),
-                                       list(self.state.values()), list(map(Tensor.data_ptr, params)), buckets, {})
+                                       list(self.state.values()), list(map(Tensor.data_ptr, params)), buckets, {},
+                                       None if given is None else list(given))
             elif not compiling:
                 # the eager path keeps what tells the split apart, not the grads (freed ones held alive)
                 self._eager_splits[gi] = _EagerSplit(
@@ -390,7 +392,7 @@ class ChainOptimizer(torch.optim.Optimizer):
 
     def _collected_again(self, gi: int, params: list[Tensor]) -> list[list] | None:
         """The last step's buckets of group ``gi`` if nothing they hold changed: the same params
-        (storage included, so the same devices and dtypes), grads and state dicts. The fused path's
+        (storage included, so the same devices and dtypes), names, grads and state dicts. The fused path's
         grads are the same views every step, so its steps skip the checks per tensor."""
         last = self._collected.get(gi)
         if last is None or len(last[0]) != len(params) or not all(map(operator.is_, last[0], params)):
@@ -398,6 +400,9 @@ class ChainOptimizer(torch.optim.Optimizer):
         # the same keys mapped to the same dicts, so each param's state dict is the one this split holds
         if not self._same_state(last[2], last[3], last[4]):
             return None
+        names = self.param_groups[gi].get("param_names")
+        if (last[8] is not None) if names is None else last[8] != list(names):
+            return None  # renamed params: routed (and warned about) by their new names
         # a param's grad and storage in one pass: after a step over a large model the tensors are out
         # of the cache, and the two reads of one param then share its first miss (two C loops, one per
         # attribute, take about a third longer than this one Python loop)

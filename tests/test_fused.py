@@ -906,3 +906,33 @@ def test_a_first_step_that_raises_before_the_state_is_made_leaves_none_half_made
             opt.step()
         results.append((named, opt))
     assert_same(*results[0], *results[1], rtol=1e-12, atol=1e-14)
+
+
+def test_renamed_params_are_routed_by_their_new_names(aot_eager) -> None:
+    # a rename splits the group again on both paths, and a partition by name routes the param by its
+    # new name from then on (here to the child with the larger lr; both keep the same state entries)
+    def labels(name: str, p: Tensor) -> str:
+        return "a" if name.endswith("weight") else "b"
+
+    results = []
+    for fused in (False, True):
+        named = make_params(torch.float64)
+        chain = gc.partition({"a": recipes.adamw(lr=0.1),
+                              "b": recipes.adamw(lr=0.01).renamed({"lr": "lr_b", "weight_decay": "wd_b"})}, labels)
+        opt = gc.ChainOptimizer(named, chain, fused=fused)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the fused path steps eagerly while its buckets are made again
+            for i in range(8):
+                g = torch.Generator().manual_seed(100 + i)
+                for _, p in named:  # backward accumulating into the grads, as in training
+                    d = torch.randn(p.shape, generator=g, dtype=torch.float64)
+                    p.grad = d if p.grad is None else p.grad.copy_(d)
+                if i == 3:
+                    opt.param_groups[0]["param_names"] = [n + ".weight" if n == "fc.bias" else n
+                                                          for n in opt.param_groups[0]["param_names"]]
+                opt.step()
+        results.append((named, opt))
+    assert_same(*results[0], *results[1], rtol=1e-12, atol=1e-14)
+    named, opt = results[1]
+    fc_bias = dict(named)["fc.bias"]
+    assert any(fc_bias is p for (_, _, _, label), fb in opt._flats.items() if label[0] == "a" for p in fb.params)
