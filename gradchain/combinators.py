@@ -121,10 +121,36 @@ class _Routing(Transform):
                     where.append((b, idx))
                     routed[j].update(idx)
             if subs:
-                run(child, subs)
+                try:
+                    run(child, subs)
+                except Exception as e:
+                    self.explain_state_of_other_routes(
+                        label, ((p, n, [k for k, v in b.state.items() if v[i] is not None])
+                                for b in subs for i, (p, n) in enumerate(zip(b.params, b.names))), e)
+                    raise
                 for sub, (b, idx) in zip(subs, where):
                     b.absorb(sub, idx, updates=not written)
         return routed
+
+    def explain_state_of_other_routes(self, label: Any, entries: Iterable[tuple[Tensor, str | None, list[str]]],
+                                      error: Exception) -> None:
+        """Raise a clear error in place of ``error`` if a param routed to ``label`` holds state that only
+        another route's transforms make (its route changed during the run: a param renamed under a
+        route by name), and none that its own route's make: ``label``'s transforms then fail on the
+        entries it lacks. ``entries``: ``(param, name, its state keys)``."""
+        own = {n for path in self.children[label].paths() for n in path}
+        others = {n for other, child in self.children.items() if other != label
+                  for path in child.paths() for n in path} - own
+        for p, name, keys in entries:
+            foreign = sorted(k for k in keys if k.split(".", 1)[0] in others)
+            if foreign and not any(k.split(".", 1)[0] in own for k in keys):
+                who = name if name is not None else f"of shape {tuple(p.shape)}"
+                raise ValueError(
+                    f"{self.name}(): param {who} is routed to {label!r}, but its state ({', '.join(foreign)}) "
+                    f"was made by another route's transforms: a param's route must stay the same during a "
+                    f"run (a renamed param can change it). Keep its name, or start its state afresh "
+                    f"(del opt.state[param])"
+                ) from error
 
     def leaves(self) -> Iterator[Transform]:
         for child in self.children.values():

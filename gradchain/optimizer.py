@@ -697,8 +697,15 @@ class ChainOptimizer(torch.optim.Optimizer):
         for label, chain in chains.items():
             idx = [i for i, x in enumerate(labels) if x == label]
             if idx:
-                chain.step(*([v[i] for i in idx] for v in (flats, groups, resolved, host_steps)), loss, shared,
-                           [dtypes[i] for i in idx], scales)
+                try:
+                    chain.step(*([v[i] for i in idx] for v in (flats, groups, resolved, host_steps)), loss, shared,
+                               [dtypes[i] for i in idx], scales)
+                except Exception as e:
+                    if routes is not None and routes.partition is not None:
+                        routes.partition.explain_state_of_other_routes(
+                            label[0], ((p, n, list(st)) for i in idx
+                                       for p, n, st in zip(flats[i].params, flats[i].names, flats[i].states)), e)
+                    raise
         for fb in flats:
             fb.end_step()
         self._edits_seen = self._state_edits[0]

@@ -936,3 +936,31 @@ def test_renamed_params_are_routed_by_their_new_names(aot_eager) -> None:
     named, opt = results[1]
     fc_bias = dict(named)["fc.bias"]
     assert any(fc_bias is p for (_, _, _, label), fb in opt._flats.items() if label[0] == "a" for p in fb.params)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_param_renamed_into_a_route_whose_state_it_lacks_gets_a_clear_error(fused: bool, aot_eager) -> None:
+    # its state holds the first route's entries (Adam's moments), the new route needs momentum's:
+    # the step says why (and, atomic, moves nothing); with its state dropped it starts afresh there
+    def labels(name: str, p: Tensor) -> str:
+        return "adamw" if name.startswith("fc") else "sgd"
+
+    named = make_params(torch.float64)
+    chain = gc.partition({"adamw": recipes.adamw(lr=0.1),
+                          "sgd": recipes.sgd(lr=0.1, momentum=0.9).renamed({"lr": "lr_sgd", "weight_decay": "wd_sgd"})},
+                         labels)
+    opt = gc.ChainOptimizer(named, chain, fused=fused, atomic="always")
+    for i in range(2):
+        set_grads(named, i, torch.float64)
+        opt.step()
+    fc_weight = dict(named)["fc.weight"]
+    before = {k: v.clone() for k, v in opt.state[fc_weight].items()}
+    opt.param_groups[0]["param_names"] = ["renamed." + n if n == "fc.weight" else n
+                                          for n in opt.param_groups[0]["param_names"]]
+    with pytest.raises(ValueError, match=r"param renamed\.fc\.weight is routed to 'sgd', but its state "
+                                         r"\(adam\.exp_avg, adam\.exp_avg_sq\) was made by another route"):
+        opt.step()
+    assert all(torch.equal(opt.state[fc_weight][k], v) for k, v in before.items())
+    del opt.state[fc_weight]
+    opt.step()
+    assert sorted(opt.state[fc_weight]) == ["momentum.buffer", "step"] and float(opt.state[fc_weight]["step"]) == 1
