@@ -65,6 +65,21 @@ class _EagerSplit(NamedTuple):
     kept: list[dict | None]  # per param, its state dict (None: no grad)
 
 
+class _FusedSplit(NamedTuple):
+    """The fused step's split of a group and what it depends on (``_collected_again``). Its grads
+    are the flat buffers' views, which live on anyway."""
+
+    params: list[Tensor]
+    grads: list[Tensor | None]
+    state: Any  # the optimizer's state mapping, its keys and values (the per-param dicts) in order
+    keys: list[Tensor]
+    dicts: list[dict]
+    ptrs: list[int]
+    names: list[str | None] | None  # the group's param_names, if it has them
+    buckets: list[list]
+    parts: dict[int, list]  # id of a bucket -> its split by route (filled by _by_label)
+
+
 class _ParamState(dict):
     """A param's state dict that counts its edits (an entry set or removed) in a counter its
     optimizer shares: the fused path's state entries are views into flat buffers, and an entry a
@@ -206,7 +221,7 @@ class ChainOptimizer(torch.optim.Optimizer):
         # per bucket: one vector of step counts whose 0-d views are the state["step"] tensors
         self._step_vectors: dict[tuple, tuple[Tensor, list[Tensor]]] = {}
         # per group (fused path), the last step's params, grads, state (its entries), storages and buckets
-        self._collected: dict[int, tuple] = {}
+        self._collected: dict[int, _FusedSplit] = {}
         # params whose state this step makes later (``_defer_param_state``): id -> (param, name, group)
         self._pending: dict[int, tuple[Tensor, str | None, dict]] = {}
         # per group (eager path), the last step's split and what it depends on
@@ -288,14 +303,12 @@ class ChainOptimizer(torch.optim.Optimizer):
         self._pending[id(p)] = (p, name, group)
         return st
 
-    def _fill_pending_state(self, p: Tensor, st: dict) -> bool:
-        """Make the state of ``p`` in place if it was deferred; whether it was."""
+    def _fill_pending_state(self, p: Tensor, st: dict) -> None:
+        """Make the state of ``p`` in place if it was deferred."""
         entry = self._pending.pop(id(p), None)
-        if entry is None or entry[0] is not p:
-            return False
-        dict.clear(st)
-        dict.update(st, self._new_state(*entry))
-        return True
+        if entry is not None and entry[0] is p:
+            dict.clear(st)
+            dict.update(st, self._new_state(*entry))
 
     def _fill_pending(self) -> None:
         """Make every deferred state that the fused path did not (the step goes eager)."""
@@ -375,12 +388,10 @@ class ChainOptimizer(torch.optim.Optimizer):
                 kept[i] = st
             buckets = list(split.values())
             if self.fused and not compiling:
-                # with its grads: they are the flat buffer's views, which live on anyway
-                # (and, filled by _by_label, each bucket's split by route: kept while the split is)
                 given = group.get("param_names")
-                self._collected[gi] = (list(params), list(map(_GRAD, params)), self.state, list(self.state),
-                                       list(self.state.values()), list(map(Tensor.data_ptr, params)), buckets, {},
-                                       None if given is None else list(given))
+                self._collected[gi] = _FusedSplit(
+                    list(params), list(map(_GRAD, params)), self.state, list(self.state), list(self.state.values()),
+                    list(map(Tensor.data_ptr, params)), None if given is None else list(given), buckets, {})
             elif not compiling:
                 # the eager path keeps what tells the split apart, not the grads (freed ones held alive)
                 self._eager_splits[gi] = _EagerSplit(
@@ -395,20 +406,20 @@ class ChainOptimizer(torch.optim.Optimizer):
         (storage included, so the same devices and dtypes), names, grads and state dicts. The fused path's
         grads are the same views every step, so its steps skip the checks per tensor."""
         last = self._collected.get(gi)
-        if last is None or len(last[0]) != len(params) or not all(map(operator.is_, last[0], params)):
+        if last is None or len(last.params) != len(params) or not all(map(operator.is_, last.params, params)):
             return None
         # the same keys mapped to the same dicts, so each param's state dict is the one this split holds
-        if not self._same_state(last[2], last[3], last[4]):
+        if not self._same_state(last.state, last.keys, last.dicts):
             return None
         names = self.param_groups[gi].get("param_names")
-        if (last[8] is not None) if names is None else last[8] != list(names):
+        if (last.names is not None) if names is None else last.names != list(names):
             return None  # renamed params: routed (and warned about) by their new names
         # a param's grad and storage in one pass: after a step over a large model the tensors are out
         # of the cache, and the two reads of one param then share its first miss (two C loops, one per
         # attribute, take about a third longer than this one Python loop)
-        if not all(p.grad is g and p.data_ptr() == d for p, g, d in zip(params, last[1], last[5])):
+        if not all(p.grad is g and p.data_ptr() == d for p, g, d in zip(params, last.grads, last.ptrs)):
             return None
-        return last[6]
+        return last.buckets
 
     def _same_state(self, state: Any, keys: list[Tensor], dicts: list[dict]) -> bool:
         """Whether ``self.state`` is ``state`` and maps the same params ``keys`` to the same ``dicts``:
@@ -603,7 +614,6 @@ class ChainOptimizer(torch.optim.Optimizer):
                     fb.step_host = None  # read again from the step counts, whichever moved
                 for p, _, _ in self._pending.values():  # a state not made yet is made at the next step
                     self.state.pop(p, None)
-                self._collected.clear()
             else:
                 self._rollback(taken[0] if taken else None)
             raise
@@ -733,7 +743,7 @@ class ChainOptimizer(torch.optim.Optimizer):
         """The split by route of group ``gi``'s kept buckets, if ``items`` is one of them (ids are
         safe keys there: the kept split holds the buckets alive)."""
         last = self._collected.get(gi)
-        return last[7] if last is not None and any(b is items for b in last[6]) else None
+        return last.parts if last is not None and any(b is items for b in last.buckets) else None
 
     def _kept(self, gi: int, label: Any, items: list) -> bool:
         """Whether ``items`` is a list the kept split of group ``gi`` holds alive (a bucket, or one
@@ -743,7 +753,7 @@ class ChainOptimizer(torch.optim.Optimizer):
             return False
         if label is None:
             return True
-        return any(part is items for split in last[7].values() for lb, part in split if lb == label)
+        return any(part is items for split in last.parts.values() for _, part in split)
 
     def _add_flat(self, gi: int, group: dict, label: Any, items: list, flats: list, groups: list,
                   dtypes: list) -> bool:

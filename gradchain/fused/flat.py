@@ -30,10 +30,10 @@ class FlatBucket:
     """The flat buffers of one bucket (the params of one group, device and dtype that have grads)."""
 
     def __init__(self, params: list[Tensor], states: list[dict[str, Any]], names: list[str | None],
-                 fill: Callable[[int], bool] | None = None) -> None:
-        """``fill(i)``, if given, makes the state of param ``i`` when it has none yet (its dict holds
-        only ``step``), in place, and says whether it did: a bucket of such params makes their state
-        one param at a time, each moved into the flat buffers before the next is made."""
+                 fill: Callable[[int], None] | None = None) -> None:
+        """``fill(i)``, if given, makes the state of param ``i`` in place when it has none yet (its
+        dict holds only ``step``): a bucket of such params makes their state one param at a time,
+        each moved into the flat buffers before the next is made."""
         self.params = params
         self.states = states
         self.names = names
@@ -113,7 +113,13 @@ class FlatBucket:
     def _unmade(st: dict[str, Any]) -> bool:
         return len(st) == 1 and "step" in st
 
-    def _make_state_flat(self, fill: Callable[[int], bool]) -> None:
+    @staticmethod
+    def _fits(t: Any, p: Tensor, dtype: torch.dtype | None = None) -> bool:
+        """Whether state entry ``t`` can be ``p``'s view of a flat buffer (of ``dtype``, if given)."""
+        return (isinstance(t, Tensor) and t.is_floating_point() and t.shape == p.shape and t.device == p.device
+                and (dtype is None or t.dtype == dtype))
+
+    def _make_state_flat(self, fill: Callable[[int], None]) -> None:
         """Make every param's state (none has any yet) one param at a time, each entry that will be a
         flat view moved into its flat buffer before the next param's state is made: the bucket never
         holds a second copy of its state (made whole first, then copied, it would: a param's worth
@@ -129,8 +135,7 @@ class FlatBucket:
         bucket's worth: a param holding over 1/k of the bucket), every state is made first."""
         st0 = self.states[0]
         fill(0)
-        k = sum(1 for key, t in st0.items() if key != "step" and isinstance(t, Tensor) and t.is_floating_point()
-                and t.shape == self.params[0].shape)
+        k = sum(1 for key, t in st0.items() if key != "step" and self._fits(t, self.params[0]))
         if k * max(self.numels) >= self.total:
             for i in range(1, len(self.params)):
                 fill(i)
@@ -154,9 +159,7 @@ class FlatBucket:
                 if key == "step" or key in out:
                     continue
                 count, dtype = seen.get(key, (0, t.dtype if isinstance(t, Tensor) else None))
-                fits = (count == i and isinstance(t, Tensor) and t.is_floating_point() and t.dtype == dtype
-                        and t.shape == p.shape and t.device == p.device)
-                if not fits:
+                if count != i or not self._fits(t, p, dtype):
                     drop(key, i)
                     continue
                 seen[key] = (i + 1, dtype)
@@ -241,11 +244,7 @@ class FlatBucket:
         for key, t0 in self.states[0].items():
             if key == "step" or not isinstance(t0, Tensor) or not t0.is_floating_point() or key in self.flat_state:
                 continue
-            ok = all(
-                isinstance(st.get(key), Tensor) and st[key].shape == p.shape and st[key].dtype == t0.dtype
-                and st[key].device == p.device
-                for st, p in zip(self.states, self.params)
-            )
+            ok = all(self._fits(st.get(key), p, t0.dtype) for st, p in zip(self.states, self.params))
             if ok:
                 keys.append(key)
         return sorted(keys)
