@@ -792,7 +792,7 @@ class ChainOptimizer(torch.optim.Optimizer):
                 return False
             fb.copied_steps = fb.copied_steps + 1 if fb.grads_taken else 0
             if fb.copied_steps == COPIED_GRADS_WARN_STEPS:
-                self._warn_copied_grads(key)
+                self._warn_copied_grads(key, fb.grads_from_views)
         if fb.grads_taken:
             # the split kept by _collect holds the grads just copied in: let them go
             self._collected.pop(gi, None)
@@ -863,18 +863,25 @@ class ChainOptimizer(torch.optim.Optimizer):
             warnings.warn(f"ChainOptimizer(fused=True): param group {key[0]} runs on the eager path because {why}",
                           RuntimeWarning, stacklevel=4)
 
-    def _warn_copied_grads(self, key: tuple) -> None:
-        if ("copied", key) not in self._warned:
-            self._warned.add(("copied", key))
-            warnings.warn(
-                f"ChainOptimizer(fused=True): the gradients of param group {key[0]} arrived as new tensors "
-                f"{COPIED_GRADS_WARN_STEPS} steps in a row, so each step copies them into the flat gradient "
-                "buffer (a read and a write of every gradient). They stay views of that buffer when they are "
-                "reset with this optimizer's zero_grad() (in place), not model.zero_grad() or "
-                "zero_grad(set_to_none=True)",
-                FusedGradientCopyWarning,
-                stacklevel=4,
-            )
+    def _warn_copied_grads(self, key: tuple, from_views: bool) -> None:
+        if ("copied", key) in self._warned:
+            return
+        self._warned.add(("copied", key))
+        head = f"ChainOptimizer(fused=True): the gradients of param group {key[0]} arrived as "
+        if from_views:
+            # DDP with gradient_as_bucket_view=True copies p.grad into its bucket and points p.grad at
+            # the bucket after every backward: the same copies as with False, which writes in place
+            why = (f"views of another buffer {COPIED_GRADS_WARN_STEPS} steps in a row, so each step copies them "
+                   "into the flat gradient buffer. DistributedDataParallel(gradient_as_bucket_view=True) does this: "
+                   "it points p.grad at its buckets after every backward. With fused=True that option saves no "
+                   "memory (the gradients live in the flat buffer too); gradient_as_bucket_view=False (DDP's "
+                   "default) writes the averaged gradients into p.grad in place, as many copies, without this warning")
+        else:
+            why = (f"new tensors {COPIED_GRADS_WARN_STEPS} steps in a row, so each step copies them into the flat "
+                   "gradient buffer (a read and a write of every gradient). They stay views of that buffer when "
+                   "they are reset with this optimizer's zero_grad() (in place), not model.zero_grad() or "
+                   "zero_grad(set_to_none=True)")
+        warnings.warn(head + why, FusedGradientCopyWarning, stacklevel=4)
 
     def zero_grad(self, set_to_none: bool | None = None) -> None:
         """Reset the gradients. On the fused path (and ``set_to_none`` not given) the flat gradient

@@ -14,7 +14,7 @@ import pytest
 import torch
 from harness import _free_port, make_model, train
 
-from gradchain import ChainOptimizer, recipes
+from gradchain import ChainOptimizer, FusedGradientCopyWarning, recipes
 
 pytestmark = pytest.mark.distributed
 
@@ -29,6 +29,29 @@ def _ddp(rank: int) -> float:
     train(ref, ref_opt, 0, 3, torch.float64)
     train(model, opt, 0, 3, torch.float64)
     return max((a - b).abs().max().item() for a, b in zip(ref.parameters(), model.module.parameters()))
+
+
+def _ddp_fused(rank: int, bucket_view: bool) -> tuple[float, list[str]]:
+    """DDP with the fused path: the one-process eager trajectory, and the copy warnings it gave."""
+    import warnings
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    import gradchain.fused.runner as runner
+
+    runner.BACKEND = "aot_eager"  # (a spawned process: the suite's conftest does not run here)
+    ref = make_model(torch.float64)
+    model = DistributedDataParallel(copy.deepcopy(ref), find_unused_parameters=True,
+                                    gradient_as_bucket_view=bucket_view)
+    ref_opt = ChainOptimizer(ref.named_parameters(), recipes.adamw(lr=1e-2))
+    opt = ChainOptimizer(model.module.named_parameters(), recipes.adamw(lr=1e-2), fused=True)
+    train(ref, ref_opt, 0, 5, torch.float64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(model, opt, 0, 5, torch.float64)
+    assert opt.fused_plan(), "the fused path did not run"
+    gap = max((a - b).abs().max().item() for a, b in zip(ref.parameters(), model.module.parameters()))
+    return gap, [str(w.message) for w in caught if w.category is FusedGradientCopyWarning]
 
 
 def _dcp(rank: int, path: str, recipe) -> float:
@@ -76,6 +99,8 @@ def _worker(rank: int, port: int, path: str, queue: Any) -> None:
         dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=60))
         cases = (
             ("ddp", lambda: _ddp(rank)),
+            ("ddp_fused", lambda: _ddp_fused(rank, bucket_view=False)),
+            ("ddp_fused_bucket_view", lambda: _ddp_fused(rank, bucket_view=True)),
             ("dcp", lambda: _dcp(rank, path + "-adamw", partial(recipes.adamw, lr=1e-2))),
             # AdaLo's loss EMA is optimizer-level state: it must travel through DCP too
             ("dcp_adalo", lambda: _dcp(rank, path + "-adalo", partial(recipes.adalo, kappa=0.5))),
@@ -116,6 +141,14 @@ def test_ddp_and_distributed_checkpoint(tmp_path) -> None:
         assert "setup" not in out, out.get("setup")
         assert isinstance(out["ddp"], float), out["ddp"]
         assert out["ddp"] <= 1e-12, f"rank {rank}: DDP differs from one process by {out['ddp']}"
+        for case in ("ddp_fused", "ddp_fused_bucket_view"):
+            assert isinstance(out[case], tuple), out[case]
+            assert out[case][0] <= 1e-12, f"rank {rank}: {case} differs from one process by {out[case][0]}"
+        # the optimizer's zero_grad keeps the grads views of the flat buffer: nothing to warn about
+        assert out["ddp_fused"][1] == [], out["ddp_fused"][1]
+        # DDP's bucket views come back at every backward: the warning names the option, not zero_grad
+        (message,) = out["ddp_fused_bucket_view"][1]
+        assert "gradient_as_bucket_view=False" in message and "zero_grad" not in message, message
         for case in ("dcp", "dcp_adalo"):
             assert isinstance(out[case], float), out[case]
             assert out[case] == 0.0, f"rank {rank}: {case} resume differs by {out[case]}"

@@ -69,6 +69,8 @@ class FlatBucket:
         self.flat_grads = torch.zeros(total, dtype=p0.dtype, device=p0.device)
         self.grad_views = self._views(self.flat_grads)
         self.grads_taken = False
+        # whether the last grad copied in was a view of another tensor's storage (the warning says why)
+        self.grads_from_views = False
         # whether the params' step counts differ (then the kernels read a step count per param)
         self.uneven = False
         # the params with a grad at the last steps, when some of the bucket's had none, and for how
@@ -277,6 +279,8 @@ class FlatBucket:
                 continue
             if g is None:
                 return False
+            # a view of another buffer: DDP's bucket (gradient_as_bucket_view=True), not a fresh tensor
+            self.grads_from_views = g._base is not None
             self.take_grad(p, v)
             self.grads_taken = True
         return True
