@@ -163,8 +163,9 @@ class ChainOptimizer(torch.optim.Optimizer):
     ``atomic``: a step either completes or leaves params and state as they were. Hyperparameters
     are always checked before anything moves; a step that raises inside a transform is rolled back
     from a snapshot taken on the first step of each structure (``"first"``, the default: which
-    params have grads, whether a loss or batch size is given) or on every step (``"always"``, for
-    chains whose transforms may raise on values; it costs a copy of the state per step). The
+    params have grads, their devices and dtypes, whether a loss or batch size is given) or on
+    every step (``"always"``, for chains whose transforms may raise on values; it costs a copy of
+    the state per step). The
     snapshot is a copy of the params and of the state that existed before the step: at a fresh
     start a copy of the params, after ``load_state_dict`` the params and the loaded state (for
     AdamW, three params' worth held during that step). ``"never"`` takes none, as torch.optim: a
@@ -545,9 +546,7 @@ class ChainOptimizer(torch.optim.Optimizer):
                     if t is not None and st.get(k) is not t:
                         st[k] = t
         # flat buffers of the fused path stay the storage of record
-        for fb in self._flats.values():
-            fb.resync_state()
-            fb.step_host = None
+        self._resync_flats()
 
     @torch.no_grad()
     def step(  # type: ignore[override]
@@ -595,6 +594,7 @@ class ChainOptimizer(torch.optim.Optimizer):
         self._pending_snapshot = None
         taken: list[dict[str, Any]] = []
         fused = self.fused and batch_size is None and not self._fused_chain.all_eager
+        collected: list = []
         try:
             # the fused path makes a new param's state inside its flat buffers, a param at a time
             collected = self._collect(defer=fused)
@@ -608,7 +608,7 @@ class ChainOptimizer(torch.optim.Optimizer):
                 self._fill_pending()
                 self._take_snapshot()
                 self._step_eager(loss_t, batch_size, collected)
-        except BaseException:
+        except BaseException as e:
             if self.atomic == "never":
                 for fb in self._flats.values():
                     fb.step_host = None  # read again from the step counts, whichever moved
@@ -616,11 +616,45 @@ class ChainOptimizer(torch.optim.Optimizer):
                     self.state.pop(p, None)
             else:
                 self._rollback(taken[0] if taken else None)
+            if isinstance(e, Exception):
+                self._explain_state_dtypes(collected, e)
             raise
         finally:
             self._pending_snapshot = None
             self._pending.clear()
         self._proven.add(key)
+
+    def _explain_state_dtypes(self, collected: list, error: Exception) -> None:
+        """Raise a clear error in place of ``error`` where a param's state has another dtype than this
+        chain makes for the param as it is now: the param's dtype changed after its state was made
+        (``model.double()`` during a run), and the transforms fail on the mixed dtypes. Runs only
+        after a step raised."""
+        created = set(map(id, self._created))
+        wrong = []
+        for _, group, items in collected:
+            for p, _, st, name in items:
+                if id(p) in created or len(wrong) >= 3:
+                    continue
+                meta = torch.empty(tuple(p.shape), dtype=p.dtype, device="meta")
+                try:
+                    want = self._new_state(meta, name, group)
+                except Exception:
+                    continue
+                for key, w in want.items():
+                    got = st.get(key)
+                    if key != "step" and isinstance(w, Tensor) and isinstance(got, Tensor) \
+                            and w.is_floating_point() and got.is_floating_point() and got.dtype != w.dtype:
+                        who = name if name is not None else f"of shape {tuple(p.shape)}"
+                        wrong.append(f"param {who} is {p.dtype} and its state {key!r} {got.dtype}, where this "
+                                     f"chain keeps {w.dtype}")
+                        break
+        if wrong:
+            undone = "the step was rolled back" if self.atomic != "never" else "atomic='never': nothing was rolled back"
+            raise ValueError(
+                f"ChainOptimizer.step(): {'; '.join(wrong)}. A param's dtype changed after its state was made "
+                "(model.to(dtype) during a run)? Cast its floating state entries to the dtype this chain keeps "
+                f"(opt.state[p][key] = opt.state[p][key].to(dtype)) or start it afresh (del opt.state[p]); {undone}"
+            ) from error
 
     def _take_snapshot(self) -> None:
         if self._pending_snapshot is not None:
@@ -629,10 +663,10 @@ class ChainOptimizer(torch.optim.Optimizer):
 
     # -- all or nothing ------------------------------------------------------------------------
     def _structure(self, loss: Tensor | None, batch_size: Any, collected: list) -> tuple:
-        sizes = [0] * len(self.param_groups)
-        for gi, _, items in collected:
-            sizes[gi] += len(items)
-        return (loss is None, batch_size is None, tuple(sizes), tuple(len(g["params"]) for g in self.param_groups))
+        # each bucket's device and dtype too: a step over params moved or cast during a run
+        # (model.double()) meets state made for the old ones, and is a first step again
+        buckets = tuple((gi, items[0][0].device, items[0][0].dtype, len(items)) for gi, _, items in collected if items)
+        return (loss is None, batch_size is None, buckets, tuple(len(g["params"]) for g in self.param_groups))
 
     def _snapshot(self, collected: list) -> dict[str, Any]:
         params = [x[0] for _, _, items in collected for x in items]
@@ -682,9 +716,7 @@ class ChainOptimizer(torch.optim.Optimizer):
         if self._state_edits[0] != self._edits_seen:
             # state entries set since the last fused step (by hand, or by an eager step): copied
             # into the flat buffers, which the kernels read
-            for fb in self._flats.values():
-                fb.resync_state()
-                fb.step_host = None
+            self._resync_flats()
         for gi, group, bucket in collected:
             for label, items in self._by_label(routes, gi, bucket):
                 if not self._add_flat(gi, group, label, items, flats, groups, dtypes):
@@ -720,6 +752,17 @@ class ChainOptimizer(torch.optim.Optimizer):
             fb.end_step()
         self._edits_seen = self._state_edits[0]
         return True
+
+    def _resync_flats(self) -> None:
+        """Copy state entries set since the last fused step into the flat buffers; a bucket with an
+        entry that does not fit its buffer (cast by hand) is dropped, to be made again from the state
+        dicts at its next fused step."""
+        for key, fb in list(self._flats.items()):
+            fb.step_host = None
+            if not fb.resync_state():
+                del self._flats[key]
+                self._collected.pop(key[0], None)
+                self._checked.pop(key, None)
 
     def _by_label(self, routes: FusedRoutes | None, gi: int, items: list) -> list[tuple[Any, list]]:
         """A bucket's items per route label (one part, label None, without routes). A bucket of the

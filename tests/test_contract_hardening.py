@@ -464,3 +464,53 @@ def test_amsgrad_per_group_as_torch(fused: bool, monkeypatch) -> None:
     sd = ob.state_dict()
     oc = gc.ChainOptimizer(groups([torch.nn.Parameter(x.detach().clone()) for x in b]), recipes.adam(lr=0.1))
     oc.load_state_dict(sd)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_param_whose_dtype_changed_under_its_state_gets_a_clear_error(fused: bool, monkeypatch) -> None:
+    """``model.double()`` during a run leaves AdamW's float32 moments under float64 params: the step
+    fails on the mixed dtypes (torch.optim's own AdamW with a cryptic lerp error). Here it is a
+    ValueError that names the param, the entry and the dtypes, the step moves nothing, and once the
+    state is cast as it says, the run goes on as one that loaded the cast state."""
+    import gradchain.fused.runner as runner
+
+    monkeypatch.setattr(runner, "BACKEND", "aot_eager")
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    opt = gc.ChainOptimizer(model.named_parameters(), recipes.adamw(lr=1e-2), fused=fused)
+    x = torch.randn(5, 4)
+    for _ in range(2):
+        opt.zero_grad()
+        model(x).square().sum().backward()
+        opt.step()
+    model.double()
+    opt.zero_grad()
+    model(x.double()).square().sum().backward()
+    params = [p.detach().clone() for p in model.parameters()]
+    state = copy.deepcopy(opt.state_dict()["state"])
+    with pytest.raises(ValueError, match=r"param weight is torch.float64 and its state 'adam.exp_avg' torch.float32, "
+                                         r"where this chain keeps torch.float64.*dtype changed") as info:
+        opt.step()
+    assert "rolled back" in str(info.value)
+    assert all(torch.equal(a, p) for a, p in zip(params, model.parameters()))
+    after = opt.state_dict()["state"]
+    for i, st in state.items():
+        for key, v in st.items():
+            assert after[i][key].dtype == v.dtype and torch.equal(after[i][key], v), (i, key)
+
+    for p in model.parameters():
+        for key, v in opt.state[p].items():
+            if key != "step" and v.is_floating_point():
+                opt.state[p][key] = v.to(torch.float64)
+    reference = copy.deepcopy(model)
+    ref_opt = gc.ChainOptimizer(reference.named_parameters(), recipes.adamw(lr=1e-2))
+    ref_opt.load_state_dict(opt.state_dict())
+    for _ in range(2):
+        for m, o in ((model, opt), (reference, ref_opt)):
+            o.zero_grad()
+            m(x.double()).square().sum().backward()
+            o.step()
+    assert all(v.dtype == torch.float64 for v in opt.state[model.weight].values() if v.dim())
+    for a, b in zip(model.parameters(), reference.parameters()):
+        assert a.dtype == torch.float64
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)

@@ -291,12 +291,20 @@ class FlatBucket:
         lo, hi = float(lo), float(hi)
         return lo if lo == hi else None
 
-    def resync_state(self) -> None:
-        """Copy state entries that a step rebound to new tensors back into the flat buffers."""
+    def resync_state(self) -> bool:
+        """Copy state entries that a step (or a user) rebound to new tensors back into the flat
+        buffers. False if one does not fit its flat buffer (another dtype, shape or device: state cast
+        by hand after ``model.double()``): it is left as it is, and the bucket must be made again
+        from the state dicts rather than cast it back."""
+        fits = True
         for key, views in self.state_views.items():
             for st, v in zip(self.states, views):
                 t = st.get(key)
                 if t is not v:
+                    if not (isinstance(t, Tensor) and t.dtype == v.dtype and t.shape == v.shape
+                            and t.device == v.device):
+                        fits = False
+                        continue
                     v.copy_(t)
                     st[key] = v
         for st, v in zip(self.states, self.step_views):
@@ -304,6 +312,7 @@ class FlatBucket:
             if t is not v:
                 v.copy_(t)
                 st["step"] = v
+        return fits
 
     def split(self, flat: Tensor) -> list[Tensor]:
         """Per-param views of a flat tensor laid out like the params (a new list; the views of the
