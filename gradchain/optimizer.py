@@ -17,6 +17,7 @@ from torch import Tensor
 from . import pieces
 from .base import Bucket, Transform, compute_dtype, initializing_for, resolve_group
 from .fused import FlatBucket, FusedRoutes, fused_chain, step_scales
+from .fused.flat import foreign_view
 from .pieces import PiecewiseChain
 from .schedules import decode_groups, encode_groups
 
@@ -27,6 +28,7 @@ _SCHEDULER_KEYS = frozenset(
     {"initial_lr", "max_lr", "min_lr", "base_momentum", "max_momentum", "base_lr", "initial_momentum"}
 )
 _GROUP_KEYS = frozenset({"params", "param_names"})
+_OPTIONS = frozenset({"transform", "fused", "atomic", "state_dtype"})  # ChainOptimizer's own arguments
 # optimizer-level state travels in the state dict as entries of the first param's state, so that
 # torch.distributed.checkpoint (which keeps only "state" and "param_groups") carries it too
 _GLOBAL = "@global."
@@ -249,9 +251,14 @@ class ChainOptimizer(torch.optim.Optimizer):
     def _check_group(self, group: dict[str, Any]) -> None:
         unknown = sorted(set(group) - set(self.defaults) - _GROUP_KEYS - _SCHEDULER_KEYS - {"differentiable"})
         if unknown:
+            options = [k for k in unknown if k in _OPTIONS]
             raise ValueError(
                 f"param group has unknown hyperparameters {unknown}; this chain declares "
                 f"{sorted(k for k in self.defaults if k != 'differentiable')}"
+                + (f". {', '.join(options)}: arguments of ChainOptimizer, not hyperparameters. A wrapper that puts "
+                   "its keyword arguments into every param group (ZeroRedundancyOptimizer(params, optimizer_class, "
+                   "**kwargs)) takes ChainOptimizer with them bound: optimizer_class=functools.partial("
+                   "gradchain.ChainOptimizer, transform=chain, fused=...)" if options else "")
             )
         if not isinstance(group.get("maximize", False), bool):
             raise ValueError(f"invalid hyperparameter maximize={group['maximize']!r}: must be a bool")
@@ -875,6 +882,12 @@ class ChainOptimizer(torch.optim.Optimizer):
             why = "its params are DTensors (FSDP2): the fused path keeps flat buffers of plain tensors"
         elif not self._fused_chain.takes_uneven_steps and len({float(x[2]["step"]) for x in items}) != 1:
             why = _UNEVEN_STEPS
+        elif any(map(foreign_view, params)):
+            views = [x[3] or f"#{i}" for i, x in enumerate(items) if foreign_view(x[0])]
+            why = (f"{len(views)} of its params ({', '.join(map(str, views[:3]))}{', ...' if len(views) > 3 else ''}) "
+                   "are views into a larger buffer that something else holds (ZeroRedundancyOptimizer("
+                   "parameters_as_bucket_view=True), FSDP1's use_orig_params, vector_to_parameters): moved into "
+                   "flat buffers they would be cut off from it")
         if why is not None:
             self._warn_eager(key, why)
             return None

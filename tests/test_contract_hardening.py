@@ -514,3 +514,45 @@ def test_a_param_whose_dtype_changed_under_its_state_gets_a_clear_error(fused: b
     for a, b in zip(model.parameters(), reference.parameters()):
         assert a.dtype == torch.float64
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+def test_params_that_are_views_of_a_shared_buffer_stay_in_it(monkeypatch) -> None:
+    """``vector_to_parameters`` (like ZeRO's bucket views and FSDP1's flat parameter) leaves params
+    as views into one vector that its owner reads. Moved into flat buffers, they would be cut off
+    from it: the vector would keep the first values while the model trained. The fused path steps
+    them eagerly instead, where they are, with a warning, on the same trajectory as the eager path."""
+    import gradchain.fused.runner as runner
+
+    monkeypatch.setattr(runner, "BACKEND", "aot_eager")
+
+    def run(fused: bool):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2))
+        vec = torch.nn.utils.parameters_to_vector(model.parameters())
+        torch.nn.utils.vector_to_parameters(vec, model.parameters())  # params are views of vec now
+        opt = gc.ChainOptimizer(model.named_parameters(), recipes.adamw(lr=1e-2), fused=fused)
+        x = torch.randn(5, 4)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(3):
+                opt.zero_grad()
+                model(x).square().sum().backward()
+                opt.step()
+        assert torch.equal(vec, torch.nn.utils.parameters_to_vector(model.parameters())), "cut off from the vector"
+        return [p.detach().clone() for p in model.parameters()], [str(w.message) for w in caught]
+
+    eager, _ = run(False)
+    fused, messages = run(True)
+    assert all(torch.equal(a, b) for a, b in zip(eager, fused))
+    (message,) = [m for m in messages if "eager path" in m]
+    assert "4 of its params (0.weight, 0.bias, 2.weight, ...) are views into a larger buffer" in message, message
+
+
+def test_constructor_options_in_a_param_group_say_how_to_bind_them() -> None:
+    """ZeroRedundancyOptimizer(params, ChainOptimizer, transform=..., fused=True) puts its keyword
+    arguments into every param group it hands to the optimizer class: the error says which keys are
+    ChainOptimizer's own arguments and how to bind them instead."""
+    p = torch.nn.Parameter(torch.zeros(3))
+    with pytest.raises(ValueError, match=r"unknown hyperparameters \['fused', 'transform'\].*fused, transform: "
+                                         r"arguments of ChainOptimizer.*functools.partial"):
+        gc.ChainOptimizer([{"params": [p], "transform": recipes.adamw(), "fused": True}], recipes.adamw())

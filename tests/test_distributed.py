@@ -54,6 +54,36 @@ def _ddp_fused(rank: int, bucket_view: bool) -> tuple[float, list[str]]:
     return gap, [str(w.message) for w in caught if w.category is FusedGradientCopyWarning]
 
 
+def _zero(rank: int) -> dict[str, Any]:
+    """ZeroRedundancyOptimizer over ChainOptimizer (bound with functools.partial), eager and fused,
+    with and without its bucket views of the params: each against the one-process eager run."""
+    import warnings
+
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+    from torch.nn.parallel import DistributedDataParallel
+
+    import gradchain.fused.runner as runner
+
+    runner.BACKEND = "aot_eager"
+    out: dict[str, Any] = {}
+    ref = make_model(torch.float64)
+    ref_opt = ChainOptimizer(ref.named_parameters(), recipes.adamw(lr=1e-2))
+    train(ref, ref_opt, 0, 4, torch.float64)
+    for bucket_view in (False, True):
+        for fused in (False, True):
+            model = DistributedDataParallel(make_model(torch.float64), find_unused_parameters=True)
+            opt = ZeroRedundancyOptimizer(
+                model.module.parameters(), partial(ChainOptimizer, transform=recipes.adamw(lr=1e-2), fused=fused),
+                parameters_as_bucket_view=bucket_view)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                train(model, opt, 0, 4, torch.float64)
+            gap = max((a - b).abs().max().item() for a, b in zip(ref.parameters(), model.module.parameters()))
+            out[f"view={bucket_view},fused={fused}"] = (
+                gap, [str(w.message) for w in caught if "ChainOptimizer" in str(w.message)])
+    return out
+
+
 def _dcp(rank: int, path: str, recipe) -> float:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
@@ -101,6 +131,7 @@ def _worker(rank: int, port: int, path: str, queue: Any) -> None:
             ("ddp", lambda: _ddp(rank)),
             ("ddp_fused", lambda: _ddp_fused(rank, bucket_view=False)),
             ("ddp_fused_bucket_view", lambda: _ddp_fused(rank, bucket_view=True)),
+            ("zero", lambda: _zero(rank)),
             ("dcp", lambda: _dcp(rank, path + "-adamw", partial(recipes.adamw, lr=1e-2))),
             # AdaLo's loss EMA is optimizer-level state: it must travel through DCP too
             ("dcp_adalo", lambda: _dcp(rank, path + "-adalo", partial(recipes.adalo, kappa=0.5))),
@@ -149,6 +180,15 @@ def test_ddp_and_distributed_checkpoint(tmp_path) -> None:
         # DDP's bucket views come back at every backward: the warning names the option, not zero_grad
         (message,) = out["ddp_fused_bucket_view"][1]
         assert "gradient_as_bucket_view=False" in message and "zero_grad" not in message, message
+        assert isinstance(out["zero"], dict), out["zero"]
+        for case, (gap, _) in out["zero"].items():
+            assert gap <= 1e-12, f"rank {rank}: ZeRO {case} differs from one process by {gap}"
+        # ZeRO's own params are views of its buckets: the fused path leaves them there and steps
+        # eagerly (moved into flat buffers, they would miss ZeRO's broadcasts: the ranks drifted apart)
+        (message,) = [m for m in out["zero"]["view=True,fused=True"][1] if "eager path" in m]
+        assert "parameters_as_bucket_view=True" in message, message
+        for case in ("view=False,fused=True", "view=False,fused=False", "view=True,fused=False"):
+            assert not [m for m in out["zero"][case][1] if "eager path" in m], out["zero"][case]
         for case in ("dcp", "dcp_adalo"):
             assert isinstance(out[case], float), out[case]
             assert out[case] == 0.0, f"rank {rank}: {case} resume differs by {out[case]}"

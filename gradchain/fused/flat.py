@@ -26,6 +26,21 @@ _GRAD = operator.attrgetter("grad")
 KEEP_WORKSPACES = frozenset({"cpu"})
 
 
+def _mark_flat(t: Tensor) -> None:
+    """Tag ``t``'s storage as a flat buffer's (torch keeps one Python object per storage, and its
+    attributes, while the storage lives): its views are params this module laid out."""
+    t.untyped_storage()._gradchain_flat = True
+
+
+def foreign_view(p: Tensor) -> bool:
+    """Whether ``p`` is a view into a larger storage that no flat bucket made: a buffer something
+    else holds and reads (ZeroRedundancyOptimizer's ``parameters_as_bucket_view``, FSDP1's flat
+    parameter, ``vector_to_parameters``). Rebinding ``p.data`` to a flat buffer would cut ``p`` off
+    from it, and that other code would go on with stale values."""
+    st = p.untyped_storage()
+    return st.nbytes() > p.numel() * p.element_size() and not getattr(st, "_gradchain_flat", False)
+
+
 class FlatBucket:
     """The flat buffers of one bucket (the params of one group, device and dtype that have grads)."""
 
@@ -62,6 +77,7 @@ class FlatBucket:
         # holds it) before the next flat buffer is made, so making the bucket needs one model-sized
         # buffer more than it ends with, not two
         self.flat_params = torch.zeros(total, dtype=p0.dtype, device=p0.device)
+        _mark_flat(self.flat_params)
         self.param_views = self._views(self.flat_params)
         for p, v in zip(params, self.param_views):
             v.copy_(p.detach())
