@@ -17,7 +17,7 @@ from torch import Tensor
 from . import pieces
 from .base import Bucket, Transform, compute_dtype, initializing_for, resolve_group
 from .fused import FlatBucket, FusedRoutes, fused_chain, step_scales
-from .fused.flat import foreign_view
+from .fused.flat import foreign_views, mark_flat
 from .pieces import PiecewiseChain
 from .schedules import decode_groups, encode_groups
 
@@ -882,8 +882,8 @@ class ChainOptimizer(torch.optim.Optimizer):
             why = "its params are DTensors (FSDP2): the fused path keeps flat buffers of plain tensors"
         elif not self._fused_chain.takes_uneven_steps and len({float(x[2]["step"]) for x in items}) != 1:
             why = _UNEVEN_STEPS
-        elif any(map(foreign_view, params)):
-            views = [x[3] or f"#{i}" for i, x in enumerate(items) if foreign_view(x[0])]
+        elif foreign := foreign_views(params, lambda: (q for g in self.param_groups for q in g["params"])):
+            views = [items[i][3] or f"#{i}" for i in foreign]
             why = (f"{len(views)} of its params ({', '.join(map(str, views[:3]))}{', ...' if len(views) > 3 else ''}) "
                    "are views into a larger buffer that something else holds (ZeroRedundancyOptimizer("
                    "parameters_as_bucket_view=True), FSDP1's use_orig_params, vector_to_parameters): moved into "
@@ -1121,4 +1121,5 @@ class ChainOptimizer(torch.optim.Optimizer):
             if flats:
                 for fb in flats.values():
                     fb.resync_state()
+                    mark_flat(fb.flat_params)  # (a loaded storage has lost its tag)
             self._init_runtime()

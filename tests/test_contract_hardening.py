@@ -556,3 +556,52 @@ def test_constructor_options_in_a_param_group_say_how_to_bind_them() -> None:
     with pytest.raises(ValueError, match=r"unknown hyperparameters \['fused', 'transform'\].*fused, transform: "
                                          r"arguments of ChainOptimizer.*functools.partial"):
         gc.ChainOptimizer([{"params": [p], "transform": recipes.adamw(), "fused": True}], recipes.adamw())
+
+
+@pytest.mark.parametrize("with_optimizer", [False, True])
+def test_a_model_saved_with_flat_params_steps_fused_again(with_optimizer: bool, monkeypatch) -> None:
+    """A model pickled after fused steps loads with its params as views of one flat buffer, now
+    held by them alone: a new fused optimizer (here with the biases in a group of their own) moves
+    them into its flat buffers as any params, and an optimizer pickled with its model goes on
+    fused. Neither is taken for a buffer something else holds (no eager step, no warning)."""
+    import gradchain.fused.runner as runner
+
+    monkeypatch.setattr(runner, "BACKEND", "aot_eager")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2)).double()
+    opt = gc.ChainOptimizer(model.named_parameters(), recipes.adamw(lr=1e-2), fused=True)
+    x = torch.randn(5, 4, dtype=torch.float64)
+
+    def train(m, o, steps):
+        for _ in range(steps):
+            o.zero_grad()
+            m(x).square().sum().backward()
+            o.step()
+
+    train(model, opt, 2)
+    buf = io.BytesIO()
+    torch.save((model, opt) if with_optimizer else model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    if with_optimizer:
+        model2, opt2 = loaded
+    else:
+        model2 = loaded
+        named = list(model2.named_parameters())
+        groups = [{"params": [p for n, p in named if n.endswith(suffix)],
+                   "param_names": [n for n, _ in named if n.endswith(suffix)]} for suffix in ("weight", "bias")]
+        opt2 = gc.ChainOptimizer(groups, recipes.adamw(lr=1e-2), fused=True)
+    storage = model2[0].weight.untyped_storage()
+    assert storage.nbytes() > model2[0].weight.numel() * 8  # views of the saved flat buffer
+    reference = copy.deepcopy(model2)
+    ref_opt = gc.ChainOptimizer(reference.parameters(), recipes.adamw(lr=1e-2))
+    if with_optimizer:
+        ref_opt.load_state_dict(opt2.state_dict())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(model2, opt2, 3)
+    assert not [w for w in caught if "ChainOptimizer" in str(w.message)], [str(w.message) for w in caught]
+    assert opt2._flats, "the loaded params did not take the fused path"
+    train(reference, ref_opt, 3)
+    for a, b in zip(model2.parameters(), reference.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)

@@ -9,7 +9,8 @@ the fused path.
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -26,19 +27,42 @@ _GRAD = operator.attrgetter("grad")
 KEEP_WORKSPACES = frozenset({"cpu"})
 
 
-def _mark_flat(t: Tensor) -> None:
+def mark_flat(t: Tensor) -> None:
     """Tag ``t``'s storage as a flat buffer's (torch keeps one Python object per storage, and its
     attributes, while the storage lives): its views are params this module laid out."""
     t.untyped_storage()._gradchain_flat = True
 
 
-def foreign_view(p: Tensor) -> bool:
-    """Whether ``p`` is a view into a larger storage that no flat bucket made: a buffer something
-    else holds and reads (ZeroRedundancyOptimizer's ``parameters_as_bucket_view``, FSDP1's flat
-    parameter, ``vector_to_parameters``). Rebinding ``p.data`` to a flat buffer would cut ``p`` off
-    from it, and that other code would go on with stale values."""
-    st = p.untyped_storage()
-    return st.nbytes() > p.numel() * p.element_size() and not getattr(st, "_gradchain_flat", False)
+def foreign_views(params: list[Tensor], owned: Callable[[], Iterable[Tensor]]) -> list[int]:
+    """The indices of ``params`` that are views into a larger storage that something else holds and
+    reads (ZeroRedundancyOptimizer's ``parameters_as_bucket_view``, FSDP1's flat parameter,
+    ``vector_to_parameters``'s vector). Rebinding ``p.data`` to a flat buffer would cut such a param
+    off from it, and that other code would go on with stale values.
+
+    A storage a flat bucket made is this module's. Another one is held elsewhere when more tensors
+    use it than the optimizer's own params (``owned()``) that view it: a model saved and loaded
+    with its params in a flat buffer holds that buffer through its params alone."""
+    suspects: dict[int, tuple[Any, list[int]]] = {}
+    for i, p in enumerate(params):
+        st = p.untyped_storage()
+        if st.nbytes() > p.numel() * p.element_size() and not getattr(st, "_gradchain_flat", False):
+            suspects.setdefault(st.data_ptr(), (st, []))[1].append(i)
+    if not suspects:
+        return []
+    viewing = Counter(q.untyped_storage().data_ptr() for q in owned())
+    out = []
+    for ptr, (st, idx) in suspects.items():
+        # each tensor over a storage holds it once, and the storage's Python object once more
+        if _use_count(st) > viewing[ptr] + 1:
+            out.extend(idx)
+    return sorted(out)
+
+
+def _use_count(storage: Any) -> int:
+    try:
+        return torch._C._storage_Use_Count(storage._cdata)
+    except (AttributeError, RuntimeError):  # (a private API: without it, every untagged view is foreign)
+        return 1 << 30
 
 
 class FlatBucket:
@@ -77,7 +101,7 @@ class FlatBucket:
         # holds it) before the next flat buffer is made, so making the bucket needs one model-sized
         # buffer more than it ends with, not two
         self.flat_params = torch.zeros(total, dtype=p0.dtype, device=p0.device)
-        _mark_flat(self.flat_params)
+        mark_flat(self.flat_params)
         self.param_views = self._views(self.flat_params)
         for p, v in zip(params, self.param_views):
             v.copy_(p.detach())
