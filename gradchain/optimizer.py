@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import operator
+import re
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable
@@ -635,7 +636,10 @@ class ChainOptimizer(torch.optim.Optimizer):
         """Raise a clear error in place of ``error`` where a param's state has another dtype than this
         chain makes for the param as it is now: the param's dtype changed after its state was made
         (``model.double()`` during a run), and the transforms fail on the mixed dtypes. Runs only
-        after a step raised."""
+        after a step raised with an error about dtypes (another failure is not put down to state
+        whose dtype differs for a reason: loaded with dtypes of its own, ``state_dtype`` changed)."""
+        if not re.search(r"dtype|scalar type", str(error), re.IGNORECASE):
+            return
         created = set(map(id, self._created))
         wrong = []
         for _, group, items in collected:
