@@ -253,7 +253,7 @@ def softplus_nonneg_polynomial(x: Tensor, beta: float, threshold: float = 20.0) 
     p = torch.full_like(t, _ATANH_COEFFS[-1])
     for c in _ATANH_COEFFS[-2::-1]:
         p = p * t + c
-    return torch.where(y > threshold, x, x + 2.0 * s * p / beta)
+    return torch.where(y > threshold, x, x + s * p * (2.0 / beta))
 
 
 def softplus_nonneg(xs: list[Tensor], beta: float, threshold: float = 20.0) -> list[Tensor]:

@@ -119,7 +119,9 @@ def scale_by_adam_softplus(
         # static: F.softplus takes its sharpness only as a Python number
         beta = float(hp["softplus_beta"])
         m, v = _update_moments(updates, state, b1, b2)
-        den = torch._foreach_div(v, ctx.per_step(lambda t: ops.bias_correction(b2, t)))
+        # v^ as v times 1 / (1 - b2^t), a factor worked out once per step: the compiled step is
+        # bound by its arithmetic, and a division per element costs several multiplications
+        den = torch._foreach_mul(v, ctx.per_step(lambda t: 1.0 / ops.bias_correction(b2, t)))
         torch._foreach_sqrt_(den)
         # compiled, one exp and a polynomial (a CPU's exp and log1p at full accuracy would make
         # the step compute-bound); torch has no foreach softplus: one call per tensor eagerly
