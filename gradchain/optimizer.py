@@ -939,7 +939,8 @@ class ChainOptimizer(torch.optim.Optimizer):
         else:
             why = (f"new tensors {COPIED_GRADS_WARN_STEPS} steps in a row, so each step copies them into the flat "
                    "gradient buffer (a read and a write of every gradient). They stay views of that buffer when "
-                   "they are reset with this optimizer's zero_grad() (in place), not model.zero_grad() or "
+                   "they are reset in place: with this optimizer's zero_grad(), or a wrapper's zero_grad("
+                   "set_to_none=False) (ZeroRedundancyOptimizer's), not model.zero_grad() or "
                    "zero_grad(set_to_none=True)")
         warnings.warn(head + why, FusedGradientCopyWarning, stacklevel=4)
 

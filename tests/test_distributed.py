@@ -189,6 +189,9 @@ def test_ddp_and_distributed_checkpoint(tmp_path) -> None:
         assert "parameters_as_bucket_view=True" in message, message
         for case in ("view=False,fused=True", "view=False,fused=False", "view=True,fused=False"):
             assert not [m for m in out["zero"][case][1] if "eager path" in m], out["zero"][case]
+        # ZeRO's zero_grad() sets the grads to None: copied in at every step, and the warning says how not to
+        (copied,) = [m for m in out["zero"]["view=False,fused=True"][1] if "arrived as new tensors" in m]
+        assert "zero_grad(set_to_none=False) (ZeroRedundancyOptimizer's)" in copied, copied
         for case in ("dcp", "dcp_adalo"):
             assert isinstance(out[case], float), out[case]
             assert out[case] == 0.0, f"rank {rank}: {case} resume differs by {out[case]}"
