@@ -157,7 +157,7 @@ def _phase_hyperparams(t: Transform, resolved: Mapping[str, Any]) -> dict[str, A
 def _coefs(c: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
     """A step's coefficients for the compiled passes: numbers as float64 0-d tensors (a new value
     does not recompile), tensors as they are (on ``device``), flags as flags."""
-    return {k: v.to(device) if isinstance(v, Tensor) else _tensorize(v, device) for k, v in c.items()}
+    return {k: _to(v, device) if isinstance(v, Tensor) else _tensorize(v, device) for k, v in c.items()}
 
 
 def _tail_ok(t: Transform) -> bool:
@@ -176,7 +176,7 @@ def _host_steps(seg: Segment, resolved: Mapping[str, Any], step: float,
     for t in seg.host_stepped:
         made = t.host_step({k: resolved[g] for k, g in t._keys.items()}, round(step))
         renames.update({f"{t.name}.{k}": f"{t.name}.{v}" for k, v in made.state.items()})
-        values[t.name] = {k: torch.tensor(v, dtype=torch.float64, device=device) for k, v in made.values.items()}
+        values[t.name] = {k: _to(torch.tensor(v, dtype=torch.float64), device) for k, v in made.values.items()}
     return renames, values
 
 
@@ -215,6 +215,13 @@ def _tensor_hp(tensor_hp: list, i: int, resolved: Mapping[str, Any], fb: FlatBuc
     return tensor_hp[i]
 
 
+def _to(t: Tensor, device: torch.device) -> Tensor:
+    """``t`` on ``device`` without waiting for the work queued there: a blocking copy from the host
+    to a GPU waits for its whole stream, which a new value each step (a scheduled lr) would pay at
+    every step. From pageable host memory the copy is staged at once, so ``t`` may go right away."""
+    return t.to(device, non_blocking=True)
+
+
 def _number_like(v: Any) -> bool:
     """A float or int (not a bool), or a tuple or list of them."""
     if isinstance(v, (tuple, list)):
@@ -226,9 +233,9 @@ def _tensorize(value: Any, device: torch.device) -> Any:
     if isinstance(value, bool) or value is None or isinstance(value, str):
         return value
     if isinstance(value, (int, float)):
-        return torch.tensor(float(value), dtype=torch.float64, device=device)
+        return _to(torch.tensor(float(value), dtype=torch.float64), device)
     if isinstance(value, Tensor):
-        return value.detach().to(device=device, dtype=torch.float64)
+        return _to(value.detach().to(torch.float64), device)
     if isinstance(value, (tuple, list)):
         return type(value)(_tensorize(v, device) for v in value)
     return value
@@ -501,7 +508,7 @@ class FusedChain:
         segments = fb.segments() if seg.segmented or fb.uneven else None
         if self.compile and len(state) == len(keys):
             _tensor_hp(tensor_hp, i, resolved, fb)
-            lossv = None if loss is None else loss.detach().to(fb.device)
+            lossv = None if loss is None else _to(loss.detach(), fb.device)
             # the updates for the next segment go into a buffer of the bucket's, not a fresh one
             ws = None if seg.last else fb.workspace(dtype, avoid=update)
             renames, values = _host_steps(seg, resolved, host_step, fb.device)
@@ -531,7 +538,7 @@ class FusedChain:
         Each param's update goes into its view of a kept flat buffer, which is returned."""
         _tensor_hp(tensor_hp, i, resolved, fb)
         host = seg.host(resolved)
-        lossv = None if loss is None else loss.detach().to(fb.device)
+        lossv = None if loss is None else _to(loss.detach(), fb.device)
         grads = fb.split(grad)
         ups = None if update is None else fb.split(update)
         flat_out = None if seg.last else fb.workspace(dtype, avoid=update)
