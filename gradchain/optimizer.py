@@ -24,9 +24,9 @@ from .schedules import decode_groups, encode_groups
 
 __all__ = ["ChainOptimizer", "FusedGradientCopyWarning"]
 
-# keys torch's LR schedulers write into param groups
+# keys torch's LR schedulers (swa_utils.SWALR's too) write into param groups
 _SCHEDULER_KEYS = frozenset(
-    {"initial_lr", "max_lr", "min_lr", "base_momentum", "max_momentum", "base_lr", "initial_momentum"}
+    {"initial_lr", "max_lr", "min_lr", "base_momentum", "max_momentum", "base_lr", "initial_momentum", "swa_lr"}
 )
 _GROUP_KEYS = frozenset({"params", "param_names"})
 _OPTIONS = frozenset({"transform", "fused", "atomic", "state_dtype"})  # ChainOptimizer's own arguments

@@ -6,6 +6,7 @@
 - ``GradientDiagnostics(log_dir=...)`` without TensorBoard: ``ImportError`` at construction;
 - ``muon`` given unnamed params: a ``UserWarning`` (once) that says to pass ``named_parameters()``;
 - ``OneCycleLR`` with momentum cycling works on ``adalo``, whose ``betas`` key it cycles;
+- a checkpoint taken under ``swa_utils.SWALR`` (which adds ``swa_lr`` to the groups) loads and resumes;
 - ``recipes.adam(decoupled_weight_decay=True)`` follows ``torch.optim.Adam(decoupled_weight_decay=True)``.
 """
 
@@ -108,6 +109,42 @@ def test_muon_warns_once_about_unnamed_matrices() -> None:
     _steps(model, opt, 1)
     assert "adam.exp_avg" in opt.state[model.embed.weight]  # the embedding takes AdamW by its name
     assert "momentum.ema" in opt.state[model.hidden.weight]
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_swa_lr_resumes_from_a_checkpoint(fused: bool, monkeypatch) -> None:
+    """SWALR writes ``swa_lr`` into the param groups: a checkpoint taken under it loads (it was
+    refused as an unknown hyperparameter) and the run goes on as the one that was not stopped."""
+    import gradchain.fused.runner as runner
+
+    monkeypatch.setattr(runner, "BACKEND", "aot_eager")
+    x = torch.randn(6, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+
+    def setup():
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 2).double()
+        opt = ChainOptimizer(model.parameters(), recipes.adamw(lr=1e-2), fused=fused)
+        return model, opt, torch.optim.swa_utils.SWALR(opt, swa_lr=0.05, anneal_epochs=3)
+
+    def train(model, opt, sched, steps):
+        for _ in range(steps):
+            opt.zero_grad()
+            model(x).square().sum().backward()
+            opt.step()
+            sched.step()
+
+    model, opt, sched = setup()
+    train(model, opt, sched, 2)
+    saved = copy.deepcopy((model.state_dict(), opt.state_dict(), sched.state_dict()))
+    train(model, opt, sched, 3)
+    model2, opt2, sched2 = setup()
+    model2.load_state_dict(saved[0])
+    opt2.load_state_dict(saved[1])
+    sched2.load_state_dict(saved[2])
+    assert opt2.param_groups[0]["swa_lr"] == 0.05
+    train(model2, opt2, sched2, 3)
+    for a, b in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(a, b)
 
 
 def test_one_cycle_lr_cycles_adalo_beta1() -> None:
