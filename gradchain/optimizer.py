@@ -129,7 +129,9 @@ class _ParamState(dict):
 
 
 class FusedGradientCopyWarning(UserWarning):
-    """The fused path copies gradients that arrive as new tensors at every step (a cost, not an error)."""
+    """The fused path copies gradients into its flat buffer at every step, because they arrive as
+    new tensors (reset to None between steps) or as views of another buffer (DDP's
+    ``gradient_as_bucket_view=True``): a cost, not an error. The message says how to avoid it."""
 
 
 class ChainOptimizer(torch.optim.Optimizer):
