@@ -964,3 +964,65 @@ def test_a_param_renamed_into_a_route_whose_state_it_lacks_gets_a_clear_error(fu
     del opt.state[fc_weight]
     opt.step()
     assert sorted(opt.state[fc_weight]) == ["momentum.buffer", "step"] and float(opt.state[fc_weight]["step"]) == 1
+
+
+@pytest.mark.parametrize("name", ["adamw", "sgd", "nadam", "lamb"])
+def test_many_param_groups_compile_a_bounded_number_of_kernels(name: str, aot_eager) -> None:
+    """Layer-wise lr decay: a param group per layer, each a flat bucket of its own size. The first
+    few buckets compile a kernel each; the others share one with a symbolic size (forty groups
+    compiled forty kernels, about a minute cold), except where the graph depends on each param
+    (LAMB's per-tensor norms, NAdam's per-param running product: a kernel per bucket, as before).
+    The trajectory is the eager one in float64, and the shared kernel traces once."""
+    def build(fused: bool):
+        torch.manual_seed(0)
+        layers = [nn.Linear(3 + i, 4 + i).double() for i in range(runner.STATIC_BUCKETS + 5)]
+        groups = [{"params": list(layer.parameters()), "lr": 1e-2 * 0.8 ** i} for i, layer in enumerate(layers)]
+        return layers, gc.ChainOptimizer(groups, getattr(recipes, name)(), fused=fused)
+
+    eager_layers, eager = build(False)
+    fused_layers, fused = build(True)
+    traced = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    for step in range(4):
+        for layers, opt in ((eager_layers, eager), (fused_layers, fused)):
+            g = torch.Generator().manual_seed(step)
+            for layer in layers:
+                for p in layer.parameters():
+                    p.grad = torch.randn(p.shape, generator=g, dtype=torch.float64)
+            opt.step()
+    for a, b in zip(eager_layers, fused_layers):
+        for p, q in zip(a.parameters(), b.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+    (seg,) = [s for s in fused._fused_chain.segments if s.compiled]
+    shared = [k for k in seg._fns if isinstance(k, tuple) and k[0] == "sized"]
+    if name in ("nadam", "lamb"):
+        assert not shared and len(seg._fns) == len(fused_layers)
+    else:
+        assert len(shared) == 1 and len(seg._fns) == runner.STATIC_BUCKETS + 1, list(seg._fns)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - traced == len(seg._fns)
+
+
+def test_inductor_kernel_with_a_symbolic_size_equals_eager(monkeypatch) -> None:
+    """The kernel that buckets past the first few share, compiled by inductor with a symbolic size
+    (sizes that are no multiple of a vector, so the loops' tails run), against the eager path."""
+    monkeypatch.setattr(runner, "BACKEND", "inductor")
+    monkeypatch.setattr(runner, "STATIC_BUCKETS", 1)
+
+    def build(fused: bool):
+        torch.manual_seed(0)
+        layers = [nn.Linear(5 + 3 * i, 7 + i) for i in range(3)]
+        groups = [{"params": list(layer.parameters()), "lr": 1e-2 * 0.5 ** i} for i, layer in enumerate(layers)]
+        return layers, gc.ChainOptimizer(groups, recipes.adamw(weight_decay=0.1), fused=fused)
+
+    runs = [build(False), build(True)]
+    for step in range(4):
+        for layers, opt in runs:
+            g = torch.Generator().manual_seed(step)
+            for layer in layers:
+                for p in layer.parameters():
+                    p.grad = torch.randn(p.shape, generator=g)
+            opt.step()
+    (seg,) = [s for s in runs[1][1]._fused_chain.segments if s.compiled]
+    assert [k for k in seg._fns if isinstance(k, tuple) and k[0] == "sized"], list(seg._fns)
+    for a, b in zip(runs[0][0], runs[1][0]):
+        for p, q in zip(a.parameters(), b.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)

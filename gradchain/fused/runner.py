@@ -41,6 +41,10 @@ BACKEND = "inductor"
 # kernel with symbolic sizes for all the others (a little slower, but compiled once)
 PER_TENSOR_MIN_NUMEL = 1 << 18
 PER_TENSOR_STATIC_SHAPES = 6
+# likewise for flat buckets (one per param group, device and dtype): the first few compile a kernel
+# each, the others of the same structure share one with a symbolic size (forty param groups, as
+# layer-wise lr decay makes, compiled forty kernels: about a minute cold)
+STATIC_BUCKETS = 4
 
 
 def _end(b: Bucket, state: dict, last: bool, out: Tensor | None, update: bool = True) -> Tensor | None:
@@ -213,6 +217,18 @@ def _tensor_hp(tensor_hp: list, i: int, resolved: Mapping[str, Any], fb: FlatBuc
             out[k] = hit[1]
         tensor_hp[i] = out
     return tensor_hp[i]
+
+
+def _structure(value: Any) -> Any:
+    """What a compiled graph specializes on in ``value`` (a kernel's arguments): each tensor's dtype,
+    device and number of dims, and every other value as it is; containers by their items."""
+    if isinstance(value, Tensor):
+        return ("T", value.dtype, value.device, value.dim())
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, *map(_structure, value))
+    if isinstance(value, Mapping):
+        return ("M", *((k, _structure(v)) for k, v in value.items()))
+    return value if isinstance(value, (bool, int, float, str, type(None), torch.dtype)) else repr(value)
 
 
 def _to(t: Tensor, device: torch.device) -> Tensor:
@@ -516,11 +532,15 @@ class FusedChain:
             args = ([fb.flat_params], [grad], upd, _renamed(state, renames), tensor_hp[i], host, step,
                     lossv, dtype, True, segments, ws, values)
             # a function of its own per bucket: buckets of other sizes never recompile another's (and
-            # one for a count per param: a transform that cannot trace it falls back alone)
-            ok, out = self._try_compiled(seg, (i, "uneven") if fb.uneven else i,
-                                         lambda: _segment(seg.transforms, seg.last), args,
+            # one for a count per param: a transform that cannot trace it falls back alone). Past the
+            # first few, a bucket whose graph depends on its size alone (no per-param segments) shares
+            # a kernel with a symbolic size with those of the same structure
+            key, dynamic = ((i, "uneven") if fb.uneven else i), False
+            if segments is None and i >= STATIC_BUCKETS:
+                key, dynamic = ("sized", _structure(args)), True
+            ok, out = self._try_compiled(seg, key, lambda: _segment(seg.transforms, seg.last), args,
                                          str([t.name for t in seg.transforms])
-                                         + (" with a step count per param" if fb.uneven else ""))
+                                         + (" with a step count per param" if fb.uneven else ""), dynamic=dynamic)
             if ok:
                 return ws if ws is not None else out
         if len(state) != len(keys) or fb.uneven:
