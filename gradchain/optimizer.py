@@ -19,6 +19,7 @@ from . import pieces
 from .base import Bucket, Transform, compute_dtype, initializing_for, resolve_group
 from .fused import FlatBucket, FusedRoutes, fused_chain, step_scales
 from .fused.flat import foreign_views, mark_flat
+from .fused.runner import STATIC_BUCKETS
 from .pieces import PiecewiseChain
 from .schedules import decode_groups, encode_groups
 
@@ -914,7 +915,9 @@ class ChainOptimizer(torch.optim.Optimizer):
         self._checked.pop(key, None)
         states = [x[2] for x in items]
         fill = (lambda i: self._fill_pending_state(params[i], states[i])) if self._pending else None
-        fb = FlatBucket(params, states, [x[3] for x in items], fill)
+        # past the first few groups, rows whatever the number of params: their per-tensor kernels
+        # can then share one compiled graph (fused.runner.STATIC_BUCKETS)
+        fb = FlatBucket(params, states, [x[3] for x in items], fill, chunked=key[0] >= STATIC_BUCKETS)
         fb.step_host = None
         self._flats[key] = fb
         return fb

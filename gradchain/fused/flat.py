@@ -69,10 +69,12 @@ class FlatBucket:
     """The flat buffers of one bucket (the params of one group, device and dtype that have grads)."""
 
     def __init__(self, params: list[Tensor], states: list[dict[str, Any]], names: list[str | None],
-                 fill: Callable[[int], None] | None = None) -> None:
+                 fill: Callable[[int], None] | None = None, chunked: bool = False) -> None:
         """``fill(i)``, if given, makes the state of param ``i`` in place when it has none yet (its
         dict holds only ``step``): a bucket of such params makes their state one param at a time,
-        each moved into the flat buffers before the next is made."""
+        each moved into the flat buffers before the next is made. ``chunked`` lays the params out in
+        rows whatever their number (then per-tensor reductions take tensors of row indices, not
+        one slice per param: a kernel that buckets of other sizes can share)."""
         self.params = params
         self.states = states
         self.names = names
@@ -81,7 +83,7 @@ class FlatBucket:
         # is then row sums of a (rows, CHUNK) view fused into the kernel (plus a sum of a few rows per
         # tensor), and a per-tensor factor is one load per row. The gaps (under CHUNK elements per
         # param) belong to no param; the reductions mask them out.
-        self.chunked = len(params) > base.SEGMENT_UNROLL
+        self.chunked = chunked or len(params) > base.SEGMENT_UNROLL
         align = CHUNK if self.chunked else 1
         self.offsets = []
         total = 0

@@ -536,8 +536,12 @@ class FusedChain:
             # first few, a bucket whose graph depends on its size alone (no per-param segments) shares
             # a kernel with a symbolic size with those of the same structure
             key, dynamic = ((i, "uneven") if fb.uneven else i), False
-            if segments is None and i >= STATIC_BUCKETS:
-                key, dynamic = ("sized", _structure(args)), True
+            if i >= STATIC_BUCKETS and not fb.uneven and (segments is None or fb.chunked):
+                # (a chunked bucket's per-tensor sums take row-index tensors; its static sizes, names
+                # and shapes stay out of the key: a transform that reads them traces again, guarded)
+                sized = args if segments is None else (*args[:10], (segments[0], segments[1], len(segments[2])),
+                                                      *args[11:])
+                key, dynamic = ("sized", _structure(sized)), True
             ok, out = self._try_compiled(seg, key, lambda: _segment(seg.transforms, seg.last), args,
                                          str([t.name for t in seg.transforms])
                                          + (" with a step count per param" if fb.uneven else ""), dynamic=dynamic)
