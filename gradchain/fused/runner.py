@@ -533,8 +533,8 @@ class FusedChain:
                     lossv, dtype, True, segments, ws, values)
             # a function of its own per bucket: buckets of other sizes never recompile another's (and
             # one for a count per param: a transform that cannot trace it falls back alone). Past the
-            # first few, a bucket whose graph depends on its size alone (no per-param segments) shares
-            # a kernel with a symbolic size with those of the same structure
+            # first few, a bucket whose graph depends on its sizes alone (no per-tensor reductions, or
+            # a bucket in rows) shares a kernel with a symbolic size with those of the same structure
             key, dynamic = ((i, "uneven") if fb.uneven else i), False
             if i >= STATIC_BUCKETS and not fb.uneven and (segments is None or fb.chunked):
                 # (a chunked bucket's per-tensor sums take row-index tensors; its static sizes, names
