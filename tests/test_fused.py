@@ -1024,3 +1024,41 @@ def test_inductor_kernel_with_a_symbolic_size_equals_eager(monkeypatch) -> None:
     for a, b in zip(runs[0][0], runs[1][0]):
         for p, q in zip(a.parameters(), b.parameters()):
             torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["adams", "am_sgd"])
+def test_many_param_groups_share_the_passes_around_a_global_sum(name: str, aot_eager) -> None:
+    """The two compiled passes of a chain with a sum over every bucket (AdamS's mean of v^, AM-SGD's
+    inner products): past the first few buckets, one kernel per pass for all of them, as above.
+    AM-SGD's second pass lends a state buffer as the update, and the compiler guards on that
+    buffer's identity, so the shared kernel traced again for every bucket (past eight, torch would
+    run it uncompiled): after a few such traces in one step the buckets after take kernels of their
+    own, and no step after the second traces anything."""
+    def build(fused: bool):
+        torch.manual_seed(0)
+        layers = [nn.Linear(3 + i, 4 + i).double() for i in range(runner.STATIC_BUCKETS + 5)]
+        groups = [{"params": list(layer.parameters()), "lr": 1e-2 * 0.8 ** i} for i, layer in enumerate(layers)]
+        return layers, gc.ChainOptimizer(groups, getattr(recipes, name)(), fused=fused)
+
+    runs = [build(False), build(True)]
+    traces = []
+    for step in range(4):
+        traced = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        for layers, opt in runs:
+            g = torch.Generator().manual_seed(step)
+            for layer in layers:
+                for p in layer.parameters():
+                    p.grad = torch.randn(p.shape, generator=g, dtype=torch.float64)
+            opt.step()
+        traces.append(torch._dynamo.utils.counters["stats"]["unique_graphs"] - traced)
+    for a, b in zip(runs[0][0], runs[1][0]):
+        for p, q in zip(a.parameters(), b.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+    (seg,) = [s for s in runs[1][1]._fused_chain.segments if s.phased is not None]
+    assert traces[2:] == [0, 0], traces
+    if name == "adams":
+        assert len(seg._fns) == 2 * (runner.STATIC_BUCKETS + 1), list(seg._fns)
+        assert sum(traces) == len(seg._fns) and not seg._retraced
+    else:
+        assert [k[0] for k in seg._retraced] == ["finish"], seg._retraced
+        assert sum(traces) <= len(seg._fns) + runner._RETRACES + 1 + runner.STATIC_BUCKETS, traces

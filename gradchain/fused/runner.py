@@ -45,6 +45,11 @@ PER_TENSOR_STATIC_SHAPES = 6
 # each, the others of the same structure share one with a symbolic size (forty param groups, as
 # layer-wise lr decay makes, compiled forty kernels: about a minute cold)
 STATIC_BUCKETS = 4
+# the fused steps taken in this process, to tell a shared kernel's traces within one step apart;
+# past this many in one step it traces for each bucket (a guard on each one's own), and the
+# buckets after take kernels of their own. (A few are normal: a new size may specialize again.)
+_TICK = [0]
+_RETRACES = 3
 
 
 def _end(b: Bucket, state: dict, last: bool, out: Tensor | None, update: bool = True) -> Tensor | None:
@@ -231,6 +236,14 @@ def _structure(value: Any) -> Any:
     return value if isinstance(value, (bool, int, float, str, type(None), torch.dtype)) else repr(value)
 
 
+def _graph_count() -> int:
+    """The number of graphs torch.compile has traced in this process (dynamo's own count)."""
+    try:
+        return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    except (AttributeError, KeyError):
+        return 0
+
+
 def _to(t: Tensor, device: torch.device) -> Tensor:
     """``t`` on ``device`` without waiting for the work queued there: a blocking copy from the host
     to a GPU waits for its whole stream, which a new value each step (a scheduled lr) would pay at
@@ -352,6 +365,12 @@ class Segment:
         self._fns: dict[Any, Any] = {}
         self._eager_fn = None
         self._failed: set[Any] = set()
+        # shared kernels (symbolic sizes) that traced again for bucket after bucket in one step
+        # (_RETRACES): a transform guards on something of each bucket's own (a state tensor's
+        # identity), so the others take kernels of their own. (A trace again at a later step is a new
+        # specialization for all of them, as at the second step.) key -> (the step's tick, traces)
+        self._retraced: set[Any] = set()
+        self._traces: dict[Any, tuple[int, int]] = {}
         self.compile_seconds = 0.0
 
     def host(self, resolved: Mapping[str, Any]) -> dict[str, Any]:
@@ -480,6 +499,7 @@ class FusedChain:
     ) -> None:
         """One step over ``flats``; ``scales``: the factors of the ``step_scales`` transforms, worked
         out for the buckets of every route at once (:func:`step_scales`)."""
+        _TICK[0] += 1
         grads = []
         for fb, group in zip(flats, groups):
             grads.append(torch.neg(fb.flat_grads) if group["maximize"] else fb.flat_grads)
@@ -541,7 +561,9 @@ class FusedChain:
                 # and shapes stay out of the key: a transform that reads them traces again, guarded)
                 sized = args if segments is None else (*args[:10], (segments[0], segments[1], len(segments[2])),
                                                       *args[11:])
-                key, dynamic = ("sized", _structure(sized)), True
+                shared = ("sized", _structure(sized))
+                if shared not in seg._retraced:
+                    key, dynamic = shared, True
             ok, out = self._try_compiled(seg, key, lambda: _segment(seg.transforms, seg.last), args,
                                          str([t.name for t in seg.transforms])
                                          + (" with a step count per param" if fb.uneven else ""), dynamic=dynamic)
@@ -615,7 +637,7 @@ class FusedChain:
         thp = [{k: _tensorize(v, fb.device) for k, v in hp.items()} for hp, fb in zip(hps, flats)]
         for i, fb in enumerate(flats):
             _tensor_hp(tensor_hp, i, resolved[i], fb)
-        lossv = None if loss is None else loss.detach().to(flats[0].device)
+        lossv = None if loss is None else _to(loss.detach(), flats[0].device)
         coefs: dict[str, Any] = {}
         if live:
             device = flats[live[0]].device
@@ -650,8 +672,15 @@ class FusedChain:
         def make():
             return _phase(seg.phased, seg.head, seg.tail, name, seg.last)
 
-        ok, out = (self._try_compiled(seg, (name, i), make, args, f"{seg.phased.name}.{name}") if self.compile
-                   else (False, None))
+        key, dynamic = (name, i), False
+        if i >= STATIC_BUCKETS and fb.chunked:  # (past the first few: as in _run_compiled)
+            segments = args[13]
+            shared = (name, "sized", _structure((*args[:13], (segments[0], segments[1], len(segments[2])),
+                                                 *args[14:])))
+            if shared not in seg._retraced:
+                key, dynamic = shared, True
+        ok, out = (self._try_compiled(seg, key, make, args, f"{seg.phased.name}.{name}", dynamic=dynamic)
+                   if self.compile else (False, None))
         if not ok:
             out = make()(*args)
         return ws if ws is not None else out
@@ -671,11 +700,18 @@ class FusedChain:
                                                backend=hoisting_backend(BACKEND))
         try:
             t0 = time.perf_counter()
+            graphs = _graph_count()
             try:
                 out = fn(*args)
             finally:
                 if first or dynamic:  # a call that may have traced (a new size traces again)
                     _forget_specialized_floats()
+            if dynamic and _graph_count() > graphs:
+                tick, n = seg._traces.get(key, (None, 0))
+                n = n + 1 if tick == _TICK[0] else 1
+                seg._traces[key] = (_TICK[0], n)
+                if n > _RETRACES:
+                    seg._retraced.add(key)
         except Exception as err:  # noqa: BLE001 - any tracing failure falls back to the uncompiled run
             # tracing a new size again (dynamic): a guard failed and nothing has run yet
             if not first and not (dynamic and isinstance(err, _TRACING_ERRORS)):
