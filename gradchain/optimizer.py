@@ -649,12 +649,8 @@ class ChainOptimizer(torch.optim.Optimizer):
             for p, _, st, name in items:
                 if id(p) in created or len(wrong) >= 3:
                     continue
-                meta = torch.empty(tuple(p.shape), dtype=p.dtype, device="meta")
-                try:
-                    want = self._new_state(meta, name, group)
-                except Exception:
-                    continue
-                for key, w in want.items():
+                want = self._expected_state(p, name, group)
+                for key, w in (want or {}).items():
                     got = st.get(key)
                     if key != "step" and isinstance(w, Tensor) and isinstance(got, Tensor) \
                             and w.is_floating_point() and got.is_floating_point() and got.dtype != w.dtype:
@@ -998,14 +994,12 @@ class ChainOptimizer(torch.optim.Optimizer):
         return sd
 
     def _expected_state(self, p: Tensor, name: str | None, group: dict[str, Any]) -> dict[str, Any] | None:
+        """The state this chain makes for ``p`` as it is now (``state_dtype`` included), on the meta
+        device; None if its init cannot run there."""
         try:
-            meta = torch.empty(tuple(p.shape), dtype=p.dtype, device="meta")
-            with initializing_for(group):
-                expected = dict(self.transform.init_state(meta, name))
+            return self._new_state(torch.empty(tuple(p.shape), dtype=p.dtype, device="meta"), name, group)
         except Exception:
             return None
-        expected["step"] = torch.zeros((), device="meta")
-        return expected
 
     @staticmethod
     def _check_loaded(label: Any, expected: dict[str, Any], loaded: dict[str, Any]) -> None:

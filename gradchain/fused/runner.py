@@ -45,10 +45,9 @@ PER_TENSOR_STATIC_SHAPES = 6
 # each, the others of the same structure share one with a symbolic size (forty param groups, as
 # layer-wise lr decay makes, compiled forty kernels: about a minute cold)
 STATIC_BUCKETS = 4
-# the fused steps taken in this process, to tell a shared kernel's traces within one step apart;
-# past this many in one step it traces for each bucket (a guard on each one's own), and the
-# buckets after take kernels of their own. (A few are normal: a new size may specialize again.)
-_TICK = [0]
+# past this many traces in one step a shared kernel traces for each bucket (a guard on each one's
+# own), and the buckets after take kernels of their own. (A few are normal: a new size may
+# specialize again.)
 _RETRACES = 3
 
 
@@ -224,16 +223,29 @@ def _tensor_hp(tensor_hp: list, i: int, resolved: Mapping[str, Any], fb: FlatBuc
     return tensor_hp[i]
 
 
-def _structure(value: Any) -> Any:
+def _graph_signature(value: Any) -> Any:
     """What a compiled graph specializes on in ``value`` (a kernel's arguments): each tensor's dtype,
     device and number of dims, and every other value as it is; containers by their items."""
     if isinstance(value, Tensor):
         return ("T", value.dtype, value.device, value.dim())
     if isinstance(value, (list, tuple)):
-        return (type(value).__name__, *map(_structure, value))
+        return (type(value).__name__, *map(_graph_signature, value))
     if isinstance(value, Mapping):
-        return ("M", *((k, _structure(v)) for k, v in value.items()))
+        return ("M", *((k, _graph_signature(v)) for k, v in value.items()))
     return value if isinstance(value, (bool, int, float, str, type(None), torch.dtype)) else repr(value)
+
+
+def _shared_key(seg: Segment, tag: tuple, args: tuple, at: int) -> tuple | None:
+    """The key of the kernel with a symbolic size that a bucket shares with those whose arguments
+    ``args`` have the same signature (``args[at]``: its segments, or None), or None if that kernel
+    traced for bucket after bucket (``Segment._retraced``). A chunked bucket's per-tensor sums take
+    row-index tensors; its static sizes, names and shapes stay out of the key (a transform that
+    reads them traces again, guarded)."""
+    segments = args[at]
+    if segments is not None:
+        args = (*args[:at], (segments[0], segments[1], len(segments[2])), *args[at + 1:])
+    key = (*tag, "sized", _graph_signature(args))
+    return None if key in seg._retraced else key
 
 
 def _graph_count() -> int:
@@ -368,9 +380,9 @@ class Segment:
         # shared kernels (symbolic sizes) that traced again for bucket after bucket in one step
         # (_RETRACES): a transform guards on something of each bucket's own (a state tensor's
         # identity), so the others take kernels of their own. (A trace again at a later step is a new
-        # specialization for all of them, as at the second step.) key -> (the step's tick, traces)
+        # specialization for all of them, as at the second step.) key -> traces in this step
         self._retraced: set[Any] = set()
-        self._traces: dict[Any, tuple[int, int]] = {}
+        self._traces: dict[Any, int] = {}
         self.compile_seconds = 0.0
 
     def host(self, resolved: Mapping[str, Any]) -> dict[str, Any]:
@@ -499,7 +511,8 @@ class FusedChain:
     ) -> None:
         """One step over ``flats``; ``scales``: the factors of the ``step_scales`` transforms, worked
         out for the buckets of every route at once (:func:`step_scales`)."""
-        _TICK[0] += 1
+        for seg in self.segments:
+            seg._traces.clear()
         grads = []
         for fb, group in zip(flats, groups):
             grads.append(torch.neg(fb.flat_grads) if group["maximize"] else fb.flat_grads)
@@ -556,14 +569,9 @@ class FusedChain:
             # first few, a bucket whose graph depends on its sizes alone (no per-tensor reductions, or
             # a bucket in rows) shares a kernel with a symbolic size with those of the same structure
             key, dynamic = ((i, "uneven") if fb.uneven else i), False
-            if i >= STATIC_BUCKETS and not fb.uneven and (segments is None or fb.chunked):
-                # (a chunked bucket's per-tensor sums take row-index tensors; its static sizes, names
-                # and shapes stay out of the key: a transform that reads them traces again, guarded)
-                sized = args if segments is None else (*args[:10], (segments[0], segments[1], len(segments[2])),
-                                                      *args[11:])
-                shared = ("sized", _structure(sized))
-                if shared not in seg._retraced:
-                    key, dynamic = shared, True
+            if i >= STATIC_BUCKETS and not fb.uneven and (segments is None or fb.chunked) \
+                    and (shared := _shared_key(seg, (), args, 10)) is not None:
+                key, dynamic = shared, True
             ok, out = self._try_compiled(seg, key, lambda: _segment(seg.transforms, seg.last), args,
                                          str([t.name for t in seg.transforms])
                                          + (" with a step count per param" if fb.uneven else ""), dynamic=dynamic)
@@ -673,12 +681,8 @@ class FusedChain:
             return _phase(seg.phased, seg.head, seg.tail, name, seg.last)
 
         key, dynamic = (name, i), False
-        if i >= STATIC_BUCKETS and fb.chunked:  # (past the first few: as in _run_compiled)
-            segments = args[13]
-            shared = (name, "sized", _structure((*args[:13], (segments[0], segments[1], len(segments[2])),
-                                                 *args[14:])))
-            if shared not in seg._retraced:
-                key, dynamic = shared, True
+        if i >= STATIC_BUCKETS and fb.chunked and (shared := _shared_key(seg, (name,), args, 13)) is not None:
+            key, dynamic = shared, True  # (past the first few: as in _run_compiled)
         ok, out = (self._try_compiled(seg, key, make, args, f"{seg.phased.name}.{name}", dynamic=dynamic)
                    if self.compile else (False, None))
         if not ok:
@@ -707,9 +711,7 @@ class FusedChain:
                 if first or dynamic:  # a call that may have traced (a new size traces again)
                     _forget_specialized_floats()
             if dynamic and _graph_count() > graphs:
-                tick, n = seg._traces.get(key, (None, 0))
-                n = n + 1 if tick == _TICK[0] else 1
-                seg._traces[key] = (_TICK[0], n)
+                seg._traces[key] = n = seg._traces.get(key, 0) + 1
                 if n > _RETRACES:
                     seg._retraced.add(key)
         except Exception as err:  # noqa: BLE001 - any tracing failure falls back to the uncompiled run
