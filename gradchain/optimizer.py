@@ -36,6 +36,7 @@ _OPTIONS = frozenset({"transform", "fused", "atomic", "state_dtype"})  # ChainOp
 _GLOBAL = "@global."
 _GRAD = operator.attrgetter("grad")
 _IS_SPARSE = operator.attrgetter("is_sparse")
+_REQUIRES_GRAD = operator.attrgetter("requires_grad")
 _UNEVEN_STEPS = ("its params have taken different numbers of steps (a param had no grad at a step and was "
                  "skipped, as torch does; the bucket stays eager from then on. To keep the fused path, give "
                  "every param a grad at every step: opt.zero_grad() keeps the grads, as zeros)")
@@ -237,6 +238,9 @@ class ChainOptimizer(torch.optim.Optimizer):
         # check passed (ids: a new split or a new flat bucket is checked again)
         self._checked: dict[tuple, tuple[int, int]] = {}
         self._created: list = []
+        # the flat grads were reset by zero_grad() since the last step: a frozen param's zero grad
+        # then stands for no grad
+        self._grads_reset = False
         # edits of the params' state dicts (_ParamState), and the count the fused path last read them at
         self._state_edits = [0]
         self._edits_seen = 0
@@ -606,6 +610,7 @@ class ChainOptimizer(torch.optim.Optimizer):
         taken: list[dict[str, Any]] = []
         fused = self.fused and batch_size is None and not self._fused_chain.all_eager
         collected: list = []
+        self._drop_frozen_grads()  # frozen after the last zero_grad()
         try:
             # the fused path makes a new param's state inside its flat buffers, a param at a time
             collected = self._collect(defer=fused)
@@ -633,6 +638,7 @@ class ChainOptimizer(torch.optim.Optimizer):
         finally:
             self._pending_snapshot = None
             self._pending.clear()
+        self._grads_reset = False
         self._proven.add(key)
 
     def _explain_state_dtypes(self, collected: list, error: Exception) -> None:
@@ -969,6 +975,21 @@ class ChainOptimizer(torch.optim.Optimizer):
             for p in group["params"]:
                 if id(p) not in flat_params and p.grad is not None:
                     p.grad = None
+        self._grads_reset = True
+        self._drop_frozen_grads()
+
+    def _drop_frozen_grads(self) -> None:
+        """Set to None the kept zero grads of flat params frozen (``requires_grad=False``) since the
+        last ``zero_grad()``: no backward can have written them, and torch's ``zero_grad()`` would have
+        dropped them, so the step skips such a param instead of moving it by its weight decay and
+        momentum. A frozen param whose grad was not reset keeps it, and is stepped as under torch."""
+        if not self._grads_reset:
+            return
+        for fb in self._flats.values():
+            if not all(map(_REQUIRES_GRAD, fb.params)):
+                for p in fb.params:
+                    if not p.requires_grad:
+                        p.grad = None
 
     def fused_plan(self) -> list[tuple[str, list[str]]]:
         """What the fused path does with this chain: ``("compiled" | "eager", [transform names])`` per segment."""

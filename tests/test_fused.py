@@ -405,6 +405,68 @@ def test_params_without_grads_for_a_few_steps_leave_the_bucket(aot_eager) -> Non
     assert float(opt.state[named[0][1]]["step"]) == 2.0 and float(opt.state[named[1][1]]["step"]) == 8.0
 
 
+def test_zero_grad_resets_a_grad_that_was_not_copied_in(aot_eager) -> None:
+    # model.zero_grad() drops the grads; the next backward misses one param (an unused branch), so
+    # the step is an eager one over the flat buffers and the new grads are not copied in; the
+    # optimizer's zero_grad() must still reset them, or the next backward adds to them
+    x = torch.randn(16, 8, dtype=torch.float64)
+    runs = []
+    for fused in (False, True):
+        torch.manual_seed(0)
+        a, b = nn.Linear(8, 8).double(), nn.Linear(8, 3).double()
+        opt = gc.ChainOptimizer([*a.parameters(), *b.parameters()], recipes.adamw(), fused=fused)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for i in range(5):
+                if i == 1:
+                    a.zero_grad()
+                    b.zero_grad()
+                out = b(x) if i == 1 else b(torch.tanh(a(x)))  # step 1: the first layer unused
+                out.pow(2).mean().backward()
+                opt.step()
+                opt.zero_grad()
+                assert all(p.grad is None or not p.grad.any() for p in [*a.parameters(), *b.parameters()])
+        runs.append(([*a.named_parameters(), *b.named_parameters()], opt))
+    assert_same(*runs[0], *runs[1], rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("name", ["adamw", "lamb", "prodigy"])
+def test_a_layer_frozen_mid_run_is_not_stepped(name: str, aot_eager) -> None:
+    # requires_grad_(False) mid-run (before or after zero_grad()): torch's zero_grad() drops the
+    # frozen layer's grads and the step skips it; the fused path's kept zero grads would go on moving
+    # it (weight decay, momentum), so they are dropped too; unfrozen, it is stepped again
+    runs = []
+    x = torch.randn(16, 8, dtype=torch.float64)
+    for fused in (False, True):
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(8, 12), nn.Tanh(), nn.Linear(12, 3)).double()
+        opt = gc.ChainOptimizer(net.parameters(), getattr(recipes, name)(), fused=fused)
+        frozen_at = {}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for i in range(9):
+                if i == 2:
+                    net[0].requires_grad_(False)  # after the last zero_grad()
+                if i == 6:
+                    net[0].requires_grad_(True)
+                if i == 2 or i == 5:
+                    frozen_at[i] = net[0].weight.detach().clone()
+                net(x).pow(2).mean().backward()
+                opt.step()
+                if i == 3:
+                    net[2].weight.requires_grad_(False)  # before the next zero_grad()
+                opt.zero_grad()
+                if i == 4:
+                    net[2].weight.requires_grad_(True)
+        # the first layer did not move while frozen (steps 2-5)
+        assert torch.equal(frozen_at[2], frozen_at[5])
+        runs.append((list(net.named_parameters()), opt))
+    assert_same(*runs[0], *runs[1], rtol=1e-12, atol=1e-14)
+    named, opt = runs[1]
+    assert float(opt.state[named[0][1]]["step"]) == 9.0 - 4 and float(opt.state[named[2][1]]["step"]) == 9.0 - 1
+    assert opt.compile_seconds > 0
+
+
 @pytest.mark.parametrize("name", ["prodigy", "lookahead", "fractional_adam", "adalo"])
 def test_uneven_steps_fall_back_where_a_transform_needs_one_step(name: str, aot_eager, monkeypatch) -> None:
     # a reduction over every bucket (Prodigy), a wrapper's sync (Lookahead), host values of the

@@ -372,4 +372,11 @@ class FlatBucket:
         return list(views)
 
     def zero_grad(self) -> None:
+        """Zero the flat gradient buffer in place. A param whose grad is not its view (a new tensor a
+        step did not copy in: a step where some of the bucket's params had none) gets None, so no
+        gradient outlives the reset to be added to by the next backward."""
         self.flat_grads.zero_()
+        if not all(map(operator.is_, map(_GRAD, self.params), self.grad_views)):
+            for p, v in zip(self.params, self.grad_views):
+                if p.grad is not v:
+                    p.grad = None
