@@ -967,16 +967,22 @@ class ChainOptimizer(torch.optim.Optimizer):
         self._zero_flat_grads()
 
     def _zero_flat_grads(self) -> None:
-        flat_params = set()
-        for fb in self._flats.values():
+        by_group: dict[int, list[FlatBucket]] = {}
+        for key, fb in self._flats.items():
             fb.zero_grad()
-            flat_params.update(id(p) for p in fb.params)
-        for group in self.param_groups:
-            for p in group["params"]:
+            by_group.setdefault(key[0], []).append(fb)
+        flat_params = None
+        for gi, group in enumerate(self.param_groups):
+            params = group["params"]
+            held = by_group.get(gi, ())
+            if len(held) == 1 and len(held[0].params) == len(params) and all(map(operator.is_, held[0].params, params)):
+                continue  # the group is one flat bucket (the common case): no loop over its params here
+            if flat_params is None:
+                flat_params = {id(p) for fb in self._flats.values() for p in fb.params}
+            for p in params:
                 if id(p) not in flat_params and p.grad is not None:
                     p.grad = None
-        self._grads_reset = True
-        self._drop_frozen_grads()
+        self._grads_reset = True  # a param frozen now or before the step: its grad is dropped at the step
 
     def _drop_frozen_grads(self) -> None:
         """Set to None the kept zero grads of flat params frozen (``requires_grad=False``) since the
