@@ -284,12 +284,38 @@ class ChainOptimizer(torch.optim.Optimizer):
         """Add a group; its hyperparameters are validated (``ValueError`` names a bad one)."""
         if isinstance(param_group, dict):
             self._check_group({k: v for k, v in param_group.items()})
-        super().add_param_group(param_group)
+        with warnings.catch_warnings():
+            # torch warns about a param listed twice in a group ("in future, this will cause an error"):
+            # here it is that error, raised below
+            warnings.filterwarnings("ignore", "optimizer contains a parameter group with duplicate parameters")
+            super().add_param_group(param_group)
         try:
             self._check_group(self.param_groups[-1])
+            self._check_unique_params(self.param_groups[-1])
         except Exception:
             self.param_groups.pop()
             raise
+
+    @staticmethod
+    def _check_unique_params(group: dict[str, Any]) -> None:
+        """A param listed twice in one group would be stepped twice per step (twice the lr, and its
+        state advanced twice); the flat buffers of the fused path cannot hold it twice either."""
+        params = group["params"]
+        if len(set(map(id, params))) == len(params):
+            return
+        first: dict[int, int] = {}
+        twice = []
+        for i, p in enumerate(params):
+            if id(p) in first:
+                twice.append((first[id(p)], i))
+            first.setdefault(id(p), i)
+        names = group.get("param_names")
+        said = ", ".join(f"#{i} repeats {names[j]!r} (#{j})" if names else f"#{i} repeats #{j}" for j, i in twice[:3])
+        raise ValueError(
+            f"a param group lists {len(twice)} param(s) more than once ({said}{', ...' if len(twice) > 3 else ''}): "
+            "each would be stepped once per listing. List each param once; model.parameters() lists tied "
+            "weights once, where concatenating two submodules' parameters() may list a shared one twice"
+        )
 
     # -- state --------------------------------------------------------------------------------
     def _init_param_state(self, p: Tensor, name: str | None, group: dict[str, Any]) -> dict[str, Tensor]:

@@ -7,7 +7,8 @@
 - ``muon`` given unnamed params: a ``UserWarning`` (once) that says to pass ``named_parameters()``;
 - ``OneCycleLR`` with momentum cycling works on ``adalo``, whose ``betas`` key it cycles;
 - a checkpoint taken under ``swa_utils.SWALR`` (which adds ``swa_lr`` to the groups) loads and resumes;
-- ``recipes.adam(decoupled_weight_decay=True)`` follows ``torch.optim.Adam(decoupled_weight_decay=True)``.
+- ``recipes.adam(decoupled_weight_decay=True)`` follows ``torch.optim.Adam(decoupled_weight_decay=True)``;
+- a param listed twice in one group (torch warns, and steps it twice): ``ValueError`` naming both places.
 """
 
 from __future__ import annotations
@@ -195,3 +196,24 @@ def test_adam_decoupled_weight_decay_matches_torch(amsgrad: bool) -> None:
     m4 = copy.deepcopy(m1)
     o4 = ChainOptimizer(_groups(m4), recipes.adam(**hp))
     assert lockstep_gap((m3, o3, None), (m4, o4, None), x, y, steps=5) > 1e-6
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_param_listed_twice_in_a_group_is_an_error(fused: bool) -> None:
+    # torch.optim warns ("in future, this will cause an error") and steps such a param twice per step
+    shared = torch.nn.Parameter(torch.ones(3))
+    other = torch.nn.Parameter(torch.ones(2))
+    with pytest.raises(ValueError, match=r"lists 1 param\(s\) more than once \(#2 repeats #0\)"):
+        ChainOptimizer([shared, other, shared], recipes.sgd(lr=0.1), fused=fused)
+    opt = ChainOptimizer([("bias", other)], recipes.sgd(lr=0.1), fused=fused)
+    named = [("embed.weight", shared), ("head.weight", shared)]
+    with pytest.raises(ValueError, match=r"#1 repeats 'embed.weight' \(#0\)"):
+        opt.add_param_group({"params": named})
+    assert len(opt.param_groups) == 1  # the refused group was not added
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch's own warning is not shown next to the error
+        with pytest.raises(ValueError):
+            opt.add_param_group({"params": [("a", shared), ("b", shared)]})
+    other.grad = torch.ones(2)
+    opt.step()
+    torch.testing.assert_close(other.detach(), torch.full((2,), 0.9))
