@@ -917,6 +917,9 @@ class ChainOptimizer(torch.optim.Optimizer):
             why = "its params are DTensors (FSDP2): the fused path keeps flat buffers of plain tensors"
         elif not self._fused_chain.takes_uneven_steps and len({float(x[2]["step"]) for x in items}) != 1:
             why = _UNEVEN_STEPS
+        elif any(p.is_cpu and p.is_shared() for p in params):
+            why = ("its params are in shared memory (model.share_memory(), for Hogwild training across processes): "
+                   "moved into this process's flat buffers, the other processes would no longer see its updates")
         elif foreign := foreign_views(params, lambda: (q for g in self.param_groups for q in g["params"])):
             views = [items[i][3] or f"#{i}" for i in foreign]
             why = (f"{len(views)} of its params ({', '.join(map(str, views[:3]))}{', ...' if len(views) > 3 else ''}) "

@@ -548,6 +548,39 @@ def test_params_that_are_views_of_a_shared_buffer_stay_in_it(monkeypatch) -> Non
     assert "4 of its params (0.weight, 0.bias, 2.weight, ...) are views into a larger buffer" in message, message
 
 
+def test_params_in_shared_memory_stay_there(monkeypatch) -> None:
+    """``model.share_memory()`` (Hogwild training: processes step one model in shared memory). Moved
+    into a process's flat buffers, the params would leave the shared memory, and the other processes
+    (here: a tensor over the same storage, as they hold) would never see the updates. The fused path
+    steps them eagerly where they are, with a warning, on the eager trajectory."""
+    import gradchain.fused.runner as runner
+
+    monkeypatch.setattr(runner, "BACKEND", "aot_eager")
+
+    def run(fused: bool):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2))
+        model.share_memory()
+        seen_elsewhere = [p.detach() for p in model.parameters()]  # another handle on each storage
+        opt = gc.ChainOptimizer(model.parameters(), recipes.adamw(lr=1e-2), fused=fused)
+        x = torch.randn(5, 4)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(3):
+                opt.zero_grad()
+                model(x).square().sum().backward()
+                opt.step()
+        for p, other in zip(model.parameters(), seen_elsewhere):
+            assert p.is_shared() and torch.equal(p, other), "left the shared memory"
+        return [p.detach().clone() for p in model.parameters()], [str(w.message) for w in caught]
+
+    eager, _ = run(False)
+    fused, messages = run(True)
+    assert all(torch.equal(a, b) for a, b in zip(eager, fused))
+    (message,) = [m for m in messages if "eager path" in m]
+    assert "in shared memory (model.share_memory()" in message, message
+
+
 def test_constructor_options_in_a_param_group_say_how_to_bind_them() -> None:
     """ZeroRedundancyOptimizer(params, ChainOptimizer, transform=..., fused=True) puts its keyword
     arguments into every param group it hands to the optimizer class: the error says which keys are
