@@ -877,7 +877,7 @@ class ChainOptimizer(torch.optim.Optimizer):
                 return False
             fb.copied_steps = fb.copied_steps + 1 if fb.grads_taken else 0
             if fb.copied_steps == COPIED_GRADS_WARN_STEPS:
-                self._warn_copied_grads(key, fb.grads_from_views)
+                self._warn_copied_grads(key, fb.grads_from_views, fb.grads_with_graph)
         if fb.grads_taken:
             # the split kept by _collect holds the grads just copied in: let them go
             self._collected.pop(gi, None)
@@ -959,12 +959,19 @@ class ChainOptimizer(torch.optim.Optimizer):
             warnings.warn(f"ChainOptimizer(fused=True): param group {key[0]} runs on the eager path because {why}",
                           RuntimeWarning, stacklevel=4)
 
-    def _warn_copied_grads(self, key: tuple, from_views: bool) -> None:
+    def _warn_copied_grads(self, key: tuple, from_views: bool, with_graph: bool = False) -> None:
         if ("copied", key) in self._warned:
             return
         self._warned.add(("copied", key))
         head = f"ChainOptimizer(fused=True): the gradients of param group {key[0]} arrived as "
-        if from_views:
+        if with_graph:
+            # under create_graph autograd adds a new gradient to the old one out of place, so that the
+            # sum has a graph: a new tensor at every step whatever resets it
+            why = (f"tensors with a graph {COPIED_GRADS_WARN_STEPS} steps in a row (backward(create_graph=True)), "
+                   "so each step copies them into the flat gradient buffer (a read and a write of every gradient): "
+                   "with create_graph, autograd makes a new gradient tensor at every backward, however the grads "
+                   "are reset. fused=False steps them where they are")
+        elif from_views:
             # DDP with gradient_as_bucket_view=True copies p.grad into its bucket and points p.grad at
             # the bucket after every backward: the same copies as with False, which writes in place
             why = (f"views of another buffer {COPIED_GRADS_WARN_STEPS} steps in a row, so each step copies them "

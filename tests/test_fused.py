@@ -307,6 +307,27 @@ def test_grads_copied_in_step_after_step_warn_once(aot_eager) -> None:
     assert len(mine) == 1 and "zero_grad()" in str(mine[0].message)
 
 
+def test_grads_with_a_graph_are_copied_with_a_warning_that_names_create_graph(aot_eager) -> None:
+    # backward(create_graph=True) (a gradient penalty, second-order methods): autograd adds each new
+    # gradient out of place, so p.grad is a new tensor at every step even after opt.zero_grad()
+    x = torch.randn(16, 8, dtype=torch.float64)
+    runs = []
+    for fused in (False, True):
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(8, 12), nn.Tanh(), nn.Linear(12, 3)).double()
+        opt = gc.ChainOptimizer(net.parameters(), recipes.adamw(), fused=fused)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(gc.optimizer.COPIED_GRADS_WARN_STEPS + 2):
+                net(x).pow(2).mean().backward(create_graph=True)
+                opt.step()
+                opt.zero_grad()
+        runs.append((list(net.named_parameters()), opt))
+    assert_same(*runs[0], *runs[1], rtol=1e-12, atol=1e-14)
+    (mine,) = [str(w.message) for w in caught if w.category is gc.FusedGradientCopyWarning]
+    assert "create_graph=True" in mine and "fused=False" in mine and "this optimizer's zero_grad()" not in mine
+
+
 @pytest.mark.parametrize("name", ["adamw", "am_sgd"])  # AM-SGD: a phased transform, one beta for all
 def test_param_without_grad_keeps_the_eager_trajectory(name: str, aot_eager) -> None:
     # small params (and a 0-d one): once their step counts differ, AdamW's kernels read a step count

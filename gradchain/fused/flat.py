@@ -113,6 +113,8 @@ class FlatBucket:
         self.grads_taken = False
         # whether the last grad copied in was a view of another tensor's storage (the warning says why)
         self.grads_from_views = False
+        # ... or a gradient with a graph (backward(create_graph=True) makes a new one at every step)
+        self.grads_with_graph = False
         # whether the params' step counts differ (then the kernels read a step count per param)
         self.uneven = False
         # the params with a grad at the last steps, when some of the bucket's had none, and for how
@@ -323,6 +325,7 @@ class FlatBucket:
                 return False
             # a view of another buffer: DDP's bucket (gradient_as_bucket_view=True), not a fresh tensor
             self.grads_from_views = g._base is not None
+            self.grads_with_graph = g.requires_grad
             self.take_grad(p, v)
             self.grads_taken = True
         return True
