@@ -44,11 +44,14 @@ SF = [
 ]
 
 
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("make", SF, ids=["adamw", "sgd"])
-def test_schedule_free_swap_and_exact_restore(make) -> None:
+def test_schedule_free_swap_and_exact_restore(make, fused: bool) -> None:
+    # fused: the params and the state are views of flat buffers; the swap copies into them in place
     model = _net()
-    opt = ChainOptimizer(model.parameters(), make())
+    opt = ChainOptimizer(model.parameters(), make(), fused=fused)
     _train(model, opt, 9)
+    assert (opt.compile_seconds > 0) == fused
     y = _snapshot(model)
     beta = opt.param_groups[0]["betas"][0] if "betas" in opt.param_groups[0] else opt.param_groups[0]["momentum"]
     with gc.eval_params(opt):
@@ -87,10 +90,11 @@ def test_restore_on_exception_and_refusals() -> None:
     assert _same(y, model.parameters())
 
 
-def test_evaluating_does_not_change_the_trajectory() -> None:
+@pytest.mark.parametrize("fused", [False, True])
+def test_evaluating_does_not_change_the_trajectory(fused: bool) -> None:
     ref, model = _net(), _net()
-    ref_opt = ChainOptimizer(ref.parameters(), recipes.schedule_free_adamw(lr=0.02))
-    opt = ChainOptimizer(model.parameters(), recipes.schedule_free_adamw(lr=0.02))
+    ref_opt = ChainOptimizer(ref.parameters(), recipes.schedule_free_adamw(lr=0.02), fused=fused)
+    opt = ChainOptimizer(model.parameters(), recipes.schedule_free_adamw(lr=0.02), fused=fused)
     _train(ref, ref_opt, 12)
     for start in range(0, 12, 3):
         _train(model, opt, 3, start)
