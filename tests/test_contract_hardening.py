@@ -516,11 +516,38 @@ def test_a_param_whose_dtype_changed_under_its_state_gets_a_clear_error(fused: b
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
 
-def test_params_that_are_views_of_a_shared_buffer_stay_in_it(monkeypatch) -> None:
-    """``vector_to_parameters`` (like ZeRO's bucket views and FSDP1's flat parameter) leaves params
-    as views into one vector that its owner reads. Moved into flat buffers, they would be cut off
-    from it: the vector would keep the first values while the model trained. The fused path steps
-    them eagerly instead, where they are, with a warning, on the same trajectory as the eager path."""
+def _into_one_vector(model: torch.nn.Module):
+    vec = torch.nn.utils.parameters_to_vector(model.parameters())
+    torch.nn.utils.vector_to_parameters(vec, model.parameters())  # params are views of vec now
+
+    def check() -> None:
+        assert torch.equal(vec, torch.nn.utils.parameters_to_vector(model.parameters())), "cut off from the vector"
+
+    return check
+
+
+def _into_shared_memory(model: torch.nn.Module):
+    model.share_memory()
+    seen_elsewhere = [p.detach() for p in model.parameters()]  # another process's handle on each storage
+
+    def check() -> None:
+        for p, other in zip(model.parameters(), seen_elsewhere):
+            assert p.is_shared() and torch.equal(p, other), "left the shared memory"
+
+    return check
+
+
+@pytest.mark.parametrize("held, message", [
+    (_into_one_vector, "4 of its params (0.weight, 0.bias, 2.weight, ...) are views into a larger buffer"),
+    (_into_shared_memory, "in shared memory (model.share_memory()"),
+], ids=["vector_to_parameters", "share_memory"])
+def test_params_held_elsewhere_stay_where_they_are(held, message: str, monkeypatch) -> None:
+    """Params that other code holds and reads: views into one vector (``vector_to_parameters``, like
+    ZeRO's bucket views and FSDP1's flat parameter), or params in shared memory (``share_memory()``,
+    Hogwild training, where the other processes hold the same storages). Moved into flat buffers,
+    they would be cut off from that code, which would go on with the first values. The fused path
+    steps them eagerly instead, where they are, with a warning, on the same trajectory as the eager
+    path."""
     import gradchain.fused.runner as runner
 
     monkeypatch.setattr(runner, "BACKEND", "aot_eager")
@@ -528,8 +555,7 @@ def test_params_that_are_views_of_a_shared_buffer_stay_in_it(monkeypatch) -> Non
     def run(fused: bool):
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2))
-        vec = torch.nn.utils.parameters_to_vector(model.parameters())
-        torch.nn.utils.vector_to_parameters(vec, model.parameters())  # params are views of vec now
+        check = held(model)
         opt = gc.ChainOptimizer(model.named_parameters(), recipes.adamw(lr=1e-2), fused=fused)
         x = torch.randn(5, 4)
         with warnings.catch_warnings(record=True) as caught:
@@ -538,47 +564,14 @@ def test_params_that_are_views_of_a_shared_buffer_stay_in_it(monkeypatch) -> Non
                 opt.zero_grad()
                 model(x).square().sum().backward()
                 opt.step()
-        assert torch.equal(vec, torch.nn.utils.parameters_to_vector(model.parameters())), "cut off from the vector"
+        check()
         return [p.detach().clone() for p in model.parameters()], [str(w.message) for w in caught]
 
     eager, _ = run(False)
     fused, messages = run(True)
     assert all(torch.equal(a, b) for a, b in zip(eager, fused))
-    (message,) = [m for m in messages if "eager path" in m]
-    assert "4 of its params (0.weight, 0.bias, 2.weight, ...) are views into a larger buffer" in message, message
-
-
-def test_params_in_shared_memory_stay_there(monkeypatch) -> None:
-    """``model.share_memory()`` (Hogwild training: processes step one model in shared memory). Moved
-    into a process's flat buffers, the params would leave the shared memory, and the other processes
-    (here: a tensor over the same storage, as they hold) would never see the updates. The fused path
-    steps them eagerly where they are, with a warning, on the eager trajectory."""
-    import gradchain.fused.runner as runner
-
-    monkeypatch.setattr(runner, "BACKEND", "aot_eager")
-
-    def run(fused: bool):
-        torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2))
-        model.share_memory()
-        seen_elsewhere = [p.detach() for p in model.parameters()]  # another handle on each storage
-        opt = gc.ChainOptimizer(model.parameters(), recipes.adamw(lr=1e-2), fused=fused)
-        x = torch.randn(5, 4)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            for _ in range(3):
-                opt.zero_grad()
-                model(x).square().sum().backward()
-                opt.step()
-        for p, other in zip(model.parameters(), seen_elsewhere):
-            assert p.is_shared() and torch.equal(p, other), "left the shared memory"
-        return [p.detach().clone() for p in model.parameters()], [str(w.message) for w in caught]
-
-    eager, _ = run(False)
-    fused, messages = run(True)
-    assert all(torch.equal(a, b) for a, b in zip(eager, fused))
-    (message,) = [m for m in messages if "eager path" in m]
-    assert "in shared memory (model.share_memory()" in message, message
+    (said,) = [m for m in messages if "eager path" in m]
+    assert message in said, said
 
 
 def test_constructor_options_in_a_param_group_say_how_to_bind_them() -> None:
