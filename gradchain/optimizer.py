@@ -1024,13 +1024,14 @@ class ChainOptimizer(torch.optim.Optimizer):
         """Set to None the kept zero grads of flat params frozen (``requires_grad=False``) since the
         last ``zero_grad()``: no backward can have written them, and torch's ``zero_grad()`` would have
         dropped them, so the step skips such a param instead of moving it by its weight decay and
-        momentum. A frozen param whose grad was not reset keeps it, and is stepped as under torch."""
+        momentum. A frozen param whose grad was not reset, or was given a new tensor since, keeps it,
+        and is stepped as under torch."""
         if not self._grads_reset:
             return
         for fb in self._flats.values():
             if not all(map(_REQUIRES_GRAD, fb.params)):
-                for p in fb.params:
-                    if not p.requires_grad:
+                for p, kept in zip(fb.params, fb.grad_views):
+                    if not p.requires_grad and p.grad is kept:
                         p.grad = None
 
     def fused_plan(self) -> list[tuple[str, list[str]]]:

@@ -473,6 +473,8 @@ def test_a_layer_frozen_mid_run_is_not_stepped(name: str, aot_eager) -> None:
                 if i == 2 or i == 5:
                     frozen_at[i] = net[0].weight.detach().clone()
                 net(x).pow(2).mean().backward()
+                if i == 2:
+                    net[0].bias.grad = torch.ones_like(net[0].bias)  # given by hand while frozen: stepped
                 opt.step()
                 if i == 3:
                     net[2].weight.requires_grad_(False)  # before the next zero_grad()
@@ -485,6 +487,7 @@ def test_a_layer_frozen_mid_run_is_not_stepped(name: str, aot_eager) -> None:
     assert_same(*runs[0], *runs[1], rtol=1e-12, atol=1e-14)
     named, opt = runs[1]
     assert float(opt.state[named[0][1]]["step"]) == 9.0 - 4 and float(opt.state[named[2][1]]["step"]) == 9.0 - 1
+    assert float(opt.state[named[1][1]]["step"]) == 9.0 - 3
     assert opt.compile_seconds > 0
 
 
