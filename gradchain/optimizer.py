@@ -238,8 +238,8 @@ class ChainOptimizer(torch.optim.Optimizer):
         # check passed (ids: a new split or a new flat bucket is checked again)
         self._checked: dict[tuple, tuple[int, int]] = {}
         self._created: list = []
-        # the flat grads were reset by zero_grad() since the last step: a frozen param's zero grad
-        # then stands for no grad
+        # zero_grad() reset the flat grads since the last step: a zero grad it kept that no backward
+        # reached then stands for no grad (_drop_unwritten_grads)
         self._grads_reset = False
         # edits of the params' state dicts (_ParamState), and the count the fused path last read them at
         self._state_edits = [0]
@@ -636,7 +636,7 @@ class ChainOptimizer(torch.optim.Optimizer):
         taken: list[dict[str, Any]] = []
         fused = self.fused and batch_size is None and not self._fused_chain.all_eager
         collected: list = []
-        self._drop_frozen_grads()  # frozen after the last zero_grad()
+        self._drop_unwritten_grads()  # after zero_grad(): no backward reached them
         try:
             # the fused path makes a new param's state inside its flat buffers, a param at a time
             collected = self._collect(defer=fused)
@@ -1018,18 +1018,24 @@ class ChainOptimizer(torch.optim.Optimizer):
             for p in params:
                 if id(p) not in flat_params and p.grad is not None:
                     p.grad = None
-        self._grads_reset = True  # a param frozen now or before the step: its grad is dropped at the step
+        self._grads_reset = True  # grads no backward reaches before the step are dropped there
 
-    def _drop_frozen_grads(self) -> None:
-        """Set to None the kept zero grads of flat params frozen (``requires_grad=False``) since the
-        last ``zero_grad()``: no backward can have written them, and torch's ``zero_grad()`` would have
-        dropped them, so the step skips such a param instead of moving it by its weight decay and
-        momentum. A frozen param whose grad was not reset, or was given a new tensor since, keeps it,
-        and is stepped as under torch."""
+    def _drop_unwritten_grads(self) -> None:
+        """Set to None the zero grads that ``zero_grad()`` kept (flat views) where no gradient can
+        have reached them since: torch's ``zero_grad()`` would have dropped them, and its step skips
+        a param without a grad, where a step with a zero grad would move it by its weight decay and
+        momentum. Such a grad is one of a bucket that nothing wrote into since the reset (a step with
+        no backward, or a param group the loss did not reach: its flat grads' version has not moved),
+        or of a frozen param (``requires_grad=False``). A grad written since, or given as a new
+        tensor (``p.grad = g``), is kept and stepped, as under torch."""
         if not self._grads_reset:
             return
         for fb in self._flats.values():
-            if not all(map(_REQUIRES_GRAD, fb.params)):
+            if fb.flat_grads._version == fb.reset_version:
+                for p, kept in zip(fb.params, fb.grad_views):
+                    if p.grad is kept:
+                        p.grad = None
+            elif not all(map(_REQUIRES_GRAD, fb.params)):
                 for p, kept in zip(fb.params, fb.grad_views):
                     if not p.requires_grad and p.grad is kept:
                         p.grad = None

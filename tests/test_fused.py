@@ -452,6 +452,42 @@ def test_zero_grad_resets_a_grad_that_was_not_copied_in(aot_eager) -> None:
 
 
 @pytest.mark.parametrize("name", ["adamw", "lamb", "prodigy"])
+def test_a_group_no_backward_reached_since_zero_grad_is_not_stepped(name: str, aot_eager) -> None:
+    # after zero_grad() (torch: grads None), a step with no backward, or a group the loss did not
+    # reach (a backbone under no_grad while the head warms up), skips those params as torch does;
+    # the fused path's kept zero grads would have moved them (weight decay, momentum, step counts)
+    x = torch.randn(16, 8, dtype=torch.float64)
+    runs = []
+    for fused in (False, True):
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(8, 12), nn.Tanh(), nn.Linear(12, 3)).double()
+        opt = gc.ChainOptimizer([{"params": net[0].parameters()}, {"params": net[2].parameters()}],
+                                getattr(recipes, name)(), fused=fused)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for i in range(10):
+                if i in (2, 3):
+                    before = [p.detach().clone() for p in net.parameters()]
+                    opt.step()  # no backward since zero_grad()
+                    assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
+                elif 4 <= i < 8:
+                    with torch.no_grad():
+                        features = torch.tanh(net[0](x))
+                    net[2](features).pow(2).mean().backward()  # the first group is not reached
+                    opt.step()
+                else:
+                    net(x).pow(2).mean().backward()
+                    opt.step()
+                opt.zero_grad()
+        runs.append((list(net.named_parameters()), opt))
+    assert_same(*runs[0], *runs[1], rtol=1e-12, atol=1e-14)
+    named, opt = runs[1]
+    assert [float(opt.state[p]["step"]) for _, p in named] == [4.0, 4.0, 8.0, 8.0]
+    assert opt.compile_seconds > 0
+    assert not [w for w in caught if "eager path" in str(w.message)]  # each group skipped whole: counts stay even
+
+
+@pytest.mark.parametrize("name", ["adamw", "lamb", "prodigy"])
 def test_a_layer_frozen_mid_run_is_not_stepped(name: str, aot_eager) -> None:
     # requires_grad_(False) mid-run (before or after zero_grad()): torch's zero_grad() drops the
     # frozen layer's grads and the step skips it; the fused path's kept zero grads would go on moving

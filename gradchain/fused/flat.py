@@ -115,6 +115,8 @@ class FlatBucket:
         self.grads_from_views = False
         # ... or a gradient with a graph (backward(create_graph=True) makes a new one at every step)
         self.grads_with_graph = False
+        # the version of the flat grads right after zero_grad() zeroed them (None: not zeroed yet)
+        self.reset_version: int | None = None
         # whether the params' step counts differ (then the kernels read a step count per param)
         self.uneven = False
         # the params with a grad at the last steps, when some of the bucket's had none, and for how
@@ -379,6 +381,8 @@ class FlatBucket:
         step did not copy in: a step where some of the bucket's params had none) gets None, so no
         gradient outlives the reset to be added to by the next backward."""
         self.flat_grads.zero_()
+        # a write into any grad view (a backward, a clip, a copy) moves the version shared with the views
+        self.reset_version = self.flat_grads._version
         if not all(map(operator.is_, map(_GRAD, self.params), self.grad_views)):
             for p, v in zip(self.params, self.grad_views):
                 if p.grad is not v:
