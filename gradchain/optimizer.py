@@ -18,7 +18,7 @@ from torch import Tensor
 from . import pieces
 from .base import Bucket, Transform, compute_dtype, initializing_for, resolve_group
 from .fused import FlatBucket, FusedRoutes, fused_chain, step_scales
-from .fused.flat import foreign_views, mark_flat
+from .fused.flat import dense, foreign_views, mark_flat
 from .fused.runner import STATIC_BUCKETS
 from .pieces import PiecewiseChain
 from .schedules import decode_groups, encode_groups
@@ -868,8 +868,10 @@ class ChainOptimizer(torch.optim.Optimizer):
             elif fb is not None:
                 fb.subset = None
             # (a param's state dict replaced by hand, or made anew after it was deleted: from it)
+            # (or a gradient of another dtype than the flat one: grad_dtype changed during the run)
             if fb is None or len(fb.params) != len(params) or not all(map(operator.is_, fb.params, params)) \
-                    or not fb.intact() or not all(map(operator.is_, fb.states, [x[2] for x in items])):
+                    or not fb.intact() or not all(map(operator.is_, fb.states, [x[2] for x in items])) \
+                    or any(p.grad.dtype != fb.flat_grads.dtype for p in params):
                 fb = self._flatten(key, items)
                 if fb is None:
                     return False
@@ -912,11 +914,16 @@ class ChainOptimizer(torch.optim.Optimizer):
 
     def _flatten(self, key: tuple, items: list) -> FlatBucket | None:
         params = [x[0] for x in items]
+        grad_dtypes = {p.grad.dtype for p in params}
         why = None
         if any(getattr(p, "device_mesh", None) is not None for p in params):
             why = "its params are DTensors (FSDP2): the fused path keeps flat buffers of plain tensors"
         elif not self._fused_chain.takes_uneven_steps and len({float(x[2]["step"]) for x in items}) != 1:
             why = _UNEVEN_STEPS
+        elif len(grad_dtypes) > 1:
+            why = (f"its params' gradients have different dtypes ({', '.join(sorted(map(str, grad_dtypes)))}: "
+                   "grad_dtype set on some of them), and a flat gradient buffer holds one dtype; a param group "
+                   "for each keeps them fused")
         elif any(p.is_cpu and p.is_shared() for p in params):
             why = ("its params are in shared memory (model.share_memory(), for Hogwild training across processes): "
                    "moved into this process's flat buffers, the other processes would no longer see its updates")
@@ -929,13 +936,17 @@ class ChainOptimizer(torch.optim.Optimizer):
         if why is not None:
             self._warn_eager(key, why)
             return None
-        strided = [x[3] or f"#{i}" for i, x in enumerate(items) if not x[0].is_contiguous()]
+        keeps = self._fused_chain.keeps_layouts
+        strided = [x[3] or f"#{i}" for i, x in enumerate(items)
+                   if not x[0].is_contiguous() and not (keeps and dense(x[0]))]
         if strided and ("layout", key) not in self._warned:
             self._warned.add(("layout", key))
+            why = ("their elements do not fill one dense block (a strided slice)" if keeps else
+                   "this chain views each param in another shape (tensor_view), which needs the logical order")
             warnings.warn(
                 f"ChainOptimizer(fused=True): in param group {key[0]}, {len(strided)} params are not contiguous "
-                f"({', '.join(map(str, strided[:3]))}{', ...' if len(strided) > 3 else ''}: channels_last, or "
-                "another memory format); the flat buffers hold them contiguously, so they lose that format (a "
+                f"({', '.join(map(str, strided[:3]))}{', ...' if len(strided) > 3 else ''}) and the flat buffers "
+                f"hold them contiguously, because {why}: they lose their memory format (a channels_last "
                 "convolution then converts its weight at every call). fused=False keeps it",
                 UserWarning, stacklevel=4)
         old = self._flats.pop(key, None)
@@ -948,7 +959,8 @@ class ChainOptimizer(torch.optim.Optimizer):
         fill = (lambda i: self._fill_pending_state(params[i], states[i])) if self._pending else None
         # past the first few groups, rows whatever the number of params: their per-tensor kernels
         # can then share one compiled graph (fused.runner.STATIC_BUCKETS)
-        fb = FlatBucket(params, states, [x[3] for x in items], fill, chunked=key[0] >= STATIC_BUCKETS)
+        fb = FlatBucket(params, states, [x[3] for x in items], fill, chunked=key[0] >= STATIC_BUCKETS,
+                        keep_layouts=keeps, grad_dtype=grad_dtypes.pop())
         fb.step_host = None
         self._flats[key] = fb
         return fb

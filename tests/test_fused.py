@@ -763,31 +763,140 @@ def user_step_runs(make: Callable[[], list], build: Callable[[], gc.Transform],
     return results
 
 
-def test_channels_last_params_are_stored_contiguously_with_a_warning(aot_eager) -> None:
-    # the flat buffers hold every param contiguously: a channels_last conv weight loses its format,
-    # which the user is told once (fused=False keeps it); the numbers are the eager path's
-    results = []
-    for fused in (False, True):
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 4 * 4, 2)).to(
-            memory_format=torch.channels_last)
-        opt = gc.ChainOptimizer(model.named_parameters(), recipes.adamw(lr=0.1), fused=fused)
-        x = torch.randn(2, 3, 6, 6).to(memory_format=torch.channels_last)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            for _ in range(3):
-                model(x).square().mean().backward()
-                opt.step()
-                opt.zero_grad()
-        layout = [w for w in caught if "not contiguous" in str(w.message)]
-        weight = model[0].weight
-        if fused:
-            assert len(layout) == 1 and "0.weight" in str(layout[0].message)
-            assert weight.is_contiguous()
-        else:
-            assert not layout and weight.is_contiguous(memory_format=torch.channels_last)
-        results.append((list(model.named_parameters()), opt))
-    assert_same(*results[0], *results[1], rtol=1e-6, atol=1e-7)
+def channels_last_run(recipe: str, fused: bool, steps: int = 4,
+                      groups: int = 1) -> tuple[list, gc.ChainOptimizer, list]:
+    """A channels_last conv net with a transposed weight, trained ``steps`` steps in float64
+    (``groups`` param groups, the last ones chunked past STATIC_BUCKETS); the warnings it gave."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.Flatten(), nn.Linear(4 * 2 * 2, 3))
+    model = model.double().to(memory_format=torch.channels_last)
+    model[4].weight = nn.Parameter(model[4].weight.detach().t().contiguous().t())  # column-major
+    named = list(model.named_parameters())
+    per = [named[i::groups] for i in range(groups)]
+    opt = gc.ChainOptimizer([{"params": [p for _, p in g], "param_names": [n for n, _ in g]} for g in per],
+                            getattr(recipes, recipe)(), fused=fused)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for i in range(steps):
+            x = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(i), dtype=torch.float64)
+            loss = model(x.to(memory_format=torch.channels_last)).square().mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step(loss=loss)
+    return [(n, p) for g in per for n, p in g], opt, [str(w.message) for w in caught]
+
+
+@pytest.mark.parametrize(("recipe", "groups"), [("adamw", 1), ("lamb", 1), ("adafactor", 1), ("muon", 1),
+                                                ("adamw", gc.fused.runner.STATIC_BUCKETS + 1)])
+def test_params_in_another_memory_format_keep_it(aot_eager, recipe: str, groups: int) -> None:
+    # a channels_last conv weight (and a column-major matrix) keeps its memory format on the fused
+    # path: its slice of each flat buffer holds its elements in its own order, and its grad and state
+    # are views with its strides, so a backward accumulates straight into the flat grads; the
+    # numbers are the eager path's (groups past STATIC_BUCKETS are chunked buckets)
+    eager = channels_last_run(recipe, False, groups=groups)
+    named, opt, caught = channels_last_run(recipe, True, groups=groups)
+    assert not [m for m in caught if "ChainOptimizer" in m], caught  # no layout warning, no grads copied
+    assert opt._flats  # the fused path ran, not the eager one
+    flat_grads = {fb.flat_grads.untyped_storage().data_ptr() for fb in opt._flats.values()}
+    for (name, p), (_, q) in zip(named, eager[0]):
+        assert p.stride() == q.stride(), name
+        assert p.grad.stride() == p.stride() and p.grad.untyped_storage().data_ptr() in flat_grads, name
+        for key, t in opt.state[p].items():
+            if isinstance(t, Tensor) and t.shape == p.shape and t.dim() > 1:
+                assert t.stride() == p.stride(), (name, key)
+    assert named[0][1].is_contiguous(memory_format=torch.channels_last)
+    assert_same(*eager[:2], named, opt, rtol=1e-12, atol=1e-14)
+
+
+def test_a_param_viewed_in_another_shape_is_held_contiguously_with_a_warning(aot_eager) -> None:
+    # SMMF's kernels view each param as a square matrix in its logical order, which a channels_last
+    # weight's memory is not in: such a param is held contiguously, and the user is told once why
+    eager = channels_last_run("smmf", False)
+    named, opt, caught = channels_last_run("smmf", True)
+    layout = [m for m in caught if "not contiguous" in m]
+    assert len(layout) == 1 and "0.weight" in layout[0] and "tensor_view" in layout[0], caught
+    assert named[0][1].is_contiguous() and not named[0][1].is_contiguous(memory_format=torch.channels_last)
+    assert_same(*eager[:2], named, opt, rtol=1e-12, atol=1e-14)
+
+
+def bf16_run(recipe: str, fused: bool, grad_dtypes: tuple, steps: int = 3) -> tuple[list, gc.ChainOptimizer, list]:
+    """A bf16 model whose params' ``grad_dtype`` is set (``grad_dtypes``, one per param; None
+    leaves it), trained ``steps`` steps; the warnings it gave."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).to(torch.bfloat16)
+    named = list(model.named_parameters())
+    for (_, p), dtype in zip(named, grad_dtypes):
+        if dtype is not None:
+            p.grad_dtype = dtype
+    opt = gc.ChainOptimizer(named, getattr(recipes, recipe)(), fused=fused)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for i in range(steps):
+            x = torch.randn(4, 6, generator=torch.Generator().manual_seed(i)).to(torch.bfloat16)
+            opt.zero_grad()
+            model(x).float().square().mean().backward()
+            opt.step()
+    return named, opt, [str(w.message) for w in caught if "ChainOptimizer" in str(w.message)]
+
+
+def assert_same_bf16(a_named, a_opt, b_named, b_opt) -> None:
+    """fp32 state to fp32 rounding (the traced kernels may order a multiply-add apart), bf16 params
+    to one rounding of that."""
+    for (n, p), (_, q) in zip(a_named, b_named):
+        assert (p.float() - q.float()).abs().max() <= torch.finfo(torch.bfloat16).eps * p.float().abs().max(), n
+        for k, v in a_opt.state[p].items():
+            torch.testing.assert_close(b_opt.state[q][k], v, rtol=1e-5, atol=1e-9,
+                                       msg=lambda m, n=n, k=k: f"{n} {k}: {m}")
+
+
+@pytest.mark.parametrize("recipe", ["adamw", "lamb", "adafactor"])
+def test_fp32_grads_of_bf16_params_stay_fp32(aot_eager, recipe: str) -> None:
+    # bf16 params whose grad_dtype is fp32 (gradients accumulated in fp32): the flat gradient buffer
+    # is fp32, backward accumulates into it, and the step is the eager path's (which torch.optim's
+    # own optimizers refuse: they expect the grads in the params' dtype). Before, the fused path
+    # failed on its bf16 buffer.
+    fp32 = (torch.float32,) * 4
+    eager = bf16_run(recipe, False, fp32)
+    named, opt, caught = bf16_run(recipe, True, fp32)
+    assert not caught and opt._flats, caught
+    for name, p in named:
+        assert p.dtype == torch.bfloat16 and p.grad.dtype == torch.float32, name
+        assert p.grad.untyped_storage().data_ptr() == next(iter(opt._flats.values())).flat_grads.data_ptr(), name
+    assert_same_bf16(*eager[:2], named, opt)
+
+
+def test_grads_of_two_dtypes_in_one_group_step_eagerly_with_a_warning(aot_eager) -> None:
+    # one flat gradient buffer holds one dtype: a group whose params' grad_dtype differ steps
+    # eagerly, where it is told why, and its numbers are the eager path's
+    mixed = (torch.float32, None, torch.float32, None)
+    eager = bf16_run("adamw", False, mixed)
+    named, opt, caught = bf16_run("adamw", True, mixed)
+    assert len(caught) == 1 and "different dtypes" in caught[0] and "torch.float32" in caught[0], caught
+    assert named[0][1].grad.dtype == torch.float32 and named[1][1].grad.dtype == torch.bfloat16
+    assert_same_bf16(*eager[:2], named, opt)
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_flat_bucket_views_keep_each_params_strides(chunked: bool) -> None:
+    # join() lays tensors out as the params are (each in its own memory order) and split() gives
+    # them back; a strided slice, not one dense block, is held contiguously
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(4, 6, generator=g)
+    params = [nn.Parameter(torch.randn(2, 3, 4, 5, generator=g).to(memory_format=torch.channels_last)),
+              nn.Parameter(torch.randn(5, 7, generator=g).t()), nn.Parameter(torch.randn(6, generator=g)),
+              nn.Parameter(base[:, ::2])]
+    strides = [p.stride() for p in params[:3]]
+    values = [p.detach().clone() for p in params]
+    fb = FlatBucket(params, [{"step": torch.tensor(0.0)} for _ in params], [None] * 4, chunked=chunked)
+    assert [p.stride() for p in params[:3]] == strides and params[3].is_contiguous()
+    assert all(torch.equal(p, v) for p, v in zip(params, values))
+    assert all(p.untyped_storage().data_ptr() == fb.flat_params.untyped_storage().data_ptr() for p in params)
+    tensors = [torch.randn(p.shape, generator=g) for p in params]
+    out = fb.split(fb.join(tensors))
+    assert all(torch.equal(a, b) and a.stride() == p.stride() for a, b, p in zip(out, tensors, params))
+    # the flat buffer holds a channels_last param in its own order: its slice is its memory
+    o, n = fb.offsets[0], fb.numels[0]
+    assert torch.equal(fb.flat_params[o:o + n], params[0].permute(0, 2, 3, 1).reshape(-1))
 
 
 @pytest.mark.parametrize("recipe", ["adamw", "adafactor"])

@@ -58,6 +58,17 @@ def foreign_views(params: list[Tensor], owned: Callable[[], Iterable[Tensor]]) -
     return sorted(out)
 
 
+def dense(t: Tensor) -> bool:
+    """Whether ``t``'s elements fill one block of ``t.numel()`` with no gaps and no overlaps, in
+    whatever order of dims (contiguous, ``channels_last``, a transposed matrix)."""
+    expected = 1
+    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
 def _use_count(storage: Any) -> int:
     try:
         return torch._C._storage_Use_Count(storage._cdata)
@@ -69,16 +80,27 @@ class FlatBucket:
     """The flat buffers of one bucket (the params of one group, device and dtype that have grads)."""
 
     def __init__(self, params: list[Tensor], states: list[dict[str, Any]], names: list[str | None],
-                 fill: Callable[[int], None] | None = None, chunked: bool = False) -> None:
+                 fill: Callable[[int], None] | None = None, chunked: bool = False, keep_layouts: bool = True,
+                 grad_dtype: torch.dtype | None = None) -> None:
         """``fill(i)``, if given, makes the state of param ``i`` in place when it has none yet (its
         dict holds only ``step``): a bucket of such params makes their state one param at a time,
         each moved into the flat buffers before the next is made. ``chunked`` lays the params out in
         rows whatever their number (then per-tensor reductions take tensors of row indices, not
-        one slice per param: a kernel that buckets of other sizes can share)."""
+        one slice per param: a kernel that buckets of other sizes can share). With ``keep_layouts``
+        a param in another memory format (``channels_last``, a transposed weight) keeps it: its
+        slice of each flat buffer holds its elements in its own order, and every view of it (the
+        param, its grad, its state) has its strides. Elementwise kernels and per-tensor sums over
+        the flat buffers do not depend on that order; a param whose elements do not fill one dense
+        block (a strided slice) is held contiguously. ``grad_dtype`` is the flat gradients' dtype:
+        the params' by default, fp32 for bf16 params whose ``grad_dtype`` torch was told is fp32."""
         self.params = params
         self.states = states
         self.names = names
         self.numels = [p.numel() for p in params]
+        # each param's strides where its slice keeps another memory format (None: contiguous)
+        self.strides = [tuple(p.stride()) if keep_layouts and not p.is_contiguous() and dense(p) else None
+                        for p in params]
+        self.strided = any(s is not None for s in self.strides)
         # past SEGMENT_UNROLL tensors each param starts a row of CHUNK elements: a per-tensor reduction
         # is then row sums of a (rows, CHUNK) view fused into the kernel (plus a sum of a few rows per
         # tensor), and a per-tensor factor is one load per row. The gaps (under CHUNK elements per
@@ -108,7 +130,7 @@ class FlatBucket:
         for p, v in zip(params, self.param_views):
             v.copy_(p.detach())
             p.data = v
-        self.flat_grads = torch.zeros(total, dtype=p0.dtype, device=p0.device)
+        self.flat_grads = torch.zeros(total, dtype=grad_dtype or p0.dtype, device=p0.device)
         self.grad_views = self._views(self.flat_grads)
         self.grads_taken = False
         # whether the last grad copied in was a view of another tensor's storage (the warning says why)
@@ -265,7 +287,7 @@ class FlatBucket:
     def join(self, tensors: list[Tensor], out: Tensor | None = None) -> Tensor:
         """One flat tensor laid out like the params (into ``out`` if given; the gaps of a chunked
         bucket are zero in a new tensor, left as they are in ``out``)."""
-        if not self.chunked:
+        if not self.chunked and not self.strided:
             flat = [t.reshape(-1) for t in tensors]
             return torch.cat(flat) if out is None else torch.cat(flat, out=out)
         if out is None:
@@ -275,7 +297,8 @@ class FlatBucket:
         return out
 
     def _views(self, flat: Tensor) -> list[Tensor]:
-        return [flat[o : o + n].view(p.shape) for o, n, p in zip(self.offsets, self.numels, self.params)]
+        return [flat[o : o + n].view(p.shape) if s is None else flat[o : o + n].as_strided(p.shape, s)
+                for o, n, p, s in zip(self.offsets, self.numels, self.params, self.strides)]
 
     def _scalar_keys(self) -> list[str]:
         keys = []

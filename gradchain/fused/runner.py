@@ -483,6 +483,9 @@ class FusedChain:
         # wrapper's sync (Lookahead)
         self.takes_uneven_steps = self.wrapper is None and not any(
             s.phased is not None or s.host_stepped or s.scaled for s in self.segments)
+        # a per-tensor kernel that sees each param in another shape (SMMF's square matrix) views it
+        # in its logical order, which a param laid out in another memory format has not
+        self.keeps_layouts = not any(s.per_tensor and s.tensor_view is not None for s in self.segments)
         self.compile = compile
         # this step's factors of the step_scales transforms, per flat bucket (step_scales)
         self._scales: dict[str, dict[FlatBucket, Tensor]] = {}
@@ -772,7 +775,7 @@ class FusedChain:
             ups = b.materialize()
             if updates[i] is not None and all(u is v for u, v in zip(ups, inputs[i])):
                 out.append(updates[i])  # changed in place: the flat update already holds them
-            elif (len(ups) == 1 and not fb.chunked and ups[0].is_contiguous()
+            elif (len(ups) == 1 and not fb.chunked and not fb.strided and ups[0].is_contiguous()
                   and _storage(ups[0]) not in b.kept_storages()):
                 out.append(ups[0].view(-1))  # one param: its update is already flat, no copy
             else:
@@ -875,6 +878,7 @@ class FusedRoutes:
                 self.chains[(label, shapes)] = FusedChain(child, shapes=shapes)
         self.all_eager = all(c.all_eager for c in self.chains.values())
         self.takes_uneven_steps = all(c.takes_uneven_steps for c in self.chains.values())
+        self.keeps_layouts = all(c.keeps_layouts for c in self.chains.values())
         self._routes: dict[tuple, str] = {}
 
     def label(self, name: str | None, param: Tensor) -> tuple:
