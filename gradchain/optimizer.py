@@ -623,6 +623,13 @@ class ChainOptimizer(torch.optim.Optimizer):
             else:
                 self._step_eager(loss_t, batch_size)
             return loss
+        if torch.is_inference_mode_enabled():
+            # state, flat buffers and their views made under inference mode would be inference
+            # tensors: the next forward pass could not use the params with autograd, and a later
+            # step outside inference mode could not update the state in place
+            with torch.inference_mode(False), torch.no_grad():
+                self._atomic_step(None if loss_t is None else loss_t.clone(), batch_size)
+            return loss
         self._atomic_step(loss_t, batch_size)
         return loss
 

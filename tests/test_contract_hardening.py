@@ -631,3 +631,43 @@ def test_a_model_saved_with_flat_params_steps_fused_again(with_optimizer: bool, 
     train(reference, ref_opt, 3)
     for a, b in zip(model2.parameters(), reference.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+def _steps_under_inference_mode(recipe: str, fused: bool, inference: tuple[int, ...]) -> tuple[list, gc.ChainOptimizer]:
+    """Six float64 steps of a small net, those in ``inference`` called under ``torch.inference_mode()``."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2)).double()
+    opt = gc.ChainOptimizer(model.parameters(), getattr(recipes, recipe)(), fused=fused)
+    for i in range(6):
+        x = torch.randn(5, 4, generator=torch.Generator().manual_seed(i), dtype=torch.float64)
+        loss = model(x).square().mean()  # the forward pass uses the params with autograd
+        opt.zero_grad()
+        loss.backward()
+        if i in inference:
+            with torch.inference_mode():
+                opt.step(loss=loss)
+        else:
+            opt.step(loss=loss)
+    return list(model.parameters()), opt
+
+
+@pytest.mark.parametrize("recipe", ["adamw", "adalo", "prodigy"])
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_step_under_inference_mode_makes_no_inference_tensors(recipe: str, fused: bool, monkeypatch) -> None:
+    # torch.optim's steps work under torch.inference_mode() (they update params in place). The
+    # state, and on the fused path the flat buffers that the params become views of, are made as
+    # normal tensors: made as inference tensors, the next forward pass could not use the params
+    # with autograd (fused) and a step outside inference mode could not update the state (eager)
+    from gradchain.fused import runner
+
+    monkeypatch.setattr(runner, "BACKEND", "aot_eager")
+    ref_params, ref_opt = _steps_under_inference_mode(recipe, fused, ())
+    params, opt = _steps_under_inference_mode(recipe, fused, (0, 1, 3))
+    for p, q in zip(params, ref_params):
+        assert not p.is_inference() and not p.grad.is_inference()
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+        for key, t in opt.state[p].items():
+            if isinstance(t, torch.Tensor):
+                assert not t.is_inference(), key
+                torch.testing.assert_close(t, ref_opt.state[q][key], rtol=0, atol=0)
+    assert not any(t.is_inference() for t in opt.global_state.values())
