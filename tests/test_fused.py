@@ -808,6 +808,33 @@ def test_params_in_another_memory_format_keep_it(aot_eager, recipe: str, groups:
     assert_same(*eager[:2], named, opt, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("recipe", ["gc_adamw", "adafactor"])
+def test_large_params_in_another_memory_format_compile_alone_in_it(aot_eager, recipe: str) -> None:
+    # a large param that a transform does not treat elementwise (gradient centralization's rows,
+    # Adafactor's factored statistics) compiles alone, over its own view: a channels_last weight
+    # and a column-major matrix get it with their strides, and the numbers are the eager path's
+    def run(fused: bool) -> tuple[list, gc.ChainOptimizer]:
+        g = torch.Generator().manual_seed(0)
+        f64 = torch.float64
+        params = [nn.Parameter(t) for t in (
+            torch.randn(512, 64, 3, 3, generator=g, dtype=f64).to(memory_format=torch.channels_last),
+            torch.randn(320, 900, generator=g, dtype=f64).t(), torch.randn(64, generator=g, dtype=f64))]
+        strides = [p.stride() for p in params]
+        opt = gc.ChainOptimizer(params, getattr(recipes, recipe)(), fused=fused)
+        for i in range(3):
+            gen = torch.Generator().manual_seed(10 + i)
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype)
+            opt.step()
+        assert [p.stride() for p in params] == strides
+        return [(str(i), p) for i, p in enumerate(params)], opt
+
+    assert min(512 * 64 * 9, 320 * 900) >= runner.PER_TENSOR_MIN_NUMEL  # each compiles alone
+    eager, fused = run(False), run(True)
+    assert any("[tensor]" in t for _, ts in fused[1].fused_plan() for t in ts)
+    assert_same(*eager, *fused, rtol=1e-12, atol=1e-14)
+
+
 def test_a_param_viewed_in_another_shape_is_held_contiguously_with_a_warning(aot_eager) -> None:
     # SMMF's kernels view each param as a square matrix in its logical order, which a channels_last
     # weight's memory is not in: such a param is held contiguously, and the user is told once why
