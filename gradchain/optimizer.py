@@ -853,7 +853,7 @@ class ChainOptimizer(torch.optim.Optimizer):
         p0 = items[0][0]
         key = (gi, p0.device, p0.dtype, label)
         fb = self._flats.get(key)
-        if fb is not None and self._checked.get(key) == (id(items), id(fb)):
+        if fb is not None and self._checked.get(key) == (id(items), id(fb)) and not fb.grads_moved():
             # the split _collect kept, found again (the same params, storages and grads, and the last
             # step found them this bucket's views): nothing to check per tensor again
             fb.grads_taken = False
@@ -1050,6 +1050,8 @@ class ChainOptimizer(torch.optim.Optimizer):
         if not self._grads_reset:
             return
         for fb in self._flats.values():
+            if fb.grads_moved():  # grads pointed at other memory since (model.to()): their values first
+                fb.repair_grad_views(keep_values=True)
             if fb.flat_grads._version == fb.reset_version:
                 for p, kept in zip(fb.params, fb.grad_views):
                     if p.grad is kept:

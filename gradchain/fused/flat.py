@@ -150,6 +150,7 @@ class FlatBucket:
             if p.grad is not None:
                 self.take_grad(p, gv)
         self._param_ptrs = [p.data_ptr() for p in params]
+        self._grad_ptrs = [v.data_ptr() for v in self.grad_views]
         self.flat_state: dict[str, Tensor] = {}
         self.state_views: dict[str, list[Tensor]] = {}
         if fill is not None:
@@ -178,6 +179,7 @@ class FlatBucket:
                 v.copy_(st[key])
                 st[key] = v
             self.flat_state[key], self.state_views[key] = buf, views
+        self._grad_uses = self._grad_users()
 
     @staticmethod
     def _unmade(st: dict[str, Any]) -> bool:
@@ -336,10 +338,42 @@ class FlatBucket:
         """Whether every param is still a view into the flat buffer (``p.data`` was not rebound)."""
         return list(map(Tensor.data_ptr, self.params)) == self._param_ptrs
 
+    def _grad_users(self) -> int:
+        return _use_count(self.flat_grads.untyped_storage())
+
+    def grads_moved(self) -> bool:
+        """Whether a grad view may no longer view the flat buffer. ``p.grad.data = x`` points the grad
+        tensor itself (the view, still ``p.grad``) at other memory: ``Module._apply`` does it to every
+        grad in ``model.to(memory_format=...)``, ``model.to(device)`` or ``model.half()``. The flat
+        buffer's storage then has fewer users than when last counted: one count per bucket, not a
+        check per param. (A view of a grad made elsewhere changes the count too, harmlessly: the
+        check per param of :meth:`repair_grad_views` finds nothing and counts again.)"""
+        return self._grad_users() != self._grad_uses
+
+    def repair_grad_views(self, keep_values: bool) -> bool:
+        """Replace the grad views that no longer view the flat buffer with new views; a param whose
+        grad was such a view gets the new one, holding that grad's values (``keep_values``: at a
+        step) or zeros (at ``zero_grad()``), or None where the moved grad no longer fits the buffer
+        (another dtype or device: the step makes the bucket again). True if one was replaced."""
+        moved = [i for i, (v, ptr) in enumerate(zip(self.grad_views, self._grad_ptrs)) if v.data_ptr() != ptr]
+        if moved:
+            fresh = self._views(self.flat_grads)
+            for i in moved:
+                p, old, new = self.params[i], self.grad_views[i], fresh[i]
+                if p.grad is old:
+                    fits = old.dtype == new.dtype and old.device == new.device and old.shape == new.shape
+                    if fits and keep_values:
+                        new.copy_(old)
+                    p.grad = new if fits else None
+                self.grad_views[i] = new
+            del fresh, old, new
+        self._grad_uses = self._grad_users()
+        return bool(moved)
+
     def gather_grads(self) -> bool:
         """Make every ``p.grad`` the flat view (copying new ones in); False if a param has no grad.
         ``grads_taken`` tells whether one was copied in."""
-        self.grads_taken = False
+        self.grads_taken = self.grads_moved() and self.repair_grad_views(keep_values=True)
         if all(map(operator.is_, map(_GRAD, self.params), self.grad_views)):
             return True
         for p, v in zip(self.params, self.grad_views):
@@ -402,7 +436,10 @@ class FlatBucket:
     def zero_grad(self) -> None:
         """Zero the flat gradient buffer in place. A param whose grad is not its view (a new tensor a
         step did not copy in: a step where some of the bucket's params had none) gets None, so no
-        gradient outlives the reset to be added to by the next backward."""
+        gradient outlives the reset to be added to by the next backward. A grad view pointed at other
+        memory (``model.to(memory_format=...)`` during a run) is made a view again first."""
+        if self.grads_moved():
+            self.repair_grad_views(keep_values=False)
         self.flat_grads.zero_()
         # a write into any grad view (a backward, a clip, a copy) moves the version shared with the views
         self.reset_version = self.flat_grads._version
