@@ -1072,8 +1072,15 @@ class ChainOptimizer(torch.optim.Optimizer):
 
     # -- checkpoints --------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """torch's state dict, plus ``"gradchain"``: the chain's transform names, checked on load."""
-        sd = super().state_dict()
+        """torch's state dict, plus ``"gradchain"``: the chain's transform names, checked on load.
+        Hooks from ``register_state_dict_post_hook`` see (and may replace) the finished state dict,
+        optimizer-level state and the encoded schedules included, as the one returned."""
+        post_hooks = self._optimizer_state_dict_post_hooks
+        self._optimizer_state_dict_post_hooks = type(post_hooks)()  # run below, on what this method adds too
+        try:
+            sd = super().state_dict()
+        finally:
+            self._optimizer_state_dict_post_hooks = post_hooks
         sd["state"] = {k: dict(v) for k, v in sd["state"].items()}  # plain dicts (torch.load weights_only)
         encode_groups(sd["param_groups"])  # schedules as plain descriptions (torch.load weights_only)
         sd["gradchain"] = {"transforms": self.transform.signature()}
@@ -1082,6 +1089,10 @@ class ChainOptimizer(torch.optim.Optimizer):
             entry = dict(sd["state"].get(holder, {}))  # a copy: the live state stays as it is
             entry.update({_GLOBAL + k: v for k, v in self.global_state.items()})
             sd["state"][holder] = entry
+        for hook in post_hooks.values():
+            replaced = hook(self, sd)
+            if replaced is not None:
+                sd = replaced
         return sd
 
     def _expected_state(self, p: Tensor, name: str | None, group: dict[str, Any]) -> dict[str, Any] | None:

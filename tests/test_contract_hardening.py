@@ -671,3 +671,41 @@ def test_a_step_under_inference_mode_makes_no_inference_tensors(recipe: str, fus
                 assert not t.is_inference(), key
                 torch.testing.assert_close(t, ref_opt.state[q][key], rtol=0, atol=0)
     assert not any(t.is_inference() for t in opt.global_state.values())
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_optimizer_hooks_see_what_torch_hooks_see(fused: bool, monkeypatch) -> None:
+    # torch.optim's hooks: a state-dict post hook gets the finished state dict and may replace it
+    # (a hook that offloads or converts the checkpoint); here that includes the chain's signature
+    # and the optimizer-level state (Prodigy's d), which a hook run before they were added missed
+    from gradchain.fused import runner
+
+    monkeypatch.setattr(runner, "BACKEND", "aot_eager")
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3).double()
+    opt = gc.ChainOptimizer(model.parameters(), recipes.prodigy(), fused=fused)
+    calls: list[str] = []
+    opt.register_step_pre_hook(lambda o, args, kwargs: calls.append("step pre"))
+    opt.register_step_post_hook(lambda o, args, kwargs: calls.append("step post"))
+    model(torch.randn(5, 4, dtype=torch.float64)).square().sum().backward()
+    opt.step()
+    assert calls == ["step pre", "step post"]
+
+    def offload(o, sd):
+        calls.append("state_dict post")
+        assert "gradchain" in sd and "@global.prodigy.d" in sd["state"][0]
+        return {**sd, "state": {k: {n: v.clone() if isinstance(v, torch.Tensor) else v for n, v in s.items()}
+                                for k, s in sd["state"].items()}, "offloaded": True}
+
+    opt.register_state_dict_pre_hook(lambda o: calls.append("state_dict pre"))
+    opt.register_state_dict_post_hook(offload)
+    sd = opt.state_dict()
+    assert calls[2:] == ["state_dict pre", "state_dict post"] and sd["offloaded"]
+    d = opt.global_state["prodigy.d"]
+    assert sd["state"][0]["@global.prodigy.d"] is not d and torch.equal(sd["state"][0]["@global.prodigy.d"], d)
+
+    opt.register_load_state_dict_pre_hook(lambda o, s: calls.append("load pre"))
+    opt.register_load_state_dict_post_hook(lambda o: calls.append("load post"))
+    opt.load_state_dict(sd)
+    assert calls[4:] == ["load pre", "load post"]
+    assert torch.equal(opt.global_state["prodigy.d"], d)
