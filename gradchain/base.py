@@ -707,7 +707,14 @@ class Bucket:
     # -- the final write ----------------------------------------------------------------------
     def write(self) -> None:
         """``p <- p + u`` with the pending form folded in: ``(1 + decay) * p + scale * u``, or
-        ``p + w (t - p) + scale * u`` with an interpolation toward ``t`` pending (``defer_lerp``)."""
+        ``p + w (t - p) + scale * u`` with an interpolation toward ``t`` pending (``defer_lerp``).
+        The pending form is then spent, and cleared."""
+        self._write_pending()
+        # no number of this step outlives it in the bucket: in a step that torch.compile traces, a
+        # scheduled lr kept in an attribute would be a graph output, which fixes it to its value
+        self.scale, self.decay, self.divisor, self.toward = 1.0, 0.0, None, None
+
+    def _write_pending(self) -> None:
         if not self.params:
             return
         if self.params[0].dtype != self.dtype:

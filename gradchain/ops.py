@@ -2,9 +2,11 @@
 
 A transform's update runs on two paths with one body of math. On the eager path its scalars
 (hyperparameters, bias corrections) are Python floats and these ops are ``torch._foreach_*`` calls.
-On the fused path (``ChainOptimizer(fused=True)``, or a step traced by ``torch.compile``) the
-scalars are 0-d tensors, so that a new learning rate or step count does not recompile: the ops
-then use tensor-scalar forms that ``torch.compile`` fuses into one kernel.
+On the fused path (``ChainOptimizer(fused=True)``) the scalars are 0-d tensors, so that a new
+learning rate or step count does not recompile: the ops then use tensor-scalar forms that
+``torch.compile`` fuses into one kernel. In an eager step traced by a user's ``torch.compile`` the
+hyperparameters are numbers a scheduler may change: the ops then multiply by them as tensor
+operands, one op per tensor, which keeps them symbolic (see ``_traced_number``).
 
 A scalar argument may also be a list with one entry per tensor (per-tensor step counts).
 :func:`reduce_dims` is a reduction of one tensor whose compiled form Adafactor and SM3 share.
@@ -49,6 +51,24 @@ def _each(s: Scalar, n: int) -> list:
     return s if isinstance(s, list) else [s] * n
 
 
+def _traced_number(s: Scalar) -> bool:
+    """Whether ``s`` is a number (or a list of numbers) in a step that ``torch.compile`` traces (the
+    eager path inside a user's compiled training step). A number that changes from step to step
+    (a scheduled lr) is then a symbolic float: a list op or a ``value=``/``alpha=``/``lerp`` weight
+    specializes it to its value, so every new value recompiles, and with torch 2.13's FX graph
+    cache a recompiled graph can be served the kernels of the previous value (AdamW's decay
+    ``1 - lr wd`` of the step before). The ops then multiply by it as a tensor operand, which
+    torch.compile keeps symbolic."""
+    return not _is_tensor(s) and torch.compiler.is_compiling()
+
+
+def _per_tensor(s: Scalar) -> bool:
+    """Whether a list op with scalar ``s`` runs as one op per tensor: a list of 0-d tensors, or any
+    scalar in a traced step (a list op there would fix a number, or a 0-d tensor's value, to what
+    it is now; the compiler fuses the per-tensor ops as it fuses a list op)."""
+    return (isinstance(s, list) and _is_tensor(s)) or torch.compiler.is_compiling()
+
+
 def sqrt(s: Scalar) -> Scalar:
     """``sqrt`` of a scalar of any kind (float, 0-d tensor or a list of them)."""
     if isinstance(s, list):
@@ -60,6 +80,9 @@ def bias_correction(beta: Scalar, step: Scalar) -> Scalar:
     """``1 - beta**step``: Adam's bias correction for an EMA with decay ``beta``."""
     if isinstance(step, list):
         return [bias_correction(beta, t) for t in step]
+    if isinstance(step, Tensor) and _traced_number(beta):
+        # a number to a tensor's power would fix a traced beta to its value (see _traced_number)
+        return 1.0 - (torch.ones_like(step) * beta) ** step
     return 1.0 - beta**step
 
 
@@ -70,8 +93,8 @@ _OWN_PRECISION_FACTOR = (torch.float32, torch.float64)
 
 def mul_(xs: list[Tensor], s: Scalar) -> None:
     """``x <- x * s``."""
-    if isinstance(s, list) and _is_tensor(s):
-        for x, a in zip(xs, s):
+    if _per_tensor(s):
+        for x, a in zip(xs, _each(s, len(xs))):
             x.mul_(a)
     else:
         torch._foreach_mul_(xs, _own_scalar(xs, s))
@@ -106,8 +129,8 @@ def sums_nonneg(xs: list[Tensor]) -> list[Tensor]:
 
 def div_(xs: list[Tensor], s: Scalar) -> None:
     """``x <- x / s``."""
-    if isinstance(s, list) and _is_tensor(s):
-        for x, a in zip(xs, s):
+    if _per_tensor(s):
+        for x, a in zip(xs, _each(s, len(xs))):
             x.div_(a)
     else:
         torch._foreach_div_(xs, _own_scalar(xs, s))
@@ -115,8 +138,8 @@ def div_(xs: list[Tensor], s: Scalar) -> None:
 
 def add_(xs: list[Tensor], s: Scalar) -> None:
     """``x <- x + s`` (a scalar)."""
-    if isinstance(s, list) and _is_tensor(s):
-        for x, a in zip(xs, s):
+    if _per_tensor(s):
+        for x, a in zip(xs, _each(s, len(xs))):
             x.add_(a)
     else:
         # the number's 0-d tensor as a list of it: the op over two lists of tensors converts nothing
@@ -130,6 +153,9 @@ def axpy_(xs: list[Tensor], ys: Sequence[Tensor], alpha: Scalar = 1.0) -> None:
     if _is_tensor(alpha):
         for x, y, a in zip(xs, ys, _each(alpha, len(xs))):
             x.addcmul_(y, a)  # a 0-d factor broadcasts: no full-size temporary
+    elif _traced_number(alpha):
+        for x, y, a in zip(xs, ys, _each(alpha, len(xs))):
+            x.add_(y * a)
     elif isinstance(alpha, list):
         torch._foreach_add_(xs, torch._foreach_mul(list(ys), alpha))
     else:
@@ -142,6 +168,9 @@ def lerp_(xs: list[Tensor], ys: Sequence[Tensor], w: Scalar) -> None:
         # lerp takes a tensor weight only in the tensors' own dtype
         for x, y, a in zip(xs, ys, _each(w, len(xs))):
             x.lerp_(y, a.to(x.dtype))
+    elif _traced_number(w):
+        for x, y, a in zip(xs, ys, _each(w, len(xs))):
+            x.add_((y - x) * a)
     elif isinstance(w, list):
         for x, y, a in zip(xs, ys, w):
             x.lerp_(y, a)
@@ -151,7 +180,7 @@ def lerp_(xs: list[Tensor], ys: Sequence[Tensor], w: Scalar) -> None:
 
 def addcmul_(xs: list[Tensor], a: Sequence[Tensor], b: Sequence[Tensor], s: Scalar = 1.0) -> None:
     """``x <- x + s * a * b``."""
-    if _is_tensor(s):
+    if _is_tensor(s) or _traced_number(s):
         for x, ai, bi, si in zip(xs, a, b, _each(s, len(xs))):
             x.add_(ai * bi * si)
     else:
@@ -163,7 +192,7 @@ def addcdiv_(xs: list[Tensor], a: Sequence[Tensor], b: Sequence[Tensor], s: Scal
     if isinstance(s, Tensor) and s.device.type == "cpu" and _plain_cpu(xs):
         # a host read of a CPU number costs nothing: one list op, not three ops per tensor
         torch._foreach_addcdiv_(xs, list(a), list(b), s.item())
-    elif _is_tensor(s):
+    elif _is_tensor(s) or _traced_number(s):
         for x, ai, bi, si in zip(xs, a, b, _each(s, len(xs))):
             x.add_(ai / bi * si)
     else:

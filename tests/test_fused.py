@@ -1029,6 +1029,58 @@ def test_whole_step_compiled_with_aot_backend(name: str) -> None:
     assert _whole_step_compiled(name) < 1e-12
 
 
+def _train_step_compiled_with_a_schedule(name: str, backend: str, compiled: bool) -> tuple[list[Tensor], int]:
+    """Params after each of 5 steps of a training step compiled whole by ``backend`` (the eager path
+    inside the user's graph, a loss passed to the step), the lr, betas and momentum changed between
+    steps as LR schedulers do (OneCycleLR cycles the betas too); and the graphs compiled after step 2."""
+    torch.manual_seed(0)
+    torch._dynamo.reset()
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    opt = gc.ChainOptimizer(model.named_parameters(), getattr(recipes, name)())
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randn(8, 6, generator=g, dtype=torch.float64), torch.randn(8, 3, generator=g, dtype=torch.float64))
+            for _ in range(5)]
+
+    def train_step(x: Tensor, y: Tensor) -> Tensor:
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        opt.step(loss=loss)
+        opt.zero_grad()
+        return loss
+
+    step = torch.compile(train_step, backend=backend) if compiled else train_step
+    out, graphs = [], 0
+    for i, (x, y) in enumerate(data):
+        if i == 2:
+            graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        step(x, y)
+        out.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+        for group in opt.param_groups:
+            group["lr"] *= 0.7
+            if "betas" in group:
+                group["betas"] = (group["betas"][0] - 0.01, group["betas"][1])
+            if "momentum" in group:
+                group["momentum"] *= 0.9
+    return out, torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs
+
+
+# A scheduled number (lr, betas) in a traced eager step was fixed to its value wherever a list op,
+# a lerp weight or a number's power took it: every new value recompiled, and torch 2.13's FX graph
+# cache could serve the recompiled graph the kernels of the value before (inductor: AdamW's decay
+# 1 - lr wd, 1e-3 off at the third lr). Prodigy's 0-d float64 estimate of d was never written back
+# (an in-place write to a 0-d float64 CPU tensor is dropped by the trace): d stayed at d0
+@pytest.mark.parametrize("name,backend", [("adamw", "inductor"), ("adamw", "aot_eager"), ("lamb", "aot_eager"),
+                                          ("sgd", "aot_eager"), ("nadam", "aot_eager"),
+                                          ("adafactor", "aot_eager"), ("prodigy", "aot_eager")])
+def test_train_step_compiled_whole_follows_its_schedule(name: str, backend: str) -> None:
+    expected, _ = _train_step_compiled_with_a_schedule(name, backend, compiled=False)
+    got, recompiled = _train_step_compiled_with_a_schedule(name, backend, compiled=True)
+    for i, (a, b) in enumerate(zip(expected, got)):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-14, msg=lambda m, i=i: f"step {i}: {m}")
+    if name != "prodigy":  # (Prodigy checks its lr and betas across groups as numbers: a graph per value)
+        assert recompiled == 0  # the values changed at steps 2-4 are symbolic: no graph per value
+
+
 def test_chunked_bucket_with_empty_params(aot_eager, monkeypatch) -> None:
     # a param with no elements has no row: its norm is 0 and nothing divides by its row count
     monkeypatch.setattr(gc.base, "SEGMENT_UNROLL", 0)

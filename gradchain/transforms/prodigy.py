@@ -288,11 +288,12 @@ class Prodigy(Transform):
         # no gradient signal at all (|s|_1 = 0): the official optimizer returns before the step
         go = l1_sum > 0
         d_next = torch.where(go, new_d, d)
-        num.copy_(torch.where(go, new_num, num))
-        d_max.copy_(torch.where(go, new_d_max, d_max))
-        k.add_(go.to(d.dtype))
         step = torch.where(go, -c["dlr"], torch.zeros_like(c["dlr"]))
-        d.copy_(d_next)
+        # written through 1-element views: in a step traced by torch.compile (torch 2.13), an
+        # in-place write to a 0-d float64 CPU tensor itself is dropped, d would never move
+        for held, value in ((num, torch.where(go, new_num, num)), (d_max, torch.where(go, new_d_max, d_max)),
+                            (k, k + go.to(d.dtype)), (d, d_next)):
+            held.view(-1).copy_(value.view(-1))
         return {**c, "step": step, "d_next": d_next}
 
     def finish(self, b: Bucket, hp: dict[str, Any], flags: dict[str, bool], c: dict[str, Any], carry: Any) -> None:
