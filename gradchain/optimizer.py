@@ -534,8 +534,12 @@ class ChainOptimizer(torch.optim.Optimizer):
             else:
                 steps, values = self._advance_steps((gi, items[0][0].device, items[0][0].dtype), sts, steps)
             if compiling:
-                # a traced step: step counts stay tensors, so the graph does not depend on their values
-                resolved = {k: group[k] for k in self.transform.hyperparams}
+                # a traced step: step counts stay tensors, so the graph does not depend on their values;
+                # a schedule is evaluated outside the graph, at the count just advanced
+                if any(callable(group[k]) and not isinstance(group[k], Tensor) for k in self.transform.hyperparams):
+                    resolved = self._resolve_outside_graph(group, steps)
+                else:
+                    resolved = {k: group[k] for k in self.transform.hyperparams}
                 shared["host_hyperparams"] = resolved
             buckets.append(
                 Bucket(params, grads, lists, steps, [x[3] for x in items], group, loss, shared, self.state_dtype,
@@ -549,6 +553,12 @@ class ChainOptimizer(torch.optim.Optimizer):
         if buckets:
             shared["global_state"] = self._init_global_state(buckets[0].params[0].device)
         return buckets, states
+
+    @torch.compiler.disable
+    def _resolve_outside_graph(self, group: dict, steps: list[Tensor]) -> dict[str, Any]:
+        """A traced step's hyperparameters where its group holds a schedule (a Python function of
+        the step count): evaluated on the host, a graph break; the values enter the graph as numbers."""
+        return self._resolve(group, int(max(torch.stack(steps).tolist())))
 
     def _advance_steps(self, key: tuple, sts: list[dict], steps: list[Tensor]) -> tuple[list[Tensor], list | None]:
         """Add 1 to every step count of a bucket: one add over a vector whose 0-d views are the

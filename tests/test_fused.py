@@ -1081,6 +1081,33 @@ def test_train_step_compiled_whole_follows_its_schedule(name: str, backend: str)
         assert recompiled == 0  # the values changed at steps 2-4 are symbolic: no graph per value
 
 
+def test_train_step_compiled_whole_evaluates_group_schedules() -> None:
+    # a gradchain schedule as a group's lr, the eager path traced in the user's graph: evaluated on
+    # the host at the advanced step count (a graph break); before, the schedule object itself
+    # reached the transforms (TypeError: bad operand type for unary -)
+    runs = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        torch._dynamo.reset()
+        model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+        groups = [{"params": model[0].parameters(), "lr": gc.schedules.linear_warmup(1e-2, 3)},
+                  {"params": model[2].parameters(), "lr": 3e-3}]
+        opt = gc.ChainOptimizer(groups, recipes.adamw())
+        g = torch.Generator().manual_seed(1)
+
+        def train_step(x: Tensor, y: Tensor, model: nn.Module = model, opt: gc.ChainOptimizer = opt) -> None:
+            nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+
+        step = torch.compile(train_step, backend="aot_eager") if compiled else train_step
+        for _ in range(5):
+            x, y = (torch.randn(8, n, generator=g, dtype=torch.float64) for n in (6, 3))
+            step(x, y)
+        runs.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    torch.testing.assert_close(runs[1], runs[0], rtol=1e-12, atol=1e-14)
+
+
 def test_chunked_bucket_with_empty_params(aot_eager, monkeypatch) -> None:
     # a param with no elements has no row: its norm is 0 and nothing divides by its row count
     monkeypatch.setattr(gc.base, "SEGMENT_UNROLL", 0)
