@@ -414,11 +414,27 @@ class _Accumulate(_Wrapper):
                 torch._foreach_add_(lw, w)
 
     def apply(self, buckets: list[Bucket]) -> None:
+        if torch.compiler.is_compiling():
+            # traced (a user's torch.compile of the step): whether the inner chain steps is a host
+            # branch on the count of calls, so the whole accumulation runs outside the graph
+            return self._apply_outside_graph(buckets)
+        self._apply(buckets)
+
+    @torch.compiler.disable
+    def _apply_outside_graph(self, buckets: list[Bucket]) -> None:
+        self._apply(buckets)
+        for b in buckets:
+            # the update formed here: a pending scale or divisor (the inner chain's lr and bias
+            # corrections, numbers that change at every step) would each compile the graph again
+            if len(b):
+                b.materialize()
+
+    def _apply(self, buckets: list[Bucket]) -> None:
         live = [b for b in buckets if len(b)]
         if not live:
             return
         # the phase is global (the most micro-steps any param has seen), so params stay in step
-        calls = round(max(max(b.step_values) for b in live))
+        calls = round(float(max(max(b.step_values) for b in live)))
         sized = live[0].batch_size is not None  # one step(batch_size=) for every bucket
         try:
             w = _micro_weight(live[0].batch_size)
