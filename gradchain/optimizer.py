@@ -510,13 +510,16 @@ class ChainOptimizer(torch.optim.Optimizer):
         for gi, group, items in self._collect() if collected is None else collected:
             sts = [x[2] for x in items]
             steps = [st["step"] for st in sts]
-            if compiling:
-                plans.append((gi, group, items, steps, None))
-                continue
             # the host step count (one read of every step tensor) only for a schedule to evaluate
             scheduled = any(callable(group[k]) and not isinstance(group[k], Tensor) for k in self.transform.hyperparams)
-            step = int(max(torch.stack(steps).tolist())) + 1 if scheduled else 0
-            plans.append((gi, group, items, steps, self._resolve(group, step)))
+            if compiling:
+                # traced: step counts stay tensors, so the graph does not depend on their values; a
+                # schedule is evaluated outside the graph (a graph break) and enters it as a number
+                resolved = self._resolve_outside_graph(group, steps) if scheduled else None
+                plans.append((gi, group, items, steps, resolved))
+                continue
+            plans.append((gi, group, items, steps, self._resolve_next(group, steps) if scheduled
+                          else self._resolve(group, 0)))
         if not compiling:
             self._validate_across_groups([x[4] for x in plans])
         buckets, states = [], []
@@ -534,11 +537,7 @@ class ChainOptimizer(torch.optim.Optimizer):
             else:
                 steps, values = self._advance_steps((gi, items[0][0].device, items[0][0].dtype), sts, steps)
             if compiling:
-                # a traced step: step counts stay tensors, so the graph does not depend on their values;
-                # a schedule is evaluated outside the graph, at the count just advanced
-                if any(callable(group[k]) and not isinstance(group[k], Tensor) for k in self.transform.hyperparams):
-                    resolved = self._resolve_outside_graph(group, steps)
-                else:
+                if resolved is None:
                     resolved = {k: group[k] for k in self.transform.hyperparams}
                 shared["host_hyperparams"] = resolved
             buckets.append(
@@ -554,11 +553,13 @@ class ChainOptimizer(torch.optim.Optimizer):
             shared["global_state"] = self._init_global_state(buckets[0].params[0].device)
         return buckets, states
 
-    @torch.compiler.disable
-    def _resolve_outside_graph(self, group: dict, steps: list[Tensor]) -> dict[str, Any]:
-        """A traced step's hyperparameters where its group holds a schedule (a Python function of
-        the step count): evaluated on the host, a graph break; the values enter the graph as numbers."""
-        return self._resolve(group, int(max(torch.stack(steps).tolist())))
+    def _resolve_next(self, group: dict, steps: list[Tensor]) -> dict[str, Any]:
+        """The group's hyperparameters at the step about to be taken (the largest count plus one)."""
+        return self._resolve(group, int(max(torch.stack(steps).tolist())) + 1)
+
+    # a traced step's hyperparameters where its group holds a schedule (a Python function of the
+    # step count): evaluated on the host, a graph break; the values enter the graph as numbers
+    _resolve_outside_graph = torch.compiler.disable(_resolve_next)
 
     def _advance_steps(self, key: tuple, sts: list[dict], steps: list[Tensor]) -> tuple[list[Tensor], list | None]:
         """Add 1 to every step count of a bucket: one add over a vector whose 0-d views are the

@@ -384,10 +384,9 @@ def scale_by_relative_step(lr: float = 1e-2, *, warmup_init: bool = False, name:
         if ctx.tensor_scalars:  # 0-d step counts (and lr) on the fused path: no host value, no recompile
             def traced(t: Tensor) -> Tensor:
                 t = t.to(torch.float64)
-                r = 1.0 / t.sqrt()
-                # a number cap (a user's torch.compile of the eager step) as a tensor operand: a
-                # clamp bound would fix a scheduled lr to its value
-                r = torch.clamp(r, max=cap) if isinstance(cap, Tensor) else torch.minimum(r, torch.ones_like(r) * cap)
+                # the cap as a tensor operand: a clamp bound would fix a number cap (a scheduled lr in
+                # a user's torch.compile of the eager step) to its value
+                r = torch.minimum(1.0 / t.sqrt(), torch.ones_like(t) * cap)
                 return torch.minimum(r, 1e-6 * t) if warmup_init else r
 
             return ctx.per_step(traced)
