@@ -791,6 +791,10 @@ def resolve_group(transform: Transform, group: Mapping[str, Any], step: int,
             validate(key, Hyperparam(None, spec.check), value)
         if isinstance(value, Tensor) and value.numel() == 1 and not value.requires_grad and value.device.type == "cpu":
             value = value.item()
+        elif isinstance(value, list):
+            # a copy: the group's list, changed in place later, would still compare equal to the
+            # values that passed their checks (``checked``), and skip them
+            value = tuple(value)
         out[key] = value
     if checked is None or len(checked) != len(out) or not all(
             k in out and same_value(v, out[k]) for k, v in checked.items()):

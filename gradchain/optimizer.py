@@ -36,6 +36,8 @@ _OPTIONS = frozenset({"transform", "fused", "atomic", "state_dtype"})  # ChainOp
 _GLOBAL = "@global."
 _GRAD = operator.attrgetter("grad")
 _IS_SPARSE = operator.attrgetter("is_sparse")
+_SHAPE = operator.attrgetter("shape")
+_DTYPE = operator.attrgetter("dtype")
 _REQUIRES_GRAD = operator.attrgetter("requires_grad")
 _UNEVEN_STEPS = ("its params have taken different numbers of steps (a param had no grad at a step and was "
                  "skipped, as torch does; the bucket stays eager from then on. To keep the fused path, give "
@@ -46,6 +48,23 @@ COPIED_GRADS_WARN_STEPS = 3
 # after this many steps in a row at which the same params of a flat bucket have no grad, the bucket
 # is made again without them (before, such a step is eager over the bucket's flat buffers)
 SUBSET_FLATTEN_STEPS = 3
+
+
+def _check_grad(p: Tensor, g: Tensor, name: str | None) -> None:
+    """Refuse a gradient that breaks torch's own rule for ``p.grad = g``: the param's shape and
+    device, and its ``grad_dtype`` (by default the param's dtype; any floating dtype where it is
+    None). Only ``p.grad.data = x``, or a module's ``_apply`` between backward and step, gets past
+    that rule; a step would fail part-way on such a grad, or broadcast it."""
+    want = getattr(p, "grad_dtype", p.dtype)
+    if g.shape == p.shape and g.device == p.device and g.is_floating_point() and (want is None or g.dtype == want):
+        return
+    who = f"param {name}" if name else "a param"
+    raise ValueError(
+        f"ChainOptimizer.step(): {who} of shape {tuple(p.shape)} ({p.dtype}, {p.device}) has a "
+        f"gradient of shape {tuple(g.shape)} ({g.dtype}, {g.device}). A gradient takes its param's shape and "
+        f"device, and its grad_dtype ({want}), as torch requires of p.grad = g; this one was set some other way "
+        "(p.grad.data = x, or model.to() between backward and step?). Nothing was stepped"
+    )
 
 
 def _picker(indices: list[int]) -> Callable[[list], tuple]:
@@ -68,6 +87,8 @@ class _EagerSplit(NamedTuple):
     names: list[str | None]
     buckets: list[Callable[[list], tuple]]  # per bucket, the entries of a per-param list it holds
     kept: list[dict | None]  # per param, its state dict (None: no grad)
+    grad_shapes: list[torch.Size]  # of the grads there are, checked (p.grad.data = x changes them)
+    grad_dtypes: list[torch.dtype]
 
 
 class _FusedSplit(NamedTuple):
@@ -251,6 +272,8 @@ class ChainOptimizer(torch.optim.Optimizer):
         self._pending_snapshot: Callable[[], None] | None = None
         # the hyperparameter values that passed their checks last (_resolve)
         self._checked_values: dict[str, Any] | None = None
+        # id of a param -> its shape when its state was last found to fit it (p.data = x can change it)
+        self._state_shapes: dict[int, torch.Size] = {id(p): p.shape for p in state if isinstance(p, Tensor)}
         # the transforms whose checks span param groups (Prodigy's one estimate), found once
         self._group_checks = [c for c in (getattr(t, "validate_groups", None) for t in self.transform.leaves())
                               if c is not None]
@@ -416,13 +439,20 @@ class ChainOptimizer(torch.optim.Optimizer):
                     raise RuntimeError(
                         f"gradchain does not support complex params yet (param {name or tuple(p.shape)})"
                     )
+                if not compiling:  # (traced, the grads are autograd's own)
+                    _check_grad(p, g, name)
                 st = self.state.get(p)
-                if not st:
+                made = not st
+                if made:
                     make = self._defer_param_state if defer and not compiling else self._init_param_state
                     st = make(p, name, group)
                     self._created.append(p)
                 elif type(st) is not _ParamState:  # a dict put in by hand
                     st = self.state[p] = _ParamState(st, self._state_edits)
+                if not compiling and self._state_shapes.get(id(p)) != p.shape:
+                    if not made:
+                        self._check_state_shapes(p, name, group, st)
+                    self._state_shapes[id(p)] = p.shape
                 # the fused path holds no reference to a grad it may copy into its flat buffer (that one is
                 # freed there, a param's worth of memory at the first step); the step reads p.grad
                 split[(p.device, dtype)].append((p, None if fused_split else g, st, name))
@@ -436,10 +466,13 @@ class ChainOptimizer(torch.optim.Optimizer):
                     list(map(Tensor.data_ptr, params)), None if given is None else list(given), buckets, {})
             elif not compiling:
                 # the eager path keeps what tells the split apart, not the grads (freed ones held alive)
+                grads = [g for g in map(_GRAD, params) if g is not None]
                 self._eager_splits[gi] = _EagerSplit(
                     list(params), [g is not None for g in map(_GRAD, params)], self.state, list(self.state),
                     list(self.state.values()), list(map(Tensor.data_ptr, params)), names,
-                    [_picker(idx) for idx in where.values()], kept)
+                    [_picker(idx) for idx in where.values()], kept, list(map(_SHAPE, grads)),
+                    list(map(_DTYPE, grads)))
+                del grads
             out.extend((gi, group, items) for items in buckets)
         return out
 
@@ -486,14 +519,23 @@ class ChainOptimizer(torch.optim.Optimizer):
         names = group.get("param_names")
         if (last.names != [None] * len(params)) if names is None else last.names != list(names):
             return None
-        if any(map(_IS_SPARSE, compress(grads, last.has_grad))) or not all(compress(last.kept, last.has_grad)):
-            return None  # the full split raises the error, or makes the state of a param whose dict was emptied
+        present = list(compress(grads, last.has_grad))
+        if any(map(_IS_SPARSE, present)) or not all(compress(last.kept, last.has_grad)) \
+                or list(map(_SHAPE, present)) != last.grad_shapes or list(map(_DTYPE, present)) != last.grad_dtypes:
+            # the full split raises the error, or makes the state of a param whose dict was emptied
+            return None
         return [list(zip(*(pick(x) for x in (params, grads, last.kept, last.names)))) for pick in last.buckets]
 
     def _resolve(self, group: dict, step: int) -> dict[str, Any]:
         # the values checked at the last step of any group are not checked again (on a small model
         # the checks are a good part of a step's host time)
-        self._checked_values = resolve_group(self.transform, group, step, self._checked_values)
+        try:
+            self._checked_values = resolve_group(self.transform, group, step, self._checked_values)
+        except ValueError as e:
+            if len(self.param_groups) > 1:
+                at = next((i for i, g in enumerate(self.param_groups) if g is group), None)
+                raise ValueError(f"param group {at}: {e}") from e
+            raise
         return self._checked_values
 
     def _validate_across_groups(self, resolved: list[dict[str, Any]]) -> None:
@@ -684,6 +726,20 @@ class ChainOptimizer(torch.optim.Optimizer):
             self._pending.clear()
         self._grads_reset = False
         self._proven.add(key)
+
+    def _check_state_shapes(self, p: Tensor, name: str | None, group: dict[str, Any], st: dict) -> None:
+        """Refuse state made for a param of another shape (the param replaced or reshaped since:
+        ``p.data = x``), which a step would fail on part-way, or broadcast (SM3's accumulators)."""
+        for key, want in (self._expected_state(p, name, group) or {}).items():
+            got = st.get(key)
+            if key != "step" and isinstance(want, Tensor) and isinstance(got, Tensor) and got.shape != want.shape:
+                who = f"param {name}" if name else "a param"
+                raise ValueError(
+                    f"ChainOptimizer.step(): {who} has shape {tuple(p.shape)}, but its state {key!r} has shape "
+                    f"{tuple(got.shape)}, made for a param of another shape: the param was replaced or reshaped "
+                    "(p.data = x) after its state was made. Restore its shape, or start its state afresh (del "
+                    "opt.state[p]); nothing was stepped"
+                )
 
     def _explain_state_dtypes(self, collected: list, error: Exception) -> None:
         """Raise a clear error in place of ``error`` where a param's state has another dtype than this
@@ -885,6 +941,8 @@ class ChainOptimizer(torch.optim.Optimizer):
                     return False
             elif fb is not None:
                 fb.subset = None
+            for p, _, _, name in items:  # a grad pointed at other memory since the split was kept
+                _check_grad(p, p.grad, name)
             # (a param's state dict replaced by hand, or made anew after it was deleted: from it)
             # (or a gradient of another dtype than the flat one: grad_dtype changed during the run)
             if fb is None or len(fb.params) != len(params) or not all(map(operator.is_, fb.params, params)) \

@@ -133,6 +133,9 @@ class FlatBucket:
         self.flat_grads = torch.zeros(total, dtype=grad_dtype or p0.dtype, device=p0.device)
         self.grad_views = self._views(self.flat_grads)
         self.grads_taken = False
+        # a grad pointed at memory that does not fit the flat buffer (another dtype, device or shape)
+        # was kept as the param's grad at a step: the next checks look at every grad again
+        self.unfit_grads = False
         # whether the last grad copied in was a view of another tensor's storage (the warning says why)
         self.grads_from_views = False
         # ... or a gradient with a graph (backward(create_graph=True) makes a new one at every step)
@@ -348,26 +351,35 @@ class FlatBucket:
         buffer's storage then has fewer users than when last counted: one count per bucket, not a
         check per param. (A view of a grad made elsewhere changes the count too, harmlessly: the
         check per param of :meth:`repair_grad_views` finds nothing and counts again.)"""
-        return self._grad_users() != self._grad_uses
+        return self.unfit_grads or self._grad_users() != self._grad_uses
 
     def repair_grad_views(self, keep_values: bool) -> bool:
         """Replace the grad views that no longer view the flat buffer with new views; a param whose
         grad was such a view gets the new one, holding that grad's values (``keep_values``: at a
-        step) or zeros (at ``zero_grad()``), or None where the moved grad no longer fits the buffer
-        (another dtype or device: the step makes the bucket again). True if one was replaced."""
+        step) or zeros (at ``zero_grad()``). A moved grad that no longer fits the buffer (another
+        dtype, device or shape) gets None at ``zero_grad()``; at a step it stays the param's grad, for
+        the step to check against its param (``unfit_grads``). True if one was replaced."""
         moved = [i for i, (v, ptr) in enumerate(zip(self.grad_views, self._grad_ptrs)) if v.data_ptr() != ptr]
+        unfit = False
         if moved:
             fresh = self._views(self.flat_grads)
             for i in moved:
                 p, old, new = self.params[i], self.grad_views[i], fresh[i]
                 if p.grad is old:
-                    fits = old.dtype == new.dtype and old.device == new.device and old.shape == new.shape
-                    if fits and keep_values:
-                        new.copy_(old)
-                    p.grad = new if fits else None
+                    if old.dtype == new.dtype and old.device == new.device and old.shape == new.shape:
+                        if keep_values:
+                            new.copy_(old)
+                        p.grad = new
+                    elif keep_values:
+                        # at a step, the grad stays: the step checks it against its param, and makes
+                        # the bucket again for a param cast or moved with it (model.double())
+                        unfit = True
+                    else:
+                        p.grad = None
                 self.grad_views[i] = new
             del fresh, old, new
         self._grad_uses = self._grad_users()
+        self.unfit_grads = unfit
         return bool(moved)
 
     def gather_grads(self) -> bool:

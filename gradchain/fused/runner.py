@@ -202,6 +202,11 @@ def _renamed(state: dict[str, list], renames: Mapping[str, str]) -> dict[str, li
 _TRACING_ERRORS = (torch._dynamo.exc.TorchDynamoException, torch._dynamo.exc.FailOnRecompileLimitHit)
 
 
+def _versions(args: Any) -> list[int]:
+    """The version counters of every tensor in ``args``: a write in place moves them."""
+    return [t._version for t in torch.utils._pytree.tree_leaves(args) if isinstance(t, Tensor)]
+
+
 def _tensor_hp(tensor_hp: list, i: int, resolved: Mapping[str, Any], fb: FlatBucket) -> dict:
     """Bucket ``i``'s hyperparameters as 0-d tensors, made once per step for all its segments.
 
@@ -705,6 +710,7 @@ class FusedChain:
         if first:
             fn = seg._fns[key] = torch.compile(make(), fullgraph=True, dynamic=dynamic,
                                                backend=hoisting_backend(BACKEND))
+        versions = _versions(args) if first else None
         try:
             t0 = time.perf_counter()
             graphs = _graph_count()
@@ -717,9 +723,13 @@ class FusedChain:
                 seg._traces[key] = n = seg._traces.get(key, 0) + 1
                 if n > _RETRACES:
                     seg._retraced.add(key)
-        except Exception as err:  # noqa: BLE001 - any tracing failure falls back to the uncompiled run
-            # tracing a new size again (dynamic): a guard failed and nothing has run yet
-            if not first and not (dynamic and isinstance(err, _TRACING_ERRORS)):
+        except Exception as err:
+            # only a failure to trace or compile falls back to the uncompiled run, and only where nothing
+            # was written: a kernel that failed while running (out of memory) may have updated some
+            # params and state, and running the segment again would apply their update twice (the
+            # step raises instead, and is rolled back)
+            if not isinstance(err, _TRACING_ERRORS) or not (first or dynamic) or (
+                    first and _versions(args) != versions):
                 raise
             seg._failed.add(key)
             warnings.warn(
