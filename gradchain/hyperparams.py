@@ -29,8 +29,8 @@ def _number(value: Any) -> float | None:
     if isinstance(value, bool):
         return None
     if isinstance(value, torch.Tensor):
-        if value.numel() != 1 or value.is_complex():
-            return None
+        if value.numel() != 1 or value.is_complex() or value.is_meta:
+            return None  # (a meta tensor has no value to check)
         return float(value.detach().cpu())
     if isinstance(value, (int, float)):
         return float(value)

@@ -768,7 +768,8 @@ class ChainOptimizer(torch.optim.Optimizer):
             undone = "the step was rolled back" if self.atomic != "never" else "atomic='never': nothing was rolled back"
             raise ValueError(
                 f"ChainOptimizer.step(): {'; '.join(wrong)}. A param's dtype changed after its state was made "
-                "(model.to(dtype) during a run)? Cast its floating state entries to the dtype this chain keeps "
+                "(model.to(dtype) during a run), or a state dict saved with other dtypes was loaded? Cast its "
+                "floating state entries to the dtype this chain keeps "
                 f"(opt.state[p][key] = opt.state[p][key].to(dtype)) or start it afresh (del opt.state[p]); {undone}"
             ) from error
 

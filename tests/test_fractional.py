@@ -250,6 +250,28 @@ def test_fused_equals_eager_around_the_ring(name: str, dtype, rtol: float, atol:
     assert_same(*a, *b, rtol=rtol, atol=atol)
 
 
+def test_fused_ring_compiles_past_the_first_param_groups() -> None:
+    # past STATIC_BUCKETS groups the buckets share a kernel with symbolic sizes, where the ring's
+    # length was traced as a symbol and a state key formatted from it failed to trace: a warning and
+    # an eager step at every step
+    def run(fused: bool):
+        g = torch.Generator().manual_seed(0)
+        ps = [torch.randn(4, 3 + i, generator=g, dtype=torch.float64).requires_grad_() for i in range(6)]
+        opt = ChainOptimizer([{"params": [p], "lr": 0.01 * (i + 1)} for i, p in enumerate(ps)],
+                             recipes.fractional_sgd(lr=0.05, alpha=0.7, history=3), fused=fused)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            for _ in range(5):
+                for p in ps:
+                    d = torch.randn(p.shape, generator=g, dtype=torch.float64)
+                    p.grad = d if p.grad is None else p.grad.copy_(d)
+                opt.step()
+        return ps
+
+    for a, b in zip(run(False), run(True), strict=True):
+        torch.testing.assert_close(b.detach(), a.detach(), rtol=1e-12, atol=1e-14)
+
+
 def test_fused_ring_compiles_once_with_inductor(monkeypatch) -> None:
     from test_fused import assert_same
 

@@ -79,6 +79,21 @@ def test_adamw_matches_paper_loop(k, alpha) -> None:
     assert _gap(ref, m2.parameters()) <= 1e-12
 
 
+def test_prodigy_with_decoupled_decay_matches_paper_loop() -> None:
+    # Prodigy's decoupled decay handed its updates over as a tuple, which Lookahead's sync writes
+    # into: TypeError at the first sync
+    import contextlib
+
+    import prodigyopt
+
+    m1, m2 = _model(), _model()
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints a line when weight decay is on
+        inner = prodigyopt.Prodigy(m1.parameters(), weight_decay=0.05)
+    ref = paper_loop(m1, inner, 2, 0.5, 9)
+    _ours(m2, lookahead(recipes.prodigy(weight_decay=0.05), k=2, alpha=0.5), 9)
+    assert _gap(ref, m2.parameters()) <= 1e-12
+
+
 def test_resume_mid_cycle() -> None:
     k, steps, cut = 5, 17, 7  # the save lands 2 steps into the second 5-step cycle
     m_ref = _model()

@@ -294,6 +294,17 @@ def test_updates_of_slices_handed_over(head: str, small_pieces: int, monkeypatch
 
 
 
+def test_a_global_clip_before_a_later_run_is_handed_over(small_pieces: int) -> None:
+    # the clip replaced the updates with the tuple torch's list ops return, and the slices of the run
+    # after it (the decay's) could not be handed back into it: TypeError at the first step
+    FACTORIES["clip_then_decay"] = lambda: gc.chain(gc.scale_by_adam(), gc.clip_by_global_norm(0.5),
+                                                    gc.scale_by_lr(0.05), gc.add_scheduled_wd(0.05))
+    try:
+        _assert_identical(_run("clip_then_decay", False), _run("clip_then_decay", True))
+    finally:
+        del FACTORIES["clip_then_decay"]
+
+
 def _prefixed_chains() -> dict[str, gc.Transform]:
     # leaves, then a routing as the chain's last run: a mask (CPR-AdamW's shape) taking some, all
     # or none of the params, and a partition

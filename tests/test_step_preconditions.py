@@ -198,3 +198,13 @@ def test_a_kernel_that_failed_to_compile_runs_uncompiled_once(monkeypatch) -> No
         opt.step()
     torch.optim.AdamW([ref], lr=1e-2).step()
     torch.testing.assert_close(p.detach(), ref.detach(), rtol=1e-6, atol=1e-7)
+
+
+def test_a_tensor_lr_without_a_value_is_refused_by_its_key() -> None:
+    p = torch.nn.Parameter(torch.randn(3))
+    opt = gc.ChainOptimizer([p], recipes.adamw())
+    p.grad = torch.ones(3)
+    opt.step()
+    opt.param_groups[0]["lr"] = torch.tensor(1e-3, device="meta")  # was: NotImplementedError, no key named
+    with pytest.raises(ValueError, match="invalid hyperparameter lr="):
+        opt.step()

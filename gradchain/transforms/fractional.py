@@ -118,6 +118,9 @@ def fractional(
     if isinstance(drop, bool) or not isinstance(drop, int) or not 0 <= drop <= history:
         raise ValueError(f"invalid drop={drop!r}: must be an int in [0, history={history}]")
     K = history
+    # the keys as strings made here: in a kernel compiled with symbolic sizes (past the first few
+    # param groups) an int of the closure may be traced as a symbol, and a key formatted from it fails
+    ages = [f"age{j}" for j in range(1, K + 1)]
 
     def init(p: Tensor) -> dict:
         return {f"hist{j}": zeros_state(p) for j in range(K)}
@@ -141,16 +144,16 @@ def fractional(
                 tag = zlib.crc32(n.encode()) if n is not None else 0
                 masks.append(_drop_mask(u.shape, K, drop, _mix(seed, int(t), tag)))
         out = [u.clone() for u in updates]
-        for j in range(1, K + 1):
-            coefs = [w[j - 1] for w in weights]
+        for j, age in enumerate(ages):
+            coefs = [w[j] for w in weights]
             if all(isinstance(c, float) and c == 0.0 for c in coefs):
                 continue  # a dropped term, or alpha = 1: nothing to add (and no pass over it)
-            past = state[f"age{j}"]
+            past = state[age]
             if masks is not None:
-                past = torch._foreach_mul(past, [_like(m[j - 1], u) for m, u in zip(masks, updates)])
+                past = torch._foreach_mul(past, [_like(m[j], u) for m, u in zip(masks, updates)])
             ops.axpy_(out, past, coefs)
         # g_t overwrites g_{t-K}; a loop because DTensor has no sharding rule for _foreach_copy_
-        for h, u in zip(state[f"age{K}"], updates):
+        for h, u in zip(state[ages[-1]], updates):
             h.copy_(u)
         return out
 
