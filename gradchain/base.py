@@ -765,8 +765,12 @@ def _at(x: Any, i: int) -> Any:
 
 
 def resolve_hyperparam(key: str, spec: Hyperparam, value: Any, bucket: Bucket) -> Any:
-    """The value of a hyperparameter for this step: a callable is a schedule of the step."""
+    """The value of a hyperparameter for this step: a callable is a schedule of the step (evaluated
+    by the optimizer before the step where it did: on the host, for a traced step)."""
     if callable(value) and not isinstance(value, Tensor):
+        done = bucket.resolved.get(key) if bucket.resolved is not None else None
+        if done is not None and not callable(done):
+            return done
         value = value(bucket.group_step)
         validate(key, Hyperparam(None, spec.check), value)
     if isinstance(value, Tensor) and value.numel() == 1 and not value.requires_grad:

@@ -422,7 +422,16 @@ class _Accumulate(_Wrapper):
 
     @torch.compiler.disable
     def _apply_outside_graph(self, buckets: list[Bucket]) -> None:
-        self._apply(buckets)
+        # outside the graph this is an eager step: host step numbers and schedules, as the inner
+        # chain's own step counts are (a traced bucket's rules would take them for tensors)
+        traced = [b.tensor_scalars for b in buckets]
+        for b in buckets:
+            b.tensor_scalars = False
+        try:
+            self._apply(buckets)
+        finally:
+            for b, t in zip(buckets, traced, strict=True):
+                b.tensor_scalars = t
         for b in buckets:
             # the update formed here: a pending scale or divisor (the inner chain's lr and bias
             # corrections, numbers that change at every step) would each compile the graph again

@@ -1112,6 +1112,40 @@ def test_train_step_compiled_whole_evaluates_group_schedules() -> None:
     torch.testing.assert_close(runs[1], runs[0], rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("case", ["prodigy_scheduled", "accumulate_adaptive_memory"])
+def test_train_step_compiled_whole_runs_the_host_parts_as_eager(case: str) -> None:
+    # Prodigy evaluated its group's schedule itself, at the bucket's host step, which a traced step
+    # has not got (RuntimeError); accumulate's inner chain runs outside the graph on host step
+    # counts, which AdaM's first-step rule took for tensors (TypeError in torch.where)
+    runs = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        torch._dynamo.reset()
+        model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+        if case == "prodigy_scheduled":
+            opt = gc.ChainOptimizer(model.parameters(), recipes.prodigy(), lr=gc.schedules.linear_warmup(1.0, 3))
+        else:
+            chain = gc.accumulate(gc.chain(gc.adaptive_memory_momentum(), gc.scale_by_lr(0.01)), 2)
+            opt = gc.ChainOptimizer(model.parameters(), chain)
+        g = torch.Generator().manual_seed(1)
+
+        def train_step(x: Tensor, y: Tensor, model: nn.Module = model, opt: gc.ChainOptimizer = opt) -> None:
+            nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+
+        step = torch.compile(train_step, backend="aot_eager") if compiled else train_step
+        for _ in range(5):
+            x, y = (torch.randn(8, n, generator=g, dtype=torch.float64) for n in (6, 3))
+            step(x, y)
+        runs.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    torch.manual_seed(0)
+    fresh = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    start = torch.cat([p.detach().flatten() for p in fresh.parameters()])
+    assert (runs[0] - start).abs().max() > 1e-6  # it trained (Prodigy starts from d0 = 1e-6)
+    torch.testing.assert_close(runs[1], runs[0], rtol=1e-12, atol=1e-14)
+
+
 def test_chunked_bucket_with_empty_params(aot_eager, monkeypatch) -> None:
     # a param with no elements has no row: its norm is 0 and nothing divides by its row count
     monkeypatch.setattr(gc.base, "SEGMENT_UNROLL", 0)
