@@ -1058,7 +1058,8 @@ class Leaf(Transform):
         if resolved is None:
             return {k: resolve_hyperparam(g, self._specs[k], bucket.group[g], bucket) for k, g in self._keys.items()}
         if bucket.tensor_scalars:
-            host = bucket.shared.get("host_hyperparams", {})
+            # the fused kernels' host values of their bucket; a traced eager step's own group values
+            host = bucket.shared.get("host_hyperparams", resolved)
             return {k: host[g] if k in self.static else resolved[g] for k, g in self._keys.items()}
         return {k: resolved[g] for k, g in self._keys.items()}
 

@@ -85,6 +85,10 @@ class _Routing(Transform):
         references: a new param at a freed one's address is routed afresh) under the same names:
         a lookup per param is a few us, which on thousands of small tensors is a visible share of
         the step."""
+        if torch.compiler.is_compiling():
+            # traced (a user's compiled step): the labels are worked out while tracing, from names and
+            # shapes the graph's guards hold; the caches' weak references would break the graph
+            return [self._route(n, p) for n, p in zip(b.names, b.params)]
         key = (len(b.params), id(b.params[0]) if b.params else None)
         last = self._by_bucket.get(key)
         if (last is not None and last[1] == b.names

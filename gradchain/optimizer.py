@@ -578,10 +578,9 @@ class ChainOptimizer(torch.optim.Optimizer):
                 torch._foreach_add_(steps, 1.0)
             else:
                 steps, values = self._advance_steps((gi, items[0][0].device, items[0][0].dtype), sts, steps)
-            if compiling:
-                if resolved is None:
-                    resolved = {k: group[k] for k in self.transform.hyperparams}
-                shared["host_hyperparams"] = resolved
+            if compiling and resolved is None:
+                # (each bucket its own group's values: one dict in the shared one held the last group's)
+                resolved = {k: group[k] for k in self.transform.hyperparams}
             buckets.append(
                 Bucket(params, grads, lists, steps, [x[3] for x in items], group, loss, shared, self.state_dtype,
                        batch_size=batch_size, tensor_scalars=compiling,

@@ -992,10 +992,18 @@ def test_compiled_user_step_with_a_fused_optimizer(aot_eager, recipe: str) -> No
     assert results[0][2] == results[1][2]
 
 
-@pytest.mark.parametrize("name", ["adamw", "lamb", "adafactor"])
+ROUTED = {
+    "muon": lambda: recipes.muon(ns_dtype=None),
+    "masked": lambda: gc.chain(gc.masked(gc.scale_by_adam(), lambda n, p: p.ndim >= 2), gc.scale_by_lr(1e-3)),
+}
+
+
+@pytest.mark.parametrize("name", ["adamw", "lamb", "adafactor", "muon", "masked"])
 def test_compiled_user_step_has_no_graph_break(name: str) -> None:
-    # torch.compile of a step that calls opt.step(): the common path traces as one graph
-    results = user_step_runs(lambda: make_params(torch.float64), getattr(recipes, name),
+    # torch.compile of a step that calls opt.step(): the common path traces as one graph (routed
+    # chains too: their labels' caches, weak references, broke it at every step)
+    build = ROUTED[name] if name in ROUTED else getattr(recipes, name)
+    results = user_step_runs(lambda: make_params(torch.float64), build,
                              lambda named, i: set_grads(named, i, torch.float64))
     assert_same(*results[0], *results[1], rtol=1e-12, atol=1e-14)
 
@@ -1106,6 +1114,38 @@ def test_train_step_compiled_whole_evaluates_group_schedules() -> None:
 
         step = torch.compile(train_step, backend="aot_eager") if compiled else train_step
         for _ in range(5):
+            x, y = (torch.randn(8, n, generator=g, dtype=torch.float64) for n in (6, 3))
+            step(x, y)
+        runs.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    torch.testing.assert_close(runs[1], runs[0], rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("chain, second", [
+    (lambda: gc.chain(gc.scale_by_sm3(), gc.scale_by_lr(0.1)), {"eps": 1e-6}),
+    (lambda: recipes.sgd(lr=0.05, momentum=0.9), {"nesterov": True}),
+    (lambda: recipes.adamw(lr=1e-2), {"amsgrad": True}),
+], ids=["sm3_eps", "sgd_nesterov", "adamw_amsgrad"])
+def test_train_step_compiled_whole_keeps_each_groups_own_options(chain, second: dict) -> None:
+    # options that choose the code (static: SM3's eps, nesterov, amsgrad) were read from one dict
+    # shared by the step's buckets, which held the last group's: every group ran with its values
+    # (SM3 6.9e-2 off at the first step; amsgrad raised in the compiled run only)
+    runs = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        torch._dynamo.reset()
+        model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+        groups = [{"params": [p for p in model.parameters() if p.dim() > 1]},
+                  {"params": [p for p in model.parameters() if p.dim() == 1], **second}]
+        opt = gc.ChainOptimizer(groups, chain())
+        g = torch.Generator().manual_seed(1)
+
+        def train_step(x: Tensor, y: Tensor, model: nn.Module = model, opt: gc.ChainOptimizer = opt) -> None:
+            nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+
+        step = torch.compile(train_step, backend="aot_eager") if compiled else train_step
+        for _ in range(4):
             x, y = (torch.randn(8, n, generator=g, dtype=torch.float64) for n in (6, 3))
             step(x, y)
         runs.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
