@@ -466,12 +466,16 @@ def test_amsgrad_per_group_as_torch(fused: bool, monkeypatch) -> None:
     oc.load_state_dict(sd)
 
 
+@pytest.mark.parametrize("after_backward", [False, True], ids=["before_backward", "after_backward"])
 @pytest.mark.parametrize("fused", [False, True])
-def test_a_param_whose_dtype_changed_under_its_state_gets_a_clear_error(fused: bool, monkeypatch) -> None:
+def test_a_param_whose_dtype_changed_under_its_state_gets_a_clear_error(fused: bool, after_backward: bool,
+                                                                        monkeypatch) -> None:
     """``model.double()`` during a run leaves AdamW's float32 moments under float64 params: the step
     fails on the mixed dtypes (torch.optim's own AdamW with a cryptic lerp error). Here it is a
     ValueError that names the param, the entry and the dtypes, the step moves nothing, and once the
-    state is cast as it says, the run goes on as one that loaded the cast state."""
+    state is cast as it says, the run goes on as one that loaded the cast state. Cast between
+    backward and step, the grads are cast too: the fused path used to find they no longer fit its
+    flat buffer, drop them and step nothing, silently; it keeps them now."""
     import gradchain.fused.runner as runner
 
     monkeypatch.setattr(runner, "BACKEND", "aot_eager")
@@ -483,9 +487,14 @@ def test_a_param_whose_dtype_changed_under_its_state_gets_a_clear_error(fused: b
         opt.zero_grad()
         model(x).square().sum().backward()
         opt.step()
-    model.double()
-    opt.zero_grad()
-    model(x.double()).square().sum().backward()
+    if after_backward:
+        opt.zero_grad()
+        model(x).square().sum().backward()
+        model.double()
+    else:
+        model.double()
+        opt.zero_grad()
+        model(x.double()).square().sum().backward()
     params = [p.detach().clone() for p in model.parameters()]
     state = copy.deepcopy(opt.state_dict()["state"])
     with pytest.raises(ValueError, match=r"param weight is torch.float64 and its state 'adam.exp_avg' torch.float32, "
@@ -493,6 +502,7 @@ def test_a_param_whose_dtype_changed_under_its_state_gets_a_clear_error(fused: b
         opt.step()
     assert "rolled back" in str(info.value)
     assert all(torch.equal(a, p) for a, p in zip(params, model.parameters()))
+    assert all(p.grad is not None and p.grad.dtype == torch.float64 for p in model.parameters())
     after = opt.state_dict()["state"]
     for i, st in state.items():
         for key, v in st.items():

@@ -1093,18 +1093,17 @@ def test_train_step_compiled_whole_follows_its_schedule(name: str, backend: str)
         assert recompiled == 0  # the values changed at steps 2-4 are symbolic: no graph per value
 
 
-def test_train_step_compiled_whole_evaluates_group_schedules() -> None:
-    # a gradchain schedule as a group's lr, the eager path traced in the user's graph: evaluated on
-    # the host at the advanced step count (a graph break); before, the schedule object itself
-    # reached the transforms (TypeError: bad operand type for unary -)
+def _plain_and_compiled_train_steps(make_opt: Callable[[nn.Module], gc.ChainOptimizer],
+                                    steps: int = 5) -> list[Tensor]:
+    """A small float64 model's params after ``steps`` training steps with ``make_opt(model)``:
+    plain, then with the whole step compiled (``aot_eager``); the initial params last."""
     runs = []
     for compiled in (False, True):
         torch.manual_seed(0)
         torch._dynamo.reset()
         model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).double()
-        groups = [{"params": model[0].parameters(), "lr": gc.schedules.linear_warmup(1e-2, 3)},
-                  {"params": model[2].parameters(), "lr": 3e-3}]
-        opt = gc.ChainOptimizer(groups, recipes.adamw())
+        start = torch.cat([p.detach().flatten() for p in model.parameters()])
+        opt = make_opt(model)
         g = torch.Generator().manual_seed(1)
 
         def train_step(x: Tensor, y: Tensor, model: nn.Module = model, opt: gc.ChainOptimizer = opt) -> None:
@@ -1113,11 +1112,24 @@ def test_train_step_compiled_whole_evaluates_group_schedules() -> None:
             opt.zero_grad()
 
         step = torch.compile(train_step, backend="aot_eager") if compiled else train_step
-        for _ in range(5):
+        for _ in range(steps):
             x, y = (torch.randn(8, n, generator=g, dtype=torch.float64) for n in (6, 3))
             step(x, y)
         runs.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
-    torch.testing.assert_close(runs[1], runs[0], rtol=1e-12, atol=1e-14)
+    return [*runs, start]
+
+
+def test_train_step_compiled_whole_evaluates_group_schedules() -> None:
+    # a gradchain schedule as a group's lr, the eager path traced in the user's graph: evaluated on
+    # the host at the advanced step count (a graph break); before, the schedule object itself
+    # reached the transforms (TypeError: bad operand type for unary -)
+    def make(model: nn.Module) -> gc.ChainOptimizer:
+        groups = [{"params": model[0].parameters(), "lr": gc.schedules.linear_warmup(1e-2, 3)},
+                  {"params": model[2].parameters(), "lr": 3e-3}]
+        return gc.ChainOptimizer(groups, recipes.adamw())
+
+    plain, compiled, _ = _plain_and_compiled_train_steps(make)
+    torch.testing.assert_close(compiled, plain, rtol=1e-12, atol=1e-14)
 
 
 @pytest.mark.parametrize("chain, second", [
@@ -1129,27 +1141,13 @@ def test_train_step_compiled_whole_keeps_each_groups_own_options(chain, second: 
     # options that choose the code (static: SM3's eps, nesterov, amsgrad) were read from one dict
     # shared by the step's buckets, which held the last group's: every group ran with its values
     # (SM3 6.9e-2 off at the first step; amsgrad raised in the compiled run only)
-    runs = []
-    for compiled in (False, True):
-        torch.manual_seed(0)
-        torch._dynamo.reset()
-        model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    def make(model: nn.Module) -> gc.ChainOptimizer:
         groups = [{"params": [p for p in model.parameters() if p.dim() > 1]},
                   {"params": [p for p in model.parameters() if p.dim() == 1], **second}]
-        opt = gc.ChainOptimizer(groups, chain())
-        g = torch.Generator().manual_seed(1)
+        return gc.ChainOptimizer(groups, chain())
 
-        def train_step(x: Tensor, y: Tensor, model: nn.Module = model, opt: gc.ChainOptimizer = opt) -> None:
-            nn.functional.mse_loss(model(x), y).backward()
-            opt.step()
-            opt.zero_grad()
-
-        step = torch.compile(train_step, backend="aot_eager") if compiled else train_step
-        for _ in range(4):
-            x, y = (torch.randn(8, n, generator=g, dtype=torch.float64) for n in (6, 3))
-            step(x, y)
-        runs.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
-    torch.testing.assert_close(runs[1], runs[0], rtol=1e-12, atol=1e-14)
+    plain, compiled, _ = _plain_and_compiled_train_steps(make, steps=4)
+    torch.testing.assert_close(compiled, plain, rtol=1e-12, atol=1e-14)
 
 
 @pytest.mark.parametrize("case", ["prodigy_scheduled", "accumulate_adaptive_memory"])
@@ -1157,33 +1155,15 @@ def test_train_step_compiled_whole_runs_the_host_parts_as_eager(case: str) -> No
     # Prodigy evaluated its group's schedule itself, at the bucket's host step, which a traced step
     # has not got (RuntimeError); accumulate's inner chain runs outside the graph on host step
     # counts, which AdaM's first-step rule took for tensors (TypeError in torch.where)
-    runs = []
-    for compiled in (False, True):
-        torch.manual_seed(0)
-        torch._dynamo.reset()
-        model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    def make(model: nn.Module) -> gc.ChainOptimizer:
         if case == "prodigy_scheduled":
-            opt = gc.ChainOptimizer(model.parameters(), recipes.prodigy(), lr=gc.schedules.linear_warmup(1.0, 3))
-        else:
-            chain = gc.accumulate(gc.chain(gc.adaptive_memory_momentum(), gc.scale_by_lr(0.01)), 2)
-            opt = gc.ChainOptimizer(model.parameters(), chain)
-        g = torch.Generator().manual_seed(1)
+            return gc.ChainOptimizer(model.parameters(), recipes.prodigy(), lr=gc.schedules.linear_warmup(1.0, 3))
+        chain = gc.accumulate(gc.chain(gc.adaptive_memory_momentum(), gc.scale_by_lr(0.01)), 2)
+        return gc.ChainOptimizer(model.parameters(), chain)
 
-        def train_step(x: Tensor, y: Tensor, model: nn.Module = model, opt: gc.ChainOptimizer = opt) -> None:
-            nn.functional.mse_loss(model(x), y).backward()
-            opt.step()
-            opt.zero_grad()
-
-        step = torch.compile(train_step, backend="aot_eager") if compiled else train_step
-        for _ in range(5):
-            x, y = (torch.randn(8, n, generator=g, dtype=torch.float64) for n in (6, 3))
-            step(x, y)
-        runs.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
-    torch.manual_seed(0)
-    fresh = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).double()
-    start = torch.cat([p.detach().flatten() for p in fresh.parameters()])
-    assert (runs[0] - start).abs().max() > 1e-6  # it trained (Prodigy starts from d0 = 1e-6)
-    torch.testing.assert_close(runs[1], runs[0], rtol=1e-12, atol=1e-14)
+    plain, compiled, start = _plain_and_compiled_train_steps(make)
+    assert (plain - start).abs().max() > 1e-6  # it trained (Prodigy starts from d0 = 1e-6)
+    torch.testing.assert_close(compiled, plain, rtol=1e-12, atol=1e-14)
 
 
 def test_chunked_bucket_with_empty_params(aot_eager, monkeypatch) -> None:
