@@ -704,6 +704,17 @@ class Bucket:
                 elif v[j] is not None and v[j].data_ptr() != (view := mine[i].view(-1)[slices[j]]).data_ptr():
                     view.copy_(v[j].reshape(-1))  # a block of rows has the param's trailing shape
 
+    @property
+    def updates(self) -> list[Tensor]:
+        """The update of each tensor, in the order of ``params``."""
+        return self._updates
+
+    @updates.setter
+    def updates(self, value: Sequence[Tensor]) -> None:
+        # always a list: a later run writes entries (the pieces' hand-over, Lookahead's sync), and a
+        # transform may hand back the tuple torch's list ops return
+        self._updates = value if type(value) is list else list(value)
+
     # -- the final write ----------------------------------------------------------------------
     def write(self) -> None:
         """``p <- p + u`` with the pending form folded in: ``(1 + decay) * p + scale * u``, or

@@ -53,4 +53,4 @@ class GlobalNormScale(Declared):
             if not len(b):
                 continue
             s = self._scale_fn(total.to(device=b.updates[0].device, dtype=b.dtype), self.hp(b))
-            b.updates = list(torch._foreach_mul(b.updates, s))  # a list: later runs write entries
+            b.updates = torch._foreach_mul(b.updates, s)

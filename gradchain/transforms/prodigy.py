@@ -328,7 +328,7 @@ class Prodigy(Transform):
         target = torch._foreach_addcmul(params, params, [decay] * len(params))
         torch._foreach_add_(target, out)
         torch._foreach_sub_(target, params)
-        b.updates = list(target)  # a list: later runs write entries
+        b.updates = target
 
     def apply(self, buckets: list[Bucket]) -> None:
         apply_phases(self, buckets)
