@@ -265,7 +265,8 @@ class Bucket:
         self.batch_size = batch_size
         param_dtype = params[0].dtype if params else torch.float32
         self.dtype = dtype or compute_dtype(param_dtype)
-        if self.dtype != param_dtype:
+        if self.dtype != param_dtype or (grads and grads[0].dtype != self.dtype):
+            # (grads of low-precision params, where the fused path steps an exact copy of them: Lookahead)
             self.updates = [g.to(self.dtype) for g in grads]
         else:
             self.updates = list(grads)
@@ -1018,6 +1019,11 @@ class Leaf(Transform):
     @property
     def hyperparams(self) -> dict[str, Hyperparam]:  # type: ignore[override]
         return {self._keys[k]: s for k, s in self._specs.items()}
+
+    @property
+    def static_keys(self) -> frozenset[str]:
+        """The group keys of ``static`` (a renamed transform's differ from its local names)."""
+        return frozenset(self._keys[k] for k in self.static)
 
     def __reduce__(self) -> tuple:
         built = self.__dict__.get("_built_by")

@@ -7,7 +7,7 @@ import operator
 import re
 import warnings
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from copy import deepcopy
 from itertools import compress, repeat
 from typing import Any, NamedTuple
@@ -65,6 +65,16 @@ def _check_grad(p: Tensor, g: Tensor, name: str | None) -> None:
         f"device, and its grad_dtype ({want}), as torch requires of p.grad = g; this one was set some other way "
         "(p.grad.data = x, or model.to() between backward and step?). Nothing was stepped"
     )
+
+
+def _structural(value: Any) -> Hashable:
+    """``value`` as part of a step's structure key: numbers and strings as they are, a list as a tuple,
+    anything else (a tensor) by identity."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return tuple(_structural(v) for v in value)
+    return ("id", id(value))
 
 
 def _picker(indices: list[int]) -> Callable[[list], tuple]:
@@ -191,7 +201,8 @@ class ChainOptimizer(torch.optim.Optimizer):
     ``atomic``: a step either completes or leaves params and state as they were. Hyperparameters
     are always checked before anything moves; a step that raises inside a transform is rolled back
     from a snapshot taken on the first step of each structure (``"first"``, the default: which
-    params have grads, their devices and dtypes, whether a loss or batch size is given) or on
+    params have grads, their devices and dtypes, whether a loss or batch size is given, the loss's
+    shape, the group values of options that choose the code such as ``amsgrad``) or on
     every step (``"always"``, for chains whose transforms may raise on values; it costs a copy of
     the state per step). The
     snapshot is a copy of the params and of the state that existed before the step: at a fresh
@@ -274,6 +285,9 @@ class ChainOptimizer(torch.optim.Optimizer):
         self._checked_values: dict[str, Any] | None = None
         # id of a param -> its shape when its state was last found to fit it (p.data = x can change it)
         self._state_shapes: dict[int, torch.Size] = {id(p): p.shape for p in state if isinstance(p, Tensor)}
+        # the group keys the transforms branch on in Python (amsgrad): a new value is a new structure
+        self._static_keys = tuple(sorted(frozenset().union(*(getattr(t, "static_keys", ())
+                                                              for t in self.transform.leaves()))))
         # the transforms whose checks span param groups (Prodigy's one estimate), found once
         self._group_checks = [c for c in (getattr(t, "validate_groups", None) for t in self.transform.leaves())
                               if c is not None]
@@ -293,15 +307,20 @@ class ChainOptimizer(torch.optim.Optimizer):
             )
         if not isinstance(group.get("maximize", False), bool):
             raise ValueError(f"invalid hyperparameter maximize={group['maximize']!r}: must be a bool")
+        self._check_fixed_options(group)
+        self.transform.validate_group(group)
+
+    def _check_fixed_options(self, group: dict[str, Any]) -> None:
+        # at every step too: a scheduler that cycles momentum (OneCycleLR, CyclicLR) sets it in the group
         for key, built in self.transform.fixed_options.items():
             if key in group and group[key] != built:
                 raise ValueError(
                     f"param group sets {key}={group[key]!r}, but this optimizer's chain was built with "
                     f"{key}={built!r}: in gradchain {key} decides which transforms the chain holds. Build the "
                     f"chain with {key}={group[key]!r}, or route this group's params to a chain of their own "
-                    "with gradchain.partition"
+                    "with gradchain.partition (a scheduler that cycles it, OneCycleLR or CyclicLR, takes "
+                    "cycle_momentum=False)"
                 )
-        self.transform.validate_group(group)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group; its hyperparameters are validated (``ValueError`` names a bad one)."""
@@ -530,6 +549,7 @@ class ChainOptimizer(torch.optim.Optimizer):
         # the values checked at the last step of any group are not checked again (on a small model
         # the checks are a good part of a step's host time)
         try:
+            self._check_fixed_options(group)
             self._checked_values = resolve_group(self.transform, group, step, self._checked_values)
         except ValueError as e:
             if len(self.param_groups) > 1:
@@ -782,7 +802,11 @@ class ChainOptimizer(torch.optim.Optimizer):
         # each bucket's device and dtype too: a step over params moved or cast during a run
         # (model.double()) meets state made for the old ones, and is a first step again
         buckets = tuple((gi, items[0][0].device, items[0][0].dtype, len(items)) for gi, _, items in collected if items)
-        return (loss is None, batch_size is None, buckets, tuple(len(g["params"]) for g in self.param_groups))
+        # the options that choose the code (amsgrad switched on mid-run is refused part-way through a
+        # step) and the loss's shape (a loss-aware transform refuses a vector) make a step a first again
+        options = tuple(tuple(_structural(g.get(k)) for k in self._static_keys) for g in self.param_groups)
+        return (None if loss is None else tuple(loss.shape), batch_size is None, buckets,
+                tuple(len(g["params"]) for g in self.param_groups), options)
 
     def _snapshot(self, collected: list) -> dict[str, Any]:
         params = [x[0] for _, _, items in collected for x in items]

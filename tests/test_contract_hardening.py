@@ -413,6 +413,87 @@ def test_torch_options_per_group() -> None:
     assert gc.ChainOptimizer([p], recipes.adam()).param_groups[0]["amsgrad"] is False
 
 
+def _state_of(opt: gc.ChainOptimizer) -> list[dict[str, torch.Tensor]]:
+    return [{k: v.clone() for k, v in st.items()} for st in opt.state.values()]
+
+
+def _same_state(a: list[dict[str, torch.Tensor]], b: list[dict[str, torch.Tensor]]) -> bool:
+    return len(a) == len(b) and all(x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+                                    for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("how", ["by_hand", "one_cycle"])
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_fixed_option_changed_after_construction_is_refused_at_the_step(how: str, fused: bool,
+                                                                          monkeypatch) -> None:
+    # sgd() without momentum keeps no buffer: a group that switches momentum on later (by hand, or a
+    # scheduler cycling it) is refused at the step, as at add_param_group, and nothing moves (it
+    # stepped plain SGD, where torch's SGD takes the momentum)
+    from gradchain.fused import runner
+
+    monkeypatch.setattr(runner, "BACKEND", "aot_eager")
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = gc.ChainOptimizer([p], recipes.sgd(lr=0.1), fused=fused)
+    p.grad = torch.tensor([1.0, 2.0, 3.0])
+    opt.step()
+    if how == "by_hand":
+        opt.param_groups[0]["momentum"] = 0.9
+    else:
+        torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=5)  # cycle_momentum=True sets it
+    before, state = p.detach().clone(), _state_of(opt)
+    with pytest.raises(ValueError, match="momentum=0.*cycle_momentum=False"):
+        opt.step()
+    assert torch.equal(p.detach(), before) and _same_state(_state_of(opt), state)
+
+
+def test_one_cycle_without_momentum_cycling_runs_sgd_as_torch() -> None:
+    a, b = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
+    oa, ob = torch.optim.SGD([a], lr=0.1), gc.ChainOptimizer([b], recipes.sgd(lr=0.1))
+    sa, sb = (torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.1, total_steps=5, cycle_momentum=False)
+              for o in (oa, ob))
+    for i in range(4):
+        a.grad, b.grad = torch.full((3,), 1.0 + i), torch.full((3,), 1.0 + i)
+        oa.step(), ob.step(), sa.step(), sb.step()
+    torch.testing.assert_close(b.detach(), a.detach(), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("refused", ["amsgrad_switched_on", "vector_loss"])
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_step_refused_after_the_first_moves_nothing(refused: str, fused: bool, monkeypatch) -> None:
+    # the refusal comes from inside a transform, after the first step of this structure (no snapshot
+    # of its own): a new value of an option that chooses the code, or a loss of a new shape, is a first
+    # step again, so its snapshot restores the step counts and moments; the run then goes on exactly
+    # as one that never made the call (torch's Adam raises before its step count moves)
+    from gradchain.fused import runner
+
+    monkeypatch.setattr(runner, "BACKEND", "aot_eager")
+    recipe = recipes.adam(lr=0.1) if refused == "amsgrad_switched_on" else recipes.adalo()
+    gen = torch.Generator().manual_seed(0)
+    grads = [torch.randn(4, 3, generator=gen) for _ in range(4)]
+
+    def run(refuse: bool) -> tuple[gc.ChainOptimizer, torch.Tensor]:
+        p = torch.nn.Parameter(torch.linspace(-1, 1, 12).reshape(4, 3))
+        opt = gc.ChainOptimizer([p], recipe, fused=fused)
+        for i, g in enumerate(grads):
+            p.grad = g.clone()
+            if refuse and i == 2:
+                before, state = p.detach().clone(), _state_of(opt)
+                if refused == "amsgrad_switched_on":
+                    opt.param_groups[0]["amsgrad"] = True
+                    with pytest.raises(ValueError, match="amsgrad was switched on"):  # not dynamo's error
+                        opt.step(loss=torch.tensor(1.0 + i))
+                    opt.param_groups[0]["amsgrad"] = False
+                else:
+                    with pytest.raises(ValueError, match="the loss must be a scalar"):
+                        opt.step(loss=torch.tensor([1.0, 2.0]))
+                assert torch.equal(p.detach(), before) and _same_state(_state_of(opt), state)
+            opt.step(loss=torch.tensor(1.0 + i))
+        return opt, p.detach()
+
+    (plain, p), (refusing, q) = run(False), run(True)
+    assert torch.equal(p, q) and _same_state(_state_of(plain), _state_of(refusing))
+
+
 @pytest.mark.parametrize("name", ["Adam", "NAdam"])
 @pytest.mark.parametrize("fused", [False, True])
 def test_decoupled_weight_decay_per_group_as_torch(name: str, fused: bool, monkeypatch) -> None:

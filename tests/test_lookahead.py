@@ -160,6 +160,33 @@ def test_slow_weights_low_precision() -> None:
     assert torch.equal(p, fast)
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_low_precision_sync_reads_the_unrounded_fast_weights(fused: bool, monkeypatch) -> None:
+    # a step's math is fp32 and only the write rounds a bf16 param: a sync pulls the fp32 slow weights
+    # toward the fast weights p + u before they are rounded, on both paths (the fused path read them
+    # from the param, rounded: up to half a bf16 ulp off at every sync)
+    from gradchain import scale_by_lr
+    from gradchain.fused import runner
+
+    monkeypatch.setattr(runner, "BACKEND", "aot_eager")
+    torch.manual_seed(0)
+    p0 = torch.randn(256, dtype=torch.float64).to(torch.bfloat16).double()
+    grads = [torch.randn(256, dtype=torch.float64).to(torch.bfloat16).double() for _ in range(4)]
+    p = torch.nn.Parameter(p0.to(torch.bfloat16))
+    opt = ChainOptimizer([p], lookahead(scale_by_lr(0.25), k=2, alpha=0.5), fused=fused)
+    held, slow = p0.clone(), p0.clone()  # what the param holds; the slow weights
+    for t, g in enumerate(grads, 1):
+        p.grad = g.to(torch.bfloat16)
+        opt.step()
+        fast = held - 0.25 * g
+        if t % 2 == 0:
+            slow = slow + 0.5 * (fast - slow)
+            fast = slow
+        held = fast.to(torch.bfloat16).double()
+        assert torch.equal(p.detach().double(), held), t
+    torch.testing.assert_close(opt.state[p]["lookahead.slow"].double(), slow, rtol=0, atol=1e-6)
+
+
 def test_invalid() -> None:
     model = _model()
     with pytest.raises(ValueError, match="lookahead_k"):

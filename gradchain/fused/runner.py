@@ -356,8 +356,7 @@ class Segment:
         # whose state these keep or read (declared in ``reads_state``: AdamS reads Adam's v)
         self.owners = state_owners(transforms)
         # group keys, which a renamed transform's differ from its local names (adamw_eps_root)
-        self.static = frozenset(g for t in transforms for k, g in getattr(t, "_keys", {}).items()
-                                if k in getattr(t, "static", ()))
+        self.static = frozenset().union(*(getattr(t, "static_keys", ()) for t in transforms))
         # per-tensor reductions over the flat buffer: segmented transforms, and elementwise_for ones
         # over the shapes they pass (AGC's vectors, each one unit)
         self.segmented = any(getattr(t, "segmented", False) or getattr(t, "elementwise_for", None) is not None
@@ -527,6 +526,10 @@ class FusedChain:
         updates: list[Tensor | None] = [None] * len(flats)
         tensor_hp = [None] * len(flats)
         self._scales = scales
+        # a sync of low-precision params reads the fast weights before they are rounded (as the eager
+        # path): that step's inner chain writes them into an exact copy of the params
+        exact = [self._exact_params(fb, res, step, dtype) for fb, res, step, dtype
+                 in zip(flats, resolved, host_steps, dtypes, strict=True)]
         try:
             for seg in self.segments:
                 if seg.per_tensor:
@@ -545,9 +548,23 @@ class FusedChain:
                                               dtypes)
         finally:
             self._scales = {}  # not kept: they would keep a replaced bucket's buffers alive
+            for fb, held in zip(flats, exact, strict=True):
+                if held is not None:
+                    fb.flat_params, fb.param_views = held[0], held[1]
         if self.wrapper is not None:
-            for fb, res, step in zip(flats, resolved, host_steps):
-                self.wrapper.sync_flat(fb, res, step)
+            for fb, res, step, held in zip(flats, resolved, host_steps, exact, strict=True):
+                self.wrapper.sync_flat(fb, res, step, fast=None if held is None else held[2])
+
+    def _exact_params(self, fb: FlatBucket, resolved: Mapping[str, Any], step: float,
+                      dtype: torch.dtype) -> tuple[Tensor, list[Tensor], Tensor] | None:
+        """Before a sync of params held in a lower precision than the compute dtype: ``fb``'s params
+        and their views, after putting a copy in the compute dtype in their place (and that copy)."""
+        if self.wrapper is None or fb.flat_params.dtype == dtype or not self.wrapper.due_flat(resolved, step):
+            return None
+        held = (fb.flat_params, fb.param_views)
+        fb.flat_params = fb.flat_params.to(dtype)
+        fb.param_views = fb._views(fb.flat_params)
+        return (*held, fb.flat_params)
 
     def _scale_values(self, seg: Segment, fb: FlatBucket) -> dict[str, dict[str, Tensor]]:
         """The factors of ``seg``'s ``step_scales`` transforms for ``fb``, as the kernel's host values."""
@@ -724,6 +741,10 @@ class FusedChain:
                 if n > _RETRACES:
                     seg._retraced.add(key)
         except Exception as err:
+            if getattr(err, "gb_type", None) == "Observed exception":
+                # the traced code raised (a transform refusing a value): tracing runs nothing, so the
+                # uncompiled run raises the same error, the transform's own, in place of dynamo's
+                return False, None
             # only a failure to trace or compile falls back to the uncompiled run, and only where nothing
             # was written: a kernel that failed while running (out of memory) may have updated some
             # params and state, and running the segment again would apply their update twice (the

@@ -130,23 +130,29 @@ class Lookahead(Declared):
             if idx:
                 self._sync(b, idx, float(self.hp(b)["alpha"]))
 
-    def sync_flat(self, fb: Any, resolved: Mapping[str, Any], step: float) -> None:
+    def due_flat(self, resolved: Mapping[str, Any], step: float) -> bool:
+        """Whether the fused path's bucket at host step ``step`` syncs this step."""
+        return int(step) % int(resolved[self.group_key("k")]) == 0
+
+    def sync_flat(self, fb: Any, resolved: Mapping[str, Any], step: float, fast: Tensor | None = None) -> None:
         """The sync on the fused path, after the inner chain wrote the fast weights into ``fb``.
 
         ``phi <- phi + alpha (theta - phi)``, ``theta <- phi``: one pass over the flat buffers every
-        ``k`` steps, the inner chain compiled in between.
+        ``k`` steps, the inner chain compiled in between. ``fast``: where the inner chain wrote the
+        fast weights instead of the params (low-precision params: unrounded, as the eager path's).
         """
-        k, alpha = int(resolved[self.group_key("k")]), float(resolved[self.group_key("alpha")])
-        if int(step) % k:
+        if not self.due_flat(resolved, step):
             return
+        alpha = float(resolved[self.group_key("alpha")])
         slow = fb.flat_state[self.slow_key]
         p = fb.flat_params
+        fast = p if fast is None else fast
         # a block at a time on a CPU: the copy reads the block the lerp just wrote from the cache
         # (16 bytes an element moved, not 20); one launch each on a GPU
         for a, z in row_blocks(p) if p.device.type == "cpu" else [(0, fb.total)]:
-            s, q = slow[a:z], p[a:z]
+            s, q = slow[a:z], fast[a:z]
             s.lerp_(q if q.dtype == s.dtype else q.to(s.dtype), alpha)
-            q.copy_(s)
+            p[a:z].copy_(s)
         if self.pullback_momentum == "none":
             return
         state = {key: fb.state_views.get(key) or [st[key] for st in fb.states] for key in fb.states[0]}

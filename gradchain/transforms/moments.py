@@ -50,14 +50,14 @@ def scale_by_adam(
     def update(updates: list, state: dict, hp: Mapping, ctx: Bucket) -> list:
         b1, b2 = hp["betas"]
         m, v = state["exp_avg"], state["exp_avg_sq"]
+        if hp["amsgrad"] and "max_exp_avg_sq" not in state:  # (before the moments move, as torch)
+            raise ValueError(
+                "amsgrad was switched on for a param group after its params' state was made; set it "
+                "in the group before the first step (as torch, which keeps the running max from then)"
+            )
         ops.update_moment(m, updates, b1)
         ops.update_moment_per_elem_norm(v, updates, b2)
         if hp["amsgrad"]:
-            if "max_exp_avg_sq" not in state:
-                raise ValueError(
-                    "amsgrad was switched on for a param group after its params' state was made; set it "
-                    "in the group before the first step (as torch, which keeps the running max from then)"
-                )
             torch._foreach_maximum_(state["max_exp_avg_sq"], v)
         return from_state(state, hp, ctx)
 
