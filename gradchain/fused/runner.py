@@ -381,6 +381,8 @@ class Segment:
         self._fns: dict[Any, Any] = {}
         self._eager_fn = None
         self._failed: set[Any] = set()
+        # keys whose last trace stopped at an error the traced code raised (see _try_compiled)
+        self._raised: set[Any] = set()
         # shared kernels (symbolic sizes) that traced again for bucket after bucket in one step
         # (_RETRACES): a transform guards on something of each bucket's own (a state tensor's
         # identity), so the others take kernels of their own. (A trace again at a later step is a new
@@ -741,9 +743,11 @@ class FusedChain:
                 if n > _RETRACES:
                     seg._retraced.add(key)
         except Exception as err:
-            if getattr(err, "gb_type", None) == "Observed exception":
+            if getattr(err, "gb_type", None) == "Observed exception" and key not in seg._raised:
                 # the traced code raised (a transform refusing a value): tracing runs nothing, so the
-                # uncompiled run raises the same error, the transform's own, in place of dynamo's
+                # uncompiled run raises the same error, the transform's own, in place of dynamo's. If
+                # it does not (code that raises only when traced), the next such trace falls back below
+                seg._raised.add(key)
                 return False, None
             # only a failure to trace or compile falls back to the uncompiled run, and only where nothing
             # was written: a kernel that failed while running (out of memory) may have updated some
@@ -763,6 +767,7 @@ class FusedChain:
             return False, None
         if first:
             seg.compile_seconds += time.perf_counter() - t0
+        seg._raised.discard(key)
         return True, out
 
     def _run_eager(self, seg: Segment, flats: list[FlatBucket], groups: list, grads: list[Tensor],
