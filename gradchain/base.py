@@ -381,6 +381,8 @@ class Bucket:
 
     def _segment_sums(self, x: Tensor) -> Tensor:
         rows, numels = self.segments[1], self.segments[2]
+        if rows is None and max(numels, default=0) == 1 and min(numels) == 1:
+            return x.clone()  # one element a param (0-d params): each its own sum, in place of a slice each
         if rows is None:
             # one reduction per slice: the compiler fuses each into the kernel that computes x,
             # where torch.segment_reduce over x is an opaque call that makes x a full-size buffer
@@ -416,6 +418,8 @@ class Bucket:
         if self.segments is None:
             return list(values.unbind(0))
         rows, numels = self.segments[1], self.segments[2]
+        if rows is None and max(numels, default=0) == 1 and min(numels) == 1:
+            return [values]  # one element a param: the values are already laid out as the params
         if rows is None:
             # broadcast pieces: computed from the position, where a gather reads an index per element
             return [torch.cat([v.expand(n) for v, n in zip(values.unbind(0), numels)])]

@@ -284,3 +284,35 @@ def test_a_tensor_view_that_loses_elements_is_refused_by_name(monkeypatch) -> No
     with pytest.raises(ValueError, match=r"'bad_view': tensor_view\(4, 6\) returned \(25,\)"):
         opt.step()
     assert torch.equal(p, before)
+
+
+@pytest.mark.parametrize("recipe", ["adamw", "lamb", "adanorm", "sgd_momentum"])
+@pytest.mark.parametrize("layout", ["many_scalars", "fifth_group"])
+def test_a_bucket_of_scalar_params_equals_eager(recipe: str, layout: str, aot_eager) -> None:
+    # every param of a bucket 0-d (gates, temperatures): their param-shaped state is 0-d too, one entry a
+    # param. Past 32 params, or from the fifth group on (buckets laid out in rows), it failed to compile
+    # and then raised at every step (a vector of one entry a param against a flat buffer in rows)
+    build = {"adamw": lambda: recipes.adamw(lr=0.05, weight_decay=0.1), "lamb": lambda: recipes.lamb(lr=0.05),
+             "adanorm": lambda: recipes.adanorm(lr=0.05), "sgd_momentum": lambda: recipes.sgd(lr=0.05, momentum=0.9)}
+
+    def make(fused: bool) -> tuple[list[torch.Tensor], gc.ChainOptimizer]:
+        gen = torch.Generator().manual_seed(0)
+        others = [nn.Parameter(torch.randn(4, 3, dtype=torch.float64, generator=gen))
+                  for _ in range(4 if layout == "fifth_group" else 0)]
+        scalars = [nn.Parameter(torch.randn((), dtype=torch.float64, generator=gen))
+                   for _ in range(3 if layout == "fifth_group" else 40)]
+        groups = [{"params": [p]} for p in others] + [{"params": scalars}]
+        return others + scalars, gc.ChainOptimizer(groups, build[recipe](), fused=fused)
+
+    (a, oa), (b, ob) = make(False), make(True)
+    gen = torch.Generator().manual_seed(1)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", "gradchain fused path: could not compile")
+        for _ in range(4):
+            for x, y in zip(a, b):
+                g = torch.randn(x.shape, dtype=torch.float64, generator=gen)
+                x.grad, y.grad = g.clone(), g.clone()
+            oa.step()
+            ob.step()
+    assert_same([(str(i), x) for i, x in enumerate(a)], oa, [(str(i), y) for i, y in enumerate(b)], ob,
+                 rtol=1e-12, atol=1e-14)

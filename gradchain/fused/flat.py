@@ -105,7 +105,9 @@ class FlatBucket:
         # is then row sums of a (rows, CHUNK) view fused into the kernel (plus a sum of a few rows per
         # tensor), and a per-tensor factor is one load per row. The gaps (under CHUNK elements per
         # param) belong to no param; the reductions mask them out.
-        self.chunked = chunked or len(params) > base.SEGMENT_UNROLL
+        # Not where every param is 0-d: their param-shaped state is 0-d too, laid out as a per-param
+        # scalar (one entry a param, _scalar_keys), which is the flat layout only without gaps
+        self.chunked = (chunked or len(params) > base.SEGMENT_UNROLL) and any(p.dim() for p in params)
         align = CHUNK if self.chunked else 1
         self.offsets = []
         total = 0
