@@ -364,14 +364,18 @@ class Bucket:
         On a list, one norm per element; on the fused path's flat buffer, one per param segment.
         """
         if self.segments is None and not (self.tensor_scalars and xs):
-            return torch.stack(torch._foreach_norm(xs, 2, dtype=dtype)) if xs else torch.zeros(0)
+            return torch.stack(ops.norms(xs, dtype)) if xs else torch.zeros(0)
+        # squares in ``dtype`` where it widens the tensors, else in their own (then cast)
+        wide = dtype if xs and ops.widens(dtype, xs[0].dtype) else None
         if self.segments is None:
             # traced over per-tensor views: sums of squares fuse into the kernel that computes x,
             # where a norm is an opaque call that makes x a full-size buffer of its own
-            xs = xs if dtype is None else [x.to(dtype) for x in xs]
-            return torch.stack([(x * x).sum() for x in xs]).sqrt()
-        x = xs[0] if dtype is None else xs[0].to(dtype)
-        return self._segment_sums(x * x).sqrt()
+            xs = xs if wide is None else [x.to(wide) for x in xs]
+            n = torch.stack([(x * x).sum() for x in xs]).sqrt()
+        else:
+            x = xs[0] if wide is None else xs[0].to(wide)
+            n = self._segment_sums(x * x).sqrt()
+        return n if dtype is None else n.to(dtype)
 
     def tensor_sums(self, xs: list[Tensor]) -> Tensor:
         """The sum of each param's tensor in ``xs``, as one vector (see :meth:`tensor_norms`)."""

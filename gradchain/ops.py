@@ -35,12 +35,29 @@ __all__ = [
     "reduce_dims",
     "softplus_nonneg",
     "softplus_nonneg_polynomial",
+    "norms",
     "sqrt",
     "update_moment",
     "update_moment_per_elem_norm",
+    "widens",
 ]
 
 Scalar = Any  # float | Tensor (0-d) | list of either, one per tensor
+
+
+def widens(dtype: torch.dtype | None, like: torch.dtype) -> bool:
+    """Whether a reduction of ``like`` tensors may accumulate in ``dtype`` (``dtype=`` of a norm): it
+    must not narrow them (fp32 params under ``state_dtype=torch.bfloat16``: torch refuses that)."""
+    return dtype is None or torch.promote_types(like, dtype) == dtype
+
+
+def norms(xs: Sequence[Tensor], dtype: torch.dtype | None = None) -> list[Tensor]:
+    """The L2 norm of each tensor in ``xs``, in ``dtype``: accumulated in it where it is at least as
+    wide as the tensors (fp32 norms of bf16 params), else in their own dtype and then cast."""
+    # a list holds one dtype, or two (a bucket's params, then its updates): its ends tell
+    if not xs or (widens(dtype, xs[0].dtype) and widens(dtype, xs[-1].dtype)):
+        return list(torch._foreach_norm(xs, 2, dtype=dtype))
+    return [n.to(dtype) for n in torch._foreach_norm(xs, 2)]
 
 
 def _is_tensor(s: Scalar) -> bool:

@@ -516,3 +516,37 @@ def test_sums_of_nonnegative_tensors() -> None:
         tol = {torch.float32: 1e-6, torch.float64: 1e-12, torch.bfloat16: 1e-2}[dtype]
         for g, w in zip(got, want, strict=True):
             torch.testing.assert_close(g.double(), w, rtol=tol, atol=0.0)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("name", ["lamb", "adafactor", "agc_sgd"])
+def test_state_dtype_narrower_than_the_params_takes_per_tensor_norms(name: str, fused: bool, monkeypatch) -> None:
+    # fp32 params, bf16 state: a norm of the params accumulates in fp32 and is then cast (torch refuses
+    # a norm of fp32 tensors with dtype=bf16: these recipes raised at the first step). Each update is
+    # the fp32-state one to bf16 precision: a few bf16 ulps of the largest move per step
+    from gradchain.fused import runner
+
+    monkeypatch.setattr(runner, "BACKEND", "aot_eager")
+    build = {"lamb": lambda: recipes.lamb(lr=0.01), "adafactor": lambda: recipes.adafactor(min_dim_size_to_factor=8),
+             "agc_sgd": lambda: recipes.agc_sgd(lr=0.01, momentum=0.9)}[name]
+    gen = torch.Generator().manual_seed(0)
+    start = [torch.randn(16, 12, generator=gen), torch.randn(16, generator=gen)]
+    grads = [[torch.randn(x.shape, generator=gen) for x in start] for _ in range(3)]
+
+    def run(state_dtype):
+        ps = [torch.nn.Parameter(x.clone()) for x in start]
+        opt = ChainOptimizer(ps, build(), fused=fused, state_dtype=state_dtype)
+        moves = []
+        for gs in grads:
+            before = [p.detach().clone() for p in ps]
+            for p, g in zip(ps, gs):
+                p.grad = g.clone()
+            opt.step()
+            moves.append(max((p.detach() - b).abs().max().item() for p, b in zip(ps, before)))
+        return ps, moves
+
+    (narrow, _), (exact, moves) = run(torch.bfloat16), run(None)
+    bound = 4 * torch.finfo(torch.bfloat16).eps * sum(moves)
+    assert sum(moves) > 0
+    for a, b in zip(narrow, exact):
+        assert (a.detach() - b.detach()).abs().max().item() <= bound, (name, bound)

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
+from .. import ops
 from ..base import Bucket, Leaf, transform
 from ..hyperparams import Hyperparam, positive
 from ._global_norm import GlobalNormScale
@@ -29,13 +30,14 @@ def _unit_dims(x: Tensor, unit_dim: int) -> tuple[int, ...]:
 
 
 def _unit_norm(x: Tensor, dims: tuple[int, ...], rms: bool, dtype: torch.dtype) -> Tensor:
-    n = torch.linalg.vector_norm(x, dim=dims, keepdim=True, dtype=dtype)
+    n = torch.linalg.vector_norm(x, dim=dims, keepdim=True, dtype=dtype if ops.widens(dtype, x.dtype) else None)
+    n = n.to(dtype)
     return n / math.sqrt(math.prod([x.shape[d] for d in dims])) if rms else n  # a list: traceable
 
 
 def _stacked_norms(xs: list[Tensor], ys: list[Tensor], rms: bool, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """The norms (or RMS) of whole tensors as two vectors, reduced together (once under FSDP2)."""
-    norms = torch._foreach_norm([*xs, *ys], 2, dtype=dtype)
+    norms = ops.norms([*xs, *ys], dtype)
     if rms:
         norms = torch._foreach_div(norms, [math.sqrt(max(x.numel(), 1)) for x in (*xs, *ys)])
     # the no-op clamp completes a pending FSDP2 reduction here, once, not at each later use

@@ -413,7 +413,7 @@ def scale_by_param_rms(eps: Any = 1e-3, *, name: str = "param_rms") -> Leaf:
             torch._foreach_mul_(updates, ctx.per_tensor(rms.clamp(min=_pick(hp["eps"], 1))))
             return updates
         eps2 = float(_pick(hp["eps"], 1))
-        norms = torch._foreach_norm(ctx.params, 2, dtype=ctx.dtype)
+        norms = ops.norms(ctx.params, ctx.dtype)
         roots = [math.sqrt(max(p.numel(), 1)) for p in ctx.params]
         return _per_tensor_factor(ctx, _clamped_ratios(norms, roots, eps2), divide=False)
 
