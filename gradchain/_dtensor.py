@@ -8,9 +8,11 @@ single process and sharded.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 from torch import Tensor
 
-__all__ = ["gather", "plain", "replicate_like", "settle"]
+__all__ = ["gather", "on_whole", "plain", "replicate_like", "settle", "some_shard_empty"]
 
 
 def replicate_like(t: Tensor, like: Tensor) -> Tensor:
@@ -58,3 +60,36 @@ def gather(t: Tensor) -> Tensor:
 def plain(t: Tensor) -> Tensor:
     """A DTensor's full value as a plain tensor (a collective for a sharded one); a plain tensor as is."""
     return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def some_shard_empty(t: Tensor) -> bool:
+    """Whether ``t`` is a DTensor sharded on a dim shorter than its mesh dim (a param with fewer rows
+    than ranks, as a ``Linear(d, 1)`` head: some ranks hold an empty shard)."""
+    placements = getattr(t, "placements", None)
+    if placements is None:
+        return False
+    return any(pl.is_shard() and t.shape[pl.dim] < t.device_mesh.size(i) for i, pl in enumerate(placements))
+
+
+def on_whole(fn: Callable[..., Tensor], args: Sequence[Tensor], written: Sequence[int], like: Tensor) -> Tensor:
+    """``fn`` over the whole values of ``args`` (a sharded DTensor gathered: plain tensors, the same
+    on every rank), for the math of a param with an empty shard (:func:`some_shard_empty`), where a
+    size-1 sharded dim broadcast against a replicated statistic has no sharding rule. The entries
+    ``written`` (indices of ``args`` that ``fn`` updates in place) are written back to their shards;
+    the result is returned with ``like``'s placements. Such a param is small: gathering it is cheap.
+    """
+    whole = [gather(a).to_local() if hasattr(a, "placements") else a for a in args]
+    out = fn(*whole)
+    for i in written:
+        args[i].copy_(_placed_as(whole[i], args[i]))
+    return _placed_as(out, like)
+
+
+def _placed_as(t: Tensor, ref: Tensor) -> Tensor:
+    """``t`` (a plain tensor equal on every rank) as a DTensor with ``ref``'s placements: a local slice."""
+    mesh = getattr(ref, "device_mesh", None)
+    if mesh is None:
+        return t
+    from torch.distributed.tensor import DTensor, Replicate
+
+    return DTensor.from_local(t, mesh, [Replicate()] * mesh.ndim, run_check=False).redistribute(mesh, ref.placements)

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
-from ._dtensor import plain, replicate_like
+from ._dtensor import plain, replicate_like, some_shard_empty
 from .base import (
     Bucket,
     StateDict,
@@ -560,9 +560,12 @@ class _ApplyIfFinite(_Wrapper):
         flags = []
         for b in live:
             u = [x for x in b.materialize() if x.numel()]
-            if u:
-                norms = torch._foreach_norm(u, math.inf)  # inf or nan iff some entry is
+            # (an empty shard under FSDP2 has no max norm: its tensor is checked entry by entry)
+            whole = [x for x in u if not some_shard_empty(x)]
+            if whole:
+                norms = torch._foreach_norm(whole, math.inf)  # inf or nan iff some entry is
                 flags.append(plain(torch.isfinite(torch.stack(norms)).all()))
+            flags += [plain(torch.isfinite(x).all()) for x in u if some_shard_empty(x)]
         dev = flags[0].device if flags else live[0].steps[0].device
         # the one host read of a finite step: a finite step then costs nothing more
         ok = bool(torch.stack([f.to(dev) for f in flags]).all()) if flags else True

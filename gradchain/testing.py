@@ -52,7 +52,8 @@ The checks, each also a function of its own taking a :class:`Case`:
 - ``fused``: if ``ChainOptimizer`` accepts ``fused=True``, the fused run equals the eager one
   within the dtype tolerance of float32; skipped with the constructor's message if it refuses.
 - ``fsdp2`` (``check_transform(fsdp2=True)`` or :func:`check_fsdp2`): under FSDP2 on 2 gloo
-  processes (uneven shards) the run equals one process to 1e-12 in float64.
+  processes (uneven shards, and one param whose shard is empty on a rank) the run equals one
+  process to 1e-12 in float64.
 
 How ``dtypes`` compares. Every run gets the same gradients (fixed by the step, rounded to the
 param dtype) and starts from the same params; the float64 run gets them too.
@@ -190,9 +191,10 @@ def _build(case: Case) -> Transform:
 
 # -- the model and the data every check uses -----------------------------------------------------
 class TinyNet(nn.Module):
-    """Conv (4-d), linear (2-d), norm gains (1-d), biases, a 0-d gain, and a param with no grad."""
+    """Conv (4-d), linear (2-d), norm gains (1-d), biases, a 0-d gain, and a param with no grad;
+    with ``one_row`` also a (1, 3) output scale (under FSDP2 on 2 ranks: one rank's shard empty)."""
 
-    def __init__(self, scalar: bool = True) -> None:
+    def __init__(self, scalar: bool = True, one_row: bool = False) -> None:
         super().__init__()
         self.conv = nn.Conv2d(2, 5, 3)
         self.fc1 = nn.Linear(20, 13)
@@ -201,19 +203,22 @@ class TinyNet(nn.Module):
         self.head = nn.Linear(12, 3)
         self.gain = nn.Parameter(torch.tensor(1.0)) if scalar else None
         self.unused = nn.Parameter(torch.ones(4))
+        self.row = nn.Parameter(torch.tensor([[1.0, 0.5, -0.8]])) if one_row else None
 
     def forward(self, x: Tensor) -> Tensor:
         x = torch.tanh(self.conv(x)).flatten(1)
         x = torch.tanh(self.fc1(x))
         x = self.norm(torch.tanh(self.fc2(x)))
         out = self.head(x)
-        return out * self.gain if self.gain is not None else out
+        out = out * self.gain if self.gain is not None else out
+        return out * self.row if self.row is not None else out
 
 
-def make_model(dtype: torch.dtype = torch.float64, seed: int = 0, scalar: bool = True) -> TinyNet:
+def make_model(dtype: torch.dtype = torch.float64, seed: int = 0, scalar: bool = True,
+               one_row: bool = False) -> TinyNet:
     """A :class:`TinyNet` with the weights of ``seed``, in ``dtype``."""
     torch.manual_seed(seed)
-    return TinyNet(scalar).to(dtype)
+    return TinyNet(scalar, one_row).to(dtype)
 
 
 def batch(i: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -997,7 +1002,7 @@ def _fsdp_case(case: Case, steps: int) -> float:
     from torch.distributed.fsdp import fully_shard
 
     dtype = torch.float64
-    ref = make_model(dtype, scalar=False)
+    ref = make_model(dtype, scalar=False, one_row=True)  # (with a param whose shard is empty on one rank)
     model = copy.deepcopy(ref)
     for mod in (model.conv, model.fc1, model.fc2, model.head):
         fully_shard(mod)

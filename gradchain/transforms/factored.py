@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from .. import ops
-from .._dtensor import settle
+from .._dtensor import on_whole, settle, some_shard_empty
 from ..base import Bucket, Leaf, RowBlockDivisor, row_blocks, transform, zeros_state
 from ..hyperparams import Hyperparam, nonnegative, number, positive
 
@@ -211,8 +211,12 @@ def scale_by_factored_rms(
                 out[i] = u
         for i, g in enumerate(updates):
             if out[i] is None:
-                out[i] = _factored(g, state["row"][i], state["col"][i], dims(ctx.params[i]), weights[i] ** decay, eps1,
-                                   torch_compat)  # type: ignore[arg-type]
+                args = (dims(ctx.params[i]), weights[i] ** decay, eps1, torch_compat)
+                row, col = state["row"][i], state["col"][i]
+                if some_shard_empty(g):  # (FSDP2, fewer rows than ranks: on the whole tensor)
+                    out[i] = on_whole(lambda g, r, c, args=args: _factored(g, r, c, *args), [g, row, col], (1, 2), g)
+                else:
+                    out[i] = _factored(g, row, col, *args)  # type: ignore[arg-type]
         return out
 
     spec = {

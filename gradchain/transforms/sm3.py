@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from .. import ops
-from .._dtensor import settle
+from .._dtensor import on_whole, settle, some_shard_empty
 from ..base import Bucket, Leaf, RowBlockDivisor, row_blocks, transform, zeros_state
 from ..hyperparams import Hyperparam, closed_unit_interval, nonnegative
 
@@ -38,6 +38,18 @@ def _root(nu: Tensor, eps: float, exact_zero: bool) -> Tensor:
     if exact_zero:
         return torch.where(nu == 0, float("inf"), nu.add_(eps).sqrt_())
     return nu.add_(eps).sqrt_()
+
+
+def _step_tensor(g: Tensor, accs: list[Tensor], b2: float, eps: float, exact_zero: bool,
+                 blocked: bool = False) -> Tensor:
+    """One tensor's accumulators updated from ``g`` (each the max of ``nu`` over the other dims), and
+    its divisor ``sqrt(nu + eps)``."""
+    # nu lives in one fresh buffer, later turned into the divisor in place: on a memory-bound
+    # step each further full-size temporary costs more than the arithmetic
+    nu = _nu(g, accs, b2)
+    for a, acc in enumerate(accs):
+        acc.copy_(settle(ops.reduce_dims(nu, _others(g.dim(), a), "amax", blocked)))
+    return _root(nu, eps, exact_zero)
 
 
 def _accumulate_in_blocks(g: Tensor, accs: list[Tensor], b2: float) -> list[Tensor]:
@@ -155,12 +167,11 @@ def scale_by_sm3(b2: float = 1.0, eps: float = 1e-8, *, name: str = "sm3") -> Le
             if accs[i] is None:
                 denoms[i] = g
                 continue
-            # nu lives in one fresh buffer, later turned into the divisor in place: on a memory-bound
-            # step each further full-size temporary costs more than the arithmetic
-            nu = _nu(g, accs[i], b2)
-            for a, acc in enumerate(accs[i]):
-                acc.copy_(settle(ops.reduce_dims(nu, _others(g.dim(), a), "amax", ctx.tensor_scalars)))
-            denoms[i] = _root(nu, eps, exact_zero)
+            if some_shard_empty(g):  # (FSDP2, fewer rows than ranks: on the whole tensor)
+                denoms[i] = on_whole(lambda g, *accs: _step_tensor(g, list(accs), b2, eps, exact_zero), [g, *accs[i]],
+                                     range(1, len(accs[i]) + 1), g)
+                continue
+            denoms[i] = _step_tensor(g, accs[i], b2, eps, exact_zero, ctx.tensor_scalars)
         # u = g / sqrt(nu + eps), left for the final write to fuse into one addcdiv
         ctx.defer_divide([denoms[i] for i in range(len(updates))])
         return list(updates)
