@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._dtensor import replicate_like
+
 __all__ = [
     "add_",
     "addcdiv_",
@@ -124,6 +126,12 @@ def _own_scalar(xs: list[Tensor], s: Scalar) -> Scalar:
     tensor; an addition converts a 0-d tensor too: :func:`add_` passes a list of it)."""
     if isinstance(s, float) and _plain_cpu(xs):
         return torch.tensor(s, dtype=xs[0].dtype)
+    if isinstance(s, Tensor) and hasattr(s, "device_mesh") and xs and not hasattr(xs[0], "device_mesh"):
+        # a statistic over sharded and plain buckets alike (AdamS's mean, under FSDP2 with ignored
+        # params) scaling a plain bucket: its full value, the same on every rank
+        return s.full_tensor()
+    if isinstance(s, Tensor) and xs and hasattr(xs[0], "device_mesh") and not hasattr(s, "device_mesh"):
+        return replicate_like(s, xs[0])  # (a 0-d plain statistic, the same on every rank)
     return s
 
 

@@ -474,8 +474,10 @@ class ChainOptimizer(torch.optim.Optimizer):
                     self._state_shapes[id(p)] = p.shape
                 # the fused path holds no reference to a grad it may copy into its flat buffer (that one is
                 # freed there, a param's worth of memory at the first step); the step reads p.grad
-                split[(p.device, dtype)].append((p, None if fused_split else g, st, name))
-                where[(p.device, dtype)].append(i)
+                # (a sharded param and a plain one never share a list op: FSDP2's ignored params)
+                key = (p.device, dtype, getattr(p, "device_mesh", None))
+                split[key].append((p, None if fused_split else g, st, name))
+                where[key].append(i)
                 kept[i] = st
             buckets = list(split.values())
             if self.fused and not compiling:

@@ -52,8 +52,9 @@ The checks, each also a function of its own taking a :class:`Case`:
 - ``fused``: if ``ChainOptimizer`` accepts ``fused=True``, the fused run equals the eager one
   within the dtype tolerance of float32; skipped with the constructor's message if it refuses.
 - ``fsdp2`` (``check_transform(fsdp2=True)`` or :func:`check_fsdp2`): under FSDP2 on 2 gloo
-  processes (uneven shards, and one param whose shard is empty on a rank) the run equals one
-  process to 1e-12 in float64.
+  processes (uneven shards, one param whose shard is empty on a rank, and two params left plain
+  by ``ignored_params`` in the same group as sharded ones) the run equals one process to 1e-12 in
+  float64.
 
 How ``dtypes`` compares. Every run gets the same gradients (fixed by the step, rounded to the
 param dtype) and starts from the same params; the float64 run gets them too.
@@ -1006,7 +1007,9 @@ def _fsdp_case(case: Case, steps: int) -> float:
     model = copy.deepcopy(ref)
     for mod in (model.conv, model.fc1, model.fc2, model.head):
         fully_shard(mod)
-    fully_shard(model)
+    # the norm's params stay plain tensors, in the groups of the sharded ones (every rank steps the same
+    # batch, so their grads need no reduction)
+    fully_shard(model, ignored_params={model.norm.weight, model.norm.bias})
     ref_opt = make_optimizer(case, ref)
     opt = make_optimizer(case, model)
     train(ref, ref_opt, 0, steps, dtype)

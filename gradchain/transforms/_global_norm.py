@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._dtensor import plain, replicate_like
 from ..base import Bucket
 from ..hyperparams import Hyperparam
 from ._declared import Declared
@@ -26,7 +27,9 @@ def global_norm(buckets: list[Bucket]) -> Tensor | None:
     Each bucket contributes one norm (a foreach norm per tensor, then one vector norm); the
     buckets' norms meet on the first bucket's device in the widest of their dtypes.
     """
-    parts = [torch.linalg.vector_norm(torch.stack(torch._foreach_norm(b.updates))) for b in buckets if len(b)]
+    # plain tensors: the full value of a sharded bucket's norm meets a plain bucket's (FSDP2 with
+    # ignored params)
+    parts = [plain(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(b.updates)))) for b in buckets if len(b)]
     if not parts:
         return None
     dtype = parts[0].dtype
@@ -53,4 +56,4 @@ class GlobalNormScale(Declared):
             if not len(b):
                 continue
             s = self._scale_fn(total.to(device=b.updates[0].device, dtype=b.dtype), self.hp(b))
-            b.updates = torch._foreach_mul(b.updates, s)
+            b.updates = torch._foreach_mul(b.updates, replicate_like(s, b.updates[0]))

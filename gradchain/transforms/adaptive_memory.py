@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from .. import ops
+from .._dtensor import plain
 from ..base import (
     Bucket,
     Leaf,
@@ -69,6 +70,8 @@ def _add_in_order(total: Tensor | None, terms: Tensor) -> Tensor:
     sums keep the bits of the whole bucket's. A float64 ``cumsum`` on the CPU adds left to right in
     one call (pieces run on the CPU only); elsewhere (sharded terms, a trace, another device) the
     bucket's terms are summed first."""
+    # full values: a sharded bucket's terms meet a plain bucket's (FSDP2 with ignored params)
+    terms = plain(terms)
     if total is not None:
         terms = terms.to(device=total.device)  # buckets on several devices: the first one's
     if terms.device.type == "cpu" and terms.dtype == torch.float64 and not hasattr(terms, "device_mesh") \
