@@ -15,6 +15,7 @@ import inspect
 import math
 import operator
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from types import MappingProxyType
 from typing import Any, NamedTuple
 
 import torch
@@ -836,7 +837,8 @@ class Transform:
 
     name: str
     hyperparams: dict[str, Hyperparam]
-    extra_defaults: dict[str, Any]
+    # optimizer-level group defaults the transform adds (a chain's maximize); none unless set
+    extra_defaults: Mapping[str, Any] = MappingProxyType({})
     # hyperparameter keys this transform's children share on purpose (see chain(share=))
     shared_keys: frozenset[str] = frozenset()
     # constructor options recorded in param groups as torch does, fixed when the chain is built

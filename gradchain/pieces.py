@@ -418,7 +418,9 @@ def _hand_over_pending(b: Bucket, done: list) -> tuple[bool, bool]:
         return False, False  # slices of one tensor with different scales
     divisor, copied = (None, False) if first.divisor is None else _joined_divisor(b, entries)
     b.decay = first.decay
-    b.scale = first.scale if all(_same(s.scale, first.scale) for s in subs) else scales
+    # (one scale for the bucket only where the pieces' is one value: a list is one per tensor of a piece)
+    one = not isinstance(first.scale, list) and all(_same(s.scale, first.scale) for s in subs)
+    b.scale = first.scale if one else scales
     b.divisor = divisor
     for sub in subs:
         sub.scale, sub.decay, sub.divisor = 1.0, 0.0, None

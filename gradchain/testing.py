@@ -49,9 +49,12 @@ The checks, each also a function of its own taking a :class:`Case`:
   raises, or shows as a non-finite update (so ``apply_if_finite`` sees it); it never enters the
   state while every update stays finite.
 - ``sparse``: a sparse gradient raises an error that says so.
+- ``pieces``: the eager CPU step in pieces small enough to cut the model's tensors equals the step
+  over whole buckets to float64 rounding (a wrong ``elementwise``/``rowwise``/``step_scalars``
+  declaration shows only on tensors larger than a piece otherwise).
 - ``fused``: if ``ChainOptimizer`` accepts ``fused=True``, the fused run equals the eager one
   within the dtype tolerance of float32; skipped with the constructor's message if it refuses.
-- ``fsdp2`` (``check_transform(fsdp2=True)`` or :func:`check_fsdp2`): under FSDP2 on 2 gloo
+- ``fsdp2`` (in ``check_transform`` unless ``fsdp2=False``; or :func:`check_fsdp2`): under FSDP2 on 2 gloo
   processes (uneven shards, one param whose shard is empty on a rank, and two params left plain
   by ``ignored_params`` in the same group as sharded ones) the run equals one process to 1e-12 in
   float64.
@@ -94,6 +97,7 @@ import os
 import pickle
 import socket
 import traceback
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -105,7 +109,7 @@ from torch import Tensor, nn
 from .base import Chain, Transform, chain, transform
 from .combinators import accumulate, apply_if_finite
 from .hyperparams import Hyperparam
-from .optimizer import ChainOptimizer
+from .optimizer import ChainOptimizer, FusedGradientCopyWarning
 
 __all__ = [
     "CHECKS",
@@ -123,6 +127,7 @@ __all__ = [
     "check_gradscaler",
     "check_invalid_hyperparams",
     "check_nonfinite",
+    "check_pieces",
     "check_recipe",
     "check_resume",
     "check_skipped_steps",
@@ -663,13 +668,17 @@ def _synthetic_run(case: Case, dtype: torch.dtype, fused: bool = False) -> tuple
     for i in range(case.steps):
         for p, g in zip(model.parameters(), _synthetic_grads(model, i)):
             p.grad = None if g is None else g.to(dtype)
-        opt.step(loss=_synthetic_loss(i))
+        with warnings.catch_warnings():
+            # the harness sets new grads on purpose: the fused path's advice about that is not the user's
+            warnings.filterwarnings("ignore", category=FusedGradientCopyWarning)
+            opt.step(loss=_synthetic_loss(i))
         history.append([p.detach().double().clone() for p in model.parameters()])
     return model, opt, history
 
 
 def _compare_runs(
-    case: Case, dtype: torch.dtype, names: list[str], got: list, ref: list, what: str, rtol: float
+    case: Case, dtype: torch.dtype, names: list[str], got: list, ref: list, what: str, rtol: float,
+    ref_name: str = "the float64 run",
 ) -> None:
     """Compare two histories (lists of per-step param lists) with the tolerance of ``dtype``."""
     moved_beyond = False
@@ -685,12 +694,12 @@ def _compare_runs(
         bad = err > tol
         if bad.any():
             idx = int((err - tol).flatten().argmax())
-            _fail(f"{what}: param {name} differs from the float64 run by {err.flatten()[idx].item():.3e} at "
+            _fail(f"{what}: param {name} differs from {ref_name} by {err.flatten()[idx].item():.3e} at "
                   f"flat index {idx}, more than the tolerance {tol.flatten()[idx].item():.3e} "
                   f"({int(bad.sum())} of {err.numel()} entries)")
         moved_beyond |= bool((path > tol).any())
     if not moved_beyond:
-        _fail(f"{what}: the float64 run moved no entry further than the tolerance, so the comparison could not "
+        _fail(f"{what}: {ref_name} moved no entry further than the tolerance, so the comparison could not "
               "fail; raise the learning rate or the steps of the Case")
 
 
@@ -891,7 +900,27 @@ def check_fused(case: Case, required: bool = False) -> None:
     eager_model, _, eager = _synthetic_run(case, dtype)
     _, _, fused = _synthetic_run(case, dtype, fused=True)
     names = [n for n, _ in eager_model.named_parameters()]
-    _compare_runs(case, dtype, names, fused, eager, "fused (fused=True vs eager, fp32)", 1e-5)
+    _compare_runs(case, dtype, names, fused, eager, "fused (fused=True vs eager, fp32)", 1e-5, "the eager run")
+
+
+def check_pieces(case: Case) -> None:
+    """The eager step in pieces (each tensor cut into slices, small ones grouped) equals the step over
+    whole buckets, in float64: what a transform declares (``elementwise``, ``rowwise``,
+    ``step_scalars``, ``segmented``) decides how the eager CPU step may cut it, and a wrong declaration
+    shows only on tensors larger than a piece, 2^18 elements by default."""
+    from . import pieces
+
+    saved = pieces.PIECE_NUMEL
+    try:
+        pieces.PIECE_NUMEL = 0  # whole buckets
+        model, _, whole = _synthetic_run(case, torch.float64)
+        pieces.PIECE_NUMEL = 16  # cuts every tensor of the model but the smallest
+        _, _, cut = _synthetic_run(case, torch.float64)
+    finally:
+        pieces.PIECE_NUMEL = saved
+    names = [n for n, _ in model.named_parameters()]
+    _compare_runs(case, torch.float64, names, cut, whole, "pieces (the eager step in pieces of 16 elements, "
+                  "float64)", 1e-12, "the run over whole buckets")
 
 
 CHECKS: dict[str, Callable[[Case], Any]] = {
@@ -905,6 +934,7 @@ CHECKS: dict[str, Callable[[Case], Any]] = {
     "zero_size": check_zero_size,
     "nonfinite": check_nonfinite,
     "sparse": check_sparse_rejected,
+    "pieces": check_pieces,
 }
 
 

@@ -348,3 +348,24 @@ def test_no_model_sized_updates_before_a_last_mask(monkeypatch: pytest.MonkeyPat
         opt.step()
     peak = peak_bytes(opt.step) / (64 * 96 * 4)
     assert 1.0 < peak < 2.5, peak  # at least a matrix's update: the profiler saw the step
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_lookahead_around_a_partition_same_bits_in_pieces(k: int, small_pieces: int) -> None:
+    # Muon's per-matrix scales stay pending on each piece (one matrix of the same shape each, larger
+    # than a piece); handed back to the bucket for Lookahead's sync, one piece's list of one scale
+    # stood for the whole bucket's (it raised: a list op with one scalar for three tensors)
+    def run(in_pieces: bool) -> tuple:
+        g = torch.Generator().manual_seed(0)
+        named = [(f"w{i}", nn.Parameter(torch.randn(20, 20, generator=g))) for i in range(3)]
+        named.append(("b", nn.Parameter(torch.randn(20, generator=g))))
+        opt = gc.ChainOptimizer(named, recipes.lookahead(recipes.muon(ns_dtype=torch.float32), k=k))
+        if not in_pieces:
+            opt._pieces = None
+        for _ in range(3):
+            for _, p in named:
+                p.grad = torch.randn(p.shape, generator=g)
+            opt.step()
+        return named, opt
+
+    _assert_identical(run(False), run(True))

@@ -25,6 +25,7 @@ from gradchain.testing import (
     check_fused,
     check_gradscaler,
     check_nonfinite,
+    check_pieces,
     check_resume,
     check_skipped_steps,
     check_transform,
@@ -228,3 +229,50 @@ def test_importing_gradchain_does_not_import_the_harness_nor_the_harness_pytest(
         "import gradchain.testing; assert 'pytest' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def _mean_square_momentum(step_scalars: bool) -> gc.Transform:
+    """Momentum divided by the root of an EMA of each tensor's mean square (a 0-d state per tensor),
+    declared rightly (segmented: whole tensors) or wrongly (step_scalars: any slice would do)."""
+
+    def init(p):
+        return {"m": gc.zeros_state(p), "v": gc.scalar_state(p)}
+
+    def update(updates, state, hp, ctx):
+        gc.ops.update_moment(state["m"], updates, 0.9)
+        ms = ctx.tensor_norms(updates) ** 2 / ctx.tensor_numels(updates).clamp_min(1.0)
+        v = ctx.state_vector(state["v"]) * 0.99 + ms * 0.01
+        ctx.store_state_vector(state["v"], v)
+        return torch._foreach_mul(state["m"], ctx.per_tensor(1.0 / (v.sqrt() + 1e-8)))
+
+    return _descent(gc.transform("msm", {}, init, update, segmented=True, step_scalars=step_scalars))
+
+
+def test_check_pieces_catches_a_declaration_that_lets_the_eager_pieces_cut_a_reduction() -> None:
+    # the 0-d state depends on the whole tensor's values: step_scalars lets the eager step in pieces
+    # give each slice its own, which no other check sees on tensors smaller than a piece
+    check_pieces(Case("right", lambda: _mean_square_momentum(False)))
+    with pytest.raises(AssertionError, match="pieces .*differs from the run over whole buckets"):
+        check_pieces(Case("wrong", lambda: _mean_square_momentum(True)))
+    report = check_transform(lambda: _mean_square_momentum(False), fsdp2=False)
+    assert "pieces" in report.passed
+
+
+def test_a_transform_subclass_needs_no_extra_defaults_of_its_own() -> None:
+    # the documented way past one bucket (subclass Transform: apply, init_state, hyperparams)
+    class Halve(gc.Transform):
+        name = "halve"
+        hyperparams: dict = {}
+
+        def init_state(self, param, name=None):
+            return {}
+
+        def apply(self, buckets):
+            for b in buckets:
+                b.updates = torch._foreach_mul(b.updates, 0.5)
+
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = ChainOptimizer([p], gc.chain(Halve(), gc.scale_by_lr(0.1)))
+    p.grad = torch.ones(3)
+    opt.step()
+    torch.testing.assert_close(p.detach(), torch.full((3,), 0.95))

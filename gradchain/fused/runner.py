@@ -753,14 +753,20 @@ class FusedChain:
             # was written: a kernel that failed while running (out of memory) may have updated some
             # params and state, and running the segment again would apply their update twice (the
             # step raises instead, and is rolled back)
-            if not isinstance(err, _TRACING_ERRORS) or not (first or dynamic) or (
+            # (past dynamo's recompile limit, a call fails at its guards, before anything runs: a kernel
+            # whose code reads a hyperparameter's value, float(hp["eps"]), recompiles for each new value)
+            if not isinstance(err, _TRACING_ERRORS) or not (
+                    first or dynamic or isinstance(err, torch._dynamo.exc.FailOnRecompileLimitHit)) or (
                     first and _versions(args) != versions):
                 raise
             seg._failed.add(key)
+            hint = ("; a hyperparameter read as a number in the update (float(hp[key]), .item()) compiles "
+                    "again for each new value: use it as the 0-d tensor it is there, or declare it static"
+                    if isinstance(err, torch._dynamo.exc.FailOnRecompileLimitHit) else "")
             warnings.warn(
                 f"gradchain fused path: could not compile {what} "
                 f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); it runs eagerly "
-                "over the flat buffers instead",
+                f"over the flat buffers instead{hint}",
                 RuntimeWarning,
                 stacklevel=5,
             )

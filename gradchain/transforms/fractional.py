@@ -106,8 +106,8 @@ def fractional(
     ``c`` drops ``drop`` of the K memory terms each step at random
     (the paper's "small disturbance"): with ``per_element=False`` one draw per step shared by all
     tensors, with ``per_element=True`` each element draws its own, over the full logical tensor
-    (sliced under FSDP2). The draws come from ``seed`` and the step only, so they are the same on
-    every rank and after a resume. Group key ``frac_alpha``; K (``history``) is structural (K
+    (sliced under FSDP2). The draws come from ``seed``, the step and (per element) the param's name,
+    so they are the same on every rank and after a resume. Group key ``frac_alpha``; K (``history``) is structural (K
     buffers of param size). On the fused path (``per_element=False``) it compiles with its chain:
     ``host_step`` gives the kernel this step's weights and the K buffers in order of age.
     Reference: Zhou, Zhao, Huang, "A Deep Learning Optimizer Based on
