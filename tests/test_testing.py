@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -276,3 +277,32 @@ def test_a_transform_subclass_needs_no_extra_defaults_of_its_own() -> None:
     p.grad = torch.ones(3)
     opt.step()
     torch.testing.assert_close(p.detach(), torch.full((3,), 0.95))
+
+
+def test_the_harness_keeps_its_own_grad_copy_warning_to_itself(monkeypatch) -> None:
+    # the harness sets new grads at every step on purpose: the fused path's advice about that
+    # (use this optimizer's zero_grad) is not about the user's code
+    from gradchain.fused import runner
+    from gradchain.optimizer import FusedGradientCopyWarning
+
+    monkeypatch.setattr(runner, "BACKEND", "aot_eager")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        check_fused(Case("sound", sound), required=True)
+    assert not [w for w in seen if issubclass(w.category, FusedGradientCopyWarning)]
+
+
+def test_the_fused_check_names_the_run_it_compares_with(monkeypatch) -> None:
+    # a scale that reads the param's shape, declared elementwise: the fused kernel sees one flat buffer
+    from gradchain.fused import runner
+
+    monkeypatch.setattr(runner, "BACKEND", "aot_eager")
+
+    def fan_in_scale():
+        def update(updates, state, hp, ctx):
+            return [u / (p.shape[1] if p.dim() >= 2 else 1) ** 0.5 for u, p in zip(updates, ctx.params)]
+
+        return gc.chain(gc.transform("fanin", {}, update=update, elementwise=True), gc.scale_by_lr(1e-2))
+
+    with pytest.raises(AssertionError, match="differs from the eager run"):
+        check_fused(Case("fanin", fan_in_scale), required=True)
