@@ -560,12 +560,14 @@ class _ApplyIfFinite(_Wrapper):
         flags = []
         for b in live:
             u = [x for x in b.materialize() if x.numel()]
-            # (an empty shard under FSDP2 has no max norm: its tensor is checked entry by entry)
-            whole = [x for x in u if not some_shard_empty(x)]
+            # (an empty shard under FSDP2 has no max norm: its tensor is checked entry by entry; a
+            # bucket is all sharded or all plain, so plain ones skip the test per tensor)
+            empty = [x for x in u if some_shard_empty(x)] if u and hasattr(u[0], "device_mesh") else []
+            whole = [x for x in u if all(x is not y for y in empty)] if empty else u
             if whole:
                 norms = torch._foreach_norm(whole, math.inf)  # inf or nan iff some entry is
                 flags.append(plain(torch.isfinite(torch.stack(norms)).all()))
-            flags += [plain(torch.isfinite(x).all()) for x in u if some_shard_empty(x)]
+            flags += [plain(torch.isfinite(x).all()) for x in empty]
         dev = flags[0].device if flags else live[0].steps[0].device
         # the one host read of a finite step: a finite step then costs nothing more
         ok = bool(torch.stack([f.to(dev) for f in flags]).all()) if flags else True
