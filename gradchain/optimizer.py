@@ -18,7 +18,7 @@ from torch import Tensor
 from . import pieces
 from .base import Bucket, Transform, compute_dtype, initializing_for, resolve_group
 from .fused import FlatBucket, FusedRoutes, fused_chain, step_scales
-from .fused.flat import dense, foreign_views, mark_flat
+from .fused.flat import aliased, dense, foreign_views, mark_flat
 from .fused.runner import STATIC_BUCKETS
 from .pieces import PiecewiseChain
 from .schedules import decode_groups, encode_groups
@@ -1029,6 +1029,11 @@ class ChainOptimizer(torch.optim.Optimizer):
         elif any(p.is_cpu and p.is_shared() for p in params):
             why = ("its params are in shared memory (model.share_memory(), for Hogwild training across processes): "
                    "moved into this process's flat buffers, the other processes would no longer see its updates")
+        elif shared := aliased(params, (q for g in self.param_groups for q in g["params"])):
+            views = [items[i][3] or f"#{i}" for i in shared]
+            why = (f"{len(views)} of its params ({', '.join(map(str, views[:3]))}{', ...' if len(views) > 3 else ''}) "
+                   "share memory with another param (one made a view or a slice of another): moved into flat "
+                   "buffers they would no longer be linked, where torch.optim steps them one after the other")
         elif foreign := foreign_views(params, lambda: (q for g in self.param_groups for q in g["params"])):
             views = [items[i][3] or f"#{i}" for i in foreign]
             why = (f"{len(views)} of its params ({', '.join(map(str, views[:3]))}{', ...' if len(views) > 3 else ''}) "

@@ -665,6 +665,44 @@ def test_params_held_elsewhere_stay_where_they_are(held, message: str, monkeypat
     assert message in said, said
 
 
+@pytest.mark.parametrize("link", ["view", "slice", "other_group"])
+def test_params_that_share_memory_stay_linked_on_the_fused_path(link: str, monkeypatch) -> None:
+    """A param made a view or a slice of another (``nn.Parameter(w.data.view(...))``): torch.optim
+    steps them one after the other, each seeing the other's writes. Moved into flat buffers of their
+    own they were cut apart, silently, and the run left torch's. Such a group steps eagerly, with a
+    warning, on torch's trajectory."""
+    import gradchain.fused.runner as runner
+
+    monkeypatch.setattr(runner, "BACKEND", "aot_eager")
+
+    def run(make):
+        torch.manual_seed(0)
+        w = torch.nn.Parameter(torch.randn(4, 5, dtype=torch.float64))
+        other = torch.nn.Parameter(w.data.view(5, 4) if link != "slice" else w.data[1:3])
+        free = torch.nn.Parameter(torch.randn(3, dtype=torch.float64))
+        groups = ([{"params": [w, free]}, {"params": [other], "lr": 2e-2}] if link == "other_group"
+                  else [{"params": [w, other, free]}])
+        opt = make(groups)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for i in range(3):
+                for p in (w, other, free):
+                    p.grad = torch.full_like(p, 0.1 * (i + 1)) - 0.05 * p.detach()
+                opt.step()
+        linked = other.data_ptr() == (w.data_ptr() if link != "slice" else w[1].data_ptr())
+        return [p.detach().clone() for p in (w, other, free)], linked, [str(m.message) for m in caught]
+
+    ref, ref_linked, _ = run(lambda g: torch.optim.AdamW(g, lr=1e-2, foreach=True))
+    eager, _, _ = run(lambda g: gc.ChainOptimizer(g, recipes.adamw(lr=1e-2)))
+    fused, linked, messages = run(lambda g: gc.ChainOptimizer(g, recipes.adamw(lr=1e-2), fused=True))
+    assert ref_linked and linked, "cut apart"
+    for a, b, c in zip(ref, eager, fused):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-15)
+        assert torch.equal(b, c)
+    said = [m for m in messages if "eager path" in m]
+    assert said and all("share memory with another param" in m for m in said), messages
+
+
 def test_constructor_options_in_a_param_group_say_how_to_bind_them() -> None:
     """ZeroRedundancyOptimizer(params, ChainOptimizer, transform=..., fused=True) puts its keyword
     arguments into every param group it hands to the optimizer class: the error says which keys are

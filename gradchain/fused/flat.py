@@ -58,6 +58,41 @@ def foreign_views(params: list[Tensor], owned: Callable[[], Iterable[Tensor]]) -
     return sorted(out)
 
 
+def _span(t: Tensor) -> tuple[int, int]:
+    """The bytes of its storage ``t`` can reach: ``[start, end)`` (a strided tensor's whole extent)."""
+    start = t.storage_offset() * t.element_size()
+    if t.numel() == 0:
+        return start, start
+    last = sum((n - 1) * st for n, st in zip(t.shape, t.stride(), strict=True))
+    return start, start + (last + 1) * t.element_size()
+
+
+def aliased(params: list[Tensor], others: Iterable[Tensor]) -> list[int]:
+    """The indices of ``params`` whose memory may overlap that of another param in ``params`` or in
+    ``others`` (a param made a view of another: ``Parameter(w.data.view(...))``, a slice of it).
+    torch.optim steps such params one after the other, each seeing the others' writes; moved into
+    flat buffers of their own they would no longer be linked. Spans are compared, so two strided
+    slices that interleave without sharing an element count as overlapping too (the safe answer)."""
+    spans: dict[int, list[tuple[int, int, int]]] = {}
+    seen: set[int] = set()
+    for t in (*params, *others):
+        if id(t) in seen or t.numel() == 0:
+            continue
+        seen.add(id(t))
+        a, z = _span(t)
+        spans.setdefault(t.untyped_storage().data_ptr(), []).append((a, z, id(t)))
+    hit: set[int] = set()
+    for lst in spans.values():
+        lst.sort()
+        reach, owner = -1, 0
+        for a, z, who in lst:
+            if a < reach:
+                hit.update((who, owner))
+            if z > reach:
+                reach, owner = z, who
+    return [i for i, p in enumerate(params) if id(p) in hit]
+
+
 def dense(t: Tensor) -> bool:
     """Whether ``t``'s elements fill one block of ``t.numel()`` with no gaps and no overlaps, in
     whatever order of dims (contiguous, ``channels_last``, a transposed matrix)."""
