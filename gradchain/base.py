@@ -510,7 +510,12 @@ class Bucket:
             ops.axpy_(self.updates, targets, w)
             decay = decay - w
         if not _is_zero(decay):
-            ops.axpy_(self.updates, self.params, decay)
+            terms = self.params
+            if isinstance(decay, Tensor):
+                # a traced coefficient is not known to be 0 here: where it is, add no term, as the
+                # eager path and torch do (0 * p is NaN where p holds inf or NaN)
+                terms = [torch.where(decay == 0, 0.0, p) for p in terms]
+            ops.axpy_(self.updates, terms, decay)
         self.scale, self.decay, self.toward = 1.0, 0.0, None
         return self.updates
 

@@ -122,3 +122,27 @@ def _check(name: str, cases: list[tuple[str, str, bool]]) -> None:
 @pytest.mark.parametrize("name", NAMES)
 def test_non_finite_gradient_is_caught(name: str) -> None:
     _check(name, CASES)
+
+
+@pytest.mark.parametrize("name", ["adam", "nadam", "diffgrad", "am_sgd", "fractional_sgd"])
+def test_a_weight_decay_of_zero_adds_no_term_on_the_fused_path(name: str) -> None:
+    """With ``weight_decay=0`` torch adds no decay term, so a param element that holds inf or NaN
+    leaves the state finite; so does the eager path. The fused path, whose weight decay is a 0-d
+    tensor, added ``0 * p``: NaN in the moments (for diffgrad's previous gradient, for good). Both
+    paths now keep every state entry of a finite gradient finite, and equal."""
+    from gradchain import recipes
+
+    def run(fused: bool):
+        w = torch.nn.Parameter(torch.tensor([[math.inf, 1.0, -2.0], [0.5, math.nan, 3.0]], dtype=torch.float64))
+        b = torch.nn.Parameter(torch.tensor([-math.inf, 2.0], dtype=torch.float64))
+        opt = ChainOptimizer([("w", w), ("b", b)], getattr(recipes, name)(weight_decay=0.0), fused=fused)
+        for i in range(3):
+            w.grad = torch.full_like(w, 0.1 * (i + 1))
+            b.grad = torch.full_like(b, -0.2)
+            opt.step()
+        return {(n, k): v.clone() for n, p in (("w", w), ("b", b)) for k, v in opt.state[p].items()}
+
+    eager, fused = run(False), run(True)
+    for key, v in eager.items():
+        assert torch.isfinite(v).all(), f"eager {key}"
+        torch.testing.assert_close(fused[key], v, rtol=0, atol=1e-15, msg=f"fused {key}")
