@@ -13,6 +13,7 @@ import copy
 import functools
 import inspect
 import math
+import numbers
 import operator
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from types import MappingProxyType
@@ -799,8 +800,23 @@ def resolve_hyperparam(key: str, spec: Hyperparam, value: Any, bucket: Bucket) -
             return done
         value = value(bucket.group_step)
         validate(key, Hyperparam(None, spec.check), value)
-    if isinstance(value, Tensor) and value.numel() == 1 and not value.requires_grad:
-        value = value.item() if value.device.type == "cpu" else value
+    return _as_number(value)
+
+
+def _as_number(value: Any) -> Any:
+    """A 1-element tensor without grad as a number (a 0-d tensor off the CPU, where reading it would
+    wait for the device), and so each such element of a tuple or list (torch takes
+    ``betas=(tensor([0.9]), tensor([0.999]))``); a numpy scalar as a Python number."""
+    if isinstance(value, Tensor):
+        if value.numel() == 1 and not value.requires_grad:
+            return value.item() if value.device.type == "cpu" else value.reshape(())
+        return value
+    if isinstance(value, (list, tuple)):
+        # a copy: the group's list, changed in place later, would still compare equal to the
+        # values that passed their checks, and skip them
+        return tuple(_as_number(x) for x in value)
+    if isinstance(value, numbers.Real) and not isinstance(value, (int, float)):
+        return int(value) if isinstance(value, numbers.Integral) else float(value)
     return value
 
 
@@ -819,13 +835,7 @@ def resolve_group(transform: Transform, group: Mapping[str, Any], step: int,
         if callable(value) and not isinstance(value, Tensor):
             value = value(step)
             validate(key, Hyperparam(None, spec.check), value)
-        if isinstance(value, Tensor) and value.numel() == 1 and not value.requires_grad and value.device.type == "cpu":
-            value = value.item()
-        elif isinstance(value, list):
-            # a copy: the group's list, changed in place later, would still compare equal to the
-            # values that passed their checks (``checked``), and skip them
-            value = tuple(value)
-        out[key] = value
+        out[key] = _as_number(value)
     if checked is None or len(checked) != len(out) or not all(
             k in out and same_value(v, out[k]) for k, v in checked.items()):
         transform.validate_group(out)

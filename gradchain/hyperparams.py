@@ -8,6 +8,7 @@ with its default and a check; an invalid value raises ``ValueError`` naming the 
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -32,7 +33,7 @@ def _number(value: Any) -> float | None:
         if value.numel() != 1 or value.is_complex() or value.is_meta:
             return None  # (a meta tensor has no value to check)
         return float(value.detach().cpu())
-    if isinstance(value, (int, float)):
+    if isinstance(value, numbers.Real):  # (numpy's scalars too, as torch.optim takes them)
         return float(value)
     return None
 

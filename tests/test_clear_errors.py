@@ -17,6 +17,7 @@ import copy
 import inspect
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from harness import lockstep_gap
@@ -217,3 +218,66 @@ def test_a_param_listed_twice_in_a_group_is_an_error(fused: bool) -> None:
     other.grad = torch.ones(2)
     opt.step()
     torch.testing.assert_close(other.detach(), torch.full((2,), 0.9))
+
+
+def _tensor_betas(kind: str, b1: float, b2: float):
+    if kind == "1-element":
+        return (torch.tensor([b1], dtype=torch.float64), torch.tensor([b2], dtype=torch.float64))
+    if kind == "0-d":
+        return (torch.tensor(b1, dtype=torch.float64), torch.tensor(b2, dtype=torch.float64))
+    return (np.float32(b1), np.float32(b2))  # (numpy's float64 is a float; its float32 is not)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["eager", "fused"])
+@pytest.mark.parametrize("kind", ["1-element", "0-d", "numpy"])
+@pytest.mark.parametrize("name, key", [("adamw", "betas"), ("lamb", "betas"), ("adanorm", "betas"),
+                                       ("adamomentum", "betas"), ("sadam", "betas"),
+                                       ("schedule_free_adamw", "betas"), ("muon", "adamw_betas")])
+def test_betas_as_tensors_or_numpy_scalars_step_as_numbers(name: str, key: str, kind: str, fused: bool,
+                                                           monkeypatch) -> None:
+    """torch.optim takes ``betas=(tensor([0.9]), tensor([0.999]))`` and numpy scalars. gradchain's
+    check took them too, and then a step after the first raised inside the transforms, after some
+    state had moved. Now such values are numbers by the time the transforms see them: the run
+    equals the one with float betas, bit for bit, whether they come in at construction or later."""
+    import gradchain.fused.runner as runner
+    from gradchain import recipes
+
+    monkeypatch.setattr(runner, "BACKEND", "aot_eager")
+
+    def run(betas):
+        torch.manual_seed(0)
+        named = [("w", torch.nn.Parameter(torch.randn(4, 3, dtype=torch.float64))),
+                 ("b", torch.nn.Parameter(torch.randn(3, dtype=torch.float64)))]
+        opt = gc.ChainOptimizer(named, getattr(recipes, name)(), fused=fused)
+        for i in range(4):
+            if i == 1:
+                opt.param_groups[0][key] = betas
+            for _, p in named:
+                p.grad = torch.cos(p.detach() * (i + 1))
+            opt.step()
+        return [p.detach() for _, p in named]
+
+    # values a float32 holds exactly
+    want = run((0.75, 0.9921875))
+    got = run(_tensor_betas(kind, 0.75, 0.9921875))
+    assert all(torch.equal(a, b) for a, b in zip(want, got))
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["eager", "fused"])
+def test_numpy_scalars_are_numbers(fused: bool, monkeypatch) -> None:
+    """``lr=np.float32(1e-3)`` was refused ("must be a finite number >= 0") where torch.optim takes it."""
+    import gradchain.fused.runner as runner
+    from gradchain import recipes
+
+    monkeypatch.setattr(runner, "BACKEND", "aot_eager")
+
+    def run(lr, warmup):
+        torch.manual_seed(0)
+        p = torch.nn.Parameter(torch.randn(5, dtype=torch.float64))
+        opt = gc.ChainOptimizer([p], recipes.schedule_free_adamw(lr=lr, warmup_steps=warmup), fused=fused)
+        for i in range(3):
+            p.grad = torch.sin(p.detach() + i)
+            opt.step()
+        return p.detach()
+
+    assert torch.equal(run(np.float32(1e-2), np.int64(2)), run(float(np.float32(1e-2)), 2))

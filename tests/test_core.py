@@ -519,7 +519,7 @@ def test_sums_of_nonnegative_tensors() -> None:
 
 
 @pytest.mark.parametrize("fused", [False, True])
-@pytest.mark.parametrize("name", ["lamb", "adafactor", "agc_sgd"])
+@pytest.mark.parametrize("name", ["lamb", "adafactor", "agc_sgd", "adanorm"])
 def test_state_dtype_narrower_than_the_params_takes_per_tensor_norms(name: str, fused: bool, monkeypatch) -> None:
     # fp32 params, bf16 state: a norm of the params accumulates in fp32 and is then cast (torch refuses
     # a norm of fp32 tensors with dtype=bf16: these recipes raised at the first step). Each update is
@@ -528,7 +528,8 @@ def test_state_dtype_narrower_than_the_params_takes_per_tensor_norms(name: str, 
 
     monkeypatch.setattr(runner, "BACKEND", "aot_eager")
     build = {"lamb": lambda: recipes.lamb(lr=0.01), "adafactor": lambda: recipes.adafactor(min_dim_size_to_factor=8),
-             "agc_sgd": lambda: recipes.agc_sgd(lr=0.01, momentum=0.9)}[name]
+             "agc_sgd": lambda: recipes.agc_sgd(lr=0.01, momentum=0.9),
+             "adanorm": lambda: recipes.adanorm(lr=0.01)}[name]
     gen = torch.Generator().manual_seed(0)
     start = [torch.randn(16, 12, generator=gen), torch.randn(16, generator=gen)]
     grads = [[torch.randn(x.shape, generator=gen) for x in start] for _ in range(3)]

@@ -179,8 +179,9 @@ def scale_by_adanorm(
         r, cap = hp["norm_decay"], hp["max_ratio"]
         m, v, e = state["exp_avg"], state["exp_avg_sq"], state["grad_norm"]
         # per-tensor scalars as one vector: a list of 0-d tensors eagerly, the flat vector fused
-        norms = ctx.tensor_norms(updates)
         ev = ctx.state_vector(e)
+        # in the state's dtype (fp32 where state_dtype narrows the updates: bf16 norms would not lerp into it)
+        norms = ctx.tensor_norms(updates, ev.dtype)
         ops.lerp_([ev], [norms], 1.0 - r)
         ctx.store_state_vector(e, ev)
         ratio = torch.where((ev > norms) & (norms > 0), ev / norms, torch.ones_like(ev))
