@@ -167,6 +167,13 @@ class FusedGradientCopyWarning(UserWarning):
     ``gradient_as_bucket_view=True``): a cost, not an error. The message says how to avoid it."""
 
 
+def _kept_dtype(saved: Tensor, expected: Any) -> torch.dtype:
+    """The dtype a loaded state tensor takes: the one this optimizer makes for it, if both float."""
+    if isinstance(expected, Tensor) and saved.is_floating_point() and expected.is_floating_point():
+        return expected.dtype
+    return saved.dtype
+
+
 class ChainOptimizer(torch.optim.Optimizer):
     """A ``torch.optim.Optimizer`` whose step is a gradchain transform.
 
@@ -334,6 +341,7 @@ class ChainOptimizer(torch.optim.Optimizer):
         try:
             self._check_group(self.param_groups[-1])
             self._check_unique_params(self.param_groups[-1])
+            self._check_across_groups(self.param_groups)
         except Exception:
             self.param_groups.pop()
             raise
@@ -358,6 +366,19 @@ class ChainOptimizer(torch.optim.Optimizer):
             "each would be stepped once per listing. List each param once; model.parameters() lists tied "
             "weights once, where concatenating two submodules' parameters() may list a shared one twice"
         )
+
+    def _check_listed_once(self, gi: int) -> None:
+        """Group ``gi`` lists each param once, and no other group lists one of them: a list edited in
+        place (``param_groups[i]["params"].append(p)``) gets past ``add_param_group``'s checks."""
+        group = self.param_groups[gi]
+        self._check_unique_params(group)
+        mine = set(map(id, group["params"]))
+        for gj, other in enumerate(self.param_groups):
+            if gj != gi and not mine.isdisjoint(map(id, other["params"])):
+                raise ValueError(
+                    f"param groups {min(gi, gj)} and {max(gi, gj)} list the same param (a group's params "
+                    "edited in place): each group would step it. List each param in one group only"
+                )
 
     # -- state --------------------------------------------------------------------------------
     def _init_param_state(self, p: Tensor, name: str | None, group: dict[str, Any]) -> dict[str, Tensor]:
@@ -440,6 +461,8 @@ class ChainOptimizer(torch.optim.Optimizer):
                 out.extend((gi, group, items) for items in reused)
                 continue
             self._checked = {k: v for k, v in self._checked.items() if k[0] != gi}
+            if not compiling:  # (the group's params changed, or a first step: cheap next to a split)
+                self._check_listed_once(gi)
             split: dict[tuple, list] = defaultdict(list)
             where: dict[tuple, list[int]] = defaultdict(list)
             names = self._names(group)
@@ -559,6 +582,14 @@ class ChainOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"param group {at}: {e}") from e
             raise
         return self._checked_values
+
+    def _check_across_groups(self, groups: list[dict[str, Any]]) -> None:
+        """The checks that span groups, on the groups' values as they are (when a group is added or a
+        state dict loaded). A scheduled value is checked at the step, where it is evaluated."""
+        if not self._group_checks or any(callable(g[k]) and not isinstance(g[k], Tensor)
+                                         for g in groups for k in self.transform.hyperparams if k in g):
+            return
+        self._validate_across_groups([resolve_group(self.transform, g, 0) for g in groups])
 
     def _validate_across_groups(self, resolved: list[dict[str, Any]]) -> None:
         """Checks that span param groups (Prodigy's one estimate needs one beta), before any state moves."""
@@ -1184,8 +1215,9 @@ class ChainOptimizer(torch.optim.Optimizer):
         sd["state"] = {k: dict(v) for k, v in sd["state"].items()}  # plain dicts (torch.load weights_only)
         encode_groups(sd["param_groups"])  # schedules as plain descriptions (torch.load weights_only)
         sd["gradchain"] = {"transforms": self.transform.signature()}
-        if self.global_state and sd["param_groups"] and sd["param_groups"][0]["params"]:
-            holder = sd["param_groups"][0]["params"][0]
+        # on the first param of the first group that has one (a first group may be empty)
+        holder = next((g["params"][0] for g in sd["param_groups"] if g["params"]), None)
+        if self.global_state and holder is not None:
             entry = dict(sd["state"].get(holder, {}))  # a copy: the live state stays as it is
             entry.update({_GLOBAL + k: v for k, v in self.global_state.items()})
             sd["state"][holder] = entry
@@ -1230,7 +1262,8 @@ class ChainOptimizer(torch.optim.Optimizer):
                 )
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict, keeping the saved state dtypes (torch would cast them to the param's).
+        """Load a state dict, its floating state cast to the dtypes this optimizer keeps (torch would
+        cast it to the param's dtype: bf16 moments for a bf16 model, where gradchain keeps fp32).
 
         Raises ``ValueError`` when it comes from a different chain: other transform names, other
         state buffers, other group structure or hyperparameters this chain does not declare.
@@ -1242,6 +1275,12 @@ class ChainOptimizer(torch.optim.Optimizer):
                 state_dict = result
         mine = self.transform.signature()
         meta = state_dict.get("gradchain")
+        if meta is None and any({"foreach", "capturable"} & set(g) for g in state_dict.get("param_groups", ())):
+            raise ValueError(
+                "state dict is from a torch.optim optimizer (its param groups have foreach/capturable), not from a "
+                "ChainOptimizer: gradchain keys state by transform ('adam.exp_avg', not 'exp_avg') and does not "
+                "convert torch checkpoints. Resume with the torch optimizer, or start this one's state afresh"
+            )
         if meta is not None and list(meta.get("transforms", [])) != mine:
             raise ValueError(
                 f"state dict is from a different chain: it has transforms {list(meta['transforms'])}, "
@@ -1274,6 +1313,8 @@ class ChainOptimizer(torch.optim.Optimizer):
             if k not in id_map:
                 state[k] = deepcopy(v)
                 continue
+            if isinstance(v, dict) and not v:
+                continue  # no state yet (an entry that reading opt.state[p] leaves, as torch saves it)
             p = id_map[k]
             expected = self._expected_state(p, name_map[k], group_map[k])
             if expected is not None and set(v) != set(expected):
@@ -1283,16 +1324,22 @@ class ChainOptimizer(torch.optim.Optimizer):
                 )
             if expected is not None:
                 self._check_loaded(name_map[k] or k, expected, v)
-            # copies: the optimizer must not share buffers with the dict (or with another optimizer)
+            # copies: the optimizer must not share buffers with the dict (or with another optimizer).
+            # Floating state takes the dtype this optimizer keeps for it (float64 params, another
+            # state_dtype): the step would refuse any other; a bf16 model's fp32 moments stay fp32,
+            # where torch's loader would cast them to the param's dtype
             state[p] = {
-                key: (val.to(device=p.device, copy=True) if key != "step" else val.clone())
+                key: (val.to(device=p.device, dtype=_kept_dtype(val, (expected or {}).get(key)), copy=True)
+                      if key != "step" else val.clone())
                 if isinstance(val, Tensor)
                 else deepcopy(val)
                 for key, val in v.items()
             }
             step = state[p].get("step")
-            if step is not None and not isinstance(step, Tensor):
-                # older torch checkpoints keep the step as a Python number
+            if step is not None and not (isinstance(step, Tensor) and step.dim() == 0
+                                         and step.dtype == torch.float32):
+                # a count as this optimizer makes it: older torch checkpoints keep a Python number,
+                # others an integer or 1-element tensor
                 state[p]["step"] = torch.tensor(float(step), dtype=torch.float32)
         new_groups = []
         for g, sg in zip(groups, saved_groups, strict=False):
@@ -1304,9 +1351,10 @@ class ChainOptimizer(torch.optim.Optimizer):
                 sg["param_names"] = g["param_names"]
             self._check_group(sg)
             new_groups.append(sg)
+        self._check_across_groups(new_groups)
         self.__setstate__({"state": state, "param_groups": new_groups})
         # a state dict saved before the first step has none: it is then made at the next step
-        device = groups[0]["params"][0].device if groups and groups[0]["params"] else None
+        device = next((g["params"][0].device for g in groups if g["params"]), None)
         self.global_state = {k: v.detach().clone().to(device) for k, v in saved_global.items()}
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)

@@ -283,7 +283,10 @@ def test_loading_a_state_dict_from_before_any_step_resets_the_loss_ema() -> None
 
 def test_loss_decay_must_agree_across_groups_and_modes_are_checked() -> None:
     a, b = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2))
-    opt = ChainOptimizer([{"params": [a]}, {"params": [b], "betas": (0.9, 0.9)}], recipes.adalo())
+    with pytest.raises(ValueError, match=r"betas\[1\]"):  # when a group is added (the constructor adds them)
+        ChainOptimizer([{"params": [a]}, {"params": [b], "betas": (0.9, 0.9)}], recipes.adalo())
+    opt = ChainOptimizer([{"params": [a]}, {"params": [b]}], recipes.adalo())
+    opt.param_groups[1]["betas"] = (0.9, 0.9)  # and at the step, for a value set in place
     a.grad, b.grad = torch.ones(2), torch.ones(2)
     with pytest.raises(ValueError, match=r"betas\[1\]"):
         opt.step(loss=1.0)

@@ -293,9 +293,10 @@ def test_invalid_hyperparameters() -> None:
 
 def test_one_beta_needs_one_lambda_across_groups() -> None:
     model = torch.nn.Linear(3, 2)
-    opt = ChainOptimizer(
-        [{"params": [model.weight]}, {"params": [model.bias], "am_lambda": 0.2}], recipes.am_sgd(lr=0.1)
-    )
+    with pytest.raises(ValueError, match="am_lambda"):  # when the groups are made
+        ChainOptimizer([{"params": [model.weight]}, {"params": [model.bias], "am_lambda": 0.2}], recipes.am_sgd(lr=0.1))
+    opt = ChainOptimizer([{"params": [model.weight]}, {"params": [model.bias]}], recipes.am_sgd(lr=0.1))
+    opt.param_groups[1]["am_lambda"] = 0.2  # and at the step, for a value set in place
     model(torch.randn(4, 3)).sum().backward()
     with pytest.raises(ValueError, match="am_lambda"):
         opt.step()

@@ -42,7 +42,9 @@ def _step_loss(ctx: Bucket, who: str, sync: bool) -> tuple[Tensor, Tensor]:
         if loss is None:
             raise ValueError(
                 f"{who}: the loss sets the step, but none reached it; call opt.step(closure) or "
-                "opt.step(loss=loss) (under GradScaler: scaler.step(opt, loss=loss))"
+                "opt.step(loss=loss) (under GradScaler: scaler.step(opt, loss=loss)). (torch.distributed."
+                "checkpoint's get/set_optimizer_state_dict step a fresh optimizer without a loss to make its "
+                "state: call opt.init_state() first)"
             )
         if loss.numel() != 1:
             raise ValueError(f"{who}: the loss must be a scalar, got shape {tuple(loss.shape)}")
@@ -115,6 +117,20 @@ class _LossEMA(Declared):
             st[f"{self.name}.norm"] = torch.zeros((), dtype=torch.float32, device=device)
         return st
 
+    def validate_groups(self, resolved: list[Mapping[str, Any]]) -> None:
+        """Every group's decay of the one loss EMA agrees (by group key), before any state moves."""
+        key = self.group_key("loss_decay")
+        self._one_decay([r[key] for r in resolved if key in r])
+
+    def _one_decay(self, values: list) -> float:
+        decays = sorted({_decay(v, self._entry) for v in values})
+        if len(decays) > 1:
+            key = self.group_key("loss_decay") + ("" if self._entry is None else f"[{self._entry}]")
+            raise ValueError(
+                f"{self.name}: the loss EMA is one for the whole optimizer, but param groups set {key} to {decays}"
+            )
+        return decays[0]
+
     def apply(self, buckets: list[Bucket]) -> None:
         live = [b for b in buckets if len(b)]
         # pending, folded into the final write (no pass and no model-sized buffer of its own);
@@ -136,13 +152,7 @@ class _LossEMA(Declared):
             )
         loss, finite = _step_loss(buckets[0], self.name, self._sync)
         hps = [self.hp(b) for b in buckets]
-        decays = sorted({_decay(h["loss_decay"], self._entry) for h in hps})
-        if len(decays) > 1:
-            key = self.group_key("loss_decay") + ("" if self._entry is None else f"[{self._entry}]")
-            raise ValueError(
-                f"{self.name}: the loss EMA is one for the whole optimizer, but param groups set {key} to {decays}"
-            )
-        decay = decays[0]
+        decay = self._one_decay([h["loss_decay"] for h in hps])
         ema = shared[f"{self.name}.loss_ema"]
         loss, finite = loss.to(ema.device), finite.to(ema.device)
         # the article's map (tanh(-log1p(L)/2) + 1)/2 is exactly 1/(2 + L); L < -1 is clamped to its limit
