@@ -725,6 +725,11 @@ class ChainOptimizer(torch.optim.Optimizer):
                 # traced, the flat buffers' views would make their offsets symbols of the user's
                 # graph: a graph break instead, and the fused step runs its own compiled kernels
                 self._step_outside_graph(loss_t, batch_size)
+            elif self._state_missing():
+                # a fresh optimizer in a compiled step: its first step (state made) runs outside the
+                # graph, one clean graph break; traced, making state broke the graph at every param
+                # and dynamo gave up on tracing the collection of params for every later step
+                self._step_outside_graph(loss_t, batch_size)
             else:
                 self._step_eager(loss_t, batch_size)
             return loss
@@ -737,6 +742,10 @@ class ChainOptimizer(torch.optim.Optimizer):
             return loss
         self._atomic_step(loss_t, batch_size)
         return loss
+
+    def _state_missing(self) -> bool:
+        """Whether a param with a grad has no state yet (a first step, or a param that joined)."""
+        return any(p.grad is not None and not self.state.get(p) for g in self.param_groups for p in g["params"])
 
     @torch.compiler.disable
     def _step_outside_graph(self, loss_t: Tensor | None, batch_size: Any) -> None:

@@ -1040,7 +1040,9 @@ def test_whole_step_compiled_with_aot_backend(name: str) -> None:
 def _train_step_compiled_with_a_schedule(name: str, backend: str, compiled: bool) -> tuple[list[Tensor], int]:
     """Params after each of 5 steps of a training step compiled whole by ``backend`` (the eager path
     inside the user's graph, a loss passed to the step), the lr, betas and momentum changed between
-    steps as LR schedulers do (OneCycleLR cycles the betas too); and the graphs compiled after step 2."""
+    steps as LR schedulers do (OneCycleLR cycles the betas too); and the graphs compiled after step 3
+    (a fresh optimizer's first step runs outside the graph, and the first change of a value in the
+    traced step may compile once more)."""
     torch.manual_seed(0)
     torch._dynamo.reset()
     model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).double()
@@ -1060,7 +1062,7 @@ def _train_step_compiled_with_a_schedule(name: str, backend: str, compiled: bool
     step = torch.compile(train_step, backend=backend) if compiled else train_step
     out, graphs = [], 0
     for i, (x, y) in enumerate(data):
-        if i == 2:
+        if i == 3:
             graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
         step(x, y)
         out.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
@@ -1090,7 +1092,7 @@ def test_train_step_compiled_whole_follows_its_schedule(name: str, backend: str)
     for i, (a, b) in enumerate(zip(expected, got)):
         torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-14, msg=lambda m, i=i: f"step {i}: {m}")
     if name != "prodigy":  # (Prodigy checks its lr and betas across groups as numbers: a graph per value)
-        assert recompiled == 0  # the values changed at steps 2-4 are symbolic: no graph per value
+        assert recompiled == 0  # the values changed at steps 3-4 are symbolic: no graph per value
 
 
 def _plain_and_compiled_train_steps(make_opt: Callable[[nn.Module], gc.ChainOptimizer],
@@ -1534,3 +1536,56 @@ def test_a_kernel_past_the_recompile_limit_steps_eagerly_with_a_warning(aot_eage
     assert any("FailOnRecompileLimitHit" in str(w.message) and "float(hp[key])" in str(w.message) for w in seen)
     assert any(s._failed for s in opt._fused_chain.segments)
     torch.testing.assert_close(fused, eager, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("name", ["adamw", "adalo"])
+def test_a_training_step_compiled_before_the_first_step_traces_as_one_made_after(name: str) -> None:
+    """``torch.compile(train_step)`` from a fresh optimizer, as training scripts write it: making
+    the state while tracing broke the graph at every param, and dynamo gave up on tracing the step's
+    collection of params for good (10 graphs at the first step, 4 at every later one, where an
+    optimizer stepped once before compiling runs 2). The first step now runs outside the graph, and
+    later steps run as many graphs as after a step taken before compiling, on the same numbers."""
+    from torch._dynamo.backends.registry import lookup_backend
+
+    inner = lookup_backend("aot_eager")
+    calls = [0]
+
+    def counting(gm, example_inputs):
+        compiled = inner(gm, example_inputs)
+
+        def run(*args):
+            calls[0] += 1
+            return compiled(*args)
+
+        return run
+
+    def run(compiled: bool, before: bool):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.Linear(8, 3)).double()
+        opt = gc.ChainOptimizer(model.parameters(), getattr(recipes, name)())
+        x, y = torch.randn(8, 6, dtype=torch.float64), torch.randn(8, 3, dtype=torch.float64)
+
+        def train_step():
+            loss = nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            opt.step(loss=loss) if name == "adalo" else opt.step()
+            opt.zero_grad()
+            return loss
+
+        if before:
+            train_step()
+        step = torch.compile(train_step, backend=counting) if compiled else train_step
+        per = []
+        for _ in range(4 - before):
+            c = calls[0]
+            step()
+            per.append(calls[0] - c)
+        return [p.detach().clone() for p in model.parameters()], per
+
+    want, _ = run(False, False)
+    fresh, per_fresh = run(True, False)
+    _, per_before = run(True, True)
+    assert per_fresh[1:] == per_before, (per_fresh, per_before)
+    for a, b in zip(want, fresh):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-14)
