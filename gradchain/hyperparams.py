@@ -126,7 +126,18 @@ def validate(key: str, spec: Hyperparam, value: Any) -> None:
         return
     problem = spec.check(value)
     if problem is not None:
-        raise ValueError(f"invalid hyperparameter {key}={value!r}: {problem}")
+        raise InvalidHyperparameter(key, value, problem)
+
+
+class InvalidHyperparameter(ValueError):
+    """A hyperparameter value that fails its check: ``key``, ``value`` and the ``problem``."""
+
+    def __init__(self, key: str, value: Any, problem: str) -> None:
+        super().__init__(f"invalid hyperparameter {key}={value!r}: {problem}")
+        self.key, self.value, self.problem = key, value, problem
+
+    def __reduce__(self) -> tuple:  # (pickled across processes with the key, not the message)
+        return type(self), (self.key, self.value, self.problem)
 
 
 def same_value(a: Any, b: Any) -> bool:

@@ -14,7 +14,7 @@ import torch
 
 from .base import Chain, Transform, chain
 from .combinators import _NameMatch, masked, partition
-from .hyperparams import betas_pair
+from .hyperparams import Hyperparam, InvalidHyperparameter, betas_pair, nonnegative, validate
 from .transforms.adaptive_memory import adaptive_memory_momentum, scale_by_am_adamw
 from .transforms.amos import amos_default_eta, scale_by_amos
 from .transforms.centralization import centralize
@@ -48,6 +48,18 @@ from .transforms.spectral import spectral_lr_bound
 from .transforms.stable_wd import add_stable_wd
 from .transforms.trust_ratio import scale_by_trust_ratio
 
+
+def _renamed(mapping: dict[str, str], make: Callable[[], Transform]) -> Transform:
+    """``make().renamed(mapping)``, a value it refuses named by its key in the param group (the
+    recipe's argument), not by the inner transform's own name for it."""
+    try:
+        built = make()
+    except InvalidHyperparameter as e:
+        if e.key not in mapping:
+            raise
+        raise InvalidHyperparameter(mapping[e.key], e.value, e.problem) from None
+    return built.renamed(mapping)
+
 __all__ = ["adam", "adamw", "sgd"]
 
 
@@ -67,6 +79,7 @@ def sgd(
     is kept (build with momentum > 0 to schedule it). Reference: Sutskever et al. 2013.
     Reproduces ``torch.optim.SGD``.
     """
+    validate("momentum", Hyperparam(None, nonnegative), momentum)  # (before it decides the chain)
     if momentum == 0 and not nesterov:
         # torch keeps no buffer without momentum: a group may not switch momentum on here
         return chain(add_l2(weight_decay), scale_by_lr(lr), maximize=maximize,
@@ -228,9 +241,10 @@ def adalo(
     """
     betas = betas_pair(betas)
     return chain(
-        loss_gated_ema(betas, entry=0).renamed({"decay": "betas"}),
+        _renamed({"decay": "betas"}, lambda: loss_gated_ema(betas, entry=0)),
         add_decoupled_wd(weight_decay),
-        scale_by_loss_ema(betas, kappa, eps, entry=1, mode=mode, debias=debias).renamed({"loss_decay": "betas"}),
+        _renamed({"loss_decay": "betas"},
+                 lambda: scale_by_loss_ema(betas, kappa, eps, entry=1, mode=mode, debias=debias)),
         scale_by_lr(lr),
         maximize=maximize,
         share=["betas"],  # one pair, read by both: b1 by the first moment, b2 by the loss EMA
@@ -302,7 +316,7 @@ __all__ += ["adafactor", "amos", "sm3", "smmf"]
 
 def _momentum3b(momentum: float) -> list:
     # a momentum of 0 keeps no buffer (build with momentum > 0 to schedule it)
-    return [ema(momentum).renamed({"decay": "momentum"})] if momentum else []
+    return [_renamed({"decay": "momentum"}, lambda: ema(momentum))] if momentum else []
 
 
 def adafactor(
@@ -563,8 +577,8 @@ def nsgda(
     """
     return chain(
         add_l2(weight_decay),
-        ema(beta).renamed({"decay": "beta"}),
-        normalize(eps).renamed({"normalize_eps": "eps"}),
+        _renamed({"decay": "beta"}, lambda: ema(beta)),
+        _renamed({"normalize_eps": "eps"}, lambda: normalize(eps)),
         scale_by_lr(lr),
         maximize=maximize,
     )
@@ -771,17 +785,11 @@ def muon(
     """
     adamw_betas = betas_pair(adamw_betas, "adamw_betas")
     matrices = chain(
-        ema(momentum, nesterov=nesterov, name="momentum").renamed({"decay": "momentum"}),
+        _renamed({"decay": "momentum"}, lambda: ema(momentum, nesterov=nesterov, name="momentum")),
         orthogonalize(ns_steps, ns_coefficients, eps, dtype=ns_dtype),
         scale_by_shape(adjust_lr_fn),
         add_decoupled_wd(weight_decay),
         scale_by_lr(lr),
-    )
-    rest = adamw(
-        lr if adamw_lr is None else adamw_lr,
-        adamw_betas,
-        adamw_eps,
-        weight_decay if adamw_weight_decay is None else adamw_weight_decay,
     )
     # shared "lr" / "weight_decay" unless given apart, so an LR scheduler moves both parts
     keys = {"betas": "adamw_betas", "eps": "adamw_eps", "eps_root": "adamw_eps_root"}
@@ -789,7 +797,12 @@ def muon(
         keys["lr"] = "adamw_lr"
     if adamw_weight_decay is not None:
         keys["weight_decay"] = "adamw_weight_decay"
-    rest = rest.renamed(keys)
+    rest = _renamed(keys, lambda: adamw(
+        lr if adamw_lr is None else adamw_lr,
+        adamw_betas,
+        adamw_eps,
+        weight_decay if adamw_weight_decay is None else adamw_weight_decay,
+    ))
     select = muon_hidden_matrix if muon_params is None else muon_params
     routed = partition({"muon": matrices, "adamw": rest}, _MuonOrAdamW(select))
     return chain(routed, maximize=maximize)

@@ -281,3 +281,31 @@ def test_numpy_scalars_are_numbers(fused: bool, monkeypatch) -> None:
         return p.detach()
 
     assert torch.equal(run(np.float32(1e-2), np.int64(2)), run(float(np.float32(1e-2)), 2))
+
+
+@pytest.mark.parametrize("build, message", [
+    (lambda r: r.muon(momentum=-1), r"hyperparameter momentum=-1"),
+    (lambda r: r.muon(adamw_eps=-1), r"hyperparameter adamw_eps=-1"),
+    (lambda r: r.adafactor(momentum=1.5), r"hyperparameter momentum=1.5"),
+    (lambda r: r.sm3(momentum=-1), r"hyperparameter momentum=-1"),
+    (lambda r: r.nsgda(beta=2), r"hyperparameter beta=2"),
+    (lambda r: r.nsgda(eps=-1), r"hyperparameter eps=-1"),
+    (lambda r: r.adalo(betas=(0.9, 1.0)), r"hyperparameter betas="),
+    (lambda r: r.sgd(momentum=torch.tensor([0.9, 0.9])), r"hyperparameter momentum=tensor"),
+    (lambda r: r.prodigy(growth_rate=torch.tensor([2.0, 2.0])), r"hyperparameter growth_rate=tensor"),
+    (lambda r: r.am_adamw(am_lambda="0.1"), r"hyperparameter am_lambda='0.1'"),
+    (lambda r: r.adafactor(min_dim_size_to_factor="128"), r"min_dim_size_to_factor='128': must be an int >= 0"),
+    (lambda r: r.adafactor(min_dim_size_to_factor=-1), r"min_dim_size_to_factor=-1: must be an int >= 0"),
+    (lambda r: r.fractional_sgd(seed=1.5), r"seed=1.5: must be an int"),
+], ids=["muon-momentum", "muon-adamw_eps", "adafactor-momentum", "sm3-momentum", "nsgda-beta", "nsgda-eps",
+        "adalo-betas", "sgd-tensor-momentum", "prodigy-tensor-growth", "am_adamw-str-lambda",
+        "adafactor-str-min-dim", "adafactor-negative-min-dim", "fractional-float-seed"])
+def test_a_recipe_names_a_refused_argument_by_its_own_name(build, message: str) -> None:
+    """A recipe's argument refused at construction is named as the recipe (and the param group)
+    names it: ``muon(momentum=-1)`` said "decay=-1", the name of the inner EMA's own key; some bad
+    values gave Python's errors (``Boolean value of Tensor...``, ``can't multiply sequence``) or
+    went through to the first step."""
+    from gradchain import recipes
+
+    with pytest.raises(ValueError, match=message):
+        build(recipes)

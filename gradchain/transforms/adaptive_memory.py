@@ -37,7 +37,7 @@ from ..base import (
     transform,
     zeros_state,
 )
-from ..hyperparams import Hyperparam, nonnegative, positive, unit_interval
+from ..hyperparams import Hyperparam, nonnegative, positive, unit_interval, validate
 
 __all__ = ["adaptive_memory_momentum", "scale_by_am_adamw"]
 
@@ -327,6 +327,7 @@ def scale_by_am_adamw(
     tests solve that problem numerically. No peer.
     """
     if beta_max is None:
+        validate("am_lambda", Hyperparam(None, nonnegative), am_lambda)  # before it sets beta_max's default
         beta_max = 0.9 - 0.1 * am_lambda  # 0.89 at the default lam = 0.1
 
     def init(p: Tensor) -> dict:

@@ -122,6 +122,9 @@ def scale_by_factored_rms(
     Reference: Shazeer & Stern, arXiv:1804.04235. Peer: optax ``scale_by_factored_rms``,
     HF ``Adafactor``; ``torch.optim.Adafactor`` with ``torch_compat``.
     """
+    if isinstance(min_dim_size_to_factor, bool) or not isinstance(min_dim_size_to_factor, int) \
+            or min_dim_size_to_factor < 0:
+        raise ValueError(f"invalid min_dim_size_to_factor={min_dim_size_to_factor!r}: must be an int >= 0")
     if torch_compat:
         factored, min_dim_size_to_factor = "last_two", 0
     factored_dims((1, 1), factored, 0)  # validates the rule name now

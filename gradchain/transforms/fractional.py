@@ -113,6 +113,8 @@ def fractional(
     Reference: Zhou, Zhao, Huang, "A Deep Learning Optimizer Based on
     Grünwald–Letnikov Fractional Order Definition", Mathematics 11(2):316, 2023 (FCGD_G-L). No peer.
     """
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"invalid seed={seed!r}: must be an int")
     if isinstance(history, bool) or not isinstance(history, int) or history < 1:
         raise ValueError(f"invalid history={history!r}: must be an int >= 1")
     if isinstance(drop, bool) or not isinstance(drop, int) or not 0 <= drop <= history:

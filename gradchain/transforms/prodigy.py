@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping
 from typing import Any
 
@@ -26,7 +27,8 @@ def _beta3(value: Any) -> str | None:
 
 
 def _growth(value: Any) -> str | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float, Tensor)):
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, Tensor)) or (
+            isinstance(value, Tensor) and value.numel() != 1):
         return "must be a number > 0 (inf: unbounded)"
     x = float(value)
     return None if x > 0 and not math.isnan(x) else "must be a number > 0 (inf: unbounded)"
