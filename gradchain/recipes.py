@@ -37,7 +37,7 @@ from .transforms.moment_variants import scale_by_adamomentum, scale_by_adanorm, 
 from .transforms.moments import scale_by_adam
 from .transforms.momentum import ema, trace
 from .transforms.normalization import normalize
-from .transforms.orthogonal import NS_COEFFICIENTS, orthogonalize, scale_by_shape
+from .transforms.orthogonal import NS_COEFFICIENTS, check_iteration_dtype, orthogonalize, scale_by_shape
 from .transforms.prodigy import scale_by_prodigy
 from .transforms.regularization import add_cautious_wd, add_decoupled_wd, add_l2, add_switched_wd
 from .transforms.scaling import scale, scale_by_lr
@@ -784,6 +784,7 @@ def muon(
     On matrices it reproduces ``torch.optim.Muon`` (same hyperparameter names and defaults).
     """
     adamw_betas = betas_pair(adamw_betas, "adamw_betas")
+    check_iteration_dtype(ns_dtype, "ns_dtype")
     matrices = chain(
         _renamed({"decay": "momentum"}, lambda: ema(momentum, nesterov=nesterov, name="momentum")),
         orthogonalize(ns_steps, ns_coefficients, eps, dtype=ns_dtype),

@@ -297,9 +297,12 @@ def test_numpy_scalars_are_numbers(fused: bool, monkeypatch) -> None:
     (lambda r: r.adafactor(min_dim_size_to_factor="128"), r"min_dim_size_to_factor='128': must be an int >= 0"),
     (lambda r: r.adafactor(min_dim_size_to_factor=-1), r"min_dim_size_to_factor=-1: must be an int >= 0"),
     (lambda r: r.fractional_sgd(seed=1.5), r"seed=1.5: must be an int"),
+    (lambda r: r.muon(ns_dtype="torch.float32"), r"ns_dtype='torch.float32': must be a floating torch.dtype"),
+    (lambda r: r.muon(ns_dtype=torch.int32), r"ns_dtype=torch.int32: must be a floating torch.dtype"),
 ], ids=["muon-momentum", "muon-adamw_eps", "adafactor-momentum", "sm3-momentum", "nsgda-beta", "nsgda-eps",
         "adalo-betas", "sgd-tensor-momentum", "prodigy-tensor-growth", "am_adamw-str-lambda",
-        "adafactor-str-min-dim", "adafactor-negative-min-dim", "fractional-float-seed"])
+        "adafactor-str-min-dim", "adafactor-negative-min-dim", "fractional-float-seed", "muon-str-dtype",
+        "muon-int-dtype"])
 def test_a_recipe_names_a_refused_argument_by_its_own_name(build, message: str) -> None:
     """A recipe's argument refused at construction is named as the recipe (and the param group)
     names it: ``muon(momentum=-1)`` said "decay=-1", the name of the inner EMA's own key; some bad

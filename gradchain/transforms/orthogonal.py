@@ -80,6 +80,13 @@ def _orthogonalize_one(u: Tensor, steps: int, coeffs: tuple, eps: float, dtype: 
     return out.redistribute(u.device_mesh, placements)
 
 
+def check_iteration_dtype(dtype: Any, key: str = "dtype") -> None:
+    """Refuse a Newton–Schulz dtype that is neither None nor a floating torch.dtype (a string, say)."""
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"invalid {key}={dtype!r}: must be a floating torch.dtype (torch.bfloat16, torch.float32, "
+                         "...) or None for the update's own dtype")
+
+
 def orthogonalize(
     ns_steps: int = 5,
     ns_coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
@@ -99,6 +106,8 @@ def orthogonalize(
     sharded run equals a one-process run. Reference: Jordan et al., "Muon" (kellerjordan.github.io/
     posts/muon); Bernstein & Newhouse, arXiv:2409.20325. Peer: torch ``Muon``, optax ``contrib.muon``.
     """
+
+    check_iteration_dtype(dtype)
 
     def update(updates: list, state: dict, hp: Mapping, ctx: Bucket) -> list:
         steps, eps_ = int(hp["ns_steps"]), float(hp["eps"])
