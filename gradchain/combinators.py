@@ -348,6 +348,13 @@ class _Accumulate(_Wrapper):
             raise ValueError(f"invalid steps={steps!r}: accumulate() needs an int >= 1")
         self.every = steps
         self._setup(inner, name)
+        # leaves that read a step count outside a step (schedule-free's eval_weight) need the count
+        # their schedules saw: this wrapper's, unless an accumulate nested inside already counts for them
+        key = f"{self.name}.step"
+        for leaf in inner.leaves():
+            keys = getattr(leaf, "step_keys", None)
+            if isinstance(keys, tuple) and key not in keys:
+                leaf.step_keys = (*keys, key)
 
     def renamed(self, mapping: Mapping[str, str]) -> _Accumulate:
         return _Accumulate(self.inner.renamed(mapping), self.every, self.name)

@@ -2,9 +2,12 @@
 
 The article's advice for heavy-tailed ("long-tail") gradients starts with looking at them: gradient
 and weight histograms per tensor, and how much of a tensor's gradient mass sits in a few entries.
-:class:`GradientDiagnostics` hooks an optimizer (``register_step_pre_hook``; with ``updates=True``
-also a post hook) and, every ``every`` steps, records for each parameter tensor and for the whole
-model (``"(all)"``):
+:class:`GradientDiagnostics` hooks an optimizer (a step pre hook, which reads the statistics, and a
+post hook, which keeps them once the step has happened: a step that raises leaves no record) and,
+every ``every`` steps of the optimizer's own count (the ``"step"`` in its state, so a resumed run
+keeps its numbers; steps since attaching for an optimizer that keeps none), records for each
+parameter tensor and for the whole model (``"(all)"``). With ``opt.step(closure)`` the gradient is
+read inside the step, right after the closure's first call computed it:
 
 - ``norm``      ``||x||_2``
 - ``rms``       ``||x||_2 / sqrt(n)``
@@ -101,7 +104,8 @@ class GradientDiagnostics:
     param groups' ``param_names`` (pass ``named_parameters()`` to the optimizer), else from
     ``names`` (a module, or a mapping param -> name), else ``"g<group>.p<index>"``.
 
-    Each record is a dict: ``step`` (the optimizer step being taken, from 1), ``tensor``, ``numel``,
+    Each record is a dict: ``step`` (the optimizer's step, from 1: its state's ``"step"`` after the
+    step, else the steps since attaching), ``tensor``, ``numel``,
     ``grad_<stat>``, ``param_<stat>`` for every stat in :data:`STATS`, and with ``updates=True``
     ``update_rms`` and ``update_ratio``. The row ``tensor="(all)"`` is over all gradients (and
     parameters) of the step concatenated.
@@ -154,10 +158,13 @@ class GradientDiagnostics:
             self._own_writer = True
         self._pending: list[dict[str, Any]] = []
         self._before: list[tuple[Tensor, Tensor]] = []
+        self._histograms: list[tuple[str, Tensor]] = []
         self._recorded = 0
-        self._handles = [optimizer.register_step_pre_hook(self._pre_hook)]
-        if updates:
-            self._handles.append(optimizer.register_step_post_hook(self._post_hook))
+        # the post hook keeps a record: a step that raises runs none, and leaves no record
+        self._handles = [
+            optimizer.register_step_pre_hook(self._pre_hook),
+            optimizer.register_step_post_hook(self._post_hook),
+        ]
 
     # -- hooks ----------------------------------------------------------------------------------
     def _named_params(self) -> Iterable[tuple[str, Tensor]]:
@@ -171,11 +178,47 @@ class GradientDiagnostics:
                 else:
                     yield self._names.get(p, f"g{gi}.p{pi}"), p
 
-    @torch.no_grad()
-    def _pre_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        self.step += 1
-        if self.step % self.every:
+    def _optimizer_steps(self) -> int | None:
+        """The steps the optimizer has taken by its own count (the largest ``"step"`` in its per-param
+        state, as gradchain and torch's optimizers keep), or None for an optimizer that keeps none."""
+        best = None
+        for st in self.optimizer.state.values():
+            s = st.get("step") if isinstance(st, Mapping) else None
+            if s is not None:
+                v = float(plain(s)) if isinstance(s, Tensor) else float(s)
+                best = v if best is None or v > best else best
+        return None if best is None else int(best)
+
+    def _pre_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> Any:
+        # a step that raised ran no post hook: its record never happened
+        self._pending, self._before, self._histograms = [], [], []
+        taken = self._optimizer_steps()
+        label = (self.step if taken is None else taken) + 1
+        if label % self.every:
             return None
+        # args is (optimizer, *step's positional args): the closure, if any, comes first after it
+        closure = kwargs["closure"] if "closure" in kwargs else (args[1] if len(args) > 1 else None)
+        if closure is None:
+            self._collect(label)
+            return None
+        # the closure computes this step's gradient inside step(): read it there, after the first call
+        # (the gradient at the step's starting point, before the params move)
+        done = False
+
+        def recorded_closure() -> Any:
+            nonlocal done
+            out = closure()
+            if not done:
+                done = True
+                self._collect(label)
+            return out
+
+        if "closure" in kwargs:
+            return args, {**kwargs, "closure": recorded_closure}
+        return (args[0], recorded_closure, *args[2:]), kwargs
+
+    @torch.no_grad()
+    def _collect(self, label: int) -> None:
         named = list(self._named_params())
         if not named:
             return None
@@ -193,35 +236,39 @@ class GradientDiagnostics:
         numels = [p.numel() for _, p in named]
         numels.append(sum(numels))
         self._pending = [
-            {"step": self.step, "tensor": label, "numel": numel, **dict(zip(keys, vals))}
-            for label, numel, vals in zip(labels, numels, values)
+            {"step": label, "tensor": name, "numel": numel, **dict(zip(keys, vals))}
+            for name, numel, vals in zip(labels, numels, values)
         ]
         hist = self.histogram_every and self._recorded % self.histogram_every == 0
         if self.writer is not None and hist:
+            # written by the post hook, once the step has happened
             for name, p in named:
-                self.writer.add_histogram(f"grad/{name}", plain(p.grad.detach()).float().cpu(), self.step)
+                self._histograms.append((f"grad/{name}", plain(p.grad.detach()).float().cpu()))
                 if self.params:
-                    self.writer.add_histogram(f"param/{name}", plain(p.detach()).float().cpu(), self.step)
-        self._recorded += 1
+                    self._histograms.append((f"param/{name}", plain(p.detach()).float().cpu()))
         if self.updates:
             self._before = [(p, plain(p.detach()).clone()) for _, p in named]
-        else:
-            self._flush()
         return None
 
     @torch.no_grad()
     def _post_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        if not self._before:
+        taken = self._optimizer_steps()
+        self.step = self.step + 1 if taken is None else taken
+        if not self._pending:
             return
-        deltas = [(_flat64(p) - _flat64(b)) for p, b in self._before]
-        befores = [_flat64(b) for _, b in self._before]
-        sums = [torch.stack([torch.dot(d, d), torch.dot(b, b)]) for d, b in zip(deltas, befores)]
-        sums.append(torch.stack(sums).sum(0))
-        vals = torch.stack(sums).tolist()
-        for rec, (dd, bb) in zip(self._pending, vals):
-            rec["update_rms"] = math.sqrt(dd / rec["numel"]) if rec["numel"] else float("nan")
-            rec["update_ratio"] = math.sqrt(dd) / math.sqrt(bb) if bb > 0 else float("nan")
-        self._before = []
+        self._recorded += 1
+        for tag, values in self._histograms:
+            self.writer.add_histogram(tag, values, self.step)
+        if self._before:
+            deltas = [(_flat64(p) - _flat64(b)) for p, b in self._before]
+            befores = [_flat64(b) for _, b in self._before]
+            sums = [torch.stack([torch.dot(d, d), torch.dot(b, b)]) for d, b in zip(deltas, befores)]
+            sums.append(torch.stack(sums).sum(0))
+            vals = torch.stack(sums).tolist()
+            for rec, (dd, bb) in zip(self._pending, vals):
+                rec["update_rms"] = math.sqrt(dd / rec["numel"]) if rec["numel"] else float("nan")
+                rec["update_ratio"] = math.sqrt(dd) / math.sqrt(bb) if bb > 0 else float("nan")
+            self._before = []
         self._flush()
 
     def _flush(self) -> None:

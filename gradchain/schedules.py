@@ -13,9 +13,21 @@ Schedules are plain data (numbers and nested schedules), so they pickle, and the
 lambda) are saved as an opaque marker and the live callable of the loading optimizer is kept.
 
 Conventions: each phase of length ``T`` runs over its local steps ``s = 1..T`` and reaches its end
-value at ``s = T``; ``join`` restarts the local step at each boundary. This equals optax's
-schedule of the same name evaluated at ``count = t``: the first step already uses the first
-warmup increment, none is wasted at value ``init``. See docs/concepts.md (Hyperparameters).
+value at ``s = T``; ``join`` restarts the local step at each boundary. A single-phase schedule
+equals optax's schedule of the same name evaluated at ``count = t``: the first step already uses
+the first warmup increment, none is wasted at value ``init``. ``join`` differs from optax's
+``join_schedules`` at a boundary ``t = b`` only: it gives the earlier phase's end value (its local
+step ``T``), optax the next schedule at its step 0; where the phases meet at one value
+(``warmup_cosine``, ``wsd``) the two agree at every step. See docs/concepts.md (Hyperparameters).
+
+With torch's LR schedulers: a scheduler that multiplies the group's lr (``LambdaLR``,
+``MultiplicativeLR``, ``StepLR``, ``MultiStepLR``, ``ExponentialLR``, ``LinearLR``,
+``ConstantLR``) scales the schedule (``factor * schedule``, one factor however many steps). One
+that does other arithmetic with the lr (``CosineAnnealingLR``, ``ReduceLROnPlateau``, ...) is
+refused with a ``TypeError``: give that group a number lr, or write the whole curve as a gradchain
+schedule. Such a scheduler's own ``state_dict()`` holds the schedule objects (``base_lrs``); load
+it with ``torch.serialization.safe_globals(schedules.SAFE_GLOBALS)`` around
+``torch.load(..., weights_only=True)``.
 """
 
 from __future__ import annotations
@@ -26,6 +38,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 __all__ = [
+    "SAFE_GLOBALS",
     "Schedule",
     "constant",
     "cosine_decay",
@@ -69,6 +82,16 @@ class Schedule:
 
     __rmul__ = __mul__
 
+    def _refuse(self, *args: Any) -> Any:
+        raise TypeError(
+            f"a gradchain schedule ({self!r}) supports only multiplication by a number: a torch LR scheduler "
+            "that does other arithmetic with a group's lr (CosineAnnealingLR, ReduceLROnPlateau, ...) cannot "
+            "drive it. Give that group a number lr for the scheduler, use a multiplying scheduler (LambdaLR, "
+            "ExponentialLR, ...), or write the whole curve as a gradchain schedule (schedules.join, ...)"
+        )
+
+    __add__ = __radd__ = __sub__ = __rsub__ = __truediv__ = __rtruediv__ = __float__ = __neg__ = _refuse
+
     # -- checkpoint description -------------------------------------------------------------
     def describe(self) -> dict[str, Any]:
         """A dict of plain values (what ``state_dict`` stores): rebuild with :func:`from_description`."""
@@ -98,6 +121,16 @@ def _rebuild_value(v: Any) -> Any:
 class _Scaled(Schedule):
     schedule: Schedule
     factor: float
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.schedule, Schedule):
+            raise TypeError(f"invalid schedule={self.schedule!r}: a scaled schedule scales a gradchain schedule")
+        factor = _check_number("factor", self.factor)
+        if isinstance(self.schedule, _Scaled):
+            # one factor, not one more level per multiplication: a scheduler multiplies every step
+            factor *= self.schedule.factor
+            object.__setattr__(self, "schedule", self.schedule.schedule)
+        object.__setattr__(self, "factor", factor)
 
     def __call__(self, step: int | float) -> float:
         return self.factor * self.schedule(step)
@@ -235,14 +268,29 @@ _CLASSES: dict[str, type[Schedule]] = {
 }
 
 
+# the classes a pickled schedule names: torch.serialization.safe_globals(SAFE_GLOBALS) lets
+# torch.load(weights_only=True) read them (a torch LR scheduler's state_dict holds the objects)
+SAFE_GLOBALS: list[type] = list(_CLASSES.values())
+
+
 def from_description(desc: Mapping[str, Any]) -> Schedule:
-    """Rebuild a schedule from :meth:`Schedule.describe` (only the built-in classes are accepted)."""
+    """Rebuild a schedule from :meth:`Schedule.describe` (only the built-in classes are accepted).
+
+    A description with missing, unknown or invalid fields raises ``ValueError`` naming the schedule.
+    """
     kind = desc.get(_TAG)
     if kind not in _CLASSES:
         raise ValueError(f"unknown schedule {kind!r} in a state dict; known: {sorted(_CLASSES)}")
     cls = _CLASSES[kind]
-    kwargs = {k: _rebuild_value(v) for k, v in desc.items() if k != _TAG}
-    return cls(**kwargs)
+    expected = [f.name for f in fields(cls)]  # type: ignore[arg-type]
+    given = [k for k in desc if k != _TAG]
+    if sorted(given) != sorted(expected):
+        raise ValueError(f"invalid {kind} schedule description: fields {sorted(given)}, expected {sorted(expected)}")
+    kwargs = {k: _rebuild_value(desc[k]) for k in given}
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"invalid {kind} schedule description: {e}") from e
 
 
 # -- the public constructors ----------------------------------------------------------------------
@@ -265,7 +313,8 @@ def linear_warmup(peak: float, warmup_steps: int, init: float = 0.0) -> Schedule
     Peer: torch ``LinearLR``, pytorch_optimizer ``linear_warmup``.
     """
     _check_number("peak", peak)
-    return _Linear(init, peak, warmup_steps)
+    _check_number("init", init)
+    return _Linear(init, peak, _check_steps("warmup_steps", warmup_steps))
 
 
 def exponential_warmup(peak: float, beta2: float = 0.999) -> Schedule:
@@ -370,7 +419,13 @@ def decode_groups(saved: list[dict[str, Any]], live: list[dict[str, Any]]) -> No
             if not isinstance(v, Mapping):
                 continue
             if _TAG in v:
-                sg[k] = from_description(v)
+                try:
+                    sg[k] = from_description(v)
+                except ValueError as e:
+                    raise ValueError(
+                        f"param group {i}: the state dict's {k!r} holds a corrupted schedule ({e}); save the "
+                        "state dict again, or set this key in the loaded group by hand"
+                    ) from e
             elif _OPAQUE in v:
                 if not callable(g.get(k)):
                     raise ValueError(

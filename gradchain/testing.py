@@ -16,6 +16,9 @@ saying in words what failed, for which param and which state key; a check that c
         report = check_transform(functools.partial(my_optimizer, lr=1e-2))
         print(report)          # what ran, what was skipped and why
 
+    if __name__ == "__main__":  # in a script: the FSDP2 check's two spawned ranks import it
+        test_my_optimizer()
+
 ``check_transform`` takes a transform, or a function of no arguments that builds one (a module-level
 function or a ``functools.partial``: the FSDP2 check sends it to two spawned processes, so it must
 pickle). The transform runs in a :class:`~gradchain.ChainOptimizer` on :class:`TinyNet` (a conv
@@ -57,7 +60,8 @@ The checks, each also a function of its own taking a :class:`Case`:
 - ``fsdp2`` (in ``check_transform`` unless ``fsdp2=False``; or :func:`check_fsdp2`): under FSDP2 on 2 gloo
   processes (uneven shards, one param whose shard is empty on a rank, and two params left plain
   by ``ignored_params`` in the same group as sharded ones) the run equals one process to 1e-12 in
-  float64.
+  float64. The two processes are spawned and import the calling script: call ``check_transform``
+  under ``if __name__ == "__main__":`` in a script, or pass ``fsdp2=False``.
 
 How ``dtypes`` compares. Every run gets the same gradients (fixed by the step, rounded to the
 param dtype) and starts from the same params; the float64 run gets them too.
@@ -165,6 +169,21 @@ class Case:
     skip: tuple[str, ...] = ()
     dtype_rtol: float = 1e-5
     optimizer: Callable[..., ChainOptimizer] = ChainOptimizer
+
+    def __post_init__(self) -> None:
+        self.skip = _valid_skip(self.skip)
+
+
+def _valid_skip(skip: Any) -> tuple[str, ...]:
+    """``skip`` as a tuple of check names; a name that is no check (a typo would run it) raises ``ValueError``."""
+    if isinstance(skip, str):
+        raise ValueError(f"invalid skip={skip!r}: pass a sequence of check names, e.g. skip=({skip!r},)")
+    skip = tuple(skip)
+    valid = [*CHECKS, "fused", "fsdp2"]
+    unknown = [n for n in skip if n not in valid]
+    if unknown:
+        raise ValueError(f"skip names no such check: {unknown}; the checks are {valid}")
+    return skip
 
 
 RecipeCase = Case  # the name the project's tests use
@@ -968,6 +987,7 @@ def check_recipe(case: Case, *, fused: bool | None = None) -> Report:
     ``fused``: None runs the fused check if ``ChainOptimizer`` accepts ``fused=True`` and skips it
     otherwise, True requires it, False leaves it out.
     """
+    case.skip = _valid_skip(case.skip)  # also a skip set on the case after it was made
     report = Report(case.label)
     checks: dict[str, Callable[[], Any]] = {
         name: (lambda fn=fn: fn(case)) for name, fn in CHECKS.items() if name not in case.skip
@@ -1002,8 +1022,14 @@ def check_transform(
 
     ``t``: a transform or a function of no arguments that builds one; ``overrides``: hyperparameters
     for ``ChainOptimizer`` (a learning rate large enough for the run to move); ``skip``: names of
-    checks to leave out; ``fused``: as in :func:`check_recipe`; ``fsdp2``: also run the 2-process
-    FSDP2 check (skipped where gloo is missing or ``t`` does not pickle). Returns a :class:`Report`.
+    checks to leave out (keys of :data:`CHECKS`, ``"fused"``, ``"fsdp2"``; another name raises
+    ``ValueError``); ``fused``: as in :func:`check_recipe`; ``fsdp2``: also run the 2-process FSDP2
+    check (skipped where gloo is missing or ``t`` does not pickle). Returns a :class:`Report`.
+
+    With ``fsdp2=True`` (the default) two processes are spawned, and each imports the calling
+    script: a script (not a test under pytest) that calls ``check_transform`` at top level must do
+    it under ``if __name__ == "__main__":`` (else every rank runs the script again), or pass
+    ``fsdp2=False``.
     """
     if not isinstance(t, Transform) and not callable(t):
         raise TypeError(f"check_transform takes a Transform or a function returning one, got {type(t).__name__}")

@@ -86,6 +86,10 @@ class ScheduleFree(Leaf):
 
     beta_key: str
     beta_index: int | None
+    # state keys of the step counts this leaf's rules may see, innermost first: accumulate() adds its
+    # "<name>.step" (its real steps), which the beta schedule was evaluated at, not the optimizer's
+    # "step" (which counts micro-steps); a tuple, as renamed() copies share it
+    step_keys: tuple[str, ...] = ()
 
     def renamed(self, mapping: Mapping[str, str]) -> ScheduleFree:
         new = super().renamed(mapping)
@@ -102,6 +106,13 @@ class ScheduleFree(Leaf):
             value = value[self.beta_index]
         return float(value)
 
+    def rule_step(self, state: Mapping[str, Tensor]) -> float:
+        """The step count this leaf's rules last saw: the innermost enclosing accumulate's, else ``"step"``."""
+        for key in self.step_keys:
+            if key in state:
+                return float(state[key])
+        return float(state["step"])
+
     def eval_weight(self, param: Tensor, state: Mapping[str, Tensor], group: Mapping[str, Any]) -> Tensor | None:
         """The evaluation point ``x = y + (1 - 1/beta) (z - y)`` of ``param`` (``y``), or None before its first step."""
         z = state.get(f"{self.name}.z")
@@ -111,7 +122,7 @@ class ScheduleFree(Leaf):
         if y.dtype != z.dtype:
             y = y.to(z.dtype)
         # the same lerp as the official optimizer's eval(), so the two agree bit for bit
-        return torch.lerp(y, z.to(y.device), 1.0 - 1.0 / self.beta(group, float(state["step"])))
+        return torch.lerp(y, z.to(y.device), 1.0 - 1.0 / self.beta(group, self.rule_step(state)))
 
 
 def schedule_free(
