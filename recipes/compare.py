@@ -60,6 +60,7 @@ TASKS = ("digits", "vae", "charlm")
 DEFAULT_TASK = "vae"
 # the README's main job; names missing from gradchain.recipes are left out of the default
 DEFAULT_OPTIMIZERS = ("adamw", "sgd", "adalo", "adam_atan2", "lamb")
+DEFAULT_REFERENCE = "adamw"
 
 
 def make_task(name: str) -> Task:
@@ -122,12 +123,18 @@ def parse_budget(text: str, task: Task) -> Budget:
     m = re.fullmatch(r"(\d+)(steps?)?", t)
     if m:
         return Budget(steps=int(m.group(1)))
-    m = re.fullmatch(r"(\d+(?:\.\d*)?)(epochs?)", t)
+    m = re.fullmatch(r"(\d+(?:\.\d*)?(?:e[+-]?\d+)?)(epochs?)", t)
     if m:
         spe = task.steps_per_epoch()
         if spe is None:
             raise ValueError(f"--budget {text}: task {task.name} has no epochs; give steps or seconds")
-        return Budget(steps=max(1, round(float(m.group(1)) * spe)))
+        steps = round(float(m.group(1)) * spe)
+        if steps < 1:
+            raise ValueError(
+                f"--budget {text}: {float(m.group(1)) * spe:.3g} steps ({spe} steps per epoch on {task.name}) "
+                f"rounds to 0; give at least {1 / spe:.2g} epochs"
+            )
+        return Budget(steps=steps)
     m = re.fullmatch(r"(\d+(?:\.\d*)?)(s|sec|seconds?|min|minutes?)", t)
     if m:
         v = float(m.group(1)) * (60.0 if m.group(2).startswith("min") else 1.0)
@@ -171,7 +178,9 @@ def build_parser(task: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--budget", help="per run: steps (600), epochs (20epochs) or wall time (90s, 2min)")
     p.add_argument("--steps", type=int, help="training steps per run (default: the task's)")
     p.add_argument("--epochs", type=float, help="training epochs per run (digits and vae)")
-    p.add_argument("--reference", default="adamw", help="the tuned reference of the tuned-vs-untuned table")
+    p.add_argument(
+        "--reference", help=f"the tuned reference of the tuned-vs-untuned table (default: {DEFAULT_REFERENCE})"
+    )
     p.add_argument("--eval-every", type=int, help="evaluate every N steps (default: the task's)")
     p.add_argument("--diag-every", type=int, default=10, help="gradient diagnostics every N steps (0: off)")
     p.add_argument("--out", type=Path, help="output directory (default: runs/<task>)")
@@ -289,23 +298,50 @@ def _names(args: argparse.Namespace, t: Task, parser: argparse.ArgumentParser) -
 
 
 def _budget(args: argparse.Namespace, t: Task, parser: argparse.ArgumentParser) -> Budget:
-    given = [f for f, v in (("--budget", args.budget), ("--steps", args.steps), ("--epochs", args.epochs)) if v]
+    # "is not None": --steps 0 is a budget given (and refused below), not one left out
+    flags = (("--budget", args.budget), ("--steps", args.steps), ("--epochs", args.epochs))
+    given = [(f, v) for f, v in flags if v is not None]
     if len(given) > 1:
-        parser.error(f"pass one of --budget, --steps, --epochs, not {' and '.join(given)}")
+        parser.error(f"pass one of --budget, --steps, --epochs, not {' and '.join(f for f, _ in given)}")
+    flag, value = given[0] if given else ("--steps", t.default_steps)
+    if flag != "--budget" and value <= 0:
+        parser.error(f"{flag} must be positive, got {value:g}")
+    text = f"{value:g}epochs" if flag == "--epochs" else str(value)
     try:
-        if args.budget is not None:
-            b = parse_budget(args.budget, t)
-        elif args.epochs is not None:
-            b = parse_budget(f"{args.epochs}epochs", t)
-        elif args.steps is not None:
-            b = Budget(steps=args.steps)
+        if flag == "--budget":
+            b = parse_budget(value, t)
+        elif flag == "--epochs":
+            b = parse_budget(text, t)
         else:
-            b = Budget(steps=t.default_steps)
+            b = Budget(steps=value)
     except ValueError as e:
-        parser.error(str(e))
+        parser.error(str(e).replace(f"--budget {text}", f"--epochs {value:g}", 1) if flag == "--epochs" else str(e))
     if (b.steps is not None and b.steps < 1) or (b.seconds is not None and b.seconds <= 0):
-        parser.error(f"the budget must be positive, got {args.budget or args.steps or args.epochs}")
+        parser.error(f"{flag} must be positive, got {value}")
     return b
+
+
+def _device(args: argparse.Namespace, parser: argparse.ArgumentParser) -> torch.device | None:
+    """``--device`` as a device this torch can put a tensor on; None when not given."""
+    if args.device is None or args.fsdp:  # --fsdp picks each process's device itself
+        return None
+    try:
+        device = torch.device(args.device)
+        torch.empty(1, device=device)
+    except (RuntimeError, AssertionError, ValueError) as e:
+        cuda = "built with CUDA" if torch.backends.cuda.is_built() else "a CPU-only build"
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        parser.error(f"--device {args.device}: not usable here ({msg}); this torch is {cuda}; try --device cpu")
+    return device
+
+
+def _reference(args: argparse.Namespace, names: list[str], parser: argparse.ArgumentParser) -> str:
+    # the default reference may be absent (no tuned table then); one the user names must be in the run
+    if args.reference is None:
+        return DEFAULT_REFERENCE
+    if args.reference not in names:
+        parser.error(f"--reference {args.reference}: not one of the run's optimizers ({', '.join(names)})")
+    return args.reference
 
 
 def _compare(args: argparse.Namespace, parser: argparse.ArgumentParser, ctx: Any) -> RunList:
@@ -319,15 +355,15 @@ def _compare(args: argparse.Namespace, parser: argparse.ArgumentParser, ctx: Any
     except ValueError as e:
         parser.error(str(e))
     budget = _budget(args, t, parser)
+    reference = _reference(args, names, parser)
+    device = _device(args, parser)
     outdir = args.out or Path("runs") / t.name
     if main_proc:
         try:
             check_out(outdir)
         except ValueError as e:
             parser.error(str(e))
-    device = None
-    if args.device is not None and ctx is None:
-        device = torch.device(args.device)
+    if device is not None and ctx is None:
         t.to(device)
     elif ctx is not None:
         t.to(ctx.device)
@@ -391,7 +427,7 @@ def _compare(args: argparse.Namespace, parser: argparse.ArgumentParser, ctx: Any
                 finished_runs(),
                 outdir,
                 {**header, "time": f"{time.perf_counter() - t_all:.1f} s"},
-                reference=args.reference,
+                reference=reference,
             )
 
     if done and main_proc:
@@ -419,13 +455,15 @@ def _compare(args: argparse.Namespace, parser: argparse.ArgumentParser, ctx: Any
     runs.interrupted = not complete
     if not main_proc:
         return runs
-    header["time"] = f"{total:.1f} s" + (f" ({len(todo)} runs now, {len(specs) - len(todo)} resumed)" if done else "")
+    header["time"] = f"{total:.1f} s"
+    if args.resume:
+        header["time"] += f" ({len(todo)} runs now, {len(specs) - len(todo)} resumed)"
     if len(runs) > 1:
         header["time"] += f"; the runs' own wall time: {sum(r.wall_s for r in runs):.0f} s in all"
     if not runs:
         print("\nno run finished" + ("; --resume continues from the checkpoints" if not complete else ""))
         return runs
-    table = write_results(t, runs, outdir, header, reference=args.reference)
+    table = write_results(t, runs, outdir, header, reference=reference)
     if device is not None or ctx is not None:
         t.to(torch.device("cpu"))  # the figures use the saved models, on the CPU
         for r in runs:

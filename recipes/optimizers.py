@@ -19,6 +19,8 @@ import ast
 import importlib
 import inspect
 import itertools
+import math
+import re
 import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -63,10 +65,21 @@ class OptimizerRef:
         return params
 
     def takes(self, key: str) -> bool:
+        # only an explicit parameter: a **kwargs catch-all may ignore a key (a typo would then be listed
+        # as applied) or refuse it at build time (heavyball), so it takes nothing for certain
         params = self.parameters
-        if key in params:
-            return _ordinary(params[key])
-        return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        return key in params and _ordinary(params[key])
+
+    def takes_text(self) -> str:
+        """The keys it takes, for an error message."""
+        return ", ".join(k for k, p in self.parameters.items() if _ordinary(p)) or "none"
+
+    def needs_closure(self) -> bool:
+        """Whether its ``step`` requires a closure (LBFGS): compare steps without one."""
+        if not self.peer:
+            return False
+        closure = inspect.signature(self.factory.step).parameters.get("closure")
+        return closure is not None and closure.default is inspect.Parameter.empty
 
     def defaults(self) -> dict[str, Any]:
         """The signature's defaults (implementation switches left out)."""
@@ -187,23 +200,61 @@ def peer_listing() -> dict[str, list[str] | str]:
 
 
 # -- settings ------------------------------------------------------------------------------------
+_NONFINITE = {"inf": math.inf, "nan": math.nan}
+
+
+class _NonFinite(ast.NodeTransformer):
+    def visit_Name(self, node: ast.Name) -> ast.AST:
+        if node.id in _NONFINITE:
+            return ast.copy_location(ast.Constant(_NONFINITE[node.id]), node)
+        return node
+
+
+def literal(text: str) -> Any:
+    """``ast.literal_eval`` that also reads ``inf`` and ``nan``: ``repr`` writes a float that way
+    (``1e999`` is ``inf``), and a setting must read back as the value it was written from."""
+    tree = _NonFinite().visit(ast.parse(text.strip(), mode="eval"))
+    return _tuples(ast.literal_eval(tree))
+
+
+def _tuples(v: Any) -> Any:
+    # a setting is hashed (sweeps, groups) and compared: a list value means the same as a tuple
+    if isinstance(v, list | tuple):
+        return tuple(_tuples(x) for x in v)
+    return v
+
+
 def parse_value(text: str) -> Any:
-    """A Python literal (``1e-3``, ``(0.9,0.95)``, ``True``), else the text itself."""
+    """A Python literal (``1e-3``, ``(0.9,0.95)``, ``True``, ``inf``; a list becomes a tuple), else the
+    text itself."""
     try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
+        return literal(text)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
         return text
 
 
 def parse_values(text: str) -> list[Any]:
     """``1e-4,3e-4`` -> ``[1e-4, 3e-4]``; tuples stay whole (``(0.9,0.95),(0.9,0.99)``)."""
+    if _EMPTY_ITEM.search(text):
+        raise ValueError(f"{text!r} has an empty value (two commas in a row, or a leading or trailing comma)")
     try:
-        v = ast.literal_eval(f"[{text}]")
-        if isinstance(v, list) and v:
-            return v
-    except (ValueError, SyntaxError):
+        v = literal(f"[{text}]")
+        if v:
+            return list(v)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
         pass
-    return [parse_value(t.strip()) for t in text.split(",") if t.strip()]
+    return [parse_value(t.strip()) for t in text.split(",")]
+
+
+_EMPTY_ITEM = re.compile(r"(^|,)\s*(,|$)")
+
+
+def survives_json(v: Any) -> bool:
+    """Whether ``v`` reads back from the ``repr`` that a run's ``result.json`` (and ``--jobs``) keep."""
+    try:
+        return repr(literal(repr(v))) == repr(v)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return False
 
 
 def settings_text(s: dict[str, Any], sources: dict[str, str] | None = None) -> str:
@@ -274,6 +325,19 @@ def recipe_values(task: Task, kw: dict[str, Any], task_settings: bool = True) ->
     return out
 
 
+def _checked(flag: str, key: str, rhs: str, value: Any) -> Any:
+    """``value`` if a run can be keyed, shipped to a worker and recorded with it; else an error."""
+    try:
+        hash(value)
+    except TypeError:
+        raise ValueError(
+            f"{flag} {key}={rhs}: a {type(value).__name__} cannot be a setting; give a number, string or tuple"
+        ) from None
+    if not survives_json(value):
+        raise ValueError(f"{flag} {key}={rhs}: the value {value!r} cannot be recorded with the run and read back")
+    return value
+
+
 def resolve_configs(
     task: Task,
     names: Sequence[str],
@@ -291,7 +355,20 @@ def resolve_configs(
             if name is None and not any(r.takes(key) for r in refs.values()):
                 raise ValueError(f"{flag} {key}=...: none of the optimizers {', '.join(names)} takes {key!r}")
             if name is not None and not refs[name].takes(key):
-                raise ValueError(f"{flag} {name}.{key}=...: {name} takes no argument {key!r}")
+                raise ValueError(
+                    f"{flag} {name}.{key}=...: {name} takes no argument {key!r}; it takes: {refs[name].takes_text()}"
+                )
+    seen: set[tuple[str | None, str]] = set()
+    for name, key, _ in parsed_sweeps:
+        if (name, key) in seen:
+            lhs = f"{name}.{key}" if name else key
+            raise ValueError(f"--sweep {lhs} is given twice: put all its values in one --sweep {lhs}=V1,V2,...")
+        seen.add((name, key))
+    for n, ref in refs.items():
+        if ref.needs_closure():
+            raise ValueError(
+                f"{n} needs a closure that re-evaluates the model at every step (e.g. LBFGS); compare cannot run it"
+            )
     configs: list[Config] = []
     for n, ref in refs.items():
         settings: dict[str, Any] = {}
@@ -303,13 +380,17 @@ def resolve_configs(
         # a setting for this optimizer by name beats one for every optimizer
         for name, key, rhs in sorted(parsed_sets, key=lambda t: t[0] is not None):
             if (name is None and ref.takes(key)) or name == n:
-                settings[key], sources[key] = parse_value(rhs), SET
+                settings[key], sources[key] = _checked("--set", key, rhs, parse_value(rhs)), SET
         grid: dict[str, list[Any]] = {}
         for name, key, rhs in sorted(parsed_sweeps, key=lambda t: t[0] is not None):
             if (name is None and ref.takes(key)) or name == n:
-                values = parse_values(rhs)
-                if not values:
+                if not rhs:
                     raise ValueError(f"--sweep {key}=: no values")
+                try:
+                    values = parse_values(rhs)
+                except ValueError as e:
+                    raise ValueError(f"--sweep {key}={rhs}: {e}") from None
+                values = [_checked("--sweep", key, rhs, v) for v in values]
                 grid[key] = list(dict.fromkeys(values))  # in order, each once
         missing = [k for k in ref.required() if k not in settings and k not in grid]
         if missing:

@@ -126,8 +126,8 @@ def _task(name: str, device: Any = None) -> Any:
     return tasks[name]
 
 
-def _worker_run(spec_json: dict, rundir: str, options: dict) -> dict:
-    spec = RunSpec.from_json(spec_json)
+def _worker_run(spec: RunSpec, rundir: str, options: dict) -> dict:
+    # the spec travels pickled, not as JSON: its settings arrive as the very values the parent resolved
     progress = _W["progress"]
     last = {"t": 0.0}
 
@@ -146,7 +146,8 @@ def _worker_run(spec_json: dict, rundir: str, options: dict) -> dict:
         stop=_W["stop"].is_set,
         **options,
     )
-    return run.to_json()
+    # result.json leaves the diagnostics to diagnostics.csv; the parent's tables and figures need them
+    return {"run": run.to_json(), "diagnostics": run.diagnostics}
 
 
 def execute(task: Any, spec: RunSpec, rundir: Path | None, *, tensorboard: bool = False, **kw: Any) -> Run:
@@ -242,7 +243,7 @@ def _run_pool(specs, rundir_of, bars: Bars, jobs: int, threads: int, options: di
             while todo or pending:
                 while todo and len(pending) < jobs and not stop_event.is_set():
                     spec = todo.pop(0)
-                    fut = pool.submit(_worker_run, spec.to_json(), str(rundir_of(spec)), options)
+                    fut = pool.submit(_worker_run, spec, str(rundir_of(spec)), options)
                     pending[fut] = spec
                 if stop_event.is_set():
                     todo.clear()
@@ -253,7 +254,11 @@ def _run_pool(specs, rundir_of, bars: Bars, jobs: int, threads: int, options: di
                 for fut in done:
                     spec = pending.pop(fut)
                     try:
-                        run = Run.from_json(fut.result(), rundir_of(spec))
+                        got = fut.result()
+                        run = Run.from_json(got["run"], rundir_of(spec))
+                        run.diagnostics = got["diagnostics"]
+                        # filed under the parent's spec: its run id, swept values and sources are the command's
+                        run.spec = spec
                     except Stopped:
                         stopped = True
                         bars.end(spec.run_id, False)

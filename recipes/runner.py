@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import hashlib
-import inspect
 import json
 import math
 import os
@@ -254,6 +253,9 @@ def train_run(
     start = 0
     if resume and rundir is not None:
         start = _load_checkpoint(rundir, model, opt, gen, stream, run, step_times, diag, ctx)
+    if ref.peer and callable(getattr(opt, "train", None)) and callable(getattr(opt, "eval", None)):
+        # schedulefree's optimizers start in eval mode and refuse to step until switched to train mode
+        opt.train()
     total = float(spec.seconds) if spec.seconds is not None else float(spec.steps or task.default_steps)
     steps = spec.steps or task.default_steps
     step_fn = _stepper(opt, ref)
@@ -384,8 +386,7 @@ def _stepper(opt: torch.optim.Optimizer, ref: Any) -> Callable[[torch.Tensor], A
     """``opt.step(loss=loss)`` for a recipe (loss-aware ones read it); a peer's plain ``step()``."""
     if not ref.peer:
         return lambda loss: opt.step(loss=loss)
-    closure = inspect.signature(type(opt).step).parameters.get("closure")
-    if closure is not None and closure.default is inspect.Parameter.empty:
+    if ref.needs_closure():
         raise ValueError(f"{ref.name} needs a closure that re-evaluates the model (e.g. LBFGS); compare cannot run it")
     return lambda loss: opt.step()
 

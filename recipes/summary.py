@@ -38,16 +38,21 @@ def cross_rows(outs: Sequence[Path], reference: str = "adamw") -> tuple[list[dic
 
     per_task: dict[str, dict[str, Untuned]] = {}
     notes = []
-    for out in outs:
-        name, runs = load_out(out)
+    loaded = [(out, *load_out(out)) for out in outs]
+    names = [name for _, name, _ in loaded]
+    for out, name, runs in loaded:
         task = make_task(name)
+        # two folders of one task (say two budgets) are two columns, told apart by their folder
+        label = name if names.count(name) == 1 else f"{name} ({out})"
+        if label in per_task:
+            raise ValueError(f"{out} is given twice: name each folder once")
         found = untuned(group_runs(runs, task), task, reference)
         if found is None:
             raise ValueError(f"{out}: no runs of the reference {reference!r}")
         rows, ref = found
-        per_task[name] = {u.optimizer: u for u in rows}
+        per_task[label] = {u.optimizer: u for u in rows}
         seeds = len(ref.runs)
-        notes.append(f"{name}: {reference} tuned at {ref.config}, {seeds} seeds")
+        notes.append(f"{label}: {reference} tuned at {ref.config}, {seeds} seeds")
     tasks = list(per_task)
     optimizers = list(dict.fromkeys(o for t in tasks for o in per_task[t]))
     out_rows = []
