@@ -87,13 +87,23 @@ def tensor_stats(t: Tensor, top_fraction: float = 0.01) -> dict[str, float]:
 
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes held by the optimizer's per-parameter state tensors (step counters included)."""
-    total = 0
-    for st in optimizer.state.values():
-        for v in st.values():
-            if isinstance(v, Tensor):
-                total += v.numel() * v.element_size()
-    return total
+    """Bytes held by the optimizer's per-parameter state tensors (step counters included), also
+    where a state entry nests them in dicts, lists or tuples (heavyball keeps ``state[p][0]``)."""
+    seen: set[int] = set()
+
+    def size(v: Any) -> int:
+        if isinstance(v, Tensor):
+            if id(v) in seen:
+                return 0
+            seen.add(id(v))
+            return v.numel() * v.element_size()
+        if isinstance(v, Mapping):
+            return sum(size(x) for x in v.values())
+        if isinstance(v, (list, tuple)):
+            return sum(size(x) for x in v)
+        return 0
+
+    return sum(size(st) for st in optimizer.state.values())
 
 
 class GradientDiagnostics:

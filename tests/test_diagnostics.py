@@ -277,3 +277,13 @@ def test_low_precision_grads() -> None:
     assert_close(
         {k.removeprefix("grad_"): v for k, v in diag.last()["2.weight"].items() if k.startswith("grad_")}, ref_stats(g)
     )
+
+
+def test_state_bytes_counts_tensors_nested_in_a_state_entry() -> None:
+    """heavyball keeps a param's tensors one level down (``state[p][0]``): they counted as 0 bytes,
+    and the main job's state/params column read 0 for heavyball peers. A tensor held twice counts once."""
+    lin = torch.nn.Linear(3, 2)
+    opt = torch.optim.SGD(lin.parameters(), lr=0.1)
+    m = torch.zeros(2, 3)
+    opt.state[lin.weight] = {0: {"exp_avg": m, "exp_avg_sq": torch.zeros(2, 3)}, "also": [m, (torch.zeros(2),)]}
+    assert state_bytes(opt) == (6 + 6 + 2) * 4
