@@ -319,6 +319,13 @@ class ChainOptimizer(torch.optim.Optimizer):
 
     def _check_fixed_options(self, group: dict[str, Any]) -> None:
         # at every step too: a scheduler that cycles momentum (OneCycleLR, CyclicLR) sets it in the group
+        if group.get("differentiable", False) is not False:
+            # (torch sets the key to False in a loaded optimizer's defaults: tolerated as such)
+            raise ValueError(
+                f"differentiable={group['differentiable']!r}: gradchain steps without autograd (its state and "
+                "params change in place under no_grad), so no gradient flows through a step; torch.optim's "
+                "differentiable=True optimizers do that"
+            )
         for key, built in self.transform.fixed_options.items():
             if key in group and group[key] != built:
                 raise ValueError(

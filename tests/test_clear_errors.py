@@ -312,3 +312,19 @@ def test_a_recipe_names_a_refused_argument_by_its_own_name(build, message: str) 
 
     with pytest.raises(ValueError, match=message):
         build(recipes)
+
+
+def test_differentiable_true_is_refused() -> None:
+    """A group with ``differentiable=True`` (torch.optim's meta-learning switch) was accepted and
+    ignored: no gradient flows through a gradchain step."""
+    from gradchain import recipes
+
+    p = torch.nn.Parameter(torch.ones(3))
+    with pytest.raises(ValueError, match="differentiable=True: gradchain steps without autograd"):
+        gc.ChainOptimizer([{"params": [p], "differentiable": True}], recipes.adamw())
+    opt = gc.ChainOptimizer([{"params": [p], "differentiable": False}], recipes.adamw())
+    opt.param_groups[0]["differentiable"] = True
+    p.grad = torch.ones(3)
+    with pytest.raises(ValueError, match="differentiable=True"):
+        opt.step()
+    assert torch.equal(p, torch.ones(3))
