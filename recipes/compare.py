@@ -239,6 +239,9 @@ def main(argv: Sequence[str] | None = None, task: str | None = None) -> RunList:
     ):
         if value is not None and value < low:
             parser.error(f"{flag} must be >= {low}, got {value}")
+    if not (0 <= args.seed and args.seed + args.seeds <= 2**63):
+        # a torch generator takes a 64-bit seed: a larger one failed when its run started
+        parser.error(f"--seed must be in [0, 2**63 - --seeds], got {args.seed}")
     if args.fsdp and args.jobs > 1:
         parser.error("--fsdp runs one run at a time over all processes: leave --jobs at 1")
     threads = torch.get_num_threads()

@@ -230,3 +230,11 @@ def test_closure_optimizer_is_refused_before_training(digits, tmp_path, capsys) 
         resolve_configs(digits, ["sgd", "torch.LBFGS"])
     err = _refused(["--task", "digits", "--optimizers", "sgd,torch.LBFGS", "--steps", "2"], tmp_path / "out", capsys)
     assert "torch.LBFGS needs a closure" in err
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2**63)])
+def test_a_seed_a_generator_cannot_take_is_refused_before_training(tmp_path, capsys, seed: str) -> None:
+    """A seed of 2**63 or more failed only when its run started ("Overflow when unpacking long long")."""
+    argv = ["--task", "digits", "--optimizers", "sgd", "--steps", "2", "--seed", seed]
+    err = _refused(argv, tmp_path / "out", capsys)
+    assert "--seed must be in [0, 2**63 - --seeds]" in err
