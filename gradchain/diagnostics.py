@@ -169,6 +169,7 @@ class GradientDiagnostics:
         self._pending: list[dict[str, Any]] = []
         self._before: list[tuple[Tensor, Tensor]] = []
         self._histograms: list[tuple[str, Tensor]] = []
+        self._label = 0
         self._recorded = 0
         # the post hook keeps a record: a step that raises runs none, and leaves no record
         self._handles = [
@@ -203,7 +204,7 @@ class GradientDiagnostics:
         # a step that raised ran no post hook: its record never happened
         self._pending, self._before, self._histograms = [], [], []
         taken = self._optimizer_steps()
-        label = (self.step if taken is None else taken) + 1
+        label = self._label = (self.step if taken is None else taken) + 1
         if label % self.every:
             return None
         # args is (optimizer, *step's positional args): the closure, if any, comes first after it
@@ -262,8 +263,8 @@ class GradientDiagnostics:
 
     @torch.no_grad()
     def _post_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        taken = self._optimizer_steps()
-        self.step = self.step + 1 if taken is None else taken
+        # the step happened: it is the one the pre hook labelled (no second read of every count)
+        self.step = self._label
         if not self._pending:
             return
         self._recorded += 1

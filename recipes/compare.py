@@ -117,8 +117,10 @@ class Budget:
         return f"{self.steps} steps" + (f" ({self.steps / spe:.3g} epochs)" if spe else "")
 
 
-def parse_budget(text: str, task: Task) -> Budget:
-    """``600`` or ``600steps``: steps; ``20epochs``; ``90s``; ``2min``."""
+def parse_budget(text: str, task: Task, shown: str | None = None) -> Budget:
+    """``600`` or ``600steps``: steps; ``20epochs``; ``90s``; ``2min``. Errors name the flag as
+    ``shown`` (default ``--budget <text>``)."""
+    shown = shown or f"--budget {text}"
     t = text.strip().lower().replace(" ", "")
     m = re.fullmatch(r"(\d+)(steps?)?", t)
     if m:
@@ -127,11 +129,11 @@ def parse_budget(text: str, task: Task) -> Budget:
     if m:
         spe = task.steps_per_epoch()
         if spe is None:
-            raise ValueError(f"--budget {text}: task {task.name} has no epochs; give steps or seconds")
+            raise ValueError(f"{shown}: task {task.name} has no epochs; give steps or seconds")
         steps = round(float(m.group(1)) * spe)
         if steps < 1:
             raise ValueError(
-                f"--budget {text}: {float(m.group(1)) * spe:.3g} steps ({spe} steps per epoch on {task.name}) "
+                f"{shown}: {float(m.group(1)) * spe:.3g} steps ({spe} steps per epoch on {task.name}) "
                 f"rounds to 0; give at least {1 / spe:.2g} epochs"
             )
         return Budget(steps=steps)
@@ -309,16 +311,15 @@ def _budget(args: argparse.Namespace, t: Task, parser: argparse.ArgumentParser) 
     flag, value = given[0] if given else ("--steps", t.default_steps)
     if flag != "--budget" and value <= 0:
         parser.error(f"{flag} must be positive, got {value:g}")
-    text = f"{value:g}epochs" if flag == "--epochs" else str(value)
     try:
         if flag == "--budget":
             b = parse_budget(value, t)
         elif flag == "--epochs":
-            b = parse_budget(text, t)
+            b = parse_budget(f"{value:g}epochs", t, shown=f"--epochs {value:g}")
         else:
             b = Budget(steps=value)
     except ValueError as e:
-        parser.error(str(e).replace(f"--budget {text}", f"--epochs {value:g}", 1) if flag == "--epochs" else str(e))
+        parser.error(str(e))
     if (b.steps is not None and b.steps < 1) or (b.seconds is not None and b.seconds <= 0):
         parser.error(f"{flag} must be positive, got {value}")
     return b

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import math
 import sys
 import types
@@ -142,8 +141,6 @@ def test_kwargs_peer_takes_only_its_named_parameters(digits, fakepeers, tmp_path
 # -- 4: optimizers with train()/eval() modes -------------------------------------------------------
 @pytest.mark.parametrize("name", ["fakepeers.ModalPeer", "schedulefree.SGDScheduleFree"])
 def test_peer_with_train_and_eval_modes_is_put_in_train_mode(digits, fakepeers, name: str) -> None:
-    if name.startswith("schedulefree") and importlib.util.find_spec("schedulefree") is None:
-        pytest.skip(f"{name.split('.')[0]} is not installed")
     run = compare.train_one(digits, name, {}, steps=3, eval_every=2, diag_every=0)
     assert run.status == "ok" and run.steps_done == 3
     assert [e["step"] for e in run.evals] == [2, 3]
