@@ -32,6 +32,13 @@ The checks, each also a function of its own taking a :class:`Case`:
   change for a param without a gradient; ``step(closure)`` and ``step(loss=)`` return the loss;
   step hooks run once; ``deepcopy``; a state dict of another chain is refused.
 - ``invalid_hyperparams``: a negative ``lr`` (where declared) raises ``ValueError`` naming it.
+- ``hyperparams_used``: every declared hyperparameter with a number value (each entry of a tuple
+  such as ``betas`` on its own), set to another valid value in the param groups after two steps
+  (or at construction, where a change mid-run is refused), changes the params or the state of the
+  steps after it. A transform that reads the value its factory was given instead of ``hp[name]``
+  ignores per-group values and schedulers, and fails here. A value that by design changes nothing
+  over a short run (a warmup longer than the run, a threshold the run never reaches) is named in
+  ``Case.inert``; a name there that does change the run fails too (the list stays true).
 - ``resume``: state dict -> ``torch.save`` -> ``torch.load(weights_only=True)`` -> a fresh
   optimizer -> the rest of the run equals an uninterrupted run bit for bit, params and state.
 - ``skipped_steps``: an accumulation mini-step (``accumulate(t, 2)``) and a non-finite step inside
@@ -129,6 +136,7 @@ __all__ = [
     "check_fsdp2",
     "check_fused",
     "check_gradscaler",
+    "check_hyperparams_used",
     "check_invalid_hyperparams",
     "check_nonfinite",
     "check_pieces",
@@ -159,7 +167,9 @@ class Case:
     length of the multi-step checks; ``skip`` names checks to leave out; ``dtype_rtol`` is the
     relative error allowed in the update computed below float64 (see the module docstring);
     ``optimizer`` builds the optimizer (``ChainOptimizer`` or a subclass with its signature), so
-    the same checks run on an optimizer of your own.
+    the same checks run on an optimizer of your own; ``inert`` names the hyperparameters (``"b"``,
+    or ``"betas[1]"`` for one entry of a tuple) that by design change nothing over this short run
+    (the ``hyperparams_used`` check).
     """
 
     label: str
@@ -169,9 +179,13 @@ class Case:
     skip: tuple[str, ...] = ()
     dtype_rtol: float = 1e-5
     optimizer: Callable[..., ChainOptimizer] = ChainOptimizer
+    inert: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         self.skip = _valid_skip(self.skip)
+        if isinstance(self.inert, str):
+            raise ValueError(f"invalid inert={self.inert!r}: pass a sequence of names, e.g. inert=({self.inert!r},)")
+        self.inert = tuple(self.inert)
 
 
 def _valid_skip(skip: Any) -> tuple[str, ...]:
@@ -420,6 +434,107 @@ def check_invalid_hyperparams(case: Case) -> None:
         _fail("add_param_group with lr=-0.5 did not raise")
     if len(opt.param_groups) != 1:
         _fail("a refused add_param_group left a param group behind")
+
+
+_CHANGE_AT = 2  # steps run before a hyperparameter changes in the param groups
+_TRIES = 4  # accepted other values tried per hyperparameter before it counts as changing nothing
+
+
+def _other_values(v: Any) -> list[Any]:
+    """Other values for a number hyperparameter ``v``, in the order tried (the optimizer refuses invalid ones)."""
+    if isinstance(v, bool):
+        return [not v]
+    if isinstance(v, int):
+        return [v + 1, v + 10, *([v - 1] if v > 0 else [])]
+    if isinstance(v, float):
+        if math.isinf(v):
+            return [2.0, 1.5, 10.0]
+        if v == 0.0:
+            return [0.1, 0.5, 0.9, 1e-3, 1.0, 2.0]
+        return [v * 1.5, v * 10, v + 0.1, v * 0.5, v * 0.1, v - 0.1, 0.5, 2.0, 1e-3]
+    if isinstance(v, Tensor) and v.dim() == 0 and v.is_floating_point():
+        return [torch.tensor(x, dtype=v.dtype) for x in _other_values(v.item())]
+    return []
+
+
+def _variants(key: str, v: Any) -> list[tuple[str, Any]]:
+    """(label, new value) pairs: each entry of a tuple or list varied on its own, as ``key[i]``."""
+    if isinstance(v, (tuple, list)):
+        return [(f"{key}[{i}]", type(v)([*v[:i], y, *v[i + 1:]])) for i, x in enumerate(v) for y in _other_values(x)]
+    return [(key, y) for y in _other_values(v)]
+
+
+def _hyperparam_run(case: Case, change: tuple[str, Any] | None, at_construction: bool) -> tuple[dict, dict]:
+    """Params and state after ``case.steps`` steps on fixed float64 gradients, with ``change`` (name,
+    value) set in every param group after ``_CHANGE_AT`` steps, or passed at construction."""
+    model = make_model(torch.float64)
+    extra = {change[0]: change[1]} if change is not None and at_construction else {}
+    opt = make_optimizer(case, model, **extra)
+    for i in range(case.steps):
+        if change is not None and not at_construction and i == _CHANGE_AT:
+            for group in opt.param_groups:
+                group[change[0]] = change[1]
+        for p, g in zip(model.parameters(), _synthetic_grads(model, i)):
+            p.grad = g
+        opt.step(loss=_synthetic_loss(i))
+    return _params_by_name(model), _state_by_name(opt, model)
+
+
+def _same_run(a: tuple[dict, dict], b: tuple[dict, dict]) -> bool:
+    (pa, sa), (pb, sb) = a, b
+    if any(not _same(x, pb[n]) for n, x in pa.items()) or sa.keys() != sb.keys():
+        return False
+    return all(sa[n].keys() == sb[n].keys() and all(_same(v, sb[n][k]) for k, v in sa[n].items()) for n in sa)
+
+
+def check_hyperparams_used(case: Case) -> str | None:
+    """Each declared number hyperparameter, changed in the param groups, changes the run (see the module docstring)."""
+    defaults = make_optimizer(case, make_model(torch.float64)).defaults
+    declared = {label for key, v in defaults.items() for label, _ in _variants(key, v)} | set(defaults)
+    unknown = [n for n in case.inert if n not in declared]
+    if unknown:
+        _fail(f"Case.inert names no hyperparameter of the optimizer: {unknown}; it declares {sorted(defaults)}")
+    base = _hyperparam_run(case, None, False)
+    candidates: dict[str, list[tuple[str, Any]]] = {}
+    untried = [key for key, v in defaults.items() if not _variants(key, v)]
+    for key, v in defaults.items():
+        for label, new in _variants(key, v):
+            candidates.setdefault(label, []).append((key, new))
+    idle, moved_inert = [], []
+    for label, pairs in candidates.items():
+        tried, moved = [], None
+        values = 0
+        for key, new in pairs:
+            # mid-run, then at construction: a value that only acts early (a warmup) or that the run
+            # fixes (amsgrad) changes nothing there or is refused there
+            accepted = False
+            for at_construction in (False, True):
+                try:
+                    run = _hyperparam_run(case, (key, new), at_construction)
+                except (ValueError, TypeError):
+                    continue
+                accepted = True
+                tried.append(f"{new!r} {'at construction' if at_construction else f'after step {_CHANGE_AT}'}")
+                if not _same_run(base, run):
+                    moved = tried[-1]
+                    break
+            values += accepted
+            if moved or values >= _TRIES:
+                break
+        if not tried:
+            untried.append(label)
+        elif label in case.inert and moved:
+            moved_inert.append(f"{label} ({moved})")
+        elif label not in case.inert and not moved:
+            idle.append(f"{label} (tried {', '.join(tried)})")
+    if idle:
+        _fail(f"hyperparameter(s) that change nothing when set in the param groups: {'; '.join(idle)}: params and "
+              "state ended exactly as without the change. The transform reads another value than the param "
+              "group's (its factory's?) or ignores it; one that by design changes nothing over a short run goes "
+              "in Case(inert=...)")
+    if moved_inert:
+        _fail(f"Case.inert names hyperparameter(s) that do change the run: {'; '.join(moved_inert)}")
+    return f"not varied (no other valid number): {untried}" if untried else None
 
 
 def check_resume(case: Case, dtype: torch.dtype = torch.float64) -> None:
@@ -945,6 +1060,7 @@ def check_pieces(case: Case) -> None:
 CHECKS: dict[str, Callable[[Case], Any]] = {
     "contract": check_contract,
     "invalid_hyperparams": check_invalid_hyperparams,
+    "hyperparams_used": check_hyperparams_used,
     "resume": check_resume,
     "skipped_steps": check_skipped_steps,
     "gradscaler": check_gradscaler,

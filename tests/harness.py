@@ -39,6 +39,7 @@ from gradchain.testing import (  # noqa: F401
     check_dtypes,
     check_fused,
     check_gradscaler,
+    check_hyperparams_used,
     check_invalid_hyperparams,
     check_nonfinite,
     check_recipe,

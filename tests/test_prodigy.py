@@ -157,8 +157,10 @@ def test_state_per_param() -> None:
 
 
 HARNESS = [
-    RecipeCase("prodigy", recipes.prodigy),
-    RecipeCase("prodigy_wd_bias_correction", partial(recipes.prodigy, weight_decay=0.01, use_bias_correction=True)),
+    # d keeps d0 over the run (its estimate stays below it even at 10 d_coef): no growth to scale or cap
+    RecipeCase("prodigy", recipes.prodigy, inert=("d_coef", "growth_rate")),
+    RecipeCase("prodigy_wd_bias_correction", partial(recipes.prodigy, weight_decay=0.01, use_bias_correction=True),
+               inert=("d_coef", "growth_rate")),
 ]
 
 

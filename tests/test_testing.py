@@ -25,6 +25,7 @@ from gradchain.testing import (
     check_dtypes,
     check_fused,
     check_gradscaler,
+    check_hyperparams_used,
     check_nonfinite,
     check_pieces,
     check_resume,
@@ -106,6 +107,30 @@ def _add_1e6() -> gc.Transform:
     return gc.transform("evil", None, None, lambda u, s, hp, ctx: [x + 1e6 for x in u])
 
 
+def _factory_decay(decay: float = 0.9) -> gc.Transform:
+    """Declares ``decay`` but reads the factory's value: a param group's value or a scheduler never reaches it."""
+
+    def update(u, state, hp, ctx):
+        torch._foreach_mul_(state["buf"], decay)  # should be hp["decay"]
+        torch._foreach_add_(state["buf"], u)
+        return list(state["buf"])
+
+    spec = {"decay": gc.Hyperparam(decay)}
+    return _descent(gc.transform("factorydecay", spec, lambda p: {"buf": gc.zeros_state(p)}, update))
+
+
+def _declared_decay(decay: float = 0.9) -> gc.Transform:
+    """The same transform, reading the group's value."""
+
+    def update(u, state, hp, ctx):
+        torch._foreach_mul_(state["buf"], hp["decay"])
+        torch._foreach_add_(state["buf"], u)
+        return list(state["buf"])
+
+    spec = {"decay": gc.Hyperparam(decay)}
+    return _descent(gc.transform("declareddecay", spec, lambda p: {"buf": gc.zeros_state(p)}, update))
+
+
 class _AmpAwareIgnoringFoundInf(ChainOptimizer):
     """Claims GradScaler support (as torch's fused optimizers do), then steps on found-inf steps too."""
 
@@ -167,6 +192,23 @@ def test_check_fails_its_mutant(check, mutant, words: str) -> None:
     check(Case("sound", sound))
     with pytest.raises((AssertionError, ZeroDivisionError), match=words):
         check(Case(mutant.__name__, mutant))
+
+
+def test_hyperparams_used_fails_a_transform_that_reads_its_factory_value() -> None:
+    check_hyperparams_used(Case("declared", _declared_decay))
+    with pytest.raises(AssertionError, match=r"change nothing .*decay \(tried 1\.35"):
+        check_hyperparams_used(Case("factory", _factory_decay))
+
+
+def test_hyperparams_used_keeps_its_inert_list_true() -> None:
+    # a name in inert that does change the run fails (else the list could hide a real fault), and so
+    # does a name that is no hyperparameter (a typo would exempt nothing)
+    with pytest.raises(AssertionError, match="inert names hyperparameter.*that do change the run: decay"):
+        check_hyperparams_used(Case("declared", _declared_decay, inert=("decay",)))
+    with pytest.raises(AssertionError, match=r"names no hyperparameter of the optimizer: \['dekay'\]"):
+        check_hyperparams_used(Case("declared", _declared_decay, inert=("dekay",)))
+    with pytest.raises(ValueError, match="sequence of names"):
+        Case("declared", _declared_decay, inert="decay")
 
 
 def test_a_view_of_a_state_buffer_is_protected_by_the_core() -> None:
