@@ -8,6 +8,7 @@ no code generation, so the suite stays fast: see conftest.py); a few run the rea
 
 from __future__ import annotations
 
+import copy
 import io
 import warnings
 import weakref
@@ -21,6 +22,7 @@ import gradchain as gc
 from gradchain import recipes
 from gradchain.fused import runner
 from gradchain.fused.flat import CHUNK, FlatBucket
+from gradchain.testing import _variants
 
 RECIPES = sorted(n for n in recipes.__all__ if n != "muon_hidden_matrix")
 # recipes that wrap another
@@ -636,6 +638,55 @@ def test_a_new_grad_is_not_kept_after_it_is_copied_in(aot_eager) -> None:
     fresh = weakref.ref(named[0][1].grad)
     opt.step()
     assert fresh() is None
+
+
+def _accepted_changes(name: str) -> dict:
+    """Another value for every number hyperparameter of ``name`` that an eager optimizer takes mid-run
+    and that keeps the params finite (Newton-Schulz coefficients scaled by 1.5 diverge), each tried on
+    a copy of a run one step in, on top of the values kept before it."""
+    named = make_params(torch.float64)
+    factory = FACTORIES[name] if name in FACTORIES else getattr(recipes, name)
+    opt = gc.ChainOptimizer(named, factory())
+    set_grads(named, 0, torch.float64)
+    opt.step(loss=torch.tensor(0.5))
+    changes: dict = {}
+    for key, value in list(opt.defaults.items()):
+        for _, new in _variants(key, value):
+            trial = copy.deepcopy(opt)
+            trial.param_groups[0].update(changes, **{key: new})
+            params = trial.param_groups[0]["params"]
+            set_grads(list(enumerate(params)), 1, torch.float64)
+            try:
+                trial.step(loss=torch.tensor(0.4))
+            except ValueError:
+                continue
+            if all(bool(p.isfinite().all()) for p in params):
+                changes[key] = new
+                break
+    return changes
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_every_recipe_fused_follows_hyperparameter_changes_float64(name: str, aot_eager) -> None:
+    # a value the compiled graph took as a constant, or read once, would keep its old value here
+    changes = _accepted_changes(name)
+    assert changes, "no hyperparameter could change"
+    runs = []
+    for fused in (False, True):
+        named = make_params(torch.float64)
+        factory = FACTORIES[name] if name in FACTORIES else getattr(recipes, name)
+        opt = gc.ChainOptimizer(named, factory(), fused=fused)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            for i in range(6):
+                if i == 3:
+                    opt.param_groups[0].update(changes)
+                set_grads(named, i, torch.float64)
+                opt.step(loss=torch.tensor(1.0 / (i + 2)))
+        runs.append((named, opt))
+    assert_same(*runs[0], *runs[1], rtol=1e-12, atol=1e-14)
+    unchanged, _ = run(name, False, torch.float64)
+    assert any(not torch.equal(p, q) for (_, p), (_, q) in zip(unchanged, runs[0][0])), "the changes changed nothing"
 
 
 def test_scheduler_and_new_steps_do_not_recompile() -> None:
