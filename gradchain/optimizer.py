@@ -608,19 +608,26 @@ class ChainOptimizer(torch.optim.Optimizer):
         shared: dict[str, Any] = {}
         compiling = torch.compiler.is_compiling()
         plans = []
+        collected = list(self._collect() if collected is None else collected)
+        # a schedule is evaluated at the largest step count of its whole group (plus one), whichever
+        # of the group's buckets (dtypes, devices) holds it
+        group_steps: dict[int, list[Tensor]] = {}
+        for gi, group, items in collected:
+            if self._scheduled(group):
+                group_steps.setdefault(gi, []).extend(st["step"] for _, _, st, _ in items)
         # every hyperparameter (schedules included) is resolved and checked before any state moves
-        for gi, group, items in self._collect() if collected is None else collected:
+        for gi, group, items in collected:
             sts = [x[2] for x in items]
             steps = [st["step"] for st in sts]
             # the host step count (one read of every step tensor) only for a schedule to evaluate
-            scheduled = any(callable(group[k]) and not isinstance(group[k], Tensor) for k in self.transform.hyperparams)
+            scheduled = gi in group_steps
             if compiling:
                 # traced: step counts stay tensors, so the graph does not depend on their values; a
                 # schedule is evaluated outside the graph (a graph break) and enters it as a number
-                resolved = self._resolve_outside_graph(group, steps) if scheduled else None
+                resolved = self._resolve_outside_graph(group, group_steps[gi]) if scheduled else None
                 plans.append((gi, group, items, steps, resolved))
                 continue
-            plans.append((gi, group, items, steps, self._resolve_next(group, steps) if scheduled
+            plans.append((gi, group, items, steps, self._resolve_next(group, group_steps[gi]) if scheduled
                           else self._resolve(group, 0)))
         if not compiling:
             self._validate_across_groups([x[4] for x in plans])
@@ -653,6 +660,9 @@ class ChainOptimizer(torch.optim.Optimizer):
         if buckets:
             shared["global_state"] = self._init_global_state(buckets[0].params[0].device)
         return buckets, states
+
+    def _scheduled(self, group: dict) -> bool:
+        return any(callable(group[k]) and not isinstance(group[k], Tensor) for k in self.transform.hyperparams)
 
     def _resolve_next(self, group: dict, steps: list[Tensor]) -> dict[str, Any]:
         """The group's hyperparameters at the step about to be taken (the largest count plus one)."""
@@ -913,8 +923,13 @@ class ChainOptimizer(torch.optim.Optimizer):
                 labels.append(label)
         if not flats:
             return True
+        # a schedule at the largest count of its whole group, as on the eager path: a group split into
+        # several flat buckets (routes, shape classes) must not give the params of one another value
+        group_next: dict[int, int] = {}
         for fb, group in zip(flats, groups):
-            resolved.append(self._resolve(group, int(fb.step_host) + 1))
+            group_next[id(group)] = max(group_next.get(id(group), 0), int(fb.step_host) + 1)
+        for fb, group in zip(flats, groups):
+            resolved.append(self._resolve(group, group_next[id(group)]))
             host_steps.append(fb.step_host + 1.0)
         self._validate_across_groups(resolved)
         self._take_snapshot()

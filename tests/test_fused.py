@@ -1640,3 +1640,31 @@ def test_a_training_step_compiled_before_the_first_step_traces_as_one_made_after
     assert per_fresh[1:] == per_before, (per_fresh, per_before)
     for a, b in zip(want, fresh):
         torch.testing.assert_close(b, a, rtol=0, atol=1e-14)
+
+
+@pytest.mark.parametrize("split", ["partition", "shape_class", "dtype"])
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_schedule_is_evaluated_at_its_whole_groups_step_count(split: str, fused: bool, aot_eager) -> None:
+    # the group's buckets (routes, SM3's shape classes, dtypes) hold params that skipped steps: each
+    # param gets the lr of the group's largest count, not of its own bucket's
+    lin = gc.schedules.linear(0.0, 0.1, 10)
+    w = nn.Parameter(torch.randn(4, 6, dtype=torch.float64))
+    b = nn.Parameter(torch.randn(7, dtype=torch.float32 if split == "dtype" else torch.float64))
+    if split == "partition":
+        chain = gc.partition({"mat": gc.scale_by_lr(), "vec": gc.scale_by_lr()},
+                             lambda n, p: "mat" if p.ndim >= 2 else "vec")
+    elif split == "shape_class":
+        chain = gc.chain(gc.scale_by_sm3(eps=0.0), gc.scale_by_lr())
+    else:
+        chain = gc.chain(gc.scale_by_lr())
+    opt = gc.ChainOptimizer([{"params": [("w", w), ("b", b)], "lr": lin}], chain, fused=fused)
+    b0 = b.detach().double().clone()
+    for k in range(1, 6):
+        w.grad = torch.ones_like(w)
+        b.grad = torch.ones_like(b) if k >= 3 else None
+        opt.step()
+    # b's update is -lr * 1 (SM3's first step on a fresh vector divides 1 by sqrt(1): 1, then
+    # 1/sqrt(2), 1/sqrt(3))
+    scale = [1.0, 2 ** -0.5, 3 ** -0.5] if split == "shape_class" else [1.0, 1.0, 1.0]
+    want = b0 - sum(lin(t) * s for t, s in zip((3, 4, 5), scale))
+    torch.testing.assert_close(b.detach().double(), want, rtol=1e-6 if split == "dtype" else 1e-14, atol=0)
