@@ -1202,26 +1202,36 @@ class ChainOptimizer(torch.optim.Optimizer):
         self._grads_reset = True  # grads no backward reaches before the step are dropped there
 
     def _drop_unwritten_grads(self) -> None:
-        """Set to None the zero grads that ``zero_grad()`` kept (flat views) where no gradient can
-        have reached them since: torch's ``zero_grad()`` would have dropped them, and its step skips
-        a param without a grad, where a step with a zero grad would move it by its weight decay and
-        momentum. Such a grad is one of a bucket that nothing wrote into since the reset (a step with
-        no backward, or a param group the loss did not reach: its flat grads' version has not moved),
-        or of a frozen param (``requires_grad=False``). A grad written since, or given as a new
-        tensor (``p.grad = g``), is kept and stepped, as under torch."""
+        """Set to None the zero grads that ``zero_grad()`` kept (flat views) where no gradient
+        reached them since: torch's ``zero_grad()`` would have dropped them, and its step skips a
+        param without a grad, where a step with a zero grad would move it by its weight decay and
+        momentum. A bucket that nothing wrote into since the reset (a step with no backward, or a
+        param group the loss did not reach) keeps its flat grads' version; a frozen param
+        (``requires_grad=False``) gets nothing from a backward. Writes the version cannot see (through
+        ``p.grad.data``), and a frozen param's grad written before it was frozen, show in the values:
+        there a kept grad holding a value other than 0 was written and is stepped (one all zeros
+        counts as not written). A grad given as a new tensor (``p.grad = g``) is kept and stepped, as
+        under torch."""
         if not self._grads_reset:
             return
         for fb in self._flats.values():
             if fb.grads_moved():  # grads pointed at other memory since (model.to()): their values first
                 fb.repair_grad_views(keep_values=True)
-            if fb.flat_grads._version == fb.reset_version:
-                for p, kept in zip(fb.params, fb.grad_views):
-                    if p.grad is kept:
-                        p.grad = None
-            elif not all(map(_REQUIRES_GRAD, fb.params)):
-                for p, kept in zip(fb.params, fb.grad_views):
-                    if not p.requires_grad and p.grad is kept:
-                        p.grad = None
+            written = fb.flat_grads._version != fb.reset_version
+            if written and all(map(_REQUIRES_GRAD, fb.params)):
+                continue
+            kept = [(p, v) for p, v in zip(fb.params, fb.grad_views)
+                    if p.grad is v and not (written and p.requires_grad)]
+            if not kept:
+                continue
+            if not written and not bool(fb.flat_grads.any()):  # (one read, where nothing wrote: the common case)
+                for p, _ in kept:
+                    p.grad = None
+                continue
+            nonzero = torch.stack([v.ne(0).any() for _, v in kept]).tolist()
+            for (p, _), live in zip(kept, nonzero, strict=True):
+                if not live:
+                    p.grad = None
 
     def fused_plan(self) -> list[tuple[str, list[str]]]:
         """What the fused path does with this chain: ``("compiled" | "eager", [transform names])`` per segment."""

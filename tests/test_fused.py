@@ -529,6 +529,42 @@ def test_a_layer_frozen_mid_run_is_not_stepped(name: str, aot_eager) -> None:
     assert opt.compile_seconds > 0
 
 
+@pytest.mark.parametrize("name", ["adamw", "lamb"])
+def test_grads_written_where_the_version_cannot_see_are_stepped(name: str, aot_eager) -> None:
+    # a layer frozen between backward and step (a callback), and grads written through .data after
+    # zero_grad() (a hand all-reduce): torch (set_to_none=False) and the eager path step them; the
+    # fused path read them as unwritten zero grads and dropped them, skipping the step (no error)
+    x = torch.randn(16, 8, dtype=torch.float64)
+    runs = []
+    for fused in (False, True):
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(8, 12), nn.Tanh(), nn.Linear(12, 3)).double()
+        opt = gc.ChainOptimizer(net.parameters(), getattr(recipes, name)(), fused=fused)
+        moved = []
+        for i in range(6):
+            before = net[0].weight.detach().clone()
+            if i in (2, 3):
+                grads = torch.autograd.grad(net(x).pow(2).mean(), list(net.parameters()))
+                if opt.param_groups[0]["params"][0].grad is None:  # (eager: zero_grad() left None)
+                    for p in net.parameters():
+                        p.grad = torch.zeros_like(p)
+                for p, g in zip(net.parameters(), grads):
+                    p.grad.data.copy_(g)
+            else:
+                net(x).pow(2).mean().backward()
+            if i == 4:
+                net[0].requires_grad_(False)
+            opt.step()
+            moved.append(not torch.equal(before, net[0].weight))
+            opt.zero_grad()
+            net[0].requires_grad_(True)
+        assert all(moved)
+        runs.append((list(net.named_parameters()), opt))
+    assert_same(*runs[0], *runs[1], rtol=1e-12, atol=1e-14)
+    named, opt = runs[1]
+    assert all(float(opt.state[p]["step"]) == 6.0 for _, p in named)
+
+
 @pytest.mark.parametrize("name", ["prodigy", "lookahead", "fractional_adam", "adalo"])
 def test_uneven_steps_fall_back_where_a_transform_needs_one_step(name: str, aot_eager, monkeypatch) -> None:
     # a reduction over every bucket (Prodigy), a wrapper's sync (Lookahead), host values of the
