@@ -301,7 +301,22 @@ class ChainOptimizer(torch.optim.Optimizer):
 
     # -- groups -------------------------------------------------------------------------------
     def _check_group(self, group: dict[str, Any]) -> None:
-        unknown = sorted(set(group) - set(self.defaults) - _GROUP_KEYS - _SCHEDULER_KEYS - {"differentiable"})
+        self._check_keys(group)
+        if not isinstance(group.get("maximize", False), bool):
+            raise ValueError(f"invalid hyperparameter maximize={group['maximize']!r}: must be a bool")
+        self._check_fixed_options(group)
+        self.transform.validate_group(group)
+
+    def _check_keys(self, group: dict[str, Any]) -> None:
+        """Refuse a key the chain does not declare (a typo would change nothing, silently). Kept: the
+        keys torch's schedulers and SWALR write, and any ``initial_<key>`` (other schedulers' record
+        of a starting value)."""
+        known = self.__dict__.get("_known_keys")
+        if known is None:
+            known = self._known_keys = frozenset(self.defaults) | _GROUP_KEYS | _SCHEDULER_KEYS | {"differentiable"}
+        if group.keys() <= known:
+            return
+        unknown = sorted(k for k in set(group) - known if not (isinstance(k, str) and k.startswith("initial_")))
         if unknown:
             options = [k for k in unknown if k in _OPTIONS]
             raise ValueError(
@@ -312,10 +327,6 @@ class ChainOptimizer(torch.optim.Optimizer):
                    "**kwargs)) takes ChainOptimizer with them bound: optimizer_class=functools.partial("
                    "gradchain.ChainOptimizer, transform=chain, fused=...)" if options else "")
             )
-        if not isinstance(group.get("maximize", False), bool):
-            raise ValueError(f"invalid hyperparameter maximize={group['maximize']!r}: must be a bool")
-        self._check_fixed_options(group)
-        self.transform.validate_group(group)
 
     def _check_fixed_options(self, group: dict[str, Any]) -> None:
         # at every step too: a scheduler that cycles momentum (OneCycleLR, CyclicLR) sets it in the group
@@ -581,6 +592,7 @@ class ChainOptimizer(torch.optim.Optimizer):
         # the values checked at the last step of any group are not checked again (on a small model
         # the checks are a good part of a step's host time)
         try:
+            self._check_keys(group)  # a key set in the group since (a typo) is refused at the step it would be ignored
             self._check_fixed_options(group)
             self._checked_values = resolve_group(self.transform, group, step, self._checked_values)
         except ValueError as e:

@@ -8,7 +8,9 @@
 - ``OneCycleLR`` with momentum cycling works on ``adalo``, whose ``betas`` key it cycles;
 - a checkpoint taken under ``swa_utils.SWALR`` (which adds ``swa_lr`` to the groups) loads and resumes;
 - ``recipes.adam(decoupled_weight_decay=True)`` follows ``torch.optim.Adam(decoupled_weight_decay=True)``;
-- a param listed twice in one group (torch warns, and steps it twice): ``ValueError`` naming both places.
+- a param listed twice in one group (torch warns, and steps it twice): ``ValueError`` naming both places;
+- a key the chain does not declare set in a group after construction (a typo): ``ValueError`` at the
+  next step, nothing moved; another tool's ``initial_<key>`` record is kept, and its checkpoint loads.
 """
 
 from __future__ import annotations
@@ -328,3 +330,22 @@ def test_differentiable_true_is_refused() -> None:
     with pytest.raises(ValueError, match="differentiable=True"):
         opt.step()
     assert torch.equal(p, torch.ones(3))
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_typo_set_in_a_group_is_refused_at_the_step(fused: bool) -> None:
+    # (accepted at the step before, then refused by load_state_dict: a run could not resume from its
+    # own checkpoint, and the typo's value had changed nothing)
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = ChainOptimizer([p], recipes.adamw(lr=0.1), fused=fused)
+    opt.param_groups[0]["weight_decya"] = 0.5
+    p.grad = torch.ones(3)
+    with pytest.raises(ValueError, match=r"unknown hyperparameters \['weight_decya'\]"):
+        opt.step()
+    assert torch.equal(p.detach(), torch.ones(3)) and not opt.state[p]
+    del opt.param_groups[0]["weight_decya"]
+    opt.param_groups[0]["initial_weight_decay"] = 0.01  # a scheduler's record of a starting value
+    opt.step()
+    again = ChainOptimizer([torch.nn.Parameter(torch.ones(3))], recipes.adamw(lr=0.1), fused=fused)
+    again.load_state_dict(copy.deepcopy(opt.state_dict()))
+    assert again.param_groups[0]["initial_weight_decay"] == 0.01
