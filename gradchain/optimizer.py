@@ -291,7 +291,8 @@ class ChainOptimizer(torch.optim.Optimizer):
         # the hyperparameter values that passed their checks last (_resolve)
         self._checked_values: dict[str, Any] | None = None
         # id of a param -> its shape when its state was last found to fit it (p.data = x can change it)
-        self._state_shapes: dict[int, torch.Size] = {id(p): p.shape for p in state if isinstance(p, Tensor)}
+        # (and its dtype: model.double() during a run leaves state of the old dtype, which some ops take silently)
+        self._state_shapes: dict[int, tuple] = {id(p): (p.shape, p.dtype) for p in state if isinstance(p, Tensor)}
         # the group keys the transforms branch on in Python (amsgrad): a new value is a new structure
         self._static_keys = tuple(sorted(frozenset().union(*(getattr(t, "static_keys", ())
                                                               for t in self.transform.leaves()))))
@@ -509,10 +510,10 @@ class ChainOptimizer(torch.optim.Optimizer):
                     self._created.append(p)
                 elif type(st) is not _ParamState:  # a dict put in by hand
                     st = self.state[p] = _ParamState(st, self._state_edits)
-                if not compiling and self._state_shapes.get(id(p)) != p.shape:
+                if not compiling and self._state_shapes.get(id(p)) != (p.shape, p.dtype):
                     if not made:
                         self._check_state_shapes(p, name, group, st)
-                    self._state_shapes[id(p)] = p.shape
+                    self._state_shapes[id(p)] = (p.shape, p.dtype)
                 # the fused path holds no reference to a grad it may copy into its flat buffer (that one is
                 # freed there, a param's worth of memory at the first step); the step reads p.grad
                 # (a sharded param and a plain one never share a list op: FSDP2's ignored params)
@@ -818,17 +819,29 @@ class ChainOptimizer(torch.optim.Optimizer):
         self._proven.add(key)
 
     def _check_state_shapes(self, p: Tensor, name: str | None, group: dict[str, Any], st: dict) -> None:
-        """Refuse state made for a param of another shape (the param replaced or reshaped since:
-        ``p.data = x``), which a step would fail on part-way, or broadcast (SM3's accumulators)."""
+        """Refuse state made for a param of another shape or floating dtype (the param replaced,
+        reshaped or cast since: ``p.data = x``, ``model.double()``), which a step would fail on
+        part-way, or take silently (SM3's accumulators broadcast; an in-place op writes a float64
+        update into float32 momentum)."""
+        who = f"param {name}" if name else f"a param of shape {tuple(p.shape)}"
         for key, want in (self._expected_state(p, name, group) or {}).items():
             got = st.get(key)
-            if key != "step" and isinstance(want, Tensor) and isinstance(got, Tensor) and got.shape != want.shape:
-                who = f"param {name}" if name else "a param"
+            if key == "step" or not isinstance(want, Tensor) or not isinstance(got, Tensor):
+                continue
+            if got.shape != want.shape:
                 raise ValueError(
                     f"ChainOptimizer.step(): {who} has shape {tuple(p.shape)}, but its state {key!r} has shape "
                     f"{tuple(got.shape)}, made for a param of another shape: the param was replaced or reshaped "
                     "(p.data = x) after its state was made. Restore its shape, or start its state afresh (del "
                     "opt.state[p]); nothing was stepped"
+                )
+            if want.is_floating_point() and got.is_floating_point() and got.dtype != want.dtype:
+                raise ValueError(
+                    f"ChainOptimizer.step(): {who} is {p.dtype} and its state {key!r} {got.dtype}, where this chain "
+                    f"keeps {want.dtype}: the param's dtype changed after its state was made (model.to(dtype) "
+                    "during a run). Cast its floating state entries to the dtype this chain keeps "
+                    "(opt.state[p][key] = opt.state[p][key].to(dtype)) or start it afresh (del opt.state[p]); "
+                    "the step was rolled back before anything moved"
                 )
 
     def _explain_state_dtypes(self, collected: list, error: Exception) -> None:

@@ -838,3 +838,32 @@ def test_optimizer_hooks_see_what_torch_hooks_see(fused: bool, monkeypatch) -> N
     opt.load_state_dict(sd)
     assert calls[4:] == ["load pre", "load post"]
     assert torch.equal(opt.global_state["prodigy.d"], d)
+
+
+@pytest.mark.parametrize("to", [torch.float64, torch.float32])
+@pytest.mark.parametrize("name", ["sgd", "sm3", "prodigy", "schedule_free_adamw"])
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_cast_that_the_ops_would_take_is_refused_too(fused: bool, name: str, to: torch.dtype, monkeypatch) -> None:
+    """The chains whose ops take mixed dtypes (a float64 update added into float32 momentum, SM3's
+    accumulators) went on silently with the old dtype's state after ``model.to(dtype)``; the
+    error above came only where an op failed. The state's dtype is now checked before the step."""
+    import gradchain.fused.runner as runner
+
+    monkeypatch.setattr(runner, "BACKEND", "aot_eager")
+    torch.manual_seed(0)
+    start = torch.float32 if to == torch.float64 else torch.float64
+    model = torch.nn.Linear(4, 3).to(start)
+    chain = recipes.sgd(lr=1e-2, momentum=0.9) if name == "sgd" else getattr(recipes, name)()
+    opt = gc.ChainOptimizer(model.named_parameters(), chain, fused=fused)
+    x = torch.randn(5, 4)
+    for _ in range(2):
+        opt.zero_grad()
+        model(x.to(start)).square().sum().backward()
+        opt.step()
+    model.to(to)
+    opt.zero_grad()
+    model(x.to(to)).square().sum().backward()
+    params = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=rf"is {to} and its state '[\w.]+' {start}, where this chain keeps {to}"):
+        opt.step()
+    assert all(torch.equal(a, p) for a, p in zip(params, model.parameters()))
