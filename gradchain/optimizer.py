@@ -233,6 +233,14 @@ class ChainOptimizer(torch.optim.Optimizer):
         self.transform = transform
         if state_dtype is not None and (not isinstance(state_dtype, torch.dtype) or not state_dtype.is_floating_point):
             raise TypeError(f"state_dtype must be a floating torch.dtype such as torch.bfloat16, got {state_dtype!r}")
+        if state_dtype is not None and state_dtype not in (torch.bfloat16, torch.float32, torch.float64):
+            # float16's range ends at 6e-8: a second moment of 1e-4 gradients (1e-8) and an eps of 1e-8 are
+            # 0 there, and the update m / (sqrt(v) + eps) is inf; the float8 types have less still
+            raise ValueError(
+                f"state_dtype={state_dtype} cannot hold optimizer state: second moments and eps underflow to 0 "
+                "(an Adam update then is inf). Use torch.bfloat16 (float32's range, half the memory), "
+                "torch.float32 or torch.float64"
+            )
         if not isinstance(fused, bool):
             raise TypeError(f"fused must be a bool, got {fused!r}")
         if atomic not in ("first", "always", "never"):

@@ -349,3 +349,12 @@ def test_a_typo_set_in_a_group_is_refused_at_the_step(fused: bool) -> None:
     again = ChainOptimizer([torch.nn.Parameter(torch.ones(3))], recipes.adamw(lr=0.1), fused=fused)
     again.load_state_dict(copy.deepcopy(opt.state_dict()))
     assert again.param_groups[0]["initial_weight_decay"] == 0.01
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float8_e4m3fn])
+def test_a_state_dtype_that_underflows_adams_moments_is_refused(dtype: torch.dtype) -> None:
+    # (float16 state: the eager AdamW step of a 1e-4 gradient set the params to inf, the fused one not)
+    p = torch.nn.Parameter(torch.ones(3))
+    with pytest.raises(ValueError, match=r"state_dtype=torch\.float(16|8_e4m3fn) cannot hold optimizer state.*bfloat16"):
+        ChainOptimizer([p], recipes.adamw(), state_dtype=dtype)
+    ChainOptimizer([p], recipes.adamw(), state_dtype=torch.bfloat16)
