@@ -863,6 +863,11 @@ class Transform:
     # earlier in the chain that this one reads (checked when the chain is built)
     momentum_state: tuple[str, ...] = ()
     reads_state: tuple[str, ...] = ()
+    # why nothing may follow this transform in a chain (its update is a final one: Lookahead's sync,
+    # schedule-free's step); empty where anything may
+    last_in_chain: str = ""
+    # may follow such a transform all the same (gradchain.testing's probes, which watch the update)
+    may_follow_final: bool = False
 
     def momentum_keys(self) -> list[str]:
         """The full state keys of every momentum buffer in this tree (declared by the leaves)."""
@@ -1434,6 +1439,12 @@ class Chain(Transform):
             fixed.update(t.fixed_options)
             shared |= t.shared_keys
             flat.extend(t.children if isinstance(t, Chain) else [t])
+        for i, t in enumerate(flat[:-1]):
+            final = next((leaf for leaf in t.leaves() if leaf.last_in_chain), None)
+            after = ", ".join(u.name for u in flat[i + 1:] if not u.may_follow_final)
+            if final is not None and after:
+                raise ValueError(f"{final.name} is followed by {after} in a chain, but nothing may follow it: "
+                                 f"{final.last_in_chain}")
         self.name = name
         self.children = flat
         self.shared_keys = frozenset(shared)

@@ -563,9 +563,16 @@ def check_resume(case: Case, dtype: torch.dtype = torch.float64) -> None:
     _assert_same_state(_state_by_name(ref_opt, ref), _state_by_name(opt2, model2), what)
 
 
+def _probe(t: Transform) -> Transform:
+    """``t``, allowed after a transform that must end its chain (Lookahead, schedule-free): a probe."""
+    t.may_follow_final = True
+    return t
+
+
 def _poison_probe() -> Transform:
     """Multiplies the update by the group's ``gradchain_testing_poison`` (1.0; NaN for one step)."""
-    return transform("gradchain_testing_poison", {"gradchain_testing_poison": Hyperparam(1.0)}, None, _poison_update)
+    return _probe(transform("gradchain_testing_poison", {"gradchain_testing_poison": Hyperparam(1.0)}, None,
+                            _poison_update))
 
 
 def _poison_update(u: list, state: dict, hp: dict, ctx: Any) -> list:
@@ -751,10 +758,10 @@ def _interleaved(case: Case, isolate: bool) -> Transform:
     seq: list[Transform] = []
     for i, part in enumerate(parts):
         name = f"gradchain_testing_copy{i}"
-        seq += [part, _copy_probe(name) if isolate else transform(name, None, None, _identity)]
-    seq += [transform("gradchain_testing_inplace", None, None, _inplace_update, inplace=True),
-            transform("gradchain_testing_scale", scale=_probe_scale),
-            transform("gradchain_testing_decay", param_term=_probe_decay)]
+        seq += [part, _probe(_copy_probe(name) if isolate else transform(name, None, None, _identity))]
+    seq += [_probe(transform("gradchain_testing_inplace", None, None, _inplace_update, inplace=True)),
+            _probe(transform("gradchain_testing_scale", scale=_probe_scale)),
+            _probe(transform("gradchain_testing_decay", param_term=_probe_decay))]
     # the parts taken out of their chain keep what it declared: shared keys, defaults, fixed options
     shared = getattr(t, "shared_keys", ())
     out = chain(*seq, share=shared) if shared else chain(*seq)

@@ -355,6 +355,6 @@ def test_a_typo_set_in_a_group_is_refused_at_the_step(fused: bool) -> None:
 def test_a_state_dtype_that_underflows_adams_moments_is_refused(dtype: torch.dtype) -> None:
     # (float16 state: the eager AdamW step of a 1e-4 gradient set the params to inf, the fused one not)
     p = torch.nn.Parameter(torch.ones(3))
-    with pytest.raises(ValueError, match=r"state_dtype=torch\.float(16|8_e4m3fn) cannot hold optimizer state.*bfloat16"):
+    with pytest.raises(ValueError, match=r"state_dtype=torch\.float(16|8_e4m3fn) cannot hold optimizer state"):
         ChainOptimizer([p], recipes.adamw(), state_dtype=dtype)
     ChainOptimizer([p], recipes.adamw(), state_dtype=torch.bfloat16)

@@ -9,6 +9,7 @@ import pytest
 import torch
 from harness import RecipeCase, check_fsdp2, check_recipe
 
+import gradchain as gc
 from gradchain import ChainOptimizer, lookahead, recipes, slow_weights
 
 
@@ -269,3 +270,18 @@ def test_inside_apply_if_finite_and_accumulate() -> None:
                 q.grad = (q.grad + g) / 2
             o2.step()
     assert _gap(m1.parameters(), m2.parameters()) <= 1e-12
+
+
+def test_nothing_may_follow_lookahead_or_schedule_free_in_a_chain() -> None:
+    # (accepted before: the lr after a lookahead scaled its sync too, 0.83 where the rule gives 0.9)
+    with pytest.raises(ValueError, match=r"lookahead is followed by lr in a chain, but nothing may follow it.*inside"):
+        gc.chain(gc.lookahead(gc.scale(1.0), k=2), gc.scale_by_lr(0.1))
+    with pytest.raises(ValueError, match="lookahead is followed by partition"):
+        gc.chain(gc.partition({"a": gc.lookahead(gc.chain(gc.scale_by_adam(), gc.scale_by_lr(0.1)))},
+                              lambda n, p: "a"), gc.partition({"a": gc.scale(2.0)}, lambda n, p: "a"))
+    with pytest.raises(ValueError, match="schedule_free is followed by wd in a chain.*before it"):
+        gc.chain(gc.schedule_free(0.1), gc.add_decoupled_wd(0.1))
+    # around it, or last: as before
+    gc.apply_if_finite(gc.lookahead(gc.chain(gc.scale_by_adam(), gc.scale_by_lr(0.1))))
+    gc.chain(gc.add_decoupled_wd(0.1), gc.lookahead(gc.chain(gc.scale_by_adam(), gc.scale_by_lr(0.1))))
+    gc.chain(gc.add_decoupled_wd(0.1), gc.schedule_free(0.1))

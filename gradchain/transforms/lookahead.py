@@ -29,6 +29,10 @@ def _positive_int(value: Any) -> str | None:
 class Lookahead(Declared):
     """See :func:`lookahead`."""
 
+    last_in_chain = ("its sync is the update phi - p, which a transform after it would change too. Put the lr "
+                     "inside it, lookahead(chain(..., scale_by_lr(lr))), and accumulate() or apply_if_finite() "
+                     "around it")
+
     def __init__(
         self,
         inner: Transform,
@@ -203,7 +207,7 @@ def lookahead(
     Rule: slow weights ``phi_0 = theta_0``; the inner transform updates the fast weights ``theta``;
     after every k-th step of a param (its ``"step"`` count, so the cycle survives save/load)
     ``phi <- phi + alpha (theta - phi)`` and ``theta <- phi``. The sync is expressed as the update
-    ``phi - p``, so the chain stays one pipeline; nothing may follow it (``accumulate`` and
+    ``phi - p``, so the chain stays one pipeline; nothing may follow it (a chain refuses that; ``accumulate`` and
     ``apply_if_finite`` go outside it: ``accumulate(lookahead(...), 4)``). At a sync
     the inner momentum (``momentum_buffers``, by default the buffers the inner transforms declare
     as ``momentum_state``: Adam's ``exp_avg``, ``trace``'s ``buffer``, ``ema``'s ``ema``) is left

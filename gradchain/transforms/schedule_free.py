@@ -84,6 +84,9 @@ class _HostScalars:
 class ScheduleFree(Leaf):
     """See :func:`schedule_free`. Declares evaluation weights: the average ``x`` (``eval_weight``)."""
 
+    last_in_chain = ("its update holds the learning rate and the move of y toward z, which a transform after it "
+                     "would rescale too. Put decay, clipping and masks before it")
+
     beta_key: str
     beta_index: int | None
     # state keys of the step counts this leaf's rules may see, innermost first: accumulate() adds its
@@ -143,7 +146,7 @@ def schedule_free(
     ``y <- (1 - c_t) y + c_t z + lr_t (beta (1 - c_t) - 1) g`` and ``z <- z - lr_t g``. The params hold
     ``y``; ``x = (y - (1 - beta) z) / beta`` (the average of the ``z`` iterates, weighted by ``w``) is
     what to evaluate: :func:`gradchain.eval_params` swaps it in. The update already contains the
-    learning rate: put this transform last (nothing that rescales may follow it). ``z_0 = y_0``.
+    learning rate: put this transform last (a chain refuses a transform after it). ``z_0 = y_0``.
 
     ``betas=(b1, b2)`` instead of ``momentum`` declares the group key ``betas`` and uses ``b1``, so
     that a second-moment transform before it (:func:`scale_by_rms`) shares the key, as in
