@@ -226,6 +226,8 @@ def masked(inner: Transform, mask: Selector | str | Iterable[str]) -> Transform:
     biases and norm gains: ``masked(add_decoupled_wd(0.1), lambda name, p: p.ndim >= 2)``.
     Peer: optax ``masked``.
     """
+    if not isinstance(inner, Transform):
+        raise TypeError(f"masked() takes a transform, got {type(inner).__name__} (a factory not called?)")
     if callable(mask):
         select = _AsBool(mask)
     else:
@@ -237,6 +239,9 @@ class _Partition(_Routing):
     def __init__(self, transforms: Mapping[Any, Transform], labels: Selector | Mapping[str, Any]) -> None:
         if not transforms:
             raise ValueError("partition() needs at least one transform")
+        bad = {k: type(t).__name__ for k, t in transforms.items() if not isinstance(t, Transform)}
+        if bad:
+            raise TypeError(f"partition() takes a transform per label, got {bad} (a factory not called?)")
         self._labels = labels
         self._setup("partition", dict(transforms))
 

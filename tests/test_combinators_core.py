@@ -109,3 +109,13 @@ def test_partition_labels_kept_per_bucket_only_for_the_same_params() -> None:
     assert part._routes(SimpleNamespace(names=["a", "b"], params=[m, v])) == ["mat", "vec"]
     assert part._routes(SimpleNamespace(names=["a", "b"], params=[m, torch.zeros(3, 3)])) == ["mat", "mat"]
     assert part._routes(SimpleNamespace(names=["head", "b"], params=[m, v])) == ["vec", "vec"]
+
+
+def test_masked_and_partition_take_transforms_only() -> None:
+    # (an AttributeError about .paths before)
+    with pytest.raises(TypeError, match=r"masked\(\) takes a transform, got function \(a factory not called\?\)"):
+        gc.masked(gc.scale_by_adam, "*")
+    with pytest.raises(TypeError, match=r"partition\(\) takes a transform per label, got \{'a': 'function'\}"):
+        gc.partition({"a": gc.scale_by_adam}, lambda n, p: "a")
+    with pytest.raises(TypeError, match="'b': 'NoneType'"):
+        gc.partition({"a": gc.scale_by_adam(), "b": None}, lambda n, p: "a")
