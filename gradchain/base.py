@@ -890,6 +890,10 @@ class Transform:
         """The sequences of leaf names one param can pass through (their state keys must not clash)."""
         return [[self.name]]
 
+    def check_routes(self, named: Sequence[tuple[str | None, Tensor]]) -> None:
+        """Route every ``(name, param)`` through this tree (``partition``, ``masked``) now: a param no
+        route takes raises ``ValueError`` when the optimizer is built, not at its first gradient."""
+
     def renamed(self, mapping: Mapping[str, str]) -> Transform:
         """A copy whose hyperparameter group keys are renamed by ``mapping`` (old -> new)."""
         raise NotImplementedError(f"{type(self).__name__} does not support renaming hyperparameters")
@@ -1474,6 +1478,10 @@ class Chain(Transform):
     def validate_group(self, group: Mapping[str, Any]) -> None:
         for t in self.children:
             t.validate_group(group)
+
+    def check_routes(self, named: Sequence[tuple[str | None, Tensor]]) -> None:
+        for t in self.children:
+            t.check_routes(named)
 
     def init_state(self, param: Tensor, name: str | None = None) -> StateDict:
         state: StateDict = {}

@@ -11,7 +11,7 @@ import fnmatch
 import math
 import operator
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -167,6 +167,14 @@ class _Routing(Transform):
         for child in self.children.values():
             child.validate_group(group)
 
+    def check_routes(self, named: Sequence[tuple[str | None, Tensor]]) -> None:
+        by_label: dict[Any, list] = {}
+        for name, p in named:
+            by_label.setdefault(self._cached_route(name, p), []).append((name, p))
+        for label, part in by_label.items():
+            if label in self.children:
+                self.children[label].check_routes(part)
+
     def _setup(self, name: str, children: dict[Any, Transform]) -> None:
         self.name = name
         self.children = children
@@ -313,6 +321,9 @@ class _Wrapper(Transform):
 
     def validate_group(self, group: Mapping[str, Any]) -> None:
         self.inner.validate_group(group)
+
+    def check_routes(self, named: Sequence[tuple[str | None, Tensor]]) -> None:
+        self.inner.check_routes(named)
 
     def _own_state(self, param: Tensor) -> StateDict:
         raise NotImplementedError

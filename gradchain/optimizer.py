@@ -366,9 +366,11 @@ class ChainOptimizer(torch.optim.Optimizer):
             warnings.filterwarnings("ignore", "optimizer contains a parameter group with duplicate parameters")
             super().add_param_group(param_group)
         try:
-            self._check_group(self.param_groups[-1])
-            self._check_unique_params(self.param_groups[-1])
+            group = self.param_groups[-1]
+            self._check_group(group)
+            self._check_unique_params(group)
             self._check_across_groups(self.param_groups)
+            self.transform.check_routes(list(zip(self._names(group), group["params"], strict=True)))
         except Exception:
             self.param_groups.pop()
             raise

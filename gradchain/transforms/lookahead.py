@@ -85,6 +85,9 @@ class Lookahead(Declared):
         self.inner.validate_group(group)
         super().validate_group(group)
 
+    def check_routes(self, named: Sequence[tuple[str | None, Tensor]]) -> None:
+        self.inner.check_routes(named)
+
     # -- state ------------------------------------------------------------------------------
     @property
     def slow_key(self) -> str:
