@@ -1385,8 +1385,10 @@ def merge_hyperparams(children: Sequence[Transform], share: Iterable[str] | None
             if key in merged and not _same(merged[key].default, spec.default):
                 raise ValueError(
                     f"hyperparameter {key!r} is declared with default {merged[key].default!r} by "
-                    f"{owner[key]!r} and {spec.default!r} by {t.name!r}; give them the same default "
-                    f"or rename one with .renamed({{{key!r}: 'new_key'}})"
+                    f"{owner[key]!r} and {spec.default!r} by {t.name!r}: rename one with "
+                    f".renamed({{{key!r}: 'new_key'}})"
+                    + ("" if allowed is None else f", or give both one default and share it on purpose with "
+                       f"chain(..., share=[{key!r}])")
                 )
             if key in merged and allowed is not None and key not in allowed:
                 raise ValueError(

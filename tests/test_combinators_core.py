@@ -128,3 +128,10 @@ def test_masked_and_partition_take_transforms_only() -> None:
         gc.partition({"a": gc.scale_by_adam}, lambda n, p: "a")
     with pytest.raises(TypeError, match="'b': 'NoneType'"):
         gc.partition({"a": gc.scale_by_adam(), "b": None}, lambda n, p: "a")
+
+
+def test_the_different_defaults_error_does_not_lead_to_the_shared_key_error() -> None:
+    # (it said "give them the same default", which chain() then refused as a key declared twice)
+    with pytest.raises(ValueError, match=r"default 0.0 by 'l2' and 0.1 by 'wd': rename one.*share=\['weight_decay'\]"):
+        gc.chain(gc.add_l2(0.0), gc.scale_by_adam(), gc.add_decoupled_wd(0.1), gc.scale_by_lr())
+    gc.chain(gc.add_l2(0.1), gc.scale_by_adam(), gc.add_decoupled_wd(0.1), gc.scale_by_lr(), share=["weight_decay"])

@@ -121,7 +121,8 @@ def scale_by_sm3(b2: float = 1.0, eps: float = 1e-8, *, name: str = "sm3") -> Le
     Reference: Anil, Gupta, Koren & Singer, arXiv:1901.11150 (SM3-II). Peer: optax
     ``scale_by_sm3`` (same eps placement); pytorch_optimizer ``SM3``, whose ``beta=0`` is
     ``b2=1`` here and whose eps is 1e-30 (with ``eps=1e-30`` the two match in float64), keeps a
-    running max when its beta > 0, which is not the paper's rule and not done here.
+    running max when its beta > 0, which is not the paper's rule and not done here. ``b2`` and
+    ``eps`` choose the code in Python: on the fused path a new value of either compiles again.
     """
 
     def init(p: Tensor) -> dict:
