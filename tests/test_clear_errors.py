@@ -96,18 +96,18 @@ def _steps(model, opt, n: int = 3) -> None:
 
 def test_muon_warns_once_about_unnamed_matrices() -> None:
     model = _Embedded()
-    opt = ChainOptimizer(model.parameters(), recipes.muon(lr=0.01))
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
+        opt = ChainOptimizer(model.parameters(), recipes.muon(lr=0.01))  # (params are routed here)
         _steps(model, opt)
     mine = [w for w in seen if "muon" in str(w.message)]
     assert len(mine) == 1 and issubclass(mine[0].category, UserWarning)
     assert "named_parameters()" in str(mine[0].message)
     # named params (or an explicit routing) route by name: no warning
     for params, kw in ((model.named_parameters(), {}), (model.parameters(), {"muon_params": lambda n, p: False})):
-        opt = ChainOptimizer(params, recipes.muon(lr=0.01, **kw))
         with warnings.catch_warnings():
             warnings.simplefilter("error")
+            opt = ChainOptimizer(params, recipes.muon(lr=0.01, **kw))
             _steps(model, opt, 1)
     opt = ChainOptimizer(model.named_parameters(), recipes.muon(lr=0.01))
     _steps(model, opt, 1)
