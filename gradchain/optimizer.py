@@ -265,13 +265,17 @@ class ChainOptimizer(torch.optim.Optimizer):
         super().__init__(params, defaults)
 
     def _init_runtime(self) -> None:
-        # not part of the optimizer's state: rebuilt after a load, a copy or unpickling
-        self._fused_chain = fused_chain(self.transform)
+        # not part of the optimizer's state: rebuilt after a load, a copy or unpickling. The compiled
+        # segments depend on the transform alone: a load into this optimizer keeps them (made anew,
+        # every load compiled again and kept the old code alive), and the warnings said once stay said
+        if self.__dict__.get("_fused_of") is not self.transform:
+            self._fused_chain = fused_chain(self.transform)
+            self._warned: set = set()
+        self._fused_of = self.transform
         # the eager step on a CPU, in cache-sized pieces (gradchain.pieces)
         in_pieces = PiecewiseChain(self.transform)
         self._pieces = in_pieces if in_pieces.useful else None
         self._flats: dict[tuple, FlatBucket] = {}
-        self._warned: set = set()
         self._proven: set = set()
         # per bucket: one vector of step counts whose 0-d views are the state["step"] tensors
         self._step_vectors: dict[tuple, tuple[Tensor, list[Tensor]]] = {}
@@ -1167,6 +1171,14 @@ class ChainOptimizer(torch.optim.Optimizer):
                         keep_layouts=keeps, grad_dtype=grad_dtypes.pop())
         fb.step_host = None
         self._flats[key] = fb
+        # a param is in one flat bucket: one made under another key before (its group deleted or
+        # reordered, its route changed) is left behind, and its zero_grad() would drop these grads
+        taken = set(map(id, params))
+        for other, stale in list(self._flats.items()):
+            if other != key and any(id(q) in taken for q in stale.params):
+                del self._flats[other]
+                self._collected.pop(other[0], None)
+                self._checked.pop(other, None)
         return fb
 
     def _warn_eager(self, key: tuple, why: str) -> None:

@@ -1704,3 +1704,56 @@ def test_a_schedule_is_evaluated_at_its_whole_groups_step_count(split: str, fuse
     scale = [1.0, 2 ** -0.5, 3 ** -0.5] if split == "shape_class" else [1.0, 1.0, 1.0]
     want = b0 - sum(lin(t) * s for t, s in zip((3, 4, 5), scale))
     torch.testing.assert_close(b.detach().double(), want, rtol=1e-6 if split == "dtype" else 1e-14, atol=0)
+
+
+def test_a_load_keeps_the_compiled_kernels_and_the_warnings_said(aot_eager) -> None:
+    # (every load_state_dict() made the fused chain anew: a compile per load, the old code kept alive,
+    # and each once-only warning said again)
+    buf = torch.zeros(10)
+    a, b = nn.Parameter(buf[:4]), nn.Parameter(buf[4:8])  # views of one buffer: a warning, once
+    named = make_params(torch.float32)
+    opt = gc.ChainOptimizer([{"params": [p for _, p in named]}, {"params": [a, b]}], recipes.adamw(), fused=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for i in range(6):
+            set_grads(named, i, torch.float32)
+            for p in (a, b):
+                p.grad = torch.ones(4)
+            opt.step()
+            if i == 0:
+                graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+                seconds = opt.compile_seconds
+            opt.load_state_dict(opt.state_dict())
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+    assert opt.compile_seconds == seconds
+    assert len([w for w in caught if "views into a larger buffer" in str(w.message)]) == 1
+
+
+def test_a_deleted_group_leaves_no_flat_bucket_behind(aot_eager) -> None:
+    # (the bucket made for the old index stayed: its zero_grad() dropped the live grads, copied in
+    # again at every step, with a warning that blamed the user's zero_grad())
+    runs = []
+    for fused in (False, True):
+        named = make_params(torch.float64)
+        half = len(named) // 2
+        opt = gc.ChainOptimizer([{"params": [p for _, p in named[:half]]}, {"params": [p for _, p in named[half:]]}],
+                                recipes.adamw(), fused=fused)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", gc.FusedGradientCopyWarning)
+            for i in range(6):
+                if i == 2:
+                    del opt.param_groups[0]
+                opt.zero_grad()
+                g = torch.Generator().manual_seed(100 + i)
+                for _, p in named:  # into the kept grads, as a backward does
+                    new = torch.randn(p.shape, generator=g, dtype=torch.float64)
+                    if p.grad is None:
+                        p.grad = new
+                    else:
+                        p.grad.copy_(new)
+                opt.step()
+        runs.append((named, opt))
+    assert len(opt._flats) == 1
+    flat = next(iter(opt._flats.values()))
+    assert all(p.grad is v for p, v in zip(flat.params, flat.grad_views))
+    assert_same(*runs[0], *runs[1], rtol=1e-12, atol=1e-14)

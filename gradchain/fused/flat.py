@@ -76,7 +76,8 @@ def aliased(params: list[Tensor], others: Iterable[Tensor]) -> list[int]:
     spans: dict[int, list[tuple[int, int, int]]] = {}
     seen: set[int] = set()
     for t in (*params, *others):
-        if id(t) in seen or t.numel() == 0:
+        # (a DTensor, FSDP2's sharded param, has its own local shard: never a view of a plain param)
+        if id(t) in seen or t.numel() == 0 or hasattr(t, "device_mesh"):
             continue
         seen.add(id(t))
         a, z = _span(t)
