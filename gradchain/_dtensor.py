@@ -62,13 +62,24 @@ def plain(t: Tensor) -> Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
+def _chunks_short(n: int, ranks: int) -> bool:
+    """Whether ``torch.chunk`` of ``n`` rows into ``ranks`` parts (how a DTensor shards a dim) leaves
+    some part empty: parts of ``ceil(n / ranks)`` rows fill only ``ceil(n / part)`` of them (4 rows on
+    3 ranks: 2, 2, 0; a ``Linear(d, 10)`` head on 8 ranks: five of 2, three of 0)."""
+    if n < ranks:
+        return True
+    part = -(-n // ranks)
+    return -(-n // part) < ranks
+
+
 def some_shard_empty(t: Tensor) -> bool:
-    """Whether ``t`` is a DTensor sharded on a dim shorter than its mesh dim (a param with fewer rows
-    than ranks, as a ``Linear(d, 1)`` head: some ranks hold an empty shard)."""
+    """Whether ``t`` is a DTensor sharded so that some rank holds an empty shard (fewer rows than
+    ranks, as a ``Linear(d, 1)`` head, or rows that chunk into fewer parts than ranks)."""
     placements = getattr(t, "placements", None)
     if placements is None:
         return False
-    return any(pl.is_shard() and t.shape[pl.dim] < t.device_mesh.size(i) for i, pl in enumerate(placements))
+    return any(pl.is_shard() and _chunks_short(t.shape[pl.dim], t.device_mesh.size(i))
+               for i, pl in enumerate(placements))
 
 
 def on_whole(fn: Callable[..., Tensor], args: Sequence[Tensor], written: Sequence[int], like: Tensor) -> Tensor:

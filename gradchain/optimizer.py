@@ -308,6 +308,7 @@ class ChainOptimizer(torch.optim.Optimizer):
         # the group keys the transforms branch on in Python (amsgrad): a new value is a new structure
         self._static_keys = tuple(sorted(frozenset().union(*(getattr(t, "static_keys", ())
                                                               for t in self.transform.leaves()))))
+        self._keeps_global_state = any(hasattr(t, "init_global_state") for t in self.transform.leaves())
         # the transforms whose checks span param groups (Prodigy's one estimate), found once
         self._group_checks = [c for c in (getattr(t, "validate_groups", None) for t in self.transform.leaves())
                               if c is not None]
@@ -473,6 +474,19 @@ class ChainOptimizer(torch.optim.Optimizer):
                 if init is not None:
                     self.global_state.update(init(device))
         return self.global_state
+
+    def _adopt_packed_global_state(self) -> bool:
+        """Take back optimizer-level state that a state dict carried in a param's entry (``@global.``
+        keys) and a wrapper loaded straight into ``self.state``: ZeroRedundancyOptimizer's
+        ``load_state_dict`` writes the entries itself, not through :meth:`load_state_dict`, so the
+        resumed run would start Prodigy's ``d`` or AdaLo's loss EMA afresh."""
+        for st in self.state.values():
+            packed = [k for k in st if isinstance(k, str) and k.startswith(_GLOBAL)]
+            if packed:
+                for k in packed:
+                    self.global_state[k[len(_GLOBAL):]] = st.pop(k)
+                return True
+        return False
 
     # -- the step -----------------------------------------------------------------------------
     def _collect(self, defer: bool = False) -> list[tuple[int, dict, list]]:
@@ -798,6 +812,8 @@ class ChainOptimizer(torch.optim.Optimizer):
     def _atomic_step(self, loss_t: Tensor | None, batch_size: Any) -> None:
         self._created = []
         self._pending_snapshot = None
+        if not self.global_state and self._keeps_global_state:
+            self._adopt_packed_global_state()
         taken: list[dict[str, Any]] = []
         fused = self.fused and batch_size is None and not self._fused_chain.all_eager
         collected: list = []

@@ -194,3 +194,29 @@ def test_checks_across_groups_run_when_a_group_is_added(name: str, override: dic
     assert len(opt.param_groups) == 1
     opt.add_param_group({"params": list(model[2].parameters())})
     _train(model, opt, 1, name == "adalo")
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["eager", "fused"])
+@pytest.mark.parametrize("name", ["prodigy", "adalo"])
+def test_optimizer_level_state_loaded_into_the_param_entries_is_taken_back(name: str, fused: bool) -> None:
+    """ZeroRedundancyOptimizer's load_state_dict writes the saved entries straight into opt.state
+    (not through ChainOptimizer.load_state_dict): the optimizer-level state packed into the first
+    param's entry stayed there as stray keys, and the resumed run started Prodigy's d or AdaLo's loss
+    EMA afresh. It is taken back at the next step."""
+    ref = _model()
+    ref_opt = gc.ChainOptimizer(ref.parameters(), getattr(recipes, name)(), fused=fused)
+    _train(ref, ref_opt, 5, name == "adalo")
+    model = _model()
+    opt = gc.ChainOptimizer(model.parameters(), getattr(recipes, name)(), fused=fused)
+    _train(model, opt, 3, name == "adalo")
+    saved = copy.deepcopy(opt.state_dict())
+    model2 = copy.deepcopy(model)
+    opt2 = gc.ChainOptimizer(model2.parameters(), getattr(recipes, name)(), fused=fused)
+    for i, p in enumerate(model2.parameters()):  # as ZeroRedundancyOptimizer.load_state_dict does
+        opt2.state[p] = dict(saved["state"][i])
+    assert any(k.startswith("@global.") for st in opt2.state.values() for k in st) and not opt2.global_state
+    _train(model2, opt2, 2, name == "adalo")
+    assert not any(k.startswith("@global.") for st in opt2.state.values() for k in st)
+    for a, b in zip(ref.parameters(), model2.parameters()):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+    assert opt2.global_state.keys() == ref_opt.global_state.keys()

@@ -119,6 +119,34 @@ def _dcp(rank: int, path: str, recipe) -> float:
                for a, b in zip(model.parameters(), model2.parameters()))
 
 
+def _fsdp_fused_mixed(rank: int) -> float:
+    """fused=True under FSDP2 with plain params beside the sharded ones (``ignored_params``, listed
+    first): the memory-overlap check read a DTensor's storage and every step raised."""
+    import warnings
+
+    from torch.distributed.fsdp import fully_shard
+
+    import gradchain.fused.runner as runner
+
+    runner.BACKEND = "aot_eager"
+    torch.manual_seed(0)
+    ref = torch.nn.Sequential(torch.nn.LayerNorm(4), torch.nn.Linear(4, 6)).double()
+    model = copy.deepcopy(ref)
+    fully_shard(model, ignored_params={model[0].weight, model[0].bias})
+    ref_opt = ChainOptimizer(ref.parameters(), recipes.adamw(lr=1e-2))
+    opt = ChainOptimizer(model.parameters(), recipes.adamw(lr=1e-2), fused=True)
+    x = torch.randn(5, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (the sharded params' eager fallback is said once)
+        for m, o in ((ref, ref_opt), (model, opt)):
+            for _ in range(3):
+                o.zero_grad()
+                m(x).square().mean().backward()
+                o.step()
+    return max((a - (b.full_tensor() if hasattr(b, "full_tensor") else b)).abs().max().item()
+               for a, b in zip(ref.parameters(), model.parameters()))
+
+
 def _worker(rank: int, port: int, path: str, queue: Any) -> None:
     import torch.distributed as dist
 
@@ -132,6 +160,7 @@ def _worker(rank: int, port: int, path: str, queue: Any) -> None:
             ("ddp_fused", lambda: _ddp_fused(rank, bucket_view=False)),
             ("ddp_fused_bucket_view", lambda: _ddp_fused(rank, bucket_view=True)),
             ("zero", lambda: _zero(rank)),
+            ("fsdp_fused_mixed", lambda: _fsdp_fused_mixed(rank)),
             ("dcp", lambda: _dcp(rank, path + "-adamw", partial(recipes.adamw, lr=1e-2))),
             # AdaLo's loss EMA is optimizer-level state: it must travel through DCP too
             ("dcp_adalo", lambda: _dcp(rank, path + "-adalo", partial(recipes.adalo, kappa=0.5))),
@@ -192,6 +221,19 @@ def test_ddp_and_distributed_checkpoint(tmp_path) -> None:
         # ZeRO's zero_grad() sets the grads to None: copied in at every step, and the warning says how not to
         (copied,) = [m for m in out["zero"]["view=False,fused=True"][1] if "arrived as new tensors" in m]
         assert "zero_grad(set_to_none=False) (ZeroRedundancyOptimizer's)" in copied, copied
+        assert isinstance(out["fsdp_fused_mixed"], float), out["fsdp_fused_mixed"]
+        assert out["fsdp_fused_mixed"] <= 1e-12, f"rank {rank}: {out['fsdp_fused_mixed']}"
         for case in ("dcp", "dcp_adalo"):
             assert isinstance(out[case], float), out[case]
             assert out[case] == 0.0, f"rank {rank}: {case} resume differs by {out[case]}"
+
+
+def test_an_empty_shard_is_found_as_torch_chunks_a_dim() -> None:
+    # (only rows < ranks counted before: 4 rows on 3 ranks chunk 2, 2, 0, and SM3 and apply_if_finite
+    # failed on the empty rank while the others waited in a collective)
+    from gradchain._dtensor import _chunks_short
+
+    for rows in range(1, 24):
+        for ranks in range(1, 10):
+            parts = [c for c in torch.arange(rows).chunk(ranks) if c.numel()]
+            assert _chunks_short(rows, ranks) == (len(parts) < ranks), (rows, ranks)
