@@ -315,8 +315,7 @@ def test_grads_with_a_graph_are_copied_with_a_warning_that_names_create_graph(ao
     x = torch.randn(16, 8, dtype=torch.float64)
     runs = []
     for fused in (False, True):
-        torch.manual_seed(0)
-        net = nn.Sequential(nn.Linear(8, 12), nn.Tanh(), nn.Linear(12, 3)).double()
+        net = _mlp()
         opt = gc.ChainOptimizer(net.parameters(), recipes.adamw(), fused=fused)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -453,6 +452,12 @@ def test_zero_grad_resets_a_grad_that_was_not_copied_in(aot_eager) -> None:
     assert_same(*runs[0], *runs[1], rtol=1e-12, atol=1e-14)
 
 
+def _mlp() -> nn.Sequential:
+    """Two seeded float64 linear layers: the model of the zero_grad and freezing tests."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 12), nn.Tanh(), nn.Linear(12, 3)).double()
+
+
 @pytest.mark.parametrize("name", ["adamw", "lamb", "prodigy"])
 def test_a_group_no_backward_reached_since_zero_grad_is_not_stepped(name: str, aot_eager) -> None:
     # after zero_grad() (torch: grads None), a step with no backward, or a group the loss did not
@@ -461,8 +466,7 @@ def test_a_group_no_backward_reached_since_zero_grad_is_not_stepped(name: str, a
     x = torch.randn(16, 8, dtype=torch.float64)
     runs = []
     for fused in (False, True):
-        torch.manual_seed(0)
-        net = nn.Sequential(nn.Linear(8, 12), nn.Tanh(), nn.Linear(12, 3)).double()
+        net = _mlp()
         opt = gc.ChainOptimizer([{"params": net[0].parameters()}, {"params": net[2].parameters()}],
                                 getattr(recipes, name)(), fused=fused)
         with warnings.catch_warnings(record=True) as caught:
@@ -497,8 +501,7 @@ def test_a_layer_frozen_mid_run_is_not_stepped(name: str, aot_eager) -> None:
     runs = []
     x = torch.randn(16, 8, dtype=torch.float64)
     for fused in (False, True):
-        torch.manual_seed(0)
-        net = nn.Sequential(nn.Linear(8, 12), nn.Tanh(), nn.Linear(12, 3)).double()
+        net = _mlp()
         opt = gc.ChainOptimizer(net.parameters(), getattr(recipes, name)(), fused=fused)
         frozen_at = {}
         with warnings.catch_warnings():
@@ -537,8 +540,7 @@ def test_grads_written_where_the_version_cannot_see_are_stepped(name: str, aot_e
     x = torch.randn(16, 8, dtype=torch.float64)
     runs = []
     for fused in (False, True):
-        torch.manual_seed(0)
-        net = nn.Sequential(nn.Linear(8, 12), nn.Tanh(), nn.Linear(12, 3)).double()
+        net = _mlp()
         opt = gc.ChainOptimizer(net.parameters(), getattr(recipes, name)(), fused=fused)
         moved = []
         for i in range(6):
