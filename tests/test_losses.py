@@ -60,7 +60,9 @@ def test_between_the_limits_and_robust() -> None:
     assert med < soft < mean and soft - med < 0.1 * (mean - med)
     # monotone in tau between the two limits for this right-skewed sample
     values = [float(soft_median(x, t)) for t in (0.1, 1.0, 10.0, 100.0, 1e4)]
-    assert all(a <= b for a, b in zip(values, values[1:]))
+    # (at tau 0.1 and 1 both are the median to the last bits: one rounding apart, in either order)
+    assert all(a <= b * (1 + 4 * torch.finfo(F64).eps) for a, b in zip(values, values[1:]))
+    assert values[-1] - values[0] > 5.0
 
 
 def test_scale_equivariant() -> None:

@@ -66,7 +66,9 @@ def _non_finite(model, opt) -> list[str]:
 
 def _build(name: str) -> gc.Transform:
     # a small constant step after the transform keeps the run finite (some take no lr of their own)
-    return gc.apply_if_finite(gc.chain(_factory(name)(), gc.scale(0.01, name="small")), None, name="guard")
+    small = gc.scale(0.01, name="small")
+    small.may_follow_final = True  # a probe's scale: allowed after lookahead and schedule-free
+    return gc.apply_if_finite(gc.chain(_factory(name)(), small), None, name="guard")
 
 
 def _counters(state: dict) -> bool:

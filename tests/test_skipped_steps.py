@@ -111,10 +111,19 @@ def test_every_public_name_is_covered() -> None:
 NAMES = sorted(n for n in _public() if REGISTRY.get(n, True) is not None)
 
 
+def _descent() -> gc.Leaf:
+    """A small descent step after a transform (a probe's: allowed after lookahead and schedule-free)."""
+    t = gc.scale(-1e-2, name="descent")
+    t.may_follow_final = True
+    return t
+
+
 def poison() -> gc.Leaf:
     """Multiplies the update by the group's ``poison`` (1.0; a test sets NaN for one step)."""
     spec = {"poison": Hyperparam(1.0)}
-    return gc.transform("poison", spec, None, lambda u, s, hp, ctx: torch._foreach_mul(u, hp["poison"]))
+    t = gc.transform("poison", spec, None, lambda u, s, hp, ctx: torch._foreach_mul(u, hp["poison"]))
+    t.may_follow_final = True  # a probe: allowed after lookahead and schedule-free, which end their chain
+    return t
 
 
 def _train_step(model, opt, i: int, dtype=torch.float64, scaler=None, inf=False) -> None:
@@ -189,4 +198,4 @@ def test_gradscaler_inf_batch_leaves_the_trajectory(name: str) -> None:
     # step alone tests torch; the whole run must equal a plain run that never saw the inf batch.
     # A small descent step after the transform keeps the run from overflowing under the loss scale.
     factory = _factory(name)
-    check_gradscaler(Case(name, lambda: gc.chain(factory(), gc.scale(-1e-2, name="descent")), steps=4))
+    check_gradscaler(Case(name, lambda: gc.chain(factory(), _descent()), steps=4))
