@@ -304,7 +304,7 @@ class ChainOptimizer(torch.optim.Optimizer):
         self._checked_values: dict[str, Any] | None = None
         # id of a param -> its shape when its state was last found to fit it (p.data = x can change it)
         # (and its dtype: model.double() during a run leaves state of the old dtype, which some ops take silently)
-        self._state_shapes: dict[int, tuple] = {id(p): (p.shape, p.dtype) for p in state if isinstance(p, Tensor)}
+        self._state_layouts: dict[int, tuple] = {id(p): (p.shape, p.dtype) for p in state if isinstance(p, Tensor)}
         # the group keys the transforms branch on in Python (amsgrad): a new value is a new structure
         self._static_keys = tuple(sorted(frozenset().union(*(getattr(t, "static_keys", ())
                                                               for t in self.transform.leaves()))))
@@ -538,10 +538,10 @@ class ChainOptimizer(torch.optim.Optimizer):
                     self._created.append(p)
                 elif type(st) is not _ParamState:  # a dict put in by hand
                     st = self.state[p] = _ParamState(st, self._state_edits)
-                if not compiling and self._state_shapes.get(id(p)) != (p.shape, p.dtype):
+                if not compiling and self._state_layouts.get(id(p)) != (p.shape, p.dtype):
                     if not made:
-                        self._check_state_shapes(p, name, group, st)
-                    self._state_shapes[id(p)] = (p.shape, p.dtype)
+                        self._check_state_fits(p, name, group, st)
+                    self._state_layouts[id(p)] = (p.shape, p.dtype)
                 # the fused path holds no reference to a grad it may copy into its flat buffer (that one is
                 # freed there, a param's worth of memory at the first step); the step reads p.grad
                 # (a sharded param and a plain one never share a list op: FSDP2's ignored params)
@@ -848,7 +848,7 @@ class ChainOptimizer(torch.optim.Optimizer):
         self._grads_reset = False
         self._proven.add(key)
 
-    def _check_state_shapes(self, p: Tensor, name: str | None, group: dict[str, Any], st: dict) -> None:
+    def _check_state_fits(self, p: Tensor, name: str | None, group: dict[str, Any], st: dict) -> None:
         """Refuse state made for a param of another shape or floating dtype (the param replaced,
         reshaped or cast since: ``p.data = x``, ``model.double()``), which a step would fail on
         part-way, or take silently (SM3's accumulators broadcast; an in-place op writes a float64
