@@ -88,6 +88,22 @@ def _is_zero(s: Scalar) -> bool:
     return not isinstance(s, (list, Tensor)) and s == 0.0
 
 
+def _plus(a: Any, b: Any) -> Any:
+    """``a + b`` where either may be one value per tensor (a list): then a list."""
+    if isinstance(a, list) or isinstance(b, list):
+        n = len(a) if isinstance(a, list) else len(b)
+        return [_at(a, i) + _at(b, i) for i in range(n)]
+    return a + b
+
+
+def _times(a: Any, b: Any) -> Any:
+    """``a * b`` where either may be one value per tensor (a list): then a list."""
+    if isinstance(a, list) or isinstance(b, list):
+        n = len(a) if isinstance(a, list) else len(b)
+        return [_at(a, i) * _at(b, i) for i in range(n)]
+    return a * b
+
+
 def _storage(t: Tensor) -> int | None:
     """The address of a tensor's storage (a DTensor's local shard), or None when it has none."""
     local = getattr(t, "_local_tensor", t)
@@ -456,18 +472,11 @@ class Bucket:
     # -- pending affine form ----------------------------------------------------------------
     def defer_scale(self, s: Scalar) -> None:
         """Multiply the updates by ``s`` (a number, a 0-d tensor or one per tensor) lazily."""
-        if self.toward is not None:
+        if self.toward is not None or (isinstance(s, list) and not _is_zero(self.decay)):
             self.materialize()
-        if isinstance(s, list):
-            if not _is_zero(self.decay):
-                self.materialize()
-            self.scale = [a * b for a, b in zip(s, self.scale, strict=False)] if isinstance(self.scale, list) else [
-                x * self.scale for x in s
-            ]
-        else:
-            self.scale = [x * s for x in self.scale] if isinstance(self.scale, list) else self.scale * s
-            if not _is_zero(self.decay):
-                self.decay = self.decay * s
+        self.scale = _times(self.scale, s)
+        if not _is_zero(self.decay):
+            self.decay = _times(self.decay, s)
 
     def defer_divide(self, divisor: list[Tensor] | RootDivisor) -> None:
         """Divide the updates by ``divisor`` lazily: the final write is then one ``addcdiv``.
@@ -480,18 +489,19 @@ class Bucket:
         self.divisor = divisor
 
     def add_param_term(self, coef: Any) -> None:
-        """Add ``coef * params`` to the updates lazily."""
+        """Add ``coef * params`` to the updates lazily (``coef``: a number, a 0-d tensor or one per tensor)."""
         if self.toward is not None:
             self.materialize()
-        self.decay = coef if _is_zero(self.decay) else self.decay + coef
+        self.decay = coef if _is_zero(self.decay) else _plus(self.decay, coef)
 
-    def defer_lerp(self, targets: list[Tensor], weight: float) -> None:
+    def defer_lerp(self, targets: list[Tensor], weight: Scalar) -> None:
         """Add ``weight * (targets - params)`` to the updates lazily: the final write then moves the
         params toward ``targets`` with one ``lerp_`` (``p + w (t - p)``) before adding the update.
+        ``weight`` is a number, a 0-d tensor or one per tensor (what :meth:`per_step` returns).
         The last pending form a transform may set (anything deferred after it materializes it)."""
         if self.divisor is not None or not _is_zero(self.decay) or self.toward is not None:
             self.materialize()
-        self.toward = (list(targets), float(weight))
+        self.toward = (list(targets), float(weight) if isinstance(weight, (int, float)) else weight)
 
     def materialize(self) -> list[Tensor]:
         """Fold the pending divisor, scale and param term into ``updates``."""
@@ -509,13 +519,12 @@ class Bucket:
         if self.toward is not None:
             targets, w = self.toward
             ops.axpy_(self.updates, targets, w)
-            decay = decay - w
+            decay = _plus(decay, _times(w, -1.0))
         if not _is_zero(decay):
-            terms = self.params
-            if isinstance(decay, Tensor):
-                # a traced coefficient is not known to be 0 here: where it is, add no term, as the
-                # eager path and torch do (0 * p is NaN where p holds inf or NaN)
-                terms = [torch.where(decay == 0, 0.0, p) for p in terms]
+            # a traced coefficient is not known to be 0 here: where it is, add no term, as the
+            # eager path and torch do (0 * p is NaN where p holds inf or NaN)
+            terms = [torch.where(d == 0, 0.0, p) if isinstance(d, Tensor) else p
+                     for i, p in enumerate(self.params) for d in (_at(decay, i),)]
             ops.axpy_(self.updates, terms, decay)
         self.scale, self.decay, self.toward = 1.0, 0.0, None
         return self.updates
@@ -685,8 +694,9 @@ class Bucket:
             elif d is not None:
                 sub.divisor = [part(d[i], s) for i, s in zip(indices, slices, strict=True)]
             if self.toward is not None:
+                w = self.toward[1]
                 sub.toward = ([part(self.toward[0][i], s) for i, s in zip(indices, slices, strict=True)],
-                              self.toward[1])
+                              pick(w) if isinstance(w, list) else w)
         return sub
 
     def absorb(self, sub: Bucket, indices: Sequence[int], slices: Sequence[slice | None] | None = None,
@@ -754,7 +764,7 @@ class Bucket:
             ops.lerp_(self.params, self.toward[0], self.toward[1])
             self.toward = None
         if not _is_zero(self.decay):
-            ops.mul_(self.params, self.decay + 1.0 if isinstance(self.decay, Tensor) else 1.0 + self.decay)
+            ops.mul_(self.params, _plus(self.decay, 1.0))
         if self.divisor is not None:
             if getattr(self.divisor, "in_row_blocks", False) and not self.tensor_scalars:
                 self._addcdiv_in_row_blocks(self.divisor)
@@ -789,6 +799,21 @@ class Bucket:
 def _at(x: Any, i: int) -> Any:
     """Entry ``i`` of a per-tensor list, or the one value for all."""
     return x[i] if isinstance(x, list) else x
+
+
+def _check_updates(name: str, b: Bucket) -> None:
+    """A transform's updates are one tensor per param, in the step's compute dtype or the params'
+    (with ``state_dtype``): another dtype would fail later, in another transform's op, with an error
+    that does not name this one (the first tensor is checked: a cost that does not grow with the
+    number of params)."""
+    u = b.updates
+    if len(u) != len(b.params):
+        raise RuntimeError(f"transform {name!r} returned {len(u)} updates for {len(b.params)} params")
+    if u and isinstance(u[0], Tensor) and u[0].dtype != b.dtype and u[0].dtype != b.params[0].dtype:
+        raise RuntimeError(
+            f"transform {name!r} returned updates of dtype {u[0].dtype} for {b.params[0].dtype} params: a "
+            f"transform's updates keep the step's compute dtype ctx.dtype={b.dtype} (fp32 for bf16/fp16 "
+            "params): cast a result back with u.to(ctx.dtype)")
 
 
 def resolve_hyperparam(key: str, spec: Hyperparam, value: Any, bucket: Bucket) -> Any:
@@ -901,6 +926,12 @@ class Transform:
     def prefixed(self, prefix: str) -> Transform:
         """A copy whose hyperparameter keys all start with ``prefix`` (``lr`` -> ``adamw_lr``)."""
         return self.renamed({k: prefix + k for k in self.hyperparams})
+
+    def resolved_hyperparams(self, bucket: Bucket) -> dict[str, Any]:
+        """This transform's hyperparameters for ``bucket``'s step, by group key, as a leaf's rule gets
+        them: a schedule evaluated at the group's step count, a 1-element tensor as a number. What an
+        ``apply`` of a subclass reads (``bucket.group`` holds the raw values)."""
+        return {k: resolve_hyperparam(k, spec, bucket.group[k], bucket) for k, spec in self.hyperparams.items()}
 
     def validate_group(self, group: Mapping[str, Any]) -> None:
         """Raise ``ValueError`` if a group's hyperparameters are invalid for this transform."""
@@ -1133,6 +1164,7 @@ class Leaf(Transform):
             local = {k[len(prefix):]: v for k, v in b.state.items() if k.startswith(prefix)}
             if self.host_step is None:
                 b.updates = list(self._update(b.updates, local, hp, b))
+                _check_updates(self.name, b)
                 for k, v in local.items():
                     b.state[prefix + k] = v
             elif b.tensor_scalars and "host_values" in b.shared:

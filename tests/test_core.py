@@ -435,6 +435,49 @@ def test_pending_interpolation(how: str, monkeypatch: pytest.MonkeyPatch) -> Non
     torch.testing.assert_close(p.detach(), want, rtol=1e-13, atol=1e-13)
 
 
+def _per_step_forms(form: str) -> gc.Leaf:
+    """A pending form whose factor is ``ctx.per_step(...)``: one value per tensor once the params'
+    step counts differ. ``lerp``: ``p <- p + (0.2 / t) (a - p) + u`` toward a buffer ``a``;
+    ``decay``: ``u + 0.1 min(1, t / 4) p`` (a param term), then scaled by 0.5 after it."""
+    if form == "decay":
+        ramp = gc.transform("ramp", None, param_term=lambda hp, ctx: ctx.per_step(lambda t: 0.1 * min(1.0, t / 4)))
+        return gc.chain(ramp, gc.scale(0.5))
+
+    def update(updates: list, state: dict, hp: dict, ctx) -> list:
+        ctx.defer_lerp(state["a"], ctx.per_step(lambda t: 0.2 / t))
+        return updates
+
+    return gc.transform("pull", None, lambda p: {"a": 3.0 * p.detach() - 1.0}, update, elementwise=True)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("form", ["lerp", "decay"])
+def test_pending_forms_take_one_factor_per_tensor(form: str, fused: bool) -> None:
+    # a per-step factor is a list where the params' step counts differ (one skipped a step): the
+    # pending interpolation and param term take it per tensor, as the rule of each param's own count
+    g0 = torch.Generator().manual_seed(5)
+    ps = [torch.nn.Parameter(torch.randn(4, 3, generator=g0, dtype=torch.float64)),
+          torch.nn.Parameter(torch.randn(5, generator=g0, dtype=torch.float64))]
+    want = [p.detach().clone() for p in ps]
+    anchors = [3.0 * w - 1.0 for w in want]
+    counts = [0, 0]
+    opt = ChainOptimizer(ps, _per_step_forms(form), fused=fused)
+    for k in range(4):
+        for j, p in enumerate(ps):
+            p.grad = None if (k, j) == (0, 1) else torch.full_like(p, 0.1 * (k + 1))
+            if p.grad is None:
+                continue
+            counts[j] += 1
+            t, g = counts[j], p.grad.detach()
+            if form == "lerp":
+                want[j] = want[j] + (0.2 / t) * (anchors[j] - want[j]) + g
+            else:
+                want[j] = want[j] + 0.5 * (g + 0.1 * min(1.0, t / 4) * want[j])
+        opt.step()
+    for p, w in zip(ps, want):
+        torch.testing.assert_close(p.detach(), w, rtol=1e-13, atol=1e-13)
+
+
 def test_root_divisor_formed_when_needed() -> None:
     # Adam's pending denominator sqrt(v) / c + eps is formed from v by the write or by materialize,
     # with the bits of forming it in the transform; a sub-bucket takes views of v and its entries
@@ -551,3 +594,58 @@ def test_state_dtype_narrower_than_the_params_takes_per_tensor_norms(name: str, 
     assert sum(moves) > 0
     for a, b in zip(narrow, exact):
         assert (a.detach() - b.detach()).abs().max().item() <= bound, (name, bound)
+
+
+class _GlobalClip(gc.Transform):
+    """A user's whole-step transform: ``u <- u c / max(c, ||u||)`` over every bucket's updates."""
+
+    name = "gclip"
+
+    def __init__(self, max_norm: float = 1.0) -> None:
+        self._max_norm = max_norm
+
+    @property
+    def hyperparams(self) -> dict:
+        return {"max_norm": Hyperparam(self._max_norm, lambda v: None if v > 0 else "must be > 0")}
+
+    def init_state(self, param: torch.Tensor, name: str | None = None) -> dict:
+        return {}
+
+    def apply(self, buckets: list) -> None:
+        live = [b for b in buckets if len(b)]
+        for b in live:
+            b.materialize()
+        total = torch.stack([torch.stack(torch._foreach_norm(b.updates)).square().sum() for b in live]).sum().sqrt()
+        for b in live:
+            c = self.resolved_hyperparams(b)["max_norm"]
+            b.updates = torch._foreach_mul(b.updates, (c / torch.clamp(total, min=c)).to(b.dtype))
+
+
+@pytest.mark.parametrize("value", ["number", "schedule", "1-element tensor"])
+def test_a_subclass_reads_its_hyperparameters_resolved(value: str) -> None:
+    # a schedule is evaluated at the group's step and a 1-element tensor read as a number, as a leaf's hp
+    given = {"number": 0.5, "schedule": gc.schedules.linear(0.5, 0.1, 10),
+             "1-element tensor": torch.tensor([0.5], dtype=torch.float64)}[value]
+    p = torch.nn.Parameter(torch.randn(3, 2, dtype=torch.float64))
+    opt = ChainOptimizer([p], gc.chain(_GlobalClip(), gc.scale_by_lr(0.1)), max_norm=given)
+    want = p.detach().clone()
+    for k in range(1, 4):
+        g = torch.randn(3, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(k))
+        c = 0.5 + (0.1 - 0.5) * k / 10 if value == "schedule" else 0.5  # linear(0.5, 0.1, 10) at step k
+        want = want - 0.1 * g * c / max(c, g.norm().item())
+        p.grad = g
+        opt.step()
+    torch.testing.assert_close(p.detach(), want, rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_updates_of_another_dtype_are_refused_naming_the_transform(fused: bool) -> None:
+    # a float64 update for float32 params would fail in Adam's own op, naming Adam, with the step half made
+    wide = gc.transform("widen", None, update=lambda u, st, hp, ctx: [x.to(torch.float64) for x in u])
+    p = torch.nn.Parameter(torch.randn(4, 3))
+    opt = ChainOptimizer([p], gc.chain(wide, gc.scale_by_adam(), gc.scale_by_lr(0.1)), fused=fused)
+    p.grad = torch.ones_like(p)
+    before = p.detach().clone()
+    with pytest.raises(RuntimeError, match="'widen' returned updates of dtype torch.float64 for torch.float32"):
+        opt.step()
+    assert torch.equal(p.detach(), before) and opt.state[p] == {}

@@ -70,6 +70,13 @@ def _end(b: Bucket, state: dict, last: bool, out: Tensor | None, update: bool = 
     return b.materialize()[0]
 
 
+def _host_math(steps: list) -> list:
+    """The step counts that ``ctx.per_step`` and ``ctx.step`` hand a rule: float64, as the host's
+    numbers on the eager path (the stored count is float32, as torch's; ``0.2 / t`` would be
+    formed in float32 from it)."""
+    return [s.to(torch.float64) if isinstance(s, Tensor) else s for s in steps]
+
+
 def _segment(leaves: list[Leaf], last: bool):
     def run(params, grads, updates, state, resolved, host, step, loss, dtype, tensor_scalars, segments, out=None,
             host_values=None):
@@ -78,7 +85,7 @@ def _segment(leaves: list[Leaf], last: bool):
         vector = isinstance(step, Tensor) and step.dim() == 1
         steps = [] if vector else [step]
         b = Bucket(params, grads, dict(state), steps if tensor_scalars else [], [None] * len(params), {}, loss,
-                   shared, dtype, step_values=steps, tensor_scalars=tensor_scalars, resolved=resolved)
+                   shared, dtype, step_values=_host_math(steps), tensor_scalars=tensor_scalars, resolved=resolved)
         b.segments = segments
         if vector:
             b.step_vector = step.to(torch.float64)  # (as the host's step math, and a 0-d float64 count)
@@ -111,7 +118,7 @@ def _phase(transform: Transform, head: list[Leaf], tail: list[Leaf], name: str, 
             out=None):
         # the bucket's one step count (a 0-d tensor): bias corrections of the state it reads
         b = Bucket(params, grads, dict(state), [step], [None], {}, loss, {"host_hyperparams": host}, dtype,
-                   step_values=[step], tensor_scalars=True, resolved=resolved)
+                   step_values=_host_math([step]), tensor_scalars=True, resolved=resolved)
         b.segments = segments
         if updates is not None:
             b.updates = list(updates)
