@@ -262,7 +262,12 @@ class ChainOptimizer(torch.optim.Optimizer):
         # optimizer-level state (one for the whole optimizer, not per param), for transforms that
         # define ``init_global_state(device)``; transforms reach it as ``bucket.shared["global_state"]``
         self.global_state: dict[str, Tensor] = {}
+        if not isinstance(params, Tensor):
+            # (torch makes a list of them too) how many groups are coming: an error names its group's index
+            params = list(params)
+        self._groups_given = len(params) if params and isinstance(params[0], dict) else 1
         super().__init__(params, defaults)
+        del self._groups_given
 
     def _init_runtime(self) -> None:
         # not part of the optimizer's state: rebuilt after a load, a copy or unpickling. The compiled
@@ -357,12 +362,22 @@ class ChainOptimizer(torch.optim.Optimizer):
                     f"param group sets {key}={group[key]!r}, but this optimizer's chain was built with "
                     f"{key}={built!r}: in gradchain {key} decides which transforms the chain holds. Build the "
                     f"chain with {key}={group[key]!r}, or route this group's params to a chain of their own "
-                    "with gradchain.partition (a scheduler that cycles it, OneCycleLR or CyclicLR, takes "
-                    "cycle_momentum=False)"
+                    "with gradchain.partition" + (" (a scheduler that cycles it, OneCycleLR or CyclicLR, takes "
+                                                  "cycle_momentum=False)" if key == "momentum" else "")
                 )
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group; its hyperparameters are validated (``ValueError`` names a bad one)."""
+        """Add a group; its hyperparameters are validated (``ValueError`` names a bad one, and the
+        group's index where there are several groups)."""
+        at = len(self.param_groups)
+        try:
+            self._add_param_group(param_group)
+        except ValueError as e:
+            if max(at + 1, self.__dict__.get("_groups_given", 1)) > 1:
+                raise ValueError(f"param group {at}: {e}") from e
+            raise
+
+    def _add_param_group(self, param_group: dict[str, Any]) -> None:
         if isinstance(param_group, dict):
             self._check_group({k: v for k, v in param_group.items()})
         with warnings.catch_warnings():

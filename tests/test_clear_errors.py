@@ -358,3 +358,18 @@ def test_a_state_dtype_that_underflows_adams_moments_is_refused(dtype: torch.dty
     with pytest.raises(ValueError, match=r"state_dtype=torch\.float(16|8_e4m3fn) cannot hold optimizer state"):
         ChainOptimizer([p], recipes.adamw(), state_dtype=dtype)
     ChainOptimizer([p], recipes.adamw(), state_dtype=torch.bfloat16)
+
+
+def test_a_bad_value_names_its_group_when_built_and_when_added() -> None:
+    # with several groups, the message starts with the group's index, as at a step
+    a, b = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2))
+    with pytest.raises(ValueError, match=r"^param group 1: invalid hyperparameter lr=-1"):
+        ChainOptimizer([{"params": [a]}, {"params": [b], "lr": -1}], recipes.adamw())
+    with pytest.raises(ValueError, match=r"^param group 0: invalid hyperparameter betas"):
+        ChainOptimizer(iter([{"params": [a], "betas": (1.0, 0.9)}, {"params": [b]}]), recipes.adamw())
+    opt = ChainOptimizer([a], recipes.sgd(momentum=0.9))
+    with pytest.raises(ValueError, match=r"^param group 1: Nesterov momentum requires momentum > 0"):
+        opt.add_param_group({"params": [b], "nesterov": True, "momentum": 0.0})
+    assert len(opt.param_groups) == 1
+    with pytest.raises(ValueError, match=r"^invalid hyperparameter lr=-1"):  # one group: no index
+        ChainOptimizer([a], recipes.adamw(), lr=-1)
