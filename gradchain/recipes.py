@@ -460,7 +460,10 @@ def lamb(
     early steps), and never corrects ``v``; its ``eps`` sits on the uncorrected ``sqrt(v)`` and is
     added to ``||q||``; ``||p||`` is clamped at 10 (here ``max_weight_norm=10``); its decay is
     applied to ``p`` outside the trust ratio. With ``adam_debias=True, eps=0, weight_decay=0`` it
-    equals ``lamb(eps=0, weight_decay=0, max_weight_norm=10)`` in float64.
+    equals ``lamb(eps=0, weight_decay=0, max_weight_norm=10)`` in float64 on every param whose norm
+    is not 0; where ``||p|| = 0`` (a zero-initialised bias) the ratio is 1, nothing cancels, and the
+    peer, which never corrects ``v``, steps by ``m / sqrt(v)`` where the rule steps by
+    ``m^ / sqrt(v^)`` (about 3.2x at the first step with the default betas).
     """
     betas = betas_pair(betas)
     return chain(
@@ -658,7 +661,8 @@ def adams(
     ``p <- p (1 - lr wd / sqrt(v_bar)) - lr m^/(sqrt(v^) + eps)``. Defaults are
     pytorch_optimizer ``AdamS``'s (lr 1e-3, betas (0.9, 0.999), weight_decay 1e-4, eps 1e-8).
     Reference: Xie et al., arXiv:2011.11152 (SWD). Matches pytorch_optimizer 4.1.0 ``AdamS`` in
-    float64 lockstep (see ``add_stable_wd``).
+    float64 lockstep with ``eps=0``; with ``eps > 0`` the peer also adds eps to ``sqrt(v_bar)`` in
+    the decay, a relative gap of about eps/sqrt(v_bar) (see ``add_stable_wd``).
     """
     betas = betas_pair(betas)
     return chain(
@@ -781,7 +785,10 @@ def muon(
     ``weight_decay`` (Moonlight's convention: an LR scheduler moves both parts); pass ``adamw_lr`` /
     ``adamw_weight_decay`` to give the AdamW part keys of its own (a scheduler then moves only
     ``lr``). Reference: Jordan et al., Muon (2024); Liu et al., arXiv:2502.16982 (Moonlight).
-    On matrices it reproduces ``torch.optim.Muon`` (same hyperparameter names and defaults).
+    On matrices it reproduces ``torch.optim.Muon`` (same hyperparameter names and defaults);
+    ``nesterov`` is chosen when the chain is built, where torch keeps it per param group (a group
+    that sets it is refused as an unknown key: route such params to a second ``muon`` chain with
+    ``gradchain.partition``).
     """
     adamw_betas = betas_pair(adamw_betas, "adamw_betas")
     check_iteration_dtype(ns_dtype, "ns_dtype")
@@ -822,7 +829,9 @@ def lookahead(
     Rule: every k steps ``phi <- phi + alpha (theta - phi)``, ``theta <- phi`` (``phi_0 = theta_0``);
     inner momentum at a sync: ``"none"`` / ``"reset"`` / ``"pullback"``. Evaluate with the slow
     weights via ``gradchain.slow_weights(opt)``. Reference: Zhang et al., arXiv:1907.08610. Peer:
-    pytorch_optimizer ``Lookahead`` (same sync and pullback semantics).
+    pytorch_optimizer ``Lookahead`` (same sync; its ``"reset"`` and ``"pullback"`` act on torch SGD's
+    ``momentum_buffer`` only, so around Adam they are its ``"none"``, where here they act on Adam's
+    first moment too).
     """
     return lookahead_transform(inner, k, alpha, pullback_momentum, momentum_buffers=momentum_buffers)
 

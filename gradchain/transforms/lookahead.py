@@ -216,7 +216,8 @@ def lookahead(
     as ``momentum_state``: Adam's ``exp_avg``, ``trace``'s ``buffer``, ``ema``'s ``ema``) is left
     alone (``"none"``), zeroed (``"reset"``) or pulled back
     (``"pullback"``: ``m <- alpha m + (1 - alpha) m_slow; m_slow <- m``, ``m_slow_0 = 0``), as
-    pytorch_optimizer does. Group keys ``lookahead_k``, ``lookahead_alpha``. Evaluate with the
+    pytorch_optimizer does to torch SGD's ``momentum_buffer`` (it leaves Adam's moments alone).
+    Group keys ``lookahead_k``, ``lookahead_alpha``. Evaluate with the
     slow weights through :func:`gradchain.eval_params` (or :func:`slow_weights`). Reference: Zhang,
     Lucas, Hinton, Ba, arXiv:1907.08610.
     Peer: pytorch_optimizer ``Lookahead``, optax ``lookahead``, timm ``Lookahead`` (timm sets
