@@ -26,6 +26,7 @@ from .base import (
     check_unique_names,
     compute_dtype,
     merge_hyperparams,
+    resolve_group,
     scalar_state,
     zeros_state,
 )
@@ -400,6 +401,14 @@ class _Accumulate(_Wrapper):
     def _inner_steps(self, b: Bucket) -> list[Tensor]:
         return self._host(b, "step")
 
+    def _inner_values(self, b: Bucket) -> dict[str, Any] | None:
+        """The inner chain's hyperparameters at the real step it is about to take (its schedules see
+        that count), checked; None where the bucket carries no group values (they resolve inside)."""
+        if not self.inner.hyperparams.keys() <= b.group.keys():
+            return None
+        step = int(max(torch.stack(self._inner_steps(b)).tolist())) + 1
+        return resolve_group(self.inner, b.group, step)
+
     def _refuse(self, live: list[Bucket], sized: bool, host_w: float, real: bool) -> None:
         """Raise, before any state moves, for a cycle that mixes sized and unsized calls or weighs 0."""
         calls = torch.stack([t for b in live for t in self._host(b, "sized_calls")]).tolist()
@@ -472,10 +481,13 @@ class _Accumulate(_Wrapper):
         # the phase is global (the most micro-steps any param has seen), so params stay in step
         calls = round(float(max(max(b.step_values) for b in live)))
         sized = live[0].batch_size is not None  # one step(batch_size=) for every bucket
+        real = calls % self.every == 0
         try:
             w = _micro_weight(live[0].batch_size)
             host_w = float(w) if not isinstance(w, Tensor) or w.device.type == "cpu" else math.nan
-            self._refuse(live, sized, host_w, calls % self.every == 0)
+            self._refuse(live, sized, host_w, real)
+            # the inner chain's values at its own (real) step, resolved and checked before anything moves
+            inner = [self._inner_values(b) for b in live] if real else []
         except ValueError:
             for b in live:  # a refused call never happened: the optimizer's step counters go back too
                 torch._foreach_sub_(b.steps, 1.0)
@@ -507,7 +519,8 @@ class _Accumulate(_Wrapper):
             # its schedules are evaluated at its own step count
             b.grads, b.updates, b.steps, b.loss = g, list(g), steps, loss
             b.step_values = torch.stack(steps).tolist()
-            b.resolved = None
+        for b, values in zip(live, inner, strict=True):
+            b.resolved = values
         try:
             self.inner.apply(live)
         finally:

@@ -313,6 +313,10 @@ class ChainOptimizer(torch.optim.Optimizer):
         # the group keys the transforms branch on in Python (amsgrad): a new value is a new structure
         self._static_keys = tuple(sorted(frozenset().union(*(getattr(t, "static_keys", ())
                                                               for t in self.transform.leaves()))))
+        # those of them that are flags (amsgrad, nesterov): a schedule of one is refused
+        declared = self.transform.hyperparams
+        self._flag_keys = tuple(k for k in self._static_keys
+                                if isinstance(getattr(declared.get(k), "default", None), bool))
         self._keeps_global_state = any(hasattr(t, "init_global_state") for t in self.transform.leaves())
         # the transforms whose checks span param groups (Prodigy's one estimate), found once
         self._group_checks = [c for c in (getattr(t, "validate_groups", None) for t in self.transform.leaves())
@@ -356,6 +360,15 @@ class ChainOptimizer(torch.optim.Optimizer):
                 "params change in place under no_grad), so no gradient flows through a step; torch.optim's "
                 "differentiable=True optimizers do that"
             )
+        for key in self._flag_keys:
+            value = group.get(key)
+            if callable(value) and not isinstance(value, Tensor):
+                # a schedule of a flag that chooses the code (amsgrad's running max) would switch the
+                # state's layout mid-run, which a value set by hand is refused for
+                raise ValueError(
+                    f"{key}={value!r}: {key} chooses which state and code the step has, so it takes a value, "
+                    "not a schedule of the step"
+                )
         for key, built in self.transform.fixed_options.items():
             if key in group and group[key] != built:
                 raise ValueError(

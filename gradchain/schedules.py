@@ -406,10 +406,24 @@ def encode_groups(groups: list[dict[str, Any]]) -> None:
     """Replace callable hyperparameters in saved param groups (in place) by plain descriptions."""
     for g in groups:
         for k, v in list(g.items()):
-            if isinstance(v, Schedule):
+            if _built_in(v):
                 g[k] = v.describe()
             elif callable(v) and not _is_tensor(v):
+                # a user's own Schedule subclass too: kept as the live callable at a load, as a lambda
                 g[k] = {_OPAQUE: repr(v)}
+
+
+def _built_in(v: Any) -> bool:
+    """Whether ``v`` is a schedule made of the built-in classes only (what a description rebuilds)."""
+    if not isinstance(v, Schedule) or _CLASSES.get(type(v).__name__) is not type(v):
+        return False
+    return all(_parts_built_in(getattr(v, f.name)) for f in fields(v))  # type: ignore[arg-type]
+
+
+def _parts_built_in(x: Any) -> bool:
+    if isinstance(x, (list, tuple)):
+        return all(map(_parts_built_in, x))
+    return _built_in(x) if isinstance(x, Schedule) else True
 
 
 def decode_groups(saved: list[dict[str, Any]], live: list[dict[str, Any]]) -> None:

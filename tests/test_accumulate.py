@@ -273,3 +273,30 @@ def test_harness(case: RecipeCase) -> None:
 @pytest.mark.distributed
 def test_fsdp2() -> None:
     check_fsdp2(FSDP_CASES, steps=4)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_an_inner_value_refused_at_the_real_step_moves_nothing(fused: bool) -> None:
+    # the inner chain's schedules are evaluated at its real step count: a value refused there is
+    # refused before the accumulation buffers, the inner state and the step counts move
+    def run(bad: bool) -> torch.Tensor:
+        p = torch.nn.Parameter(torch.zeros(4, dtype=torch.float64))
+        opt = gc.ChainOptimizer([p], gc.accumulate(gc.chain(gc.scale_by_adam(), gc.scale_by_lr()), 2),
+                                lr=1e-2, fused=fused)
+        gs = [torch.randn(4, dtype=torch.float64, generator=torch.Generator().manual_seed(i)) for i in range(6)]
+        for call in range(1, 7):
+            if bad and call == 3:
+                opt.param_groups[0]["lr"] = lambda t: 1e-2 if t >= 3 else -1.0  # fine at calls 3, 4; not at real step 2
+            p.grad = gs[call - 1].clone()
+            if bad and call == 4:
+                before = ({k: v.clone() for k, v in opt.state[p].items()}, p.detach().clone())
+                with pytest.raises(ValueError, match="lr=-1.0"):
+                    opt.step()
+                assert all(torch.equal(v, before[0][k]) for k, v in opt.state[p].items())
+                assert torch.equal(p.detach(), before[1])
+                opt.param_groups[0]["lr"] = 1e-2
+                p.grad = gs[call - 1].clone()
+            opt.step()
+        return p.detach()
+
+    assert torch.equal(run(True), run(False))

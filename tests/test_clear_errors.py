@@ -373,3 +373,20 @@ def test_a_bad_value_names_its_group_when_built_and_when_added() -> None:
     assert len(opt.param_groups) == 1
     with pytest.raises(ValueError, match=r"^invalid hyperparameter lr=-1"):  # one group: no index
         ChainOptimizer([a], recipes.adamw(), lr=-1)
+
+
+@pytest.mark.parametrize("flag", ["amsgrad", "nesterov"])
+def test_a_flag_that_chooses_the_code_takes_no_schedule(flag: str) -> None:
+    # a callable is truthy: amsgrad=lambda t: False made the running max, and lambda t: t >= 3 switched it on
+    p = torch.nn.Parameter(torch.ones(3))
+    chain = recipes.adamw() if flag == "amsgrad" else recipes.sgd(momentum=0.9)
+    with pytest.raises(ValueError, match=f"{flag}=.*takes a value, not a schedule"):
+        ChainOptimizer([p], chain, **{flag: lambda t: False})
+    opt = ChainOptimizer([p], chain)
+    p.grad = torch.ones(3)
+    opt.step()
+    before = {k: v.clone() for k, v in opt.state[p].items()}
+    opt.param_groups[0][flag] = lambda t: t >= 3
+    with pytest.raises(ValueError, match="takes a value, not a schedule"):
+        opt.step()
+    assert before.keys() == opt.state[p].keys() and all(torch.equal(v, opt.state[p][k]) for k, v in before.items())

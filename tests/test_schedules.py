@@ -203,3 +203,31 @@ def test_state_dict_with_a_lambda_keeps_the_live_callable() -> None:
     with pytest.raises(ValueError, match="callable"):
         opt3.load_state_dict(sd)
 
+
+
+class _InvSqrt(S.Schedule):
+    """A user's own schedule: ``peak / sqrt(t)``."""
+
+    def __init__(self, peak: float) -> None:
+        self.peak = peak
+
+    def __call__(self, step: int | float) -> float:
+        return self.peak / max(1.0, float(step)) ** 0.5
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+def test_a_users_schedule_subclass_is_saved_as_a_callable(scaled: bool) -> None:
+    # it has no description a load could rebuild: saved as a lambda is, the loading optimizer's kept
+    lr = _InvSqrt(0.1) * 0.5 if scaled else _InvSqrt(0.1)
+    p = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
+    opt = ChainOptimizer([p], recipes.sgd(lr=lr))
+    p.grad = torch.ones(3, dtype=torch.float64)
+    opt.step()
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    opt.load_state_dict(torch.load(buf, weights_only=True))
+    assert opt.param_groups[0]["lr"] is lr
+    opt.step()
+    want = 1.0 - sum((0.05 if scaled else 0.1) / t ** 0.5 for t in (1, 2))
+    torch.testing.assert_close(p.detach(), torch.full((3,), want, dtype=torch.float64), rtol=1e-15, atol=0)
