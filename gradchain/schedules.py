@@ -4,18 +4,22 @@ A schedule is a small callable object ``f(t) -> value``, where ``t`` is the 1-ba
 step being taken (the core evaluates a callable hyperparameter at ``bucket.group_step``; inside
 ``accumulate`` that is the number of real, accumulated steps). Use one in place of any declared
 hyperparameter: ``scale_by_lr(warmup_cosine(3e-4, 1000, 100_000))``,
-``ChainOptimizer(params, chain, weight_decay=linear(0.0, 0.1, 5000))``, or per param group.
+``ChainOptimizer(params, chain, weight_decay=linear(0.0, 0.1, 5000))``, or per param group. A
+pair such as ``betas`` takes a callable that returns the pair as a group value only (its factory
+checks a pair); a flag that chooses the code (``amsgrad``, ``nesterov``) takes no schedule.
 They sit next to torch's LR schedulers, which keep working on plain values.
 
 Schedules are plain data (numbers and nested schedules), so they pickle, and the optimizer's
 ``state_dict`` stores them as a description (``{"gradchain.schedule": ...}``) that
 ``torch.load(weights_only=True)`` accepts; ``load_state_dict`` rebuilds them. Other callables (a
-lambda) are saved as an opaque marker and the live callable of the loading optimizer is kept.
+lambda, an instance of a user's own ``Schedule`` subclass) are saved as an opaque marker and the
+live callable of the loading optimizer is kept.
 
 Conventions: each phase of length ``T`` runs over its local steps ``s = 1..T`` and reaches its end
 value at ``s = T``; ``join`` restarts the local step at each boundary. A single-phase schedule
 equals optax's schedule of the same name evaluated at ``count = t``: the first step already uses
-the first warmup increment, none is wasted at value ``init``. ``join`` differs from optax's
+the first warmup increment, none is wasted at value ``init`` (with ``steps=0`` a phase is its end
+value from the first step, where optax's ``linear_schedule`` gives its initial value). ``join`` differs from optax's
 ``join_schedules`` at a boundary ``t = b`` only: it gives the earlier phase's end value (its local
 step ``T``), optax the next schedule at its step 0; where the phases meet at one value
 (``warmup_cosine``, ``wsd``) the two agree at every step. See docs/concepts.md (Hyperparameters).
