@@ -846,10 +846,13 @@ def _as_number(value: Any) -> Any:
 
 
 def resolve_group(transform: Transform, group: Mapping[str, Any], step: int,
-                  checked: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                  checked: Mapping[str, Any] | None = None, calls_per_step: Mapping[str, int] | None = None
+                  ) -> dict[str, Any]:
     """Every hyperparameter ``transform`` declares, resolved for one step and checked.
 
-    Schedules (callables) are evaluated at ``step``; 1-element CPU tensors become numbers. Raises
+    Schedules (callables) are evaluated at ``step``, or for a key in ``calls_per_step`` (read only
+    inside ``accumulate``, whose inner chain steps once every k calls) at ``ceil(step / k)``, the
+    inner chain's count at its next step; 1-element CPU tensors become numbers. Raises
     ``ValueError`` naming the key for an invalid value, before any state moves. Values equal to
     ``checked`` (values that passed before: checks are pure functions of the values) are not
     checked again.
@@ -858,7 +861,8 @@ def resolve_group(transform: Transform, group: Mapping[str, Any], step: int,
     for key, spec in transform.hyperparams.items():
         value = group[key]
         if callable(value) and not isinstance(value, Tensor):
-            value = value(step)
+            k = calls_per_step.get(key) if calls_per_step else None
+            value = value(step if k is None else -(-step // k))
             validate(key, Hyperparam(None, spec.check), value)
         out[key] = _as_number(value)
     if checked is None or len(checked) != len(out) or not all(

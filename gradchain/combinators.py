@@ -528,6 +528,30 @@ class _Accumulate(_Wrapper):
                 b.grads, b.steps, b.step_values, b.loss, b.resolved = grads, steps, values, loss, resolved
 
 
+def accumulated_keys(t: Transform) -> dict[str, int]:
+    """The group keys read only inside ``accumulate``: each with the calls per step of the inner
+    chain that reads it (the smallest where several do). Their schedules see that chain's count."""
+    reads: dict[str, list[int]] = {}
+
+    def walk(node: Transform, k: int) -> None:
+        if isinstance(node, _Accumulate):
+            k *= node.every
+        children = getattr(node, "children", None)
+        kids = list(children.values()) if isinstance(children, Mapping) else list(children or ())
+        inner = getattr(node, "inner", None)
+        if isinstance(inner, Transform):
+            kids.append(inner)
+        below = set().union(*(c.hyperparams for c in kids))
+        for key in node.hyperparams:
+            if key not in below:  # read by this node itself (a leaf, Lookahead's own keys)
+                reads.setdefault(key, []).append(k)
+        for c in kids:
+            walk(c, k)
+
+    walk(t, 1)
+    return {key: min(ks) for key, ks in reads.items() if min(ks) > 1}
+
+
 def accumulate(inner: Transform, steps: int, *, name: str = "accumulate") -> Transform:
     """Gradient accumulation inside the optimizer: ``inner`` steps once every ``steps`` calls.
 

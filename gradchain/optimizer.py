@@ -17,6 +17,7 @@ from torch import Tensor
 
 from . import pieces
 from .base import Bucket, Transform, compute_dtype, initializing_for, resolve_group
+from .combinators import accumulated_keys
 from .fused import FlatBucket, FusedRoutes, fused_chain, step_scales
 from .fused.flat import aliased, dense, foreign_views, mark_flat
 from .fused.runner import STATIC_BUCKETS
@@ -313,6 +314,8 @@ class ChainOptimizer(torch.optim.Optimizer):
         # the group keys the transforms branch on in Python (amsgrad): a new value is a new structure
         self._static_keys = tuple(sorted(frozenset().union(*(getattr(t, "static_keys", ())
                                                               for t in self.transform.leaves()))))
+        # the keys read only inside accumulate(): their schedules are checked at its inner count
+        self._calls_per_step = accumulated_keys(self.transform)
         # those of them that are flags (amsgrad, nesterov): a schedule of one is refused
         declared = self.transform.hyperparams
         self._flag_keys = tuple(k for k in self._static_keys
@@ -651,7 +654,8 @@ class ChainOptimizer(torch.optim.Optimizer):
         try:
             self._check_keys(group)  # a key set in the group since (a typo) is refused at the step it would be ignored
             self._check_fixed_options(group)
-            self._checked_values = resolve_group(self.transform, group, step, self._checked_values)
+            self._checked_values = resolve_group(self.transform, group, step, self._checked_values,
+                                                 self._calls_per_step)
         except ValueError as e:
             if len(self.param_groups) > 1:
                 at = next((i for i, g in enumerate(self.param_groups) if g is group), None)

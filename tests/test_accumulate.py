@@ -277,18 +277,18 @@ def test_fsdp2() -> None:
 
 @pytest.mark.parametrize("fused", [False, True])
 def test_an_inner_value_refused_at_the_real_step_moves_nothing(fused: bool) -> None:
-    # the inner chain's schedules are evaluated at its real step count: a value refused there is
-    # refused before the accumulation buffers, the inner state and the step counts move
+    # the inner chain's schedules are checked at its real step count before anything moves: the
+    # accumulation buffers, the inner state and the step counts stay, and a retry ends as a clean run
     def run(bad: bool) -> torch.Tensor:
         p = torch.nn.Parameter(torch.zeros(4, dtype=torch.float64))
         opt = gc.ChainOptimizer([p], gc.accumulate(gc.chain(gc.scale_by_adam(), gc.scale_by_lr()), 2),
                                 lr=1e-2, fused=fused)
         gs = [torch.randn(4, dtype=torch.float64, generator=torch.Generator().manual_seed(i)) for i in range(6)]
         for call in range(1, 7):
-            if bad and call == 3:
-                opt.param_groups[0]["lr"] = lambda t: 1e-2 if t >= 3 else -1.0  # fine at calls 3, 4; not at real step 2
             p.grad = gs[call - 1].clone()
-            if bad and call == 4:
+            if bad and call in (3, 4):
+                # fine at calls 3 and 4, not at real step 2, which they accumulate for
+                opt.param_groups[0]["lr"] = lambda t: 1e-2 if t >= 3 else -1.0
                 before = ({k: v.clone() for k, v in opt.state[p].items()}, p.detach().clone())
                 with pytest.raises(ValueError, match="lr=-1.0"):
                     opt.step()
@@ -300,3 +300,20 @@ def test_an_inner_value_refused_at_the_real_step_moves_nothing(fused: bool) -> N
         return p.detach()
 
     assert torch.equal(run(True), run(False))
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_schedule_over_the_real_steps_runs_to_its_end(fused: bool) -> None:
+    # lr decays to 0 over the 4 real steps of 8 calls: checked at the call count, it went negative at call 5
+    lr = lambda t: 1e-2 * (1 - t / 4)  # noqa: E731
+    gs = [torch.randn(4, dtype=torch.float64, generator=torch.Generator().manual_seed(i)) for i in range(8)]
+    p, q = (torch.nn.Parameter(torch.ones(4, dtype=torch.float64)) for _ in range(2))
+    acc = gc.ChainOptimizer([p], gc.accumulate(gc.chain(gc.scale_by_adam(), gc.scale_by_lr()), 2), lr=lr, fused=fused)
+    ref = gc.ChainOptimizer([q], gc.chain(gc.scale_by_adam(), gc.scale_by_lr()), lr=lr)
+    for call, g in enumerate(gs, start=1):
+        p.grad = g.clone()
+        acc.step()
+        if call % 2 == 0:
+            q.grad = (gs[call - 2] + g) / 2
+            ref.step()
+    torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-13, atol=1e-15)
