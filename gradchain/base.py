@@ -521,10 +521,12 @@ class Bucket:
             ops.axpy_(self.updates, targets, w)
             decay = _plus(decay, _times(w, -1.0))
         if not _is_zero(decay):
-            # a traced coefficient is not known to be 0 here: where it is, add no term, as the
-            # eager path and torch do (0 * p is NaN where p holds inf or NaN)
-            terms = [torch.where(d == 0, 0.0, p) if isinstance(d, Tensor) else p
-                     for i, p in enumerate(self.params) for d in (_at(decay, i),)]
+            terms = self.params
+            if isinstance(decay, Tensor) or (isinstance(decay, list) and any(isinstance(d, Tensor) for d in decay)):
+                # a traced coefficient is not known to be 0 here: where it is, add no term, as the
+                # eager path and torch do (0 * p is NaN where p holds inf or NaN)
+                terms = [torch.where(d == 0, 0.0, p) if isinstance(d, Tensor) else p
+                         for i, p in enumerate(terms) for d in (_at(decay, i),)]
             ops.axpy_(self.updates, terms, decay)
         self.scale, self.decay, self.toward = 1.0, 0.0, None
         return self.updates
