@@ -8,7 +8,7 @@ import pytest
 import torch
 
 # pytest-xdist workers (``-n auto``): at most this many, each with its share of the cores. Each
-# worker is a process of its own holding torch and its compiled graphs (about 1.5 GB); past four
+# worker is a process of its own holding torch and its compiled graphs (1-1.5 GB); past four
 # the suite is bound by its longest file (``--dist loadfile`` keeps a file's compiled graphs in
 # one worker).
 MAX_WORKERS = 4
@@ -29,8 +29,7 @@ def pytest_cmdline_main(config) -> None:
 def pytest_configure(config) -> None:
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if workers > 1:
-        # intra-op threads of all workers together at most the cores: a second thread per worker
-        # on a 2-core machine only made them spin against each other
+        # the intra-op threads of all workers together at most the cores, not each worker as many
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 
