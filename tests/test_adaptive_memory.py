@@ -274,6 +274,34 @@ def test_am_sgd_trajectory_against_float64_reference() -> None:
     assert len({round(b, 6) for b in betas}) > 10  # beta really adapts along the way
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["eager", "fused"])
+@pytest.mark.parametrize("scale", [1e-30, 1e25])
+def test_beta_of_fp32_grads_whose_squares_leave_the_fp32_range(scale: float, fused: bool, monkeypatch) -> None:
+    # beta_t is a ratio of two sums of squares: fp32 grads of 1e-30 (or 1e25) are ordinary fp32
+    # numbers whose squares are not, so the sums are formed in float64 from the start; before,
+    # the eager path took fp32 norms (beta 0.02 where it is 0.85) and the fused path fp32 squares
+    # (0.9, the cap)
+    import gradchain.fused.runner as runner
+
+    monkeypatch.setattr(runner, "BACKEND", "aot_eager")
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(7,), (5, 3), (2, 3, 4)]
+    grads = [[torch.randn(s, generator=gen, dtype=F64) for s in shapes] for _ in range(4)]
+
+    def last_beta(dtype: torch.dtype, at: float, fused_path: bool) -> float:
+        ps = [torch.nn.Parameter(torch.zeros(s, dtype=dtype)) for s in shapes]
+        opt = ChainOptimizer(ps, gc.chain(gc.adaptive_memory_momentum(), gc.scale_by_lr(1.0)), fused=fused_path)
+        for gs in grads:
+            for p, g in zip(ps, gs):
+                p.grad = (g * at).to(dtype)
+            opt.step()
+        return float(opt.state[ps[0]]["am.beta"])
+
+    want = last_beta(F64, 1.0, False)  # beta_t does not depend on the grads' scale
+    assert 0.1 < want < 0.89  # inside the clip: a wrong ratio shows
+    assert last_beta(torch.float32, scale, fused) == pytest.approx(want, rel=1e-6)
+
+
 # -- bad input ------------------------------------------------------------------------------------
 def test_invalid_hyperparameters() -> None:
     model = torch.nn.Linear(3, 2)

@@ -59,7 +59,9 @@ def _squared_norms(tensors: list[Tensor], dtype: torch.dtype) -> Tensor | None:
     live = [t for t in tensors if t.numel()]
     if not live:
         return None
-    n = torch.stack(torch._foreach_norm(live)).to(dtype)
+    # the norms computed in ``dtype``: squares of fp32 values under about 1e-19 (or over 1e19)
+    # leave the fp32 range, and beta_t is a ratio of two such sums
+    n = torch.stack(torch._foreach_norm(live, 2, dtype=dtype))
     return n * n
 
 
@@ -184,8 +186,9 @@ class _AdaptiveMemory(Transform):
             # the fused path's flat buffer: per-param sums, which leave out the gaps between params
             if not any(b.segments[2]):
                 return acc, None  # no element: no term (as a bucket of empty tensors on a list)
-            sg = b.tensor_sums([g[0] * g[0]]).to(dtype).sum()
-            sd = b.tensor_sums([diff[0] * diff[0]]).to(dtype).sum()
+            g64, d64 = g[0].to(dtype), diff[0].to(dtype)  # squares in float64, as the eager norms
+            sg = b.tensor_sums([g64 * g64]).sum()
+            sd = b.tensor_sums([d64 * d64]).sum()
             if gg is None or dd is None:
                 return (sg, sd), None
             return (gg + sg.to(device=gg.device), dd + sd.to(device=dd.device)), None
@@ -255,7 +258,8 @@ def adaptive_memory_momentum(
 
     and the update is ``d_{t+1}`` (put ``scale_by_lr`` after it). The inner products run over every
     element of every param of every group at once: one ``beta_t`` per step, one global reduction,
-    its two sums in float64 (no host sync; under FSDP2 each sum is a DTensor reduction). On the
+    its two sums in float64, squares included (fp32 grads under about 1e-19 or over 1e19 keep their
+    ratio; no host sync; under FSDP2 each sum is a DTensor reduction). On the
     fused path (``fused_phases``) ``d_0 = g_0`` and the two sums are compiled per flat bucket, and
     the ``d`` update, the elementwise transforms after it (``scale_by_lr``) and the write are one
     compiled pass per bucket; ``apply`` states the rule once for both paths. ``beta_t`` is the
