@@ -111,6 +111,29 @@ def test_agc_unit_dim_override() -> None:
     torch.testing.assert_close(u, want, rtol=1e-14, atol=0)
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["eager", "fused"])
+@pytest.mark.parametrize("make", [lambda d: gc.adaptive_grad_clip(0.5, unit_dim=d), lambda d: gc.soft_clip(unit_dim=d)],
+                         ids=["agc", "soft_clip"])
+@pytest.mark.parametrize("unit_dim", [2, -3, 7])
+def test_a_unit_dim_out_of_a_params_range_is_refused(make, unit_dim: int, fused: bool, monkeypatch) -> None:
+    # unit_dim % ndim clipped a (4, 3) weight along another axis than the one asked for (2 acted
+    # as 0, 7 as 1), where torch raises for such a dim; now the step refuses it and moves nothing
+    import gradchain.fused.runner as runner
+
+    monkeypatch.setattr(runner, "BACKEND", "aot_eager")
+    w = torch.nn.Parameter(torch.randn(4, 3, dtype=F64))
+    b = torch.nn.Parameter(torch.randn(3, dtype=F64))
+    opt = ChainOptimizer([w, b], gc.chain(make(unit_dim), gc.trace(0.9), gc.scale_by_lr(0.1)), fused=fused)
+    before = [w.detach().clone(), b.detach().clone()]
+    w.grad, b.grad = torch.ones_like(w), torch.ones_like(b)
+    with pytest.raises(ValueError, match=rf"unit_dim={unit_dim} is out of range for a param of shape \(4, 3\)"):
+        opt.step()
+    assert torch.equal(w, before[0]) and torch.equal(b, before[1])
+    assert all(not st or float(st["step"]) == 0 for st in opt.state.values())
+    with pytest.raises(TypeError, match="unit_dim=True must be an int"):
+        make(True)
+
+
 @pytest.mark.parametrize("eps", [1e-3, 1e-12])
 def test_soft_clip_is_the_article_rule(eps: float) -> None:
     params, grads = _tensors(2)

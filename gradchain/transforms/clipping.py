@@ -23,8 +23,13 @@ __all__ = ["adaptive_grad_clip", "clip_by_global_norm", "clip_by_norm", "soft_cl
 _NORMS = ("l2", "rms")
 
 
-def _unit_dims(x: Tensor, unit_dim: int) -> tuple[int, ...]:
+def _unit_dims(x: Tensor, unit_dim: int, name: str) -> tuple[int, ...]:
     """The dims a per-unit norm of a tensor with ndim > 1 reduces over: all but ``unit_dim``."""
+    if not -x.ndim <= unit_dim < x.ndim:
+        # a wrapped index would clip along another axis than the one asked for, silently
+        raise ValueError(f"{name}: unit_dim={unit_dim} is out of range for a param of shape {tuple(x.shape)} "
+                         f"(ndim {x.ndim}: unit_dim must be in [{-x.ndim}, {x.ndim})); give the params whose "
+                         "units lie along another axis a transform of their own (gradchain.partition)")
     keep = unit_dim % x.ndim
     return tuple(d for d in range(x.ndim) if d != keep)
 
@@ -50,6 +55,8 @@ def _unitwise_clip(
 ) -> Leaf:
     if norm not in _NORMS:
         raise ValueError(f"norm={norm!r} must be one of {_NORMS}")
+    if isinstance(unit_dim, bool) or not isinstance(unit_dim, int):
+        raise TypeError(f"{name}: unit_dim={unit_dim!r} must be an int (the axis of a param's units)")
     rms = norm == "rms"
     eps_key = next(k for k in spec if k.endswith("eps"))
 
@@ -83,7 +90,7 @@ def _unitwise_clip(
                 scales[i] = s
         for i, u in enumerate(updates):
             if u.ndim > 1:
-                dims = _unit_dims(u, unit_dim)
+                dims = _unit_dims(u, unit_dim, name)
                 scales[i] = scale(_unit_norm(ctx.params[i], dims, rms, ctx.dtype), _unit_norm(u, dims, rms, ctx.dtype))
         return torch._foreach_mul(updates, scales)
 
@@ -109,7 +116,8 @@ def adaptive_grad_clip(
     ``W*_i = max(||W_i||, eps)``: if ``||G_i|| > clip_factor * W*_i`` then
     ``G_i <- clip_factor * W*_i * G_i / ||G_i||``, else ``G_i`` is unchanged. ``norm="rms"`` uses
     the RMS (norm / sqrt(count)) of both, which only changes where ``eps`` acts. ``unit_dim``
-    moves the unit axis of tensors with ndim > 1 that are not stored output-first. Place it
+    moves the unit axis of tensors with ndim > 1 that are not stored output-first; a step refuses a
+    param with ndim > 1 for which it is out of range (no wrap-around, as torch's dims). Place it
     first in the chain (on the raw gradient); NFNets does not clip the final classifier (use
     ``masked``).
     Group keys: ``clip_factor``, ``agc_eps`` (not ``eps``: that is Adam's). Reference: Brock et al.,
@@ -130,6 +138,7 @@ def soft_clip(eps: float = 1e-3, *, unit_dim: int = 0, name: str = "soft_clip") 
     a zero-initialised unit (bias, zero-init gain, LoRA-B) has ``RMS(W) = 0``, so with 1e-12 its
     gradient RMS is clipped to 1e-12 and it never trains under SGD (and crawls under Adam); the
     floor of 1e-3 is AGC's, chosen for exactly this. Group key: ``soft_clip_eps``.
+    ``unit_dim`` as in :func:`adaptive_grad_clip`.
     Reference: the article's ``soft_clip``; equals AGC (Brock et al., arXiv:2102.06171) with lambda 1.
     Peer: timm ``adaptive_clip_grad(clip_factor=1)`` up to where eps acts.
     """
