@@ -251,8 +251,10 @@ def test_invalid_structural_options() -> None:
         gc.scale_by_nadam(form="dozat2")
     with pytest.raises(ValueError, match="softplus_beta"):
         gc.scale_by_adam_softplus(softplus_beta=0.0)
-    with pytest.raises(ValueError, match="max_ratio"):
-        gc.scale_by_adanorm(max_ratio=-1.0)
+    for bad in (-1.0, 0.5, math.inf):  # the ratio is >= 1: a "cap" of 0.5 scaled every gradient by 0.5
+        with pytest.raises(ValueError, match="max_ratio"):
+            gc.scale_by_adanorm(max_ratio=bad)
+    gc.scale_by_adanorm(max_ratio=1.0)
 
 
 # -- NAdam equals torch.optim.NAdam ---------------------------------------------------------------

@@ -149,8 +149,11 @@ def scale_by_diffgrad(
     return transform(name, spec, init, update, elementwise=True, momentum_state=("exp_avg",))
 
 
-def _none_or_positive(x: object) -> str | None:
-    return None if x is None else positive(x)
+def _none_or_at_least_one(x: object) -> str | None:
+    # the ratio is at least 1 by its rule: a cap under 1 would scale every gradient, not cap a ratio
+    if x is None or positive(x) is None and float(x) >= 1.0:  # type: ignore[arg-type]
+        return None
+    return "must be None or a finite number >= 1 (it caps the ratio e_t/|g_t|, which is >= 1 where applied)"
 
 
 def scale_by_adanorm(
@@ -165,7 +168,7 @@ def scale_by_adanorm(
 
     Rule (per tensor): ``e_t = r e_{t-1} + (1-r) |g_t|`` (``r = norm_decay``, ``e_0 = 0``, no bias
     correction); ``s_t = (e_t/|g_t|) g_t`` if ``e_t > |g_t|`` else ``g_t`` (``|g| = 0``: ``s = g``),
-    the ratio capped at ``max_ratio`` when given (gradchain's option against the late-training
+    the ratio capped at ``max_ratio >= 1`` when given (gradchain's option against the late-training
     over-acceleration); ``m`` from ``s``, ``v`` from the raw ``g``; ``u = m^/(sqrt(v^) + eps)``.
     Reference: Dubey et al., arXiv:2210.06364. Peer: pytorch_optimizer ``AdaNorm`` (its ``r``; eps
     placed before the bias correction there).
@@ -199,6 +202,6 @@ def scale_by_adanorm(
         "betas": Hyperparam(betas_pair(betas), check_betas),
         "eps": Hyperparam(eps, nonnegative),
         "norm_decay": Hyperparam(norm_decay, unit_interval),
-        "max_ratio": Hyperparam(max_ratio, _none_or_positive),
+        "max_ratio": Hyperparam(max_ratio, _none_or_at_least_one),
     }
     return transform(name, spec, init, update, segmented=True, static=("max_ratio",), momentum_state=("exp_avg",))

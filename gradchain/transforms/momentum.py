@@ -66,6 +66,9 @@ def trace(momentum: float = 0.9, dampening: float = 0.0, nesterov: bool = False,
 def nesterov(momentum: float = 0.9, dampening: float = 0.0, *, name: str = "nesterov") -> Leaf:
     """Nesterov momentum, torch form: ``b_t = momentum * b_{t-1} + g``, update ``g + momentum * b_t``.
 
+    ``momentum > 0`` and ``dampening = 0``, as torch's SGD requires for Nesterov (the argument is
+    there for a group that states it); other values are refused.
+
     Reference: Sutskever et al. 2013. Peer: torch ``SGD(nesterov=True)``, optax ``trace(nesterov=True)``.
     """
     return trace(momentum, dampening, nesterov=True, name=name)
