@@ -563,7 +563,8 @@ def accumulate(inner: Transform, steps: int, *, name: str = "accumulate") -> Tra
     ``sum w_i L_i / sum w_i`` (over the calls that passed one, if this call passes one) and with
     its own step count (real steps: what its bias corrections and schedules see). The other calls
     change no parameter and no inner state. State: ``grad`` (1x), ``weight``, ``loss``,
-    ``loss_weight``, ``step`` and, on the host, ``sized_calls`` and ``host_weight``.
+    ``loss_weight``, ``step`` and, on the host, ``sized_calls`` and ``host_weight``; a real step
+    eagerly also holds the mean (1x) while ``inner`` runs.
 
     Put the whole chain inside (``accumulate(recipes.adamw(...), 4)``): a transform after it
     would also act on the mini-steps. Call a torch LR scheduler once per ``steps`` calls. The phase

@@ -7,7 +7,7 @@ import io
 
 import pytest
 import torch
-from harness import RecipeCase, check_fsdp2, check_recipe
+from harness import RecipeCase, check_fsdp2, check_recipe, peak_bytes
 
 import gradchain as gc
 from gradchain import ChainOptimizer, lookahead, recipes, slow_weights
@@ -285,3 +285,20 @@ def test_nothing_may_follow_lookahead_or_schedule_free_in_a_chain() -> None:
     gc.apply_if_finite(gc.lookahead(gc.chain(gc.scale_by_adam(), gc.scale_by_lr(0.1))))
     gc.chain(gc.add_decoupled_wd(0.1), gc.lookahead(gc.chain(gc.scale_by_adam(), gc.scale_by_lr(0.1))))
     gc.chain(gc.add_decoupled_wd(0.1), gc.schedule_free(0.1))
+
+
+@pytest.mark.parametrize("inner", ["adamw", "sgd"])
+def test_a_sync_step_holds_the_update_and_nothing_more(inner: str) -> None:
+    # the eager sync formed theta = p + u and phi - p as new tensors beside the update: 3x the
+    # params on every k-th step, where the steps between hold a cache-sized piece; now theta and
+    # phi - p are formed in the update's own buffer
+    w = torch.nn.Parameter(torch.randn(512, 512) * 0.02)
+    opt = ChainOptimizer([w], recipes.lookahead(getattr(recipes, inner)(lr=1e-3), k=2))
+    w.grad = torch.randn_like(w) * 1e-3
+    opt.step()
+    before = w.detach().clone()
+    slow = opt.state[w]["lookahead.slow"].clone()
+    peak = peak_bytes(opt.step) / (512 * 512 * 4)  # step 2: a sync
+    assert float(opt.state[w]["step"]) == 2 and not torch.equal(slow, opt.state[w]["lookahead.slow"])
+    assert torch.equal(w.detach(), opt.state[w]["lookahead.slow"]) and not torch.equal(w.detach(), before)
+    assert peak < 1.5, peak

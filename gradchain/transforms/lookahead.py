@@ -176,12 +176,17 @@ class Lookahead(Declared):
     def _sync(self, b: Bucket, idx: list[int], alpha: float) -> None:
         """phi <- phi + alpha (theta_fast - phi); the update becomes ``phi - p`` so the write lands on phi."""
         b.materialize()
+        b.ensure_owned()
         params = [b.params[i] if b.params[i].dtype == b.dtype else b.params[i].to(b.dtype) for i in idx]
-        fast = torch._foreach_add(params, [b.updates[i] for i in idx])  # what the inner step would write
+        # in the updates' own buffers, which become the new updates: a sync step holds no
+        # model-sized temporary beyond the update (three before: the update, theta and phi - p)
+        fast = [b.updates[i] for i in idx]
+        torch._foreach_add_(fast, params)  # what the inner step would write
         slow = [b.state[self.slow_key][i] for i in idx]
         torch._foreach_lerp_(slow, fast, alpha)
-        for i, u in zip(idx, torch._foreach_sub(slow, params)):
-            b.updates[i] = u
+        for f, s in zip(fast, slow):  # a copy per tensor: DTensor has no foreach copy
+            f.copy_(s)
+        torch._foreach_sub_(fast, params)
         if self.pullback_momentum == "none":
             return
         for i in idx:
