@@ -461,11 +461,7 @@ class Bucket:
     def store_state_vector(self, xs: list[Tensor], values: Tensor) -> None:
         """Write ``values`` (one entry per param) into the per-param 0-d state ``xs``."""
         if self.segments is None:
-            if xs and not hasattr(xs[0], "device_mesh"):
-                torch._foreach_copy_(xs, list(values.unbind(0)))  # one call, not a small op per param
-                return
-            for x, v in zip(xs, values.unbind(0)):  # no foreach copy: it has no DTensor (FSDP2) rule
-                x.copy_(v)
+            ops.copy_(xs, values.unbind(0))
         elif values is not xs[0]:
             xs[0].copy_(values)
 

@@ -187,6 +187,15 @@ def axpy_(xs: list[Tensor], ys: Sequence[Tensor], alpha: Scalar = 1.0) -> None:
         torch._foreach_add_(xs, list(ys), alpha=alpha)
 
 
+def copy_(xs: list[Tensor], ys: Sequence[Tensor]) -> None:
+    """``x <- y``: one foreach call, or a copy per tensor for DTensors (FSDP2), which have no foreach copy."""
+    if xs and hasattr(xs[0], "device_mesh"):
+        for x, y in zip(xs, ys, strict=True):
+            x.copy_(y)
+    else:
+        torch._foreach_copy_(xs, list(ys))
+
+
 def lerp_(xs: list[Tensor], ys: Sequence[Tensor], w: Scalar) -> None:
     """``x <- x + w * (y - x)``."""
     if _is_tensor(w):

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .. import ops
 from ..base import Bucket, StateDict, Transform, check_unique_names, row_blocks, zeros_state
 from ..evaluation import eval_providers, swap_in
 from ..hyperparams import Hyperparam, closed_unit_interval
@@ -184,8 +185,7 @@ class Lookahead(Declared):
         torch._foreach_add_(fast, params)  # what the inner step would write
         slow = [b.state[self.slow_key][i] for i in idx]
         torch._foreach_lerp_(slow, fast, alpha)
-        for f, s in zip(fast, slow):  # a copy per tensor: DTensor has no foreach copy
-            f.copy_(s)
+        ops.copy_(fast, slow)
         torch._foreach_sub_(fast, params)
         if self.pullback_momentum == "none":
             return
